@@ -1,0 +1,264 @@
+"""The built-in demo task: tiny instructions with answers a program can check.
+
+Why this domain (see DESIGN.md, "what a tiny model can show"): a 2M-parameter reward model
+cannot learn arithmetic it cannot compute, but it perceives format, clean stopping and
+rambling very well. So the simulated labeler scores correctness first (0.5) and format second
+(0.5: the "The answer is X." template and stopping right after it), the demonstrations are
+partly noisy (some ramble after the answer) so SFT leaves format errors that PPO can win back,
+and the tasks mix ones a small model can check by copying (repeat, reverse, last word) with
+ones it cannot (addition).
+
+Everything is generated deterministically from a seed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass
+
+PROMPT_TEMPLATE = "User: {prompt}\nAssistant:"
+ANSWER_TEMPLATE = "The answer is {answer}."
+
+WORDS = (
+    "cat dog red blue sun moon tree bird fish cake book lamp road ship star rain "
+    "milk rose gold king frog wolf bear lion door wind snow salt corn hat box"
+).split()
+
+RAMBLES = (
+    "I hope this helps.",
+    "Let me know if you need more.",
+    "That is all for now and so on.",
+    "Thank you for asking me this question.",
+    "I think so but I am not sure.",
+    "This was a fun one to answer.",
+)
+
+# Weights of the gold score: correctness first, then format.
+CORRECT_WEIGHT = 0.5
+TEMPLATE_WEIGHT = 0.2
+CONCISE_WEIGHT = 0.3
+# Extra words after the answer sentence at which conciseness reaches 0.
+RAMBLE_WORDS_TO_ZERO = 6
+
+_ANSWER_RE = re.compile(r"^The answer is (.+?)\.$")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One instruction with its expected answer."""
+
+    kind: str
+    prompt: str
+    answer: str
+
+
+def _make_task(rng: random.Random) -> Task:
+    kind = rng.choice(("add", "next", "larger", "repeat", "reverse", "last"))
+    if kind == "add":
+        a, b = rng.randrange(10), rng.randrange(10)
+        return Task(kind, f"What is {a} plus {b}?", str(a + b))
+    if kind == "next":
+        n = rng.randrange(99)
+        return Task(kind, f"What number comes after {n}?", str(n + 1))
+    if kind == "larger":
+        a, b = rng.sample(range(100), 2)
+        return Task(kind, f"Which is larger, {a} or {b}?", str(max(a, b)))
+    if kind == "repeat":
+        w, n = rng.choice(WORDS), rng.randint(2, 4)
+        return Task(kind, f"Repeat the word {w} {n} times.", " ".join([w] * n))
+    words = rng.sample(WORDS, 3)
+    if kind == "reverse":
+        return Task(kind, f"Reverse the words: {' '.join(words)}.", " ".join(reversed(words)))
+    return Task(kind, f"What is the last word of: {' '.join(words)}?", words[-1])
+
+
+def tasks(n: int, seed: int) -> list[Task]:
+    """`n` distinct tasks drawn with `seed`; different seeds give (mostly) different prompts."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    out: list[Task] = []
+    while len(out) < n:
+        task = _make_task(rng)
+        if task.prompt not in seen:
+            seen.add(task.prompt)
+            out.append(task)
+    return out
+
+
+def heldout_tasks(n: int = 200) -> list[Task]:
+    """Held-out prompts, drawn first so every task kind is represented."""
+    return tasks(n, seed=2)
+
+
+def train_tasks(n: int = 2000) -> list[Task]:
+    """Training prompts: disjoint from the held-out prompts by construction."""
+    heldout = {t.prompt for t in heldout_tasks()}
+    return [t for t in tasks(n + len(heldout), seed=1) if t.prompt not in heldout][:n]
+
+
+def format_prompt(prompt: str) -> str:
+    """The chat template every stage uses: the model continues after 'Assistant:'."""
+    return PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+def demonstration(task: Task, rng: random.Random, ramble_rate: float) -> str:
+    """A labeler's written answer; with probability `ramble_rate` it rambles after the answer.
+
+    The noise is on purpose: a perfectly clean SFT set leaves PPO nothing to win (DESIGN.md).
+    """
+    text = ANSWER_TEMPLATE.format(answer=task.answer)
+    if rng.random() < ramble_rate:
+        text += " " + " ".join(rng.sample(RAMBLES, rng.randint(1, 2)))
+    return text
+
+
+def demonstrations(tasks_: list[Task], ramble_rate: float = 0.4, seed: int = 3) -> list[dict]:
+    """SFT rows in TRL's prompt/completion shape (prompt is the raw instruction)."""
+    rng = random.Random(seed)
+    return [{"prompt": t.prompt, "completion": demonstration(t, rng, ramble_rate)} for t in tasks_]
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulated labeler
+# ---------------------------------------------------------------------------------------------
+
+
+def expected_answer(prompt: str) -> str | None:
+    """Recompute the answer from a demo prompt; None for a prompt outside the demo task."""
+    patterns = (
+        (r"What is (\d+) plus (\d+)\?", lambda m: str(int(m[1]) + int(m[2]))),
+        (r"What number comes after (\d+)\?", lambda m: str(int(m[1]) + 1)),
+        (r"Which is larger, (\d+) or (\d+)\?", lambda m: str(max(int(m[1]), int(m[2])))),
+        (r"Repeat the word (\w+) (\d+) times\.", lambda m: " ".join([m[1]] * int(m[2]))),
+        (r"Reverse the words: (\w+) (\w+) (\w+)\.", lambda m: f"{m[3]} {m[2]} {m[1]}"),
+        (r"What is the last word of: (\w+) (\w+) (\w+)\?", lambda m: m[3]),
+    )
+    for pattern, answer in patterns:
+        m = re.fullmatch(pattern, prompt.strip())
+        if m:
+            return answer(m)
+    return None
+
+
+@dataclass(frozen=True)
+class GoldParts:
+    correct: bool
+    template: bool
+    concise: float
+
+    @property
+    def score(self) -> float:
+        return (
+            CORRECT_WEIGHT * self.correct
+            + TEMPLATE_WEIGHT * self.template
+            + CONCISE_WEIGHT * self.concise
+        )
+
+
+def gold_parts(prompt: str, response: str) -> GoldParts:
+    text = " ".join(response.split())
+    first, dot, rest = text.partition(".")
+    sentence = (first + dot).strip()
+    match = _ANSWER_RE.match(sentence)
+    given = match[1].strip() if match else first.strip()
+    expected = expected_answer(prompt)
+    correct = expected is not None and given == expected
+    extra_words = len(rest.split())
+    concise = max(0.0, 1.0 - extra_words / RAMBLE_WORDS_TO_ZERO) if sentence else 0.0
+    return GoldParts(correct=correct, template=match is not None, concise=concise)
+
+
+def gold_score(prompt: str, response: str) -> float:
+    """The labeler's quality score in [0, 1]: 0.5 correct + 0.2 template + 0.3 concise."""
+    return gold_parts(prompt, response).score
+
+
+def preference_kind(prompt: str, better: str, worse: str) -> str:
+    """Why one answer beats another: 'correctness' if they differ in it, else 'format'."""
+    a, b = gold_parts(prompt, better), gold_parts(prompt, worse)
+    return "correctness" if a.correct != b.correct else "format"
+
+
+def rank(
+    prompt: str, responses: list[str], temperature: float = 0.0, seed: int | None = None
+) -> list[int]:
+    """Indices of `responses` ordered best to worst by the simulated labeler.
+
+    temperature = 0 sorts by gold score (ties keep input order). temperature > 0 samples an
+    order from the Plackett-Luce (Bradley-Terry for K=2) model with utilities gold/temperature,
+    mimicking disagreement between human labelers.
+    """
+    if temperature < 0:
+        raise ValueError("labeler temperature must be >= 0")
+    scores = [gold_score(prompt, r) for r in responses]
+    if temperature == 0:
+        return sorted(range(len(responses)), key=lambda i: -scores[i])
+    rng = random.Random(seed)
+    # Gumbel-max trick: sorting utilities plus Gumbel noise samples a Plackett-Luce order.
+    keys = [s / temperature - math.log(-math.log(rng.random() or 1e-12)) for s in scores]
+    return sorted(range(len(responses)), key=lambda i: -keys[i])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining corpus
+# ---------------------------------------------------------------------------------------------
+
+
+def _fact(rng: random.Random) -> str:
+    kind = rng.randrange(6)
+    if kind == 0:
+        a, b = rng.randrange(10), rng.randrange(10)
+        return f"{a} plus {b} is {a + b}."
+    if kind == 1:
+        n = rng.randrange(95)
+        return "Counting on: " + " ".join(str(i) for i in range(n, n + rng.randint(3, 6))) + "."
+    if kind == 2:
+        a, b = rng.sample(range(100), 2)
+        return f"{max(a, b)} is larger than {min(a, b)}."
+    if kind == 3:
+        w, n = rng.choice(WORDS), rng.randint(2, 4)
+        return f"The word {w} {n} times is {' '.join([w] * n)}."
+    words = rng.sample(WORDS, 3)
+    if kind == 4:
+        return f"The words {' '.join(words)} reversed are {' '.join(reversed(words))}."
+    return f"In {' '.join(words)} the last word is {words[-1]}."
+
+
+def _dialogue(rng: random.Random) -> str:
+    """A loosely formatted exchange: the base model learns the chat shape, not the house style."""
+    task = _make_task(rng)
+    style = rng.randrange(4)
+    if style == 0:
+        answer = task.answer
+    elif style == 1:
+        answer = f"It is {task.answer}, I think."
+    elif style == 2:
+        answer = ANSWER_TEMPLATE.format(answer=task.answer) + " " + " ".join(rng.sample(RAMBLES, 2))
+    else:
+        answer = " ".join(rng.sample(RAMBLES, 2))
+    return format_prompt(task.prompt) + " " + answer
+
+
+def pretraining_corpus(n_documents: int = 20000, seed: int = 0) -> list[str]:
+    """Documents of facts, chatter and loose dialogues: the base model's 'internet'."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_documents):
+        parts = []
+        for _ in range(rng.randint(3, 7)):
+            roll = rng.random()
+            if roll < 0.6:
+                parts.append(_fact(rng))
+            elif roll < 0.8:
+                parts.append(rng.choice(RAMBLES))
+            else:
+                parts.append(_dialogue(rng))
+        docs.append(" ".join(parts))
+    return docs
+
+
+def heldout_corpus(n_documents: int = 300) -> list[str]:
+    """Pretraining-style text the base never saw, to measure the alignment tax."""
+    return pretraining_corpus(n_documents, seed=10_000)

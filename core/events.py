@@ -1,0 +1,73 @@
+"""The one channel between a running stage and the outside world.
+
+A stage calls `progress`, `metrics` and `checkpoint` as it goes and polls `should_stop`
+between steps. The CLI gives it a console progress bar; the job manager gives it a stop flag
+and a progress callback; both record metrics and checkpoints in the store.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from core.store import Store
+
+
+class Events:
+    def __init__(
+        self,
+        store: Store | None = None,
+        run_id: str | None = None,
+        stop_flag: threading.Event | None = None,
+        on_progress: Callable[[int, int, str], None] | None = None,
+        console: bool = False,
+    ):
+        self.store = store
+        self.run_id = run_id
+        self.stop_flag = stop_flag or threading.Event()
+        self.on_progress = on_progress
+        self.console = console
+        self._bar: tqdm | None = None
+        self._bar_key: tuple | None = None
+
+    def progress(self, done: int, total: int, message: str = "") -> None:
+        if self.on_progress:
+            self.on_progress(done, total, message)
+        if self.console:
+            if self._bar_key != (message, total):
+                self.close()
+                self._bar = tqdm(total=total, desc=message, leave=False, dynamic_ncols=True)
+                self._bar_key = (message, total)
+            self._bar.n = done
+            self._bar.refresh()
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+        if self.store and self.run_id:
+            self.store.log_metrics(self.run_id, step, clean)
+        if self.console:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in clean.items())
+            tqdm.write(f"[{self.run_id or 'run'}] step {step}: {shown}")
+
+    def checkpoint(self, name: str, kind: str, path: Path, step: int = 0) -> None:
+        if self.store:
+            self.store.add_checkpoint(name, kind, path, run_id=self.run_id, step=step)
+        if self.console:
+            tqdm.write(f"[{self.run_id or 'run'}] checkpoint {name} -> {path}")
+
+    def log(self, message: str) -> None:
+        if self.console:
+            tqdm.write(message)
+
+    def should_stop(self) -> bool:
+        return self.stop_flag.is_set()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+            self._bar_key = None

@@ -1,0 +1,128 @@
+"""The one generation path: batched sampling with a KV cache, used by rollouts, evaluation,
+the Rank page and (streamed) the Chat page.
+
+Hand-written instead of `model.generate` because PPO's rollouts are the hot loop on small
+models: generate's per-step bookkeeping (logits processors, stopping criteria, cache classes)
+costs more than the tiny forward pass itself. The loop is the textbook one: left-padded
+prompts, explicit position ids, sample, append, stop when every row has emitted EOS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from core.demo import format_prompt
+
+
+@dataclass
+class Samples:
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, T) EOS kept, pad after it
+    response_mask: torch.Tensor  # (B, T) 1 up to and including EOS
+    finished: torch.Tensor  # (B,) bool: the answer emitted EOS
+    texts: list[str]  # decoded answers, EOS and padding removed
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int = 96, device=None):
+    """Chat-formatted, left-padded prompt ids and mask (left so every row ends where generation starts)."""
+    ids = [tokenizer(format_prompt(p), add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for p in prompts]
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    return input_ids, mask
+
+
+def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the top token
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def _decode_steps(model, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, eos_id, pad_id, generator) -> Iterator[torch.Tensor]:
+    """Yield one (B,) token tensor per step; finished rows get pad."""
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+    mask, position = prompt_mask, positions[:, -1:]
+    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    for _ in range(max_new_tokens):
+        token = _next_token(out.logits[:, -1, :], temperature, top_p, generator)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        yield token
+        finished |= token == eos_id
+        if bool(finished.all()):
+            return
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position = position + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                    past_key_values=out.past_key_values, use_cache=True)
+
+
+def _generator(seed: int | None, device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def sample(
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 24, temperature: float = 1.0,
+    top_p: float = 1.0, seed: int | None = None, prompt_ids=None, prompt_mask=None,
+) -> Samples:
+    """Sample one answer per prompt. Pass `prompt_ids/mask` to skip re-tokenising (PPO does)."""
+    device = next(model.parameters()).device
+    if prompt_ids is None:
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device=device)
+    was_training = model.training
+    model.eval()  # no dropout while sampling (DESIGN.md: it biases the first-step KL)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    steps = list(_decode_steps(model, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, eos, pad,
+                               _generator(seed, device)))
+    model.train(was_training)
+    response = torch.stack(steps, dim=1) if steps else prompt_ids[:, :0]
+    is_eos = response == eos
+    finished = is_eos.any(dim=1)
+    # Mask covers the answer up to and including its first EOS.
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+    response_mask = (~after_eos).long()
+    response = torch.where(after_eos, torch.full_like(response, pad), response)
+    texts = [decode_answer(tokenizer, row, eos) for row in response.tolist()]
+    return Samples(prompt_ids, prompt_mask, response, response_mask, finished, texts)
+
+
+def decode_answer(tokenizer, ids: list[int], eos_id: int) -> str:
+    if eos_id in ids:
+        ids = ids[: ids.index(eos_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def stream(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0,
+           top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+    """Yield the answer's text as it grows, token by token (the Chat page)."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [prompt], device=device)
+    model.eval()
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    shown = ""
+    for token in _decode_steps(model, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, eos,
+                               tokenizer.pad_token_id, _generator(seed, device)):
+        if int(token[0]) == eos:
+            return
+        ids.append(int(token[0]))
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+            yield text[len(shown):]
+            shown = text

@@ -1,0 +1,129 @@
+"""`rlhf pretrain-demo`: build the bundled tiny base model from scratch.
+
+A byte-level BPE tokenizer (digits split one by one, so numbers stay learnable) and a small
+GPT-2 trained with plain next-token loss on the demo corpus. The result is a *base* model: it
+continues text and knows the chat shape loosely, but does not answer in the house style.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from core import demo
+from core.models import Device, pick_device, save_checkpoint
+from core.paths import BUNDLED_MODEL_DIR
+
+EOS = "<|endoftext|>"
+PAD = "<pad>"
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int = 1000) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    # A distinct pad token keeps padding and the EOS the policy must learn to emit apart.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=PAD,
+        model_max_length=256,
+    )
+
+
+def pack(tokenizer, docs: list[str], block_size: int) -> torch.Tensor:
+    """Concatenate documents separated by EOS and cut into (n_blocks, block_size) token ids."""
+    ids: list[int] = []
+    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // block_size
+    if n == 0:
+        raise ValueError(f"pretraining text is too short: {len(ids)} tokens < one block of {block_size}")
+    return torch.tensor(ids[: n * block_size]).view(n, block_size)
+
+
+def lm_loss(model, blocks: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss on packed blocks (every token counts: this is pretraining text)."""
+    return model(input_ids=blocks, labels=blocks).loss
+
+
+@torch.no_grad()
+def heldout_lm_loss(model, blocks: torch.Tensor, device: Device, batch_size: int = 32) -> float:
+    """Pretraining loss on held-out corpus text: how much of the base's knowledge survives."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i in range(0, len(blocks), batch_size):
+        with device.autocast():
+            losses.append(lm_loss(model, blocks[i : i + batch_size].to(device.torch)).item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def pretrain_demo(
+    output: str | Path = BUNDLED_MODEL_DIR,
+    n_documents: int = 24000,
+    n_layer: int = 4,
+    n_embd: int = 192,
+    n_head: int = 4,
+    block_size: int = 128,
+    batch_size: int = 32,
+    epochs: int = 2,
+    lr: float = 2e-3,
+    seed: int = 0,
+    device: str = "auto",
+    log=print,
+) -> Path:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    dev = pick_device(device)
+    corpus = demo.pretraining_corpus(n_documents, seed=seed)
+    tokenizer = build_tokenizer(corpus)
+    blocks = pack(tokenizer, corpus, block_size)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=256, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    model = GPT2LMHeadModel(config).to(dev.torch)
+    n_params = sum(p.numel() for p in model.parameters())
+    total_steps = epochs * math.ceil(len(blocks) / batch_size)
+    log(f"pretraining {n_params / 1e6:.2f}M params on {blocks.numel() / 1e6:.2f}M tokens, {total_steps} steps")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = max(1, total_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))
+    )
+    step, start = 0, time.time()
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(blocks))
+        for i in range(0, len(blocks), batch_size):
+            batch = blocks[order[i : i + batch_size]].to(dev.torch)
+            with dev.autocast():
+                loss = lm_loss(model, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step % 50 == 0 or step == total_steps:
+                tps = step * batch_size * block_size / (time.time() - start)
+                log(f"step {step}/{total_steps} loss {loss.item():.3f} ({tps:.0f} tokens/s)")
+    held = pack(tokenizer, demo.heldout_corpus(), block_size)
+    log(f"held-out pretraining loss {heldout_lm_loss(model, held, dev):.3f}")
+    return save_checkpoint(model.cpu(), tokenizer, output)

@@ -1,0 +1,385 @@
+"""The workbench's SQLite store: prompts, demonstrations, rankings, runs, metrics, checkpoints.
+
+WAL mode, one short transaction per write and a busy timeout, so several labelers and a
+training job can write at once. Every user input is validated before a transaction starts:
+a bad row raises ValueError and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from core.paths import data_home, validate_name
+
+MAX_PROMPT_CHARS = 2000
+MAX_RESPONSE_CHARS = 4000
+MIN_K, MAX_K = 2, 9
+RUN_STATUSES = ("queued", "running", "stopping", "done", "failed", "interrupted", "stopped")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS prompts (
+    id INTEGER PRIMARY KEY,
+    text TEXT NOT NULL UNIQUE,
+    source TEXT NOT NULL DEFAULT 'user',
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS demonstrations (
+    id INTEGER PRIMARY KEY,
+    prompt_id INTEGER NOT NULL REFERENCES prompts(id) ON DELETE CASCADE,
+    instruction TEXT NOT NULL,
+    input TEXT NOT NULL DEFAULT '',
+    output TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rankings (
+    id INTEGER PRIMARY KEY,
+    prompt_id INTEGER NOT NULL REFERENCES prompts(id) ON DELETE CASCADE,
+    responses TEXT NOT NULL,           -- JSON list, best to worst
+    labeler TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    stage TEXT NOT NULL,
+    status TEXT NOT NULL,
+    config TEXT NOT NULL,
+    output_dir TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    step INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (run_id, name, step)
+);
+CREATE INDEX IF NOT EXISTS metrics_by_run_step ON metrics(run_id, step);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT REFERENCES runs(id) ON DELETE SET NULL,
+    name TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,                -- base | sft | rm | ppo
+    step INTEGER NOT NULL DEFAULT 0,
+    path TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS demonstrations_by_prompt ON demonstrations(prompt_id);
+CREATE INDEX IF NOT EXISTS rankings_by_prompt ON rankings(prompt_id);
+"""
+
+
+def check_text(value, what: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be text, got {type(value).__name__}")
+    text = value.strip()
+    if not text:
+        raise ValueError(f"{what} is empty")
+    if len(text) > limit:
+        raise ValueError(f"{what} is {len(text)} characters long; the limit is {limit}")
+    return text
+
+
+def check_ranking(responses) -> list[str]:
+    """A ranking is K = 2..9 distinct responses, best first. Ties cannot be expressed and
+    duplicates would be a tie with itself, so both are rejected, naming the offender."""
+    if not isinstance(responses, list):
+        raise ValueError("a ranking's responses must be a list ordered best to worst")
+    if not MIN_K <= len(responses) <= MAX_K:
+        raise ValueError(f"a ranking needs between {MIN_K} and {MAX_K} responses (K), got K = {len(responses)}")
+    cleaned = [check_text(r, f"response {i + 1}", MAX_RESPONSE_CHARS) for i, r in enumerate(responses)]
+    seen: dict[str, int] = {}
+    for i, r in enumerate(cleaned):
+        if r in seen:
+            raise ValueError(
+                f"responses {seen[r] + 1} and {i + 1} are the same text; a ranking needs distinct answers "
+                "(a duplicate would tie with itself)"
+            )
+        seen[r] = i
+    return cleaned
+
+
+def check_ranks(ranks, k: int) -> list[int]:
+    """Optional explicit ranks (1 = best) beside the responses: they must be a strict order."""
+    if not isinstance(ranks, list) or len(ranks) != k or not all(isinstance(r, int) for r in ranks):
+        raise ValueError(f"ranks must be a list of {k} integers (1 = best)")
+    if len(set(ranks)) != k:
+        tied = sorted({r for r in ranks if ranks.count(r) > 1})
+        raise ValueError(f"the ranking has a tie at rank {tied[0]}; order every answer strictly (no ties)")
+    if sorted(ranks) != list(range(1, k + 1)):
+        raise ValueError(f"ranks must be 1..{k}, got {ranks}")
+    return ranks
+
+
+class Store:
+    """One SQLite file. Safe to share between threads: each call opens its own connection."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else data_home() / "workbench.db"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._tx() as db:
+            db.executescript(SCHEMA)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoint, no torn writes
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A short write transaction; IMMEDIATE takes the write lock up front, so two writers
+        wait on the busy timeout instead of failing mid-transaction."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _rows(self, sql: str, args: Iterable = ()) -> list[dict]:
+        return [dict(r) for r in self._conn().execute(sql, tuple(args)).fetchall()]
+
+    def counts(self) -> dict[str, int]:
+        tables = ("prompts", "demonstrations", "rankings", "runs", "metrics", "checkpoints")
+        return {t: self._conn().execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables}
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _prompt_id(db: sqlite3.Connection, text: str, source: str) -> int:
+        row = db.execute("SELECT id FROM prompts WHERE text = ?", (text,)).fetchone()
+        if row:
+            return row[0]
+        return db.execute(
+            "INSERT INTO prompts(text, source, created_at) VALUES (?, ?, ?)", (text, source, time.time())
+        ).lastrowid
+
+    def add_prompt(self, text: str, source: str = "user") -> int:
+        text = check_text(text, "prompt", MAX_PROMPT_CHARS)
+        with self._tx() as db:
+            return self._prompt_id(db, text, source)
+
+    def add_prompts(self, texts: list[str], source: str = "import") -> int:
+        checked = [check_text(t, "prompt", MAX_PROMPT_CHARS) for t in texts]
+        with self._tx() as db:
+            for text in checked:
+                self._prompt_id(db, text, source)
+        return len(checked)
+
+    def update_prompt(self, prompt_id: int, text: str) -> None:
+        text = check_text(text, "prompt", MAX_PROMPT_CHARS)
+        with self._tx() as db:
+            clash = db.execute("SELECT id FROM prompts WHERE text = ? AND id != ?", (text, prompt_id)).fetchone()
+            if clash:
+                raise ValueError(f"another prompt (id {clash[0]}) already has this text")
+            if db.execute("UPDATE prompts SET text = ? WHERE id = ?", (text, prompt_id)).rowcount == 0:
+                raise ValueError(f"no prompt with id {prompt_id}")
+
+    def delete_prompt(self, prompt_id: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM prompts WHERE id = ?", (prompt_id,))
+
+    def get_prompt(self, prompt_id: int) -> dict:
+        rows = self._rows("SELECT * FROM prompts WHERE id = ?", (prompt_id,))
+        if not rows:
+            raise ValueError(f"no prompt with id {prompt_id}")
+        return rows[0]
+
+    def list_prompts(self) -> list[dict]:
+        return self._rows(
+            """SELECT p.id, p.text, p.source,
+                      (SELECT COUNT(*) FROM demonstrations d WHERE d.prompt_id = p.id) AS demonstrations,
+                      (SELECT COUNT(*) FROM rankings r WHERE r.prompt_id = p.id) AS rankings
+               FROM prompts p ORDER BY p.id"""
+        )
+
+    # -- demonstrations ------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_demonstration(row: dict) -> tuple[str, str, str]:
+        instruction = check_text(row.get("instruction"), "instruction", MAX_PROMPT_CHARS)
+        inp = row.get("input") or ""
+        if not isinstance(inp, str) or len(inp) > MAX_PROMPT_CHARS:
+            raise ValueError(f"input must be text of at most {MAX_PROMPT_CHARS} characters")
+        output = check_text(row.get("output"), "output", MAX_RESPONSE_CHARS)
+        return instruction, inp.strip(), output
+
+    @staticmethod
+    def prompt_text(instruction: str, inp: str = "") -> str:
+        """Instruction-tuning rows (instruction, input) become one prompt, Alpaca style."""
+        return f"{instruction}\n{inp}" if inp else instruction
+
+    def add_demonstrations(self, rows: list[dict], source: str = "user") -> list[int]:
+        checked = [self._check_demonstration(r) for r in rows]
+        with self._tx() as db:
+            ids = []
+            for instruction, inp, output in checked:
+                pid = self._prompt_id(db, self.prompt_text(instruction, inp), source)
+                ids.append(db.execute(
+                    "INSERT INTO demonstrations(prompt_id, instruction, input, output, created_at) VALUES (?,?,?,?,?)",
+                    (pid, instruction, inp, output, time.time()),
+                ).lastrowid)
+            return ids
+
+    def add_demonstration(self, instruction: str, output: str, input: str = "") -> int:
+        return self.add_demonstrations([{"instruction": instruction, "input": input, "output": output}])[0]
+
+    def update_demonstration(self, demo_id: int, instruction: str, output: str, input: str = "") -> None:
+        instruction, inp, output = self._check_demonstration({"instruction": instruction, "input": input, "output": output})
+        with self._tx() as db:
+            pid = self._prompt_id(db, self.prompt_text(instruction, inp), "user")
+            n = db.execute(
+                "UPDATE demonstrations SET prompt_id=?, instruction=?, input=?, output=? WHERE id=?",
+                (pid, instruction, inp, output, demo_id),
+            ).rowcount
+            if n == 0:
+                raise ValueError(f"no demonstration with id {demo_id}")
+
+    def delete_demonstration(self, demo_id: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM demonstrations WHERE id = ?", (demo_id,))
+
+    def list_demonstrations(self) -> list[dict]:
+        return self._rows(
+            """SELECT d.id, d.prompt_id, p.text AS prompt, d.instruction, d.input, d.output
+               FROM demonstrations d JOIN prompts p ON p.id = d.prompt_id ORDER BY d.id"""
+        )
+
+    # -- rankings ------------------------------------------------------------------------------
+
+    def add_ranking(self, prompt_id: int, responses: list[str], labeler: str = "") -> int:
+        """Store one ranking (best to worst) for a prompt that already exists."""
+        responses = check_ranking(responses)
+        labeler = (labeler or "").strip()[:100]
+        with self._tx() as db:
+            if not db.execute("SELECT 1 FROM prompts WHERE id = ?", (prompt_id,)).fetchone():
+                raise ValueError(f"no prompt with id {prompt_id}: add the prompt before ranking answers to it")
+            return db.execute(
+                "INSERT INTO rankings(prompt_id, responses, labeler, created_at) VALUES (?,?,?,?)",
+                (prompt_id, json.dumps(responses), labeler, time.time()),
+            ).lastrowid
+
+    def add_rankings(self, rows: list[dict], source: str = "import") -> list[int]:
+        """Rankings keyed by prompt text (creating prompts as needed), all or nothing."""
+        checked = [
+            (check_text(r.get("prompt"), "prompt", MAX_PROMPT_CHARS), check_ranking(r.get("responses")),
+             str(r.get("labeler") or "")[:100])
+            for r in rows
+        ]
+        with self._tx() as db:
+            return [
+                db.execute(
+                    "INSERT INTO rankings(prompt_id, responses, labeler, created_at) VALUES (?,?,?,?)",
+                    (self._prompt_id(db, prompt, source), json.dumps(responses), labeler, time.time()),
+                ).lastrowid
+                for prompt, responses, labeler in checked
+            ]
+
+    def list_rankings(self, prompt_id: int | None = None) -> list[dict]:
+        where, args = ("WHERE r.prompt_id = ?", (prompt_id,)) if prompt_id is not None else ("", ())
+        rows = self._rows(
+            f"""SELECT r.id, r.prompt_id, p.text AS prompt, r.responses, r.labeler, r.created_at
+                FROM rankings r JOIN prompts p ON p.id = r.prompt_id {where} ORDER BY r.id""",
+            args,
+        )
+        for r in rows:
+            r["responses"] = json.loads(r["responses"])
+        return rows
+
+    # -- runs, metrics, checkpoints ------------------------------------------------------------
+
+    def create_run(self, run_id: str, stage: str, config: dict, output_dir: str | None = None) -> str:
+        validate_name(run_id, "run name")
+        now = time.time()
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
+                raise ValueError(f"a run named {run_id!r} already exists; pick another name")
+            db.execute(
+                "INSERT INTO runs(id, stage, status, config, output_dir, created_at, updated_at) VALUES (?,?,?,?,?,?,?)",
+                (run_id, stage, "queued", json.dumps(config), output_dir, now, now),
+            )
+        return run_id
+
+    def set_run_status(self, run_id: str, status: str, error: str | None = None) -> None:
+        if status not in RUN_STATUSES:
+            raise ValueError(f"unknown run status {status!r}")
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET status = ?, error = ?, updated_at = ? WHERE id = ?",
+                (status, error, time.time(), run_id),
+            )
+
+    def get_run(self, run_id: str) -> dict:
+        rows = self._rows("SELECT * FROM runs WHERE id = ?", (run_id,))
+        if not rows:
+            raise ValueError(f"no run named {run_id!r}")
+        run = rows[0]
+        run["config"] = json.loads(run["config"])
+        return run
+
+    def list_runs(self) -> list[dict]:
+        return self._rows("SELECT id, stage, status, output_dir, error, created_at, updated_at FROM runs ORDER BY created_at")
+
+    def log_metrics(self, run_id: str, step: int, values: dict[str, float]) -> None:
+        """One step's metrics in one short transaction; re-logging a step (after a resume) overwrites it."""
+        rows = [(run_id, int(step), k, float(v)) for k, v in values.items() if v is not None and v == v]
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO metrics(run_id, step, name, value) VALUES (?,?,?,?)", rows)
+
+    def metrics(self, run_ids: list[str], names: list[str] | None = None, max_points: int | None = None) -> list[dict]:
+        """Rows (run_id, step, name, value); with `max_points`, long curves are thinned evenly
+        per run so the Monitor page stays quick on a 2,000-step run."""
+        if not run_ids:
+            return []
+        marks = ",".join("?" * len(run_ids))
+        args: list = list(run_ids)
+        sql = f"SELECT run_id, step, name, value FROM metrics WHERE run_id IN ({marks})"
+        if names:
+            sql += f" AND name IN ({','.join('?' * len(names))})"
+            args += names
+        if max_points:
+            # Keep every n-th step, n chosen per run from its step count.
+            sql = f"""WITH m AS ({sql}),
+                      s AS (SELECT run_id, MAX(1, COUNT(DISTINCT step) / ?) AS every FROM m GROUP BY run_id)
+                      SELECT m.* FROM m JOIN s USING (run_id) WHERE m.step % s.every = 0"""
+            args.append(int(max_points))
+        return self._rows(sql + " ORDER BY run_id, step", args)
+
+    def last_step(self, run_id: str) -> int:
+        row = self._conn().execute("SELECT MAX(step) FROM metrics WHERE run_id = ?", (run_id,)).fetchone()
+        return row[0] if row and row[0] is not None else -1
+
+    def add_checkpoint(self, name: str, kind: str, path: str | Path, run_id: str | None = None, step: int = 0) -> None:
+        validate_name(name, "checkpoint name")
+        with self._tx() as db:
+            db.execute(
+                """INSERT INTO checkpoints(run_id, name, kind, step, path, created_at) VALUES (?,?,?,?,?,?)
+                   ON CONFLICT(name) DO UPDATE SET path = excluded.path, step = excluded.step,
+                                                   created_at = excluded.created_at""",
+                (run_id, name, kind, int(step), str(path), time.time()),
+            )
+
+    def list_checkpoints(self, kind: str | None = None) -> list[dict]:
+        """Checkpoints whose directory still exists on disk (a deleted one is not offered)."""
+        where, args = ("WHERE kind = ?", (kind,)) if kind else ("", ())
+        rows = self._rows(f"SELECT * FROM checkpoints {where} ORDER BY created_at", args)
+        return [r for r in rows if Path(r["path"]).is_dir()]
