@@ -125,8 +125,8 @@ class Store:
         self.path = Path(path) if path else data_home() / "workbench.db"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._tx() as db:
-            db.executescript(SCHEMA)
+        # executescript commits any open transaction itself, so it runs outside `_tx`.
+        self._conn().executescript(SCHEMA)
 
     # -- plumbing ------------------------------------------------------------------------------
 
