@@ -1,0 +1,287 @@
+"""Background jobs: the stages (and the demo pipeline) run in threads owned by one manager per
+process, never by a page session, so closing the browser does not stop a run.
+
+One training job runs at a time (a laptop CPU or a single GPU has room for one); the others wait
+in a FIFO queue. Stop is cooperative: the manager sets the job's stop flag, the stage polls it
+between steps and leaves a valid checkpoint. The store is the record: every status change is
+written there, so a new process (a server restart) finds runs that were mid-flight, marks them
+`interrupted`, and can resume them — the same stage, config and output directory; the runners
+pick up from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.config import PRESETS, STAGES, ConfigMixin
+from core.events import Events
+from core.paths import data_home, validate_name
+from core.stages import checkpoints_dir
+from core.store import Store
+
+JOB_STAGES = ("sft", "rm", "ppo", "pipeline")
+PIPELINE_STAGES = ("sft", "rm", "ppo")
+ACTIVE = ("queued", "running", "stopping")
+RESUMABLE = ("interrupted", "stopped", "failed")
+
+Runner = Callable[..., Path]
+
+
+def default_runner(stage: str) -> Runner:
+    """Stage runners from core.stages; the pipeline is adapted to the same call shape."""
+    if stage != "pipeline":
+        from core.stages import runner
+
+        return runner(stage)
+
+    def run_pipeline(config: dict, store: Store, events: Events, output_dir: Path) -> Path:
+        from core.pipeline import run_pipeline as run
+
+        return run(config["preset"], output_dir, store, events, stages=tuple(config["stages"]))
+
+    return run_pipeline
+
+
+def pipeline_config(preset: str = "quick", stages=PIPELINE_STAGES) -> dict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    stages = list(stages)
+    if not stages or any(s not in PIPELINE_STAGES for s in stages):
+        raise ValueError(f"pipeline stages must be some of {', '.join(PIPELINE_STAGES)}, got {stages}")
+    return {"preset": preset, "stages": stages}
+
+
+@dataclass
+class Job:
+    """What a page shows about one run. Progress lives in memory; status also lives in the store."""
+
+    run_id: str
+    stage: str
+    config: dict
+    output_dir: str
+    status: str
+    done: int = 0
+    total: int = 0
+    message: str = ""
+    error: str | None = None
+    traceback: str | None = None
+    result: str | None = None  # the final model directory, once done
+    stop_flag: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total > 0 else 0.0
+
+    def snapshot(self) -> "Job":
+        return Job(self.run_id, self.stage, dict(self.config), self.output_dir, self.status, self.done,
+                   self.total, self.message, self.error, self.traceback, self.result, self.stop_flag)
+
+
+def new_run_id(stage: str) -> str:
+    return f"{stage}-{_dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
+
+
+class JobManager:
+    """Queue, run, stop and resume stage jobs.
+
+    `runner` maps a stage name to a function `(config, store, events, output_dir) -> Path`
+    (tests inject fakes); `runs_dir` is where app runs write (`<runs_dir>/<run_id>/model`).
+    """
+
+    def __init__(self, store: Store, runner: Callable[[str], Runner] = default_runner,
+                 runs_dir: str | Path | None = None):
+        self.store = store
+        self.runner = runner
+        self.runs_dir = Path(runs_dir) if runs_dir else data_home() / "runs"
+        self._lock = threading.RLock()
+        self._jobs: dict[str, Job] = {}
+        self._queue: deque[str] = deque()
+        self._running: str | None = None
+        self._thread: threading.Thread | None = None
+        self._recover()
+
+    # -- the record of a previous process --------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Runs a previous process left queued/running/stopping were cut off: mark them interrupted."""
+        for run in self.store.list_runs():
+            status, error = run["status"], run["error"]
+            if status in ACTIVE:
+                error = f"the server stopped while this run was {status}; resume it to continue from its last checkpoint"
+                self.store.set_run_status(run["id"], "interrupted", error)
+                status = "interrupted"
+            self._jobs[run["id"]] = self._job_from_run(run, status, error)
+
+    def _job_from_run(self, run: dict, status: str, error: str | None) -> Job:
+        config = self.store.get_run(run["id"])["config"]
+        return Job(run["id"], run["stage"], config, run["output_dir"] or "", status, error=error)
+
+    # -- public API --------------------------------------------------------------------------------
+
+    def submit(self, stage: str, config: dict | ConfigMixin | None = None, run_id: str | None = None,
+               output_dir: str | Path | None = None) -> str:
+        """Validate, record the run as queued, and start it when the device is free. Returns the run id.
+
+        For stage jobs `config` is the full stage config (dict or config object); for the
+        pipeline it is `pipeline_config(preset, stages)`. Bad input raises ValueError and
+        writes nothing.
+        """
+        config_dict = self._check_config(stage, config)
+        run_id = validate_name(run_id, "run name") if run_id else new_run_id(stage)
+        output_dir = str(output_dir) if output_dir else str(self.runs_dir / run_id / "model")
+        self.store.create_run(run_id, stage, config_dict, output_dir)
+        with self._lock:
+            self._jobs[run_id] = Job(run_id, stage, config_dict, output_dir, "queued")
+            self._queue.append(run_id)
+            self._dispatch()
+        return run_id
+
+    def stop(self, run_id: str) -> None:
+        """Ask a job to stop. A queued job is dropped from the queue; a running one stops at its next step."""
+        with self._lock:
+            job = self._get(run_id)
+            if job.status == "queued":
+                self._queue.remove(run_id)
+                job.message = "stopped before it started"
+                self._set_status(job, "stopped")
+            elif job.status == "running":
+                job.stop_flag.set()
+                self._set_status(job, "stopping")
+            elif job.status == "stopping":
+                pass  # already asked; the stage stops at its next step
+            else:
+                raise ValueError(f"run {run_id!r} is {job.status}, not running or queued: there is nothing to stop")
+
+    def resume(self, run_id: str) -> str:
+        """Queue an interrupted, stopped or failed run again with the same stage, config and output dir."""
+        with self._lock:
+            job = self._get(run_id)
+            if job.status not in RESUMABLE:
+                raise ValueError(f"run {run_id!r} is {job.status}; only {', '.join(RESUMABLE)} runs can be resumed")
+            self._check_checkpoint(job)
+            job.stop_flag = threading.Event()
+            job.error = job.traceback = None
+            job.done = job.total = 0
+            job.message = "resuming"
+            self._set_status(job, "queued")
+            self._queue.append(run_id)
+            self._dispatch()
+        return run_id
+
+    def get(self, run_id: str) -> Job:
+        with self._lock:
+            return self._get(run_id).snapshot()
+
+    def jobs(self) -> list[Job]:
+        """Every run this store knows, oldest first (runs created elsewhere, e.g. by the CLI, too)."""
+        with self._lock:
+            for run in self.store.list_runs():
+                if run["id"] not in self._jobs:
+                    self._jobs[run["id"]] = self._job_from_run(run, run["status"], run["error"])
+            return [j.snapshot() for j in self._jobs.values()]
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return self._running is not None or bool(self._queue)
+
+    def wait(self, run_id: str, timeout: float | None = None) -> Job:
+        """Block until the run leaves queued/running/stopping (tests and the CLI)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (job := self.get(run_id)).status in ACTIVE:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id!r} still {job.status} after {timeout} s")
+            time.sleep(0.05)
+        return job
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _get(self, run_id: str) -> Job:
+        if run_id not in self._jobs:
+            try:
+                run = self.store.get_run(run_id)
+            except ValueError:
+                raise ValueError(f"no run named {run_id!r}") from None
+            self._jobs[run_id] = self._job_from_run(run, run["status"], run["error"])
+        return self._jobs[run_id]
+
+    @staticmethod
+    def _check_config(stage: str, config) -> dict:
+        if stage not in JOB_STAGES:
+            raise ValueError(f"unknown stage {stage!r}: choose one of {', '.join(JOB_STAGES)}")
+        if stage == "pipeline":
+            config = dict(config or {})
+            return pipeline_config(config.get("preset", "quick"), config.get("stages", PIPELINE_STAGES))
+        if isinstance(config, ConfigMixin):
+            if not isinstance(config, STAGES[stage]):
+                raise ValueError(f"a {type(config).__name__} is not a config for stage {stage!r}")
+            config.validate()
+            return config.to_dict()
+        return STAGES[stage].from_dict(config or {}).to_dict()
+
+    def _check_checkpoint(self, job: Job) -> None:
+        """A run that made progress resumes from its checkpoints; if they were deleted, say so."""
+        out = Path(job.output_dir)
+        started = self.store.last_step(job.run_id) >= 0
+        if job.stage == "pipeline":
+            has_checkpoint = out.is_dir()
+        else:
+            has_checkpoint = out.is_dir() or checkpoints_dir(out).is_dir()
+        if started and not has_checkpoint:
+            raise ValueError(
+                f"run {job.run_id!r} cannot resume: its checkpoint directory {checkpoints_dir(out)} "
+                "no longer exists (deleted?). Launch a new run instead."
+            )
+
+    def _set_status(self, job: Job, status: str, error: str | None = None) -> None:
+        job.status, job.error = status, error
+        self.store.set_run_status(job.run_id, status, job.error)
+
+    def _dispatch(self) -> None:
+        """Start the next queued job if none is running (caller holds the lock)."""
+        if self._running is not None or not self._queue:
+            return
+        run_id = self._queue.popleft()
+        job = self._jobs[run_id]
+        self._running = run_id
+        self._set_status(job, "running")
+        self._thread = threading.Thread(target=self._run, args=(job,), name=f"job-{run_id}", daemon=True)
+        self._thread.start()
+
+    def _run(self, job: Job) -> None:
+        def on_progress(done: int, total: int, message: str) -> None:
+            with self._lock:
+                job.done, job.total, job.message = done, total, message
+
+        events = Events(self.store, job.run_id, stop_flag=job.stop_flag, on_progress=on_progress)
+        status, error, tb, result = "done", None, None, None
+        try:
+            run = self.runner(job.stage)
+            config = job.config if job.stage == "pipeline" else STAGES[job.stage].from_dict(job.config)
+            result = run(config, self.store, events, Path(job.output_dir))
+            if job.stop_flag.is_set():
+                status = "stopped"
+        except Exception as exc:  # the job fails, the server lives on; the page shows why
+            status, error, tb = "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()
+        finally:
+            events.close()
+            with self._lock:
+                job.result = str(result) if result is not None else None
+                job.traceback = tb
+                if status == "done":
+                    job.done = max(job.done, job.total)
+                    job.message = "done"
+                self._set_status(job, status, error)
+                self._running = None
+                self._dispatch()
+
+
+__all__ = ["Job", "JobManager", "JOB_STAGES", "default_runner", "pipeline_config", "new_run_id"]
