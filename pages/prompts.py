@@ -1,0 +1,121 @@
+"""Prompts: edit prompts and demonstrations in tables; import and export JSONL/CSV.
+
+Edits are validated in full before any is written, so a bad cell changes nothing.
+"""
+
+import pandas as pd
+import streamlit as st
+
+from core.formats import export_csv, export_jsonl, import_file
+from core.store import MAX_PROMPT_CHARS, Store, check_text
+from workbench import resources
+
+store = resources.store()
+st.title("Prompts and demonstrations")
+
+
+def apply_prompt_edits(original: pd.DataFrame, delta: dict) -> str:
+    """Apply a data_editor delta to the prompts table: check every change, then write."""
+    edits = {int(original.iloc[i]["id"]): check_text(row.get("text"), f"prompt in row {i + 1}", MAX_PROMPT_CHARS)
+             for i, row in delta["edited_rows"].items() if "text" in row}
+    added = [check_text(row.get("text"), "new prompt", MAX_PROMPT_CHARS) for row in delta["added_rows"] if row]
+    deleted = [int(original.iloc[i]["id"]) for i in delta["deleted_rows"]]
+    for prompt_id, text in edits.items():
+        store.update_prompt(prompt_id, text)
+    if added:
+        store.add_prompts(added, source="user")
+    for prompt_id in deleted:
+        store.delete_prompt(prompt_id)
+    return f"{len(edits)} edited, {len(added)} added, {len(deleted)} deleted"
+
+
+def apply_demonstration_edits(original: pd.DataFrame, delta: dict) -> str:
+    columns = ("instruction", "input", "output")
+    edits = {}
+    for i, change in delta["edited_rows"].items():
+        row = {c: original.iloc[i][c] for c in columns} | change
+        Store._check_demonstration(row)
+        edits[int(original.iloc[i]["id"])] = row
+    added = [{c: row.get(c) or "" for c in columns} for row in delta["added_rows"] if row]
+    for row in added:
+        Store._check_demonstration(row)
+    deleted = [int(original.iloc[i]["id"]) for i in delta["deleted_rows"]]
+    for demo_id, row in edits.items():
+        store.update_demonstration(demo_id, row["instruction"], row["output"], row["input"])
+    if added:
+        store.add_demonstrations(added)
+    for demo_id in deleted:
+        store.delete_demonstration(demo_id)
+    return f"{len(edits)} edited, {len(added)} added, {len(deleted)} deleted"
+
+
+def editable_table(name: str, frame: pd.DataFrame, column_config: dict, apply) -> None:
+    """A data_editor plus a Save button that applies its pending edits all at once."""
+    st.data_editor(frame, key=f"{name}_editor", num_rows="dynamic", hide_index=True,
+                   column_config=column_config, width="stretch")
+    if st.button(f"Save {name} changes", key=f"save_{name}"):
+        try:
+            st.session_state["prompts_notice"] = ("success", apply(frame, st.session_state[f"{name}_editor"]))
+            del st.session_state[f"{name}_editor"]
+            st.rerun()
+        except ValueError as exc:
+            st.error(f"Nothing saved: {exc}")
+
+
+notice = st.session_state.pop("prompts_notice", None)
+if notice:
+    getattr(st, notice[0])(notice[1])
+
+prompts_tab, demos_tab, files_tab = st.tabs(["Prompts", "Demonstrations", "Import / export"])
+
+with prompts_tab:
+    with st.form("add_prompt", clear_on_submit=True, border=False):
+        new_prompt = st.text_area("New prompt", height=80, placeholder="What is 3 plus 4?")
+        if st.form_submit_button("Add prompt", type="primary"):
+            try:
+                store.add_prompt(new_prompt)
+                st.session_state["prompts_notice"] = ("success", "Prompt added.")
+                st.rerun()
+            except ValueError as exc:
+                st.error(f"Not added: {exc}")
+    prompts = pd.DataFrame(store.list_prompts(), columns=["id", "text", "source", "demonstrations", "rankings"])
+    st.caption(f"{len(prompts)} prompts. Edit a cell, add rows at the bottom, select rows to delete; then save.")
+    editable_table("prompts", prompts, {
+        "id": st.column_config.NumberColumn("id", disabled=True),
+        "text": st.column_config.TextColumn("prompt", max_chars=MAX_PROMPT_CHARS, width="large"),
+        "source": st.column_config.TextColumn(disabled=True),
+        "demonstrations": st.column_config.NumberColumn(disabled=True),
+        "rankings": st.column_config.NumberColumn(disabled=True),
+    }, apply_prompt_edits)
+
+with demos_tab:
+    demos = pd.DataFrame(store.list_demonstrations(), columns=["id", "instruction", "input", "output"])
+    st.caption(f"{len(demos)} demonstrations: an instruction (plus optional input) and the answer a person wrote.")
+    editable_table("demonstrations", demos, {
+        "id": st.column_config.NumberColumn("id", disabled=True),
+        "instruction": st.column_config.TextColumn(width="medium"),
+        "input": st.column_config.TextColumn(width="small"),
+        "output": st.column_config.TextColumn(width="large"),
+    }, apply_demonstration_edits)
+
+with files_tab:
+    st.markdown("**Import** JSONL or CSV in TRL's shapes: `prompt`+`completion` (or `instruction`/`input`/"
+                "`output`) for demonstrations; `prompt`+`responses` (best first) or `prompt`+`chosen`+"
+                "`rejected` for rankings; `prompt` alone for prompts. A file with any bad row imports nothing.")
+    upload = st.file_uploader("File", type=["jsonl", "json", "csv"], key="import_file")
+    if st.button("Import", disabled=upload is None, type="primary"):
+        try:
+            kind, n = import_file(store, upload.getvalue(), upload.name)
+            st.session_state["prompts_notice"] = ("success", f"Imported {n} {kind} from {upload.name}.")
+            st.rerun()
+        except ValueError as exc:
+            st.error(f"Nothing imported. {exc}")
+
+    st.markdown("**Export**")
+    kind_col, format_col = st.columns(2)
+    kind = kind_col.selectbox("What", ["demonstrations", "rankings", "pairs", "prompts"],
+                              help="pairs: every ranking expanded to its chosen/rejected pairs")
+    fmt = format_col.radio("Format", ["JSONL", "CSV"], horizontal=True)
+    data = export_jsonl(store, kind) if fmt == "JSONL" else export_csv(store, kind)
+    st.download_button(f"Download {kind}.{fmt.lower()}", data, file_name=f"{kind}.{fmt.lower()}",
+                       mime="application/jsonl" if fmt == "JSONL" else "text/csv", disabled=not data)

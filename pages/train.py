@@ -1,0 +1,167 @@
+"""Train: configure and launch SFT / RM / PPO, one job at a time with the rest queued; stop, resume.
+
+The form shows only the chosen stage's fields; each is checked as it is edited and an error
+appears under the field. Launching shows the equivalent `rlhf` command and YAML.
+"""
+
+import dataclasses
+import typing
+
+import streamlit as st
+import yaml
+
+from core.config import PRESETS, STAGES, field_docs, make_config
+from core.jobs import pipeline_config
+from workbench import resources
+
+store = resources.store()
+jobs = resources.jobs()
+STAGE_NAMES = {"sft": "1 · SFT", "rm": "2 · Reward model", "ppo": "3 · PPO-ptx"}
+# Fields filled by the checkpoint pickers rather than typed.
+MODEL_FIELDS = {"sft": ("model",), "rm": ("sft_model",), "ppo": ("sft_model", "reward_model")}
+
+st.title("Train")
+
+with st.container(border=True):
+    st.markdown("**First time here?** Run the whole recipe on the built-in demo task: SFT, then a reward "
+                "model from simulated rankings, then PPO-ptx (quick preset, about 10 minutes on a laptop CPU).")
+    if st.button("Run demo pipeline", type="primary", icon=":material/play_arrow:"):
+        run_id = jobs.submit("pipeline", pipeline_config("quick"))
+        st.toast(f"Queued {run_id}")
+
+stage = st.segmented_control("Stage", list(STAGE_NAMES), format_func=STAGE_NAMES.get, default="sft",
+                             key="train_stage") or "sft"
+preset = st.selectbox("Preset", [*PRESETS, "defaults (InstructGPT scale)"], key="train_preset",
+                      help="quick/full are scaled for the bundled model; defaults are the paper's values")
+preset = preset if preset in PRESETS else None
+cls = STAGES[stage]
+docs = field_docs(cls)
+base = make_config(stage, preset).to_dict()
+prefix = f"cfg_{stage}_{preset}_"
+
+loaded = st.file_uploader("Load a config (YAML)", type=["yaml", "yml"], key=f"load_{stage}")
+if loaded is not None and st.session_state.get("loaded_config") != (stage, loaded.file_id):
+    try:
+        values = yaml.safe_load(loaded.getvalue()) or {}
+        cls.from_dict(values)  # reject a bad file whole
+        for name, value in values.items():
+            st.session_state[prefix + name] = "" if value is None else (
+                str(value) if typing.get_type_hints(cls)[name] in (float, float | None) else value)
+        st.session_state["loaded_config"] = (stage, loaded.file_id)
+        st.rerun()
+    except (ValueError, yaml.YAMLError, AttributeError) as exc:
+        st.error(f"Config not loaded: {exc}")
+
+values: dict = {}
+errors: dict[str, str] = {}
+
+st.subheader("Input checkpoints")
+pickers = {
+    "model": ("Base model", {"bundled": "bundled", **resources.checkpoint_choices(store, "base")}),
+    "sft_model": ("SFT checkpoint", resources.checkpoint_choices(store, "sft")),
+    "reward_model": ("Reward model", resources.checkpoint_choices(store, "rm")),
+}
+for name in MODEL_FIELDS[stage]:
+    label, options = pickers[name]
+    if options:
+        values[name] = options[st.selectbox(label, list(options), key=f"pick_{stage}_{name}")]
+    else:
+        st.error(f"{label}: none yet. Train the earlier stage first (or run the demo pipeline).")
+        errors[name] = "missing"
+
+
+def field_widget(field: dataclasses.Field, hint) -> object:
+    """One config field as a widget of its type; floats are text so 9.65e-6 and 'empty' both fit."""
+    key, help_text = prefix + field.name, docs.get(field.name)
+    default = base[field.name]
+    choices = cls._choices.get(field.name)
+    if choices:
+        return st.selectbox(field.name, choices, index=choices.index(default), key=key, help=help_text)
+    if hint is bool:
+        return st.checkbox(field.name, value=default, key=key, help=help_text)
+    if hint is int:
+        return st.number_input(field.name, value=default, step=1, key=key, help=help_text)
+    if hint in (float, float | None):
+        text = st.text_input(field.name, value="" if default is None else f"{default:g}", key=key, help=help_text)
+        if not text.strip():
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            return text  # from_dict names the field and the type it wants
+    return st.text_input(field.name, value=default, key=key, help=help_text)
+
+
+st.subheader(f"{STAGE_NAMES[stage]} settings")
+hints = typing.get_type_hints(cls)
+fields = [f for f in dataclasses.fields(cls) if f.name not in MODEL_FIELDS[stage]]
+columns = st.columns(3)
+checked_base = {**base, **values}
+for i, field in enumerate(fields):
+    with columns[i % 3]:
+        values[field.name] = field_widget(field, hints[field.name])
+        try:  # the field alone against otherwise valid values: the error belongs to it
+            cls.from_dict({**checked_base, field.name: values[field.name]})
+        except ValueError as exc:
+            errors[field.name] = str(exc)
+            st.error(str(exc), icon=":material/error:")
+
+config = None
+if not errors:
+    try:
+        config = cls.from_dict(values)
+    except ValueError as exc:  # a rule across fields (PPO: batch_size divisible by num_minibatches)
+        st.error(str(exc))
+
+run_name = st.text_input("Run name (optional)", key="train_run_name",
+                         help="letters, digits, '.', '_' or '-'; empty picks a name with the date")
+if st.button("Launch", type="primary", disabled=config is None, icon=":material/rocket_launch:"):
+    try:
+        run_id = jobs.submit(stage, config, run_id=run_name.strip() or None)
+        st.session_state["last_launch"] = run_id
+        st.success(f"Launched **{run_id}**" + (" (queued behind the running job)" if jobs.get(run_id).status == "queued" else ""))
+    except ValueError as exc:
+        st.error(f"Not launched: {exc}")
+
+if config is not None:
+    config_yaml = config.to_yaml()
+    with st.expander("Equivalent command and YAML", expanded=bool(st.session_state.get("last_launch"))):
+        st.code(f"rlhf {stage} --config {stage}.yaml", language="bash")
+        st.code(config_yaml, language="yaml")
+        st.download_button("Save config", config_yaml, file_name=f"{stage}.yaml", mime="application/yaml")
+
+
+@st.fragment(run_every=2 if jobs.busy else None)
+def jobs_table() -> None:
+    all_jobs = list(reversed(jobs.jobs()))
+    st.subheader("Jobs")
+    if not all_jobs:
+        st.caption("No runs yet.")
+    for job in all_jobs:
+        with st.container(border=True):
+            name_col, bar_col, action_col = st.columns([2, 4, 1])
+            name_col.markdown(f"**{job.run_id}**  \n{job.stage} · `{job.status}`")
+            if job.status in ("running", "stopping"):
+                bar_col.progress(job.fraction, text=f"{job.done}/{job.total} {job.message}")
+            elif job.error:
+                bar_col.error(job.error)
+                if job.traceback:
+                    with bar_col.expander("Traceback"):
+                        st.code(job.traceback)
+            else:
+                bar_col.caption(job.message or job.output_dir)
+            try:
+                if job.status in ("queued", "running") and action_col.button("Stop", key=f"stop_{job.run_id}"):
+                    jobs.stop(job.run_id)
+                    st.rerun()
+                if job.status in ("interrupted", "stopped", "failed") and action_col.button(
+                        "Resume", key=f"resume_{job.run_id}"):
+                    jobs.resume(job.run_id)
+                    st.rerun()
+            except ValueError as exc:
+                bar_col.error(str(exc))
+    if not jobs.busy and any(j.status in ("running", "stopping", "queued") for j in all_jobs):
+        st.rerun()  # a job just finished: redraw once with the timer off
+
+
+jobs_table()

@@ -1,0 +1,1 @@
+"""The Streamlit app over core/: `streamlit run workbench/app.py`."""

@@ -1,0 +1,118 @@
+"""Process-wide resources shared by every page and every browser session (st.cache_resource):
+the store, the one job manager, and an LRU cache of loaded policies for Rank and Chat.
+
+Each getter is keyed by the database path, so a test (or a user) pointing RLHF_WORKBENCH_HOME
+elsewhere gets its own store and manager.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import streamlit as st
+
+from core.jobs import JobManager
+from core.paths import data_home
+from core.store import Store
+
+POLICY_KINDS = ("base", "sft", "ppo")  # checkpoints that can talk (a reward model only scores)
+MAX_LOADED_MODELS = 3
+
+
+@st.cache_resource(show_spinner=False)
+def _store(db_path: str) -> Store:
+    return Store(db_path)
+
+
+@st.cache_resource(show_spinner=False)
+def _jobs(db_path: str) -> JobManager:
+    # Built once per process: this is where runs a previous server left running become `interrupted`.
+    return JobManager(_store(db_path), runs_dir=Path(db_path).parent / "runs")
+
+
+def db_path() -> str:
+    return str(data_home() / "workbench.db")
+
+
+def store() -> Store:
+    return _store(db_path())
+
+
+def jobs() -> JobManager:
+    return _jobs(db_path())
+
+
+class ModelCache:
+    """Loaded (policy, tokenizer) pairs, least recently used evicted first.
+
+    Keyed by directory and weight-file mtime, so a checkpoint rewritten in place (a resumed run's
+    final model) is reloaded rather than served stale.
+    """
+
+    def __init__(self, capacity: int = MAX_LOADED_MODELS):
+        self.capacity = capacity
+        self._models: OrderedDict[tuple, tuple] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(ref: str) -> tuple:
+        weights = sorted(Path(ref).glob("*.safetensors")) if Path(ref).is_dir() else []
+        return (ref, max((w.stat().st_mtime_ns for w in weights), default=0))
+
+    def get(self, ref: str):
+        from core.models import load_policy, load_tokenizer
+
+        key = self._key(ref)
+        with self._lock:  # one load at a time: two sessions asking for one model load it once
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            pair = (load_policy(ref).eval(), load_tokenizer(ref))
+            self._models[key] = pair
+            while len(self._models) > self.capacity:
+                self._models.popitem(last=False)
+            return pair
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return [k[0] for k in self._models]
+
+
+@st.cache_resource(show_spinner=False)
+def models() -> ModelCache:
+    return ModelCache()
+
+
+def policy_choices(db: Store) -> dict[str, str]:
+    """Checkpoint label -> model reference for every policy one can sample from, base first."""
+    choices = {"bundled (base)": "bundled"}
+    for kind in POLICY_KINDS:
+        for ckpt in db.list_checkpoints(kind):
+            choices[f"{ckpt['name']} ({kind})"] = ckpt["path"]
+    return choices
+
+
+def checkpoint_choices(db: Store, kind: str) -> dict[str, str]:
+    """Checkpoint label -> directory for one kind (newest first), e.g. the SFT models an RM can start from."""
+    return {f"{c['name']} (step {c['step']})": c["path"] for c in reversed(db.list_checkpoints(kind))}
+
+
+def active_job_banner() -> None:
+    """A one-line sidebar note about the job that is training, on every page."""
+    running = [j for j in jobs().jobs() if j.status in ("running", "stopping")]
+    queued = sum(j.status == "queued" for j in jobs().jobs())
+    with st.sidebar:
+        for job in running:
+            st.caption(f"Training **{job.run_id}**: {job.status}, {job.fraction:.0%} {job.message}")
+        if queued:
+            st.caption(f"{queued} job(s) queued")
+
+
+PAGES_DIR = Path(__file__).resolve().parent.parent / "pages"
+
+
+def page(name: str) -> str:
+    """The script path st.page_link / st.switch_page want for a page in pages/ (e.g. 'train')."""
+    return str(PAGES_DIR / f"{name}.py")
