@@ -20,3 +20,20 @@ def workbench_home(tmp_path, monkeypatch):
 @pytest.fixture
 def store(workbench_home):
     return Store(workbench_home / "workbench.db")
+
+
+APP = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "workbench" / "app.py")
+
+
+@pytest.fixture
+def app(workbench_home):
+    """An AppTest of the whole app (st.navigation included) on a fresh data directory.
+
+    Call `app.switch_page("../pages/<name>.py")` then `app.run()` to open a page.
+    """
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    return at
