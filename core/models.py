@@ -149,14 +149,16 @@ def load_scalar_model(
     return model.to(device.torch)
 
 
-def token_scores(model: PreTrainedModel, input_ids, attention_mask) -> torch.Tensor:
+def token_scores(model: PreTrainedModel, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
     """Scalar head applied at every position: shape (batch, seq).
 
     We pick the position ourselves (the last response token) instead of relying on the
     pad-token search of *ForSequenceClassification, which breaks when pad == EOS.
+    Left-padded batches (PPO rollouts) pass `position_ids` so each row's positions start at 0,
+    as they did when the reward model was trained.
     """
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     return model.score(hidden).squeeze(-1) + reward_bias(model)
 
 
