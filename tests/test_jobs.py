@@ -187,3 +187,17 @@ def test_real_tiny_sft_job(store, tmp_path):
     assert job.status == "done", job.traceback
     assert (Path(job.result) / "config.json").is_file()
     assert store.metrics([run_id]), "the stage logged no metrics"
+
+
+def test_pipeline_job_gets_its_preset_and_stages(store, tmp_path):
+    seen = {}
+
+    def pipeline(config, store_, events, output_dir):
+        seen.update(config=config, output_dir=output_dir)
+        return output_dir
+
+    jobs = JobManager(store, runner=lambda stage: pipeline, runs_dir=tmp_path / "runs")
+    run_id = jobs.submit("pipeline", {"preset": "quick", "stages": ["sft", "rm"]})
+    assert jobs.wait(run_id, timeout=20).status == "done"
+    assert seen["config"] == {"preset": "quick", "stages": ["sft", "rm"]}
+    assert seen["output_dir"] == tmp_path / "runs" / run_id / "model"
