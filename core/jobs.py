@@ -18,6 +18,7 @@ import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,15 @@ def default_runner(stage: str) -> Runner:
     def run_pipeline(config: dict, store: Store, events: Events, output_dir: Path) -> Path:
         from core.pipeline import run_pipeline as run
 
-        return run(config["preset"], output_dir, store, events, stages=tuple(config["stages"]))
+        # Each stage becomes its own run "<pipeline run>-<stage>"; a resumed pipeline needs fresh
+        # names for them (the stages themselves resume from their checkpoints under output_dir).
+        existing = {r["id"] for r in store.list_runs()}
+        name, attempt = events.run_id, 1
+        while any(r.startswith(f"{name}-") for r in existing):
+            attempt += 1
+            name = f"{events.run_id}-r{attempt}"
+        run(config["preset"], output_dir, store, events, stages=tuple(config["stages"]), name=name)
+        return Path(output_dir)
 
     return run_pipeline
 
@@ -74,6 +83,7 @@ class Job:
     error: str | None = None
     traceback: str | None = None
     result: str | None = None  # the final model directory, once done
+    owned: bool = False  # queued or running in this manager (a pipeline's stage runs are not)
     stop_flag: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -81,8 +91,7 @@ class Job:
         return min(1.0, self.done / self.total) if self.total > 0 else 0.0
 
     def snapshot(self) -> "Job":
-        return Job(self.run_id, self.stage, dict(self.config), self.output_dir, self.status, self.done,
-                   self.total, self.message, self.error, self.traceback, self.result, self.stop_flag)
+        return dataclasses.replace(self, config=dict(self.config))
 
 
 def new_run_id(stage: str) -> str:
@@ -148,6 +157,11 @@ class JobManager:
         """Ask a job to stop. A queued job is dropped from the queue; a running one stops at its next step."""
         with self._lock:
             job = self._get(run_id)
+            if job.status in ACTIVE and not self._owns(run_id):
+                raise ValueError(
+                    f"run {run_id!r} is not run by this app's job manager (a stage of a pipeline run, or a "
+                    "CLI run): stop the pipeline run or the CLI process instead"
+                )
             if job.status == "queued":
                 self._queue.remove(run_id)
                 job.message = "stopped before it started"
@@ -178,15 +192,19 @@ class JobManager:
 
     def get(self, run_id: str) -> Job:
         with self._lock:
-            return self._get(run_id).snapshot()
+            return self._snapshot(self._get(run_id))
 
     def jobs(self) -> list[Job]:
-        """Every run this store knows, oldest first (runs created elsewhere, e.g. by the CLI, too)."""
+        """Every run this store knows, oldest first: runs created elsewhere (a pipeline's stages, the
+        CLI) too, with their status as the store has it."""
         with self._lock:
             for run in self.store.list_runs():
-                if run["id"] not in self._jobs:
+                job = self._jobs.get(run["id"])
+                if job is None:
                     self._jobs[run["id"]] = self._job_from_run(run, run["status"], run["error"])
-            return [j.snapshot() for j in self._jobs.values()]
+                elif not self._owns(run["id"]):
+                    job.status, job.error = run["status"], run["error"]
+            return [self._snapshot(j) for j in self._jobs.values()]
 
     @property
     def busy(self) -> bool:
@@ -204,14 +222,23 @@ class JobManager:
 
     # -- internals ---------------------------------------------------------------------------------
 
+    def _owns(self, run_id: str) -> bool:
+        return run_id == self._running or run_id in self._queue
+
+    def _snapshot(self, job: Job) -> Job:
+        return dataclasses.replace(job.snapshot(), owned=self._owns(job.run_id))
+
     def _get(self, run_id: str) -> Job:
-        if run_id not in self._jobs:
-            try:
-                run = self.store.get_run(run_id)
-            except ValueError:
-                raise ValueError(f"no run named {run_id!r}") from None
-            self._jobs[run_id] = self._job_from_run(run, run["status"], run["error"])
-        return self._jobs[run_id]
+        """The job, with its status read from the store unless this manager is running it."""
+        if run_id in self._jobs and self._owns(run_id):
+            return self._jobs[run_id]
+        try:
+            run = self.store.get_run(run_id)
+        except ValueError:
+            raise ValueError(f"no run named {run_id!r}") from None
+        job = self._jobs.setdefault(run_id, self._job_from_run(run, run["status"], run["error"]))
+        job.status, job.error = run["status"], run["error"]
+        return job
 
     @staticmethod
     def _check_config(stage: str, config) -> dict:
@@ -229,6 +256,11 @@ class JobManager:
 
     def _check_checkpoint(self, job: Job) -> None:
         """A run that made progress resumes from its checkpoints; if they were deleted, say so."""
+        if not job.output_dir:
+            raise ValueError(
+                f"run {job.run_id!r} has no output directory on record (a stage of a pipeline run?): "
+                "resume the pipeline run instead"
+            )
         out = Path(job.output_dir)
         started = self.store.last_step(job.run_id) >= 0
         if job.stage == "pipeline":

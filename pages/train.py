@@ -18,6 +18,7 @@ store = resources.store()
 jobs = resources.jobs()
 STAGE_NAMES = {"sft": "1 · SFT", "rm": "2 · Reward model", "ppo": "3 · PPO-ptx"}
 # Fields filled by the checkpoint pickers rather than typed.
+RECENT_JOBS = 8
 MODEL_FIELDS = {"sft": ("model",), "rm": ("sft_model",), "ppo": ("sft_model", "reward_model")}
 
 st.title("Train")
@@ -26,9 +27,49 @@ with st.container(border=True):
     st.markdown("**First time here?** Run the whole recipe on the built-in demo task: SFT, then a reward "
                 "model from simulated rankings, then PPO-ptx (quick preset, about 10 minutes on a laptop CPU).")
     if st.button("Run demo pipeline", type="primary", icon=":material/play_arrow:"):
-        run_id = jobs.submit("pipeline", pipeline_config("quick"))
-        st.toast(f"Queued {run_id}")
+        st.session_state["pipeline_notice"] = f"Queued **{jobs.submit('pipeline', pipeline_config('quick'))}**"
+        st.rerun()
+    if notice := st.session_state.pop("pipeline_notice", None):
+        st.success(notice)
+    st.caption("Same from a terminal: `rlhf pipeline --demo --preset quick --output runs/demo`")
 
+@st.fragment(run_every=2 if jobs.busy else None)
+def jobs_table() -> None:
+    all_jobs = list(reversed(jobs.jobs()))
+    st.subheader("Jobs")
+    if not all_jobs:
+        st.caption("No runs yet.")
+    older = st.expander(f"{len(all_jobs) - RECENT_JOBS} older runs") if len(all_jobs) > RECENT_JOBS else None
+    for i, job in enumerate(all_jobs):
+        with (st.container(border=True) if i < RECENT_JOBS else older):
+            name_col, bar_col, action_col = st.columns([2, 4, 1])
+            name_col.markdown(f"**{job.run_id}**  \n{job.stage} · `{job.status}`")
+            if job.status in ("running", "stopping"):
+                bar_col.progress(job.fraction, text=f"{job.done}/{job.total} {job.message}" if job.total else "starting")
+            elif job.error:
+                bar_col.error(job.error)
+                if job.traceback:
+                    with bar_col.expander("Traceback"):
+                        st.code(job.traceback)
+            else:
+                bar_col.caption(job.message or job.output_dir)
+            try:
+                if job.owned and job.status in ("queued", "running") and action_col.button("Stop", key=f"stop_{job.run_id}"):
+                    jobs.stop(job.run_id)
+                    st.rerun()
+                if job.output_dir and job.status in ("interrupted", "stopped", "failed") and action_col.button(
+                        "Resume", key=f"resume_{job.run_id}"):
+                    jobs.resume(job.run_id)
+                    st.rerun()
+            except ValueError as exc:
+                bar_col.error(str(exc))
+    if not jobs.busy and any(j.owned for j in all_jobs):
+        st.rerun()  # a job just finished: redraw once with the timer off
+
+
+jobs_table()
+
+st.subheader("New run")
 stage = st.segmented_control("Stage", list(STAGE_NAMES), format_func=STAGE_NAMES.get, default="sft",
                              key="train_stage") or "sft"
 preset = st.selectbox("Preset", [*PRESETS, "defaults (InstructGPT scale)"], key="train_preset",
@@ -119,49 +160,19 @@ if st.button("Launch", type="primary", disabled=config is None, icon=":material/
     try:
         run_id = jobs.submit(stage, config, run_id=run_name.strip() or None)
         st.session_state["last_launch"] = run_id
-        st.success(f"Launched **{run_id}**" + (" (queued behind the running job)" if jobs.get(run_id).status == "queued" else ""))
+        st.session_state["launch_notice"] = f"Launched **{run_id}**" + (
+            " (queued behind the running job)" if jobs.get(run_id).status == "queued" else "")
+        st.rerun()  # redraw the jobs table above with its timer on
     except ValueError as exc:
         st.error(f"Not launched: {exc}")
+if notice := st.session_state.pop("launch_notice", None):
+    st.success(notice)
 
 if config is not None:
     config_yaml = config.to_yaml()
     with st.expander("Equivalent command and YAML", expanded=bool(st.session_state.get("last_launch"))):
-        st.code(f"rlhf {stage} --config {stage}.yaml", language="bash")
+        name = run_name.strip() or "<run-name>"
+        st.code(f"rlhf {stage} --config {stage}.yaml --name {name} --output {jobs.runs_dir / name / 'model'}",
+                language="bash")
         st.code(config_yaml, language="yaml")
         st.download_button("Save config", config_yaml, file_name=f"{stage}.yaml", mime="application/yaml")
-
-
-@st.fragment(run_every=2 if jobs.busy else None)
-def jobs_table() -> None:
-    all_jobs = list(reversed(jobs.jobs()))
-    st.subheader("Jobs")
-    if not all_jobs:
-        st.caption("No runs yet.")
-    for job in all_jobs:
-        with st.container(border=True):
-            name_col, bar_col, action_col = st.columns([2, 4, 1])
-            name_col.markdown(f"**{job.run_id}**  \n{job.stage} · `{job.status}`")
-            if job.status in ("running", "stopping"):
-                bar_col.progress(job.fraction, text=f"{job.done}/{job.total} {job.message}")
-            elif job.error:
-                bar_col.error(job.error)
-                if job.traceback:
-                    with bar_col.expander("Traceback"):
-                        st.code(job.traceback)
-            else:
-                bar_col.caption(job.message or job.output_dir)
-            try:
-                if job.status in ("queued", "running") and action_col.button("Stop", key=f"stop_{job.run_id}"):
-                    jobs.stop(job.run_id)
-                    st.rerun()
-                if job.status in ("interrupted", "stopped", "failed") and action_col.button(
-                        "Resume", key=f"resume_{job.run_id}"):
-                    jobs.resume(job.run_id)
-                    st.rerun()
-            except ValueError as exc:
-                bar_col.error(str(exc))
-    if not jobs.busy and any(j.status in ("running", "stopping", "queued") for j in all_jobs):
-        st.rerun()  # a job just finished: redraw once with the timer off
-
-
-jobs_table()

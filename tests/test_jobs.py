@@ -201,3 +201,37 @@ def test_pipeline_job_gets_its_preset_and_stages(store, tmp_path):
     assert jobs.wait(run_id, timeout=20).status == "done"
     assert seen["config"] == {"preset": "quick", "stages": ["sft", "rm"]}
     assert seen["output_dir"] == tmp_path / "runs" / run_id / "model"
+
+
+def test_pipeline_stage_runs_are_not_stopped_or_resumed_directly(store, tmp_path, monkeypatch):
+    """The pipeline names its stage runs '<pipeline run>-<stage>'; a resumed pipeline gets fresh names,
+    and its stage runs point the user back to the pipeline run."""
+    import core.pipeline
+
+    names = []
+
+    def fake_pipeline(preset, output_dir, store_, events, stages, name):
+        names.append(name)
+        store_.create_run(f"{name}-sft", "sft", {})
+        store_.set_run_status(f"{name}-sft", "running")
+        if len(names) == 1:
+            raise RuntimeError("killed")
+        store_.set_run_status(f"{name}-sft", "done")
+        return {}
+
+    monkeypatch.setattr(core.pipeline, "run_pipeline", fake_pipeline)
+    jobs = JobManager(store, runs_dir=tmp_path / "runs")
+    run_id = jobs.submit("pipeline", {"preset": "quick", "stages": ["sft"]})
+    assert jobs.wait(run_id, timeout=20).status == "failed"
+    child = f"{run_id}-sft"
+    with pytest.raises(ValueError, match="not run by this app's job manager"):
+        jobs.stop(child)
+    (tmp_path / "runs" / run_id / "model").mkdir(parents=True)
+    jobs.resume(run_id)
+    assert jobs.wait(run_id, timeout=20).status == "done"
+    assert names == [run_id, f"{run_id}-r2"]
+    by_id = {j.run_id: j for j in jobs.jobs()}
+    assert by_id[f"{run_id}-r2-sft"].status == "done" and not by_id[child].owned
+    store.set_run_status(child, "interrupted")
+    with pytest.raises(ValueError, match="resume the pipeline run instead"):
+        jobs.resume(child)
