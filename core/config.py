@@ -38,13 +38,7 @@ class ConfigMixin:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ConfigMixin":
-        try:
-            values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ValueError(f"could not read config {path}: {exc}") from exc
-        if values is not None and not isinstance(values, dict):
-            raise ValueError(f"config {path} must be a mapping of field: value")
-        return cls.from_dict(values)
+        return cls.from_dict(read_yaml(path))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -68,6 +62,18 @@ class ConfigMixin:
         for name, allowed in self._choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {getattr(self, name)!r}")
+
+
+def read_yaml(path: str | Path) -> dict:
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"could not read config {path}: {exc}") from exc
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config {path} must be a mapping of field: value")
+    return values
 
 
 def _coerce(name: str, value, hint):
@@ -116,7 +122,7 @@ class SFTConfig(ConfigMixin):
     eval_prompts: int = 200  # held-out prompts scored by the demo labeler each epoch
     eval_temperature: float = 1.0
     n_demonstrations: int = 2000  # demo data only
-    ramble_rate: float = 0.4  # demo data only: share of demonstrations that ramble
+    ramble_rate: float = 0.5  # demo data only: share of demonstrations that ramble
     seed: int = 0
     device: str = "auto"
 
@@ -217,7 +223,7 @@ STAGES: dict[str, type[ConfigMixin]] = {"sft": SFTConfig, "rm": RewardConfig, "p
 PRESETS: dict[str, dict[str, dict]] = {
     "quick": {
         "sft": dict(epochs=4, learning_rate=1e-3, batch_size=32, dropout=0.0, n_demonstrations=2000),
-        "rm": dict(epochs=2, learning_rate=5e-4, batch_size=8, k=4, n_prompts=600, heldout_prompts=100),
+        "rm": dict(epochs=4, learning_rate=5e-4, batch_size=8, k=4, n_prompts=800, heldout_prompts=200),
         "ppo": dict(total_episodes=6400, batch_size=64, learning_rate=2e-4, kl_coef=0.1, ptx_coef=1.0,
                     response_length=24, save_every=25),
     },
@@ -251,4 +257,4 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-__all__ = ["SFTConfig", "RewardConfig", "PPOConfig", "STAGES", "PRESETS", "make_config", "field_docs"]
+__all__ = ["SFTConfig", "RewardConfig", "PPOConfig", "STAGES", "PRESETS", "make_config", "field_docs", "read_yaml"]

@@ -25,12 +25,14 @@ class Events:
         stop_flag: threading.Event | None = None,
         on_progress: Callable[[int, int, str], None] | None = None,
         console: bool = False,
+        log_every: int = 25,
     ):
         self.store = store
         self.run_id = run_id
         self.stop_flag = stop_flag or threading.Event()
         self.on_progress = on_progress
         self.console = console
+        self.log_every = log_every
         self._bar: tqdm | None = None
         self._bar_key: tuple | None = None
 
@@ -49,7 +51,7 @@ class Events:
         clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
         if self.store and self.run_id:
             self.store.log_metrics(self.run_id, step, clean)
-        if self.console:
+        if self.console and step % self.log_every == 0:
             shown = " ".join(f"{k}={v:.4g}" for k, v in clean.items())
             tqdm.write(f"[{self.run_id or 'run'}] step {step}: {shown}")
 

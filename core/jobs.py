@@ -53,7 +53,10 @@ def default_runner(stage: str) -> Runner:
         while any(r.startswith(f"{name}-") for r in existing):
             attempt += 1
             name = f"{events.run_id}-r{attempt}"
-        run(config["preset"], output_dir, store, events, stages=tuple(config["stages"]), name=name)
+        # `no_ptx_baseline=False` skips the extra ptx_coef=0 PPO run: the app's one-click demo should
+        # finish quickly; the CLI's pipeline makes that comparison.
+        run(config["preset"], output_dir, store, events, stages=tuple(config["stages"]), name=name,
+            no_ptx_baseline=False)
         return Path(output_dir)
 
     return run_pipeline

@@ -118,6 +118,16 @@ def assemble(policy, reference_policy, value_model, reward_model, tokenizer, con
                      make_optimizer(policy, value_model, config.learning_rate), device)
 
 
+def load_models(config: PPOConfig, tokenizer, device: Device, policy_from: str | Path | None = None) -> PPOModels:
+    """Policy and reference start from SFT (the policy from `policy_from` on resume); the value
+    model starts from the reward model (InstructGPT 3.5); the RM itself stays frozen."""
+    policy = load_policy(policy_from or config.sft_model, device, dropout=0.0)
+    reference_policy = load_policy(config.sft_model, device, dropout=0.0)
+    reward_model = load_scalar_model(config.reward_model, tokenizer.pad_token_id, device)
+    value_model = load_scalar_model(config.reward_model, tokenizer.pad_token_id, device)
+    return assemble(policy, reference_policy, value_model, reward_model, tokenizer, config, device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Small tensor helpers
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +344,7 @@ def ppo_update(models: PPOModels, batch: Rollout, advantages: torch.Tensor, retu
             value_loss = 0.5 * masked_mean(vf_losses, response_mask)
 
             loss = policy_loss + config.vf_coef * value_loss
-            if ptx_batches is not None:
+            if config.ptx_coef > 0 and ptx_batches is not None:  # ptx_coef = 0: plain PPO, no ptx forward
                 # PPO-ptx: the pretraining LM loss joins the policy loss on every optimisation step.
                 ptx_loss = ptx_loss_fn(policy, next(ptx_batches), device)
                 loss = loss + config.ptx_coef * ptx_loss
@@ -570,13 +580,8 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     torch.manual_seed(config.seed)
     resume_from = latest_checkpoint(output_dir)
 
-    # Policy and reference start from SFT (the policy from the last checkpoint on resume); the
-    # value model starts from the reward model (InstructGPT 3.5), the RM itself stays frozen.
-    policy = load_policy(resume_from or config.sft_model, device, dropout=0.0)
-    reference_policy = load_policy(config.sft_model, device, dropout=0.0)
-    reward_model = load_scalar_model(config.reward_model, tokenizer.pad_token_id, device)
-    value_model = load_scalar_model(config.reward_model, tokenizer.pad_token_id, device)
-    models = assemble(policy, reference_policy, value_model, reward_model, tokenizer, config, device)
+    models = load_models(config, tokenizer, device, policy_from=resume_from)
+    policy, value_model = models.policy, models.value_model
 
     num_steps = max(1, config.total_episodes // config.batch_size)
     opt_steps_per_ppo_step = config.ppo_epochs * config.num_minibatches

@@ -1,0 +1,132 @@
+"""`rlhf bench sft|rm --against trl`: our stage loops and TRL's trainers on the same model
+(the bundled one), the same rows and the same batch size, one after the other in one process.
+
+Timings exclude data preparation on both sides (TRL tokenises in its constructor; our loops
+report the rate of their own training steps). Absolute numbers on a shared machine are noise:
+read the ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from core import demo
+from core.config import RewardConfig, SFTConfig
+from core.events import Events
+from core.models import pick_device
+
+
+class _LastMetrics(Events):
+    """Events that remember the latest value of each metric (no store, no console)."""
+
+    def __init__(self):
+        super().__init__()
+        self.last: dict[str, float] = {}
+
+    def metrics(self, step, values):
+        self.last.update(values)
+
+
+def _trl_common(tmp: str, batch_size: int, device: str) -> dict:
+    return dict(
+        output_dir=tmp, per_device_train_batch_size=batch_size, num_train_epochs=1, learning_rate=1e-4,
+        save_strategy="no", report_to="none", logging_steps=10_000, disable_tqdm=True,
+        use_cpu=pick_device(device).type == "cpu", bf16=pick_device(device).type == "cuda", dataloader_num_workers=0, max_length=128,
+    )
+
+
+def bench_sft(args) -> dict:
+    from core import sft
+
+    rows = demo.demonstrations(demo.train_tasks(args.examples), ramble_rate=0.5)
+    config = SFTConfig(model="bundled", data="demo", n_demonstrations=args.examples, ramble_rate=0.5, epochs=1,
+                       batch_size=32, learning_rate=1e-4, dropout=0.0, eval_prompts=0, device=args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        events = _LastMetrics()
+        sft.run(config, None, events, Path(tmp) / "sft")
+        ours = events.last["tokens_per_s"]
+    result = {"bench": "sft", "examples": args.examples, "batch_size": 32, "ours_tokens_per_s": ours}
+    if args.against == "trl":
+        result["trl_tokens_per_s"] = _trl_sft(rows, args.device)
+        result["ratio"] = ours / result["trl_tokens_per_s"]
+    return result
+
+
+def _trl_sft(rows: list[dict], device: str) -> float:
+    from datasets import Dataset
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    from core.models import load_policy, load_tokenizer
+
+    tokenizer = load_tokenizer("bundled")
+    model = load_policy("bundled", pick_device(device), dropout=0.0)
+    # Same text as our encode(): chat-formatted prompt, " " + answer, EOS (TRL appends it).
+    data = Dataset.from_list([{"prompt": demo.format_prompt(r["prompt"]), "completion": " " + r["completion"]} for r in rows])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = SFTTrainer(model=model, args=TRLSFTConfig(**_trl_common(tmp, 32, device), completion_only_loss=True),
+                             train_dataset=data, processing_class=tokenizer)
+        tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+        start = time.perf_counter()
+        trainer.train()
+        return tokens / (time.perf_counter() - start)
+
+
+def synthetic_rankings(n: int, k: int) -> list[dict]:
+    """K answers per demo prompt with distinct gold scores, best first: correct/wrong x clean/rambling."""
+    out = []
+    for task in demo.train_tasks(n):
+        right, wrong = demo.ANSWER_TEMPLATE.format(answer=task.answer), "The answer is 0 0."
+        r1, r2, r3 = demo.RAMBLES[:3]
+        variants = [right, f"{right} {r1}", f"{right} {r1} {r2}", task.answer, wrong, f"{wrong} {r1}",
+                    f"{wrong} {r1} {r2} {r3}", f"{r1} {r2}", f"{task.answer} {r1} {r2}"]
+        scored = sorted({round(demo.gold_score(task.prompt, v), 6): v for v in variants}.items(), reverse=True)
+        if len(scored) >= k:
+            out.append({"prompt": task.prompt, "responses": [v for _, v in scored[:k]]})
+    return out
+
+
+def bench_rm(args) -> dict:
+    from core import reward
+
+    rankings = synthetic_rankings(args.examples, args.k)
+    pairs_per_ranking = args.k * (args.k - 1) // 2
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rankings.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rankings))
+        config = RewardConfig(sft_model="bundled", data=str(path), epochs=1, batch_size=8, learning_rate=1e-4,
+                              device=args.device)
+        events = _LastMetrics()
+        reward.run(config, None, events, Path(tmp) / "rm")
+        ours = events.last["pairs_per_s"]
+    result = {"bench": "rm", "k": args.k, "rankings": len(rankings), "prompts_per_batch": 8,
+              "pairs_per_batch": 8 * pairs_per_ranking, "ours_pairs_per_s": ours}
+    if args.against == "trl":
+        result["trl_pairs_per_s"] = _trl_rm(rankings, 8 * pairs_per_ranking, args.device)
+        result["ratio"] = ours / result["trl_pairs_per_s"]
+    return result
+
+
+def _trl_rm(rankings: list[dict], pairs_per_batch: int, device: str) -> float:
+    from datasets import Dataset
+    from trl import RewardConfig as TRLRewardConfig
+    from trl import RewardTrainer
+
+    from core.models import load_scalar_model, load_tokenizer
+
+    tokenizer = load_tokenizer("bundled")
+    model = load_scalar_model("bundled", tokenizer.pad_token_id, pick_device(device))
+    # TRL's RewardTrainer is pairwise: each ranking becomes its C(K,2) chosen/rejected pairs.
+    pairs = [
+        {"prompt": demo.format_prompt(r["prompt"]), "chosen": " " + r["responses"][i], "rejected": " " + r["responses"][j]}
+        for r in rankings for i in range(len(r["responses"])) for j in range(i + 1, len(r["responses"]))
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = RewardTrainer(model=model, args=TRLRewardConfig(**_trl_common(tmp, pairs_per_batch, device)),
+                                train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)
+        start = time.perf_counter()
+        trainer.train()
+        return len(pairs) / (time.perf_counter() - start)

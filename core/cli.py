@@ -1,0 +1,201 @@
+"""`rlhf`: the same stage functions as the app, headless.
+
+    rlhf sft --preset quick --output out/sft
+    rlhf rm --preset quick --set sft_model=out/sft --output out/rm
+    rlhf ppo --preset quick --set sft_model=out/sft --set reward_model=out/rm --output out/ppo
+    rlhf pipeline --demo --preset quick --output out
+    rlhf chat --model out/ppo --prompt "What is 3 plus 4?"
+    rlhf bench sft|rm|ppo --against trl --json
+    rlhf pretrain-demo
+
+Runs are recorded in the workbench store (RLHF_WORKBENCH_HOME) so the app's Monitor page shows
+CLI runs too. Every config value is validated before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from core.config import PRESETS, STAGES, make_config, read_yaml
+
+
+def _parse_sets(pairs: list[str]) -> dict:
+    """--set key=value, the value read as YAML (so 0.1 is a float, true a bool)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def stage_config(stage: str, args):
+    """Preset, then the YAML file, then --set: later sources win; validated as a whole."""
+    values = read_yaml(args.config) if args.config else {}
+    values.update(_parse_sets(args.set))
+    return make_config(stage, args.preset, values)
+
+
+def _events(store, run_id):
+    from core.events import Events
+
+    return Events(store, run_id, console=True)
+
+
+def cmd_stage(stage: str, args) -> int:
+    config = stage_config(stage, args)  # validated before any heavy import or work
+    if args.print_config:
+        print(config.to_yaml())
+        return 0
+    from core.paths import validate_name
+    from core.stages import runner
+    from core.store import Store
+
+    run_id = validate_name(args.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
+    output = Path(args.output)
+    store = Store()
+    store.create_run(run_id, stage, config.to_dict(), str(output))
+    store.set_run_status(run_id, "running")
+    events = _events(store, run_id)
+    try:
+        runner(stage)(config, store, events, output)
+    except KeyboardInterrupt:
+        store.set_run_status(run_id, "interrupted")
+        raise
+    except Exception as exc:
+        store.set_run_status(run_id, "failed", str(exc))
+        raise
+    store.set_run_status(run_id, "done")
+    print(f"{stage} finished: {output}")
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    if not args.demo:
+        raise ValueError("the pipeline runs on the built-in demo task: pass --demo")
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    from core.pipeline import run_pipeline
+    from core.store import Store
+
+    overrides = {s: _parse_sets([kv.split(":", 1)[1] for kv in args.set if kv.startswith(s + ":")]) for s in STAGES}
+    for kv in args.set:
+        if kv.split(":", 1)[0] not in STAGES:
+            raise ValueError(f"pipeline --set takes stage:key=value (stage sft, rm or ppo), got {kv!r}")
+    store = Store()
+    report = run_pipeline(args.preset, args.output, store, _events(store, None), stages, overrides,
+                          no_ptx_baseline=not args.no_ptx_baseline)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from core.generate import stream
+    from core.models import load_policy, load_tokenizer
+
+    model, tokenizer = load_policy(args.model), load_tokenizer(args.model)
+    prompts = [args.prompt] if args.prompt else iter(lambda: input("you> "), "")
+    for prompt in prompts:
+        for piece in stream(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed):
+            print(piece, end="", flush=True)
+        print()
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from core.pretrain import pretrain_demo
+
+    from core.paths import BUNDLED_MODEL_DIR
+
+    print(f"saved {pretrain_demo(args.output or BUNDLED_MODEL_DIR, epochs=args.epochs, device=args.device)}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.what == "ppo":
+        from core.bench_ppo import main as bench_ppo
+
+        result = bench_ppo(args)
+    else:
+        from core.bench import bench_rm, bench_sft
+
+        result = (bench_sft if args.what == "sft" else bench_rm)(args)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="The InstructGPT recipe: SFT -> RM -> PPO-ptx.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for stage, helptext in (("sft", "supervised fine-tuning"), ("rm", "reward model"), ("ppo", "PPO-ptx")):
+        p = sub.add_parser(stage, help=helptext)
+        p.add_argument("--config", help="YAML file of config values")
+        p.add_argument("--preset", choices=sorted(PRESETS), help="scaled demo defaults")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
+        p.add_argument("--output", required=True, help="directory for the final HF model")
+        p.add_argument("--name", help="run name in the store (default: stage + timestamp)")
+        p.add_argument("--print-config", action="store_true", help="print the validated config as YAML and exit")
+        p.set_defaults(func=lambda a, s=stage: cmd_stage(s, a))
+
+    p = sub.add_parser("pipeline", help="run sft -> rm -> ppo on the demo task and write report.json")
+    p.add_argument("--demo", action="store_true", help="use the built-in demo task (required)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--output", required=True)
+    p.add_argument("--stages", default="sft,rm,ppo", help="comma-separated subset of sft,rm,ppo")
+    p.add_argument("--no-ptx-baseline", action="store_true", help="skip the ptx_coef=0 comparison run")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("chat", help="chat with a checkpoint (streamed)")
+    p.add_argument("--model", default="bundled")
+    p.add_argument("--prompt")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("pretrain-demo", help="rebuild the bundled tiny base model in assets/")
+    p.add_argument("--output", default=None)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("bench", help="throughput against TRL on the same shapes")
+    p.add_argument("what", choices=("sft", "rm", "ppo"))
+    p.add_argument("--against", choices=("trl", "none"), default="trl")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--device", default="auto")
+    # The shape of the models under test (randomly initialised GPT-2s for ppo; sft/rm use the bundled model).
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--embd", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--response-length", type=int, default=24)
+    p.add_argument("--ppo-epochs", type=int, default=4)
+    p.add_argument("--episodes", type=int, default=256)
+    p.add_argument("--k", type=int, default=4, help="rm: answers per ranking")
+    p.add_argument("--examples", type=int, default=512, help="sft/rm: training rows")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"rlhf: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

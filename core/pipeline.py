@@ -1,0 +1,123 @@
+"""The demo pipeline: base -> SFT -> RM -> PPO-ptx (and PPO without ptx, for the alignment tax),
+with one evaluation of every model on the same held-out prompts and corpus, into report.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from core import demo
+from core.config import make_config
+from core.events import Events
+from core.evaluate import gold_eval
+from core.models import load_policy, load_tokenizer, pick_device
+from core.paths import atomic_write_text
+from core.pretrain import heldout_lm_loss, pack
+from core.stages import runner
+from core.store import Store
+
+ALL_STAGES = ("sft", "rm", "ppo")
+
+
+def evaluate_checkpoint(model_ref: str | Path, device: str = "auto", n_prompts: int = 200, temperature: float = 1.0) -> dict:
+    """Gold (sampled at the rollout temperature), gold greedy, and held-out pretraining loss."""
+    dev = pick_device(device)
+    tokenizer = load_tokenizer(model_ref)
+    model = load_policy(model_ref, dev, dropout=0.0)
+    tasks = demo.heldout_tasks(n_prompts)
+    sampled = gold_eval(model, tokenizer, tasks, temperature=temperature)
+    greedy = gold_eval(model, tokenizer, tasks, temperature=0.0)
+    blocks = pack(tokenizer, demo.heldout_corpus(), 128)
+    return {
+        "gold": sampled["gold"], "gold_greedy": greedy["gold"], "correct": sampled["correct"],
+        "concise": sampled["concise"], "length": sampled["length"], "eos_rate": sampled["eos_rate"],
+        "pretrain_loss": heldout_lm_loss(model, blocks, dev),
+    }
+
+
+def correlation(xs: list[float], ys: list[float]) -> float | None:
+    n = len(xs)
+    if n < 3:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sx = math.sqrt(sum((x - mx) ** 2 for x in xs))
+    sy = math.sqrt(sum((y - my) ** 2 for y in ys))
+    return sxy / (sx * sy) if sx and sy else None
+
+
+def reward_gold_correlation(store: Store, run_id: str) -> float | None:
+    """Pearson correlation of per-step RM reward and gold: do they rise together?"""
+    rows = store.metrics([run_id], names=["reward", "gold"])
+    by_step: dict[int, dict] = {}
+    for r in rows:
+        by_step.setdefault(r["step"], {})[r["name"]] = r["value"]
+    pairs = [(v["reward"], v["gold"]) for v in by_step.values() if "reward" in v and "gold" in v]
+    return correlation([p[0] for p in pairs], [p[1] for p in pairs])
+
+
+def _stage_events(parent: Events, store: Store, run_id: str, stage: str, config) -> Events:
+    store.create_run(run_id, stage, config.to_dict())
+    store.set_run_status(run_id, "running")
+    return Events(store, run_id, parent.stop_flag, parent.on_progress, parent.console)
+
+
+def run_pipeline(
+    preset: str, output_dir: str | Path, store: Store, events: Events, stages: tuple[str, ...] = ALL_STAGES,
+    overrides: dict[str, dict] | None = None, no_ptx_baseline: bool = True, name: str | None = None,
+) -> dict:
+    """Run the chosen stages on the demo task; returns (and writes) DIR/report.json."""
+    unknown = set(stages) - set(ALL_STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(ALL_STAGES)}")
+    overrides = overrides or {}
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    name = name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
+    sft_config = make_config("sft", preset, overrides.get("sft"))
+    configs = {
+        "sft": sft_config,
+        "rm": make_config("rm", preset, {"sft_model": str(output_dir / "sft"), **overrides.get("rm", {})}),
+        "ppo": make_config("ppo", preset, {"sft_model": str(output_dir / "sft"), "reward_model": str(output_dir / "rm"),
+                                           **overrides.get("ppo", {})}),
+    }
+    report: dict = {"preset": preset, "timings_s": {}}
+    t0 = time.perf_counter()
+    report["base"] = evaluate_checkpoint(sft_config.model, sft_config.device)
+    report["timings_s"]["base_eval"] = time.perf_counter() - t0
+
+    plan = [(s, s, configs[s]) for s in stages]
+    if "ppo" in stages and no_ptx_baseline:
+        plan.append(("ppo_no_ptx", "ppo", configs["ppo"].replace(ptx_coef=0.0)))
+    for key, stage, config in plan:
+        if events.should_stop():
+            break
+        t0 = time.perf_counter()
+        run_id = f"{name}-{key.replace('_', '-')}"
+        stage_events = _stage_events(events, store, run_id, stage, config)
+        try:
+            out = runner(stage)(config, store, stage_events, output_dir / key)
+        except BaseException as exc:
+            store.set_run_status(run_id, "failed", str(exc))
+            raise
+        store.set_run_status(run_id, "stopped" if events.should_stop() else "done")
+        report["timings_s"][key] = time.perf_counter() - t0
+        if stage == "rm":
+            report["rm"] = json.loads((out / "rm_summary.json").read_text())
+        else:
+            report[key] = evaluate_checkpoint(out, config.device)
+        if stage == "ppo":
+            summary = out / "ppo_summary.json"
+            if summary.is_file():
+                ppo = json.loads(summary.read_text())
+                report[key].update({k: ppo[k] for k in ("kl", "reward", "ptx_loss") if k in ppo})
+            report[key]["reward_gold_correlation"] = reward_gold_correlation(store, run_id)
+        if "sft" in report and key.startswith("ppo"):
+            report[key]["pretrain_drift"] = report[key]["pretrain_loss"] - report["sft"]["pretrain_loss"]
+        atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2))
+    report["timings_s"]["total"] = sum(report["timings_s"].values())
+    atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2))
+    return report

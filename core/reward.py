@@ -1,0 +1,294 @@
+"""Stage 2: a reward model trained on K-wise rankings.
+
+InstructGPT section 3.5: a labeler ranks K = 4..9 answers to a prompt; all C(K,2) pairs of
+one prompt go into the same step (as one batch element) so the model does not overfit from
+seeing the same answer in many separate pairs, and each answer is forwarded **once**: its
+score is reused in all K-1 pairs it belongs to. That is also where the speed over TRL's
+pairwise RewardTrainer comes from (2 forwards per pair there, K forwards per C(K,2) pairs here).
+
+loss = -mean over pairs (winner w, loser l) of log sigmoid(r(x, y_w) - r(x, y_l))
+
+After training, a bias is set so the SFT demonstrations score mean 0, which keeps PPO's
+rewards centred and the value model's targets small.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import get_cosine_schedule_with_warmup
+
+from core import demo
+from core.config import RewardConfig, SFTConfig
+from core.events import Events
+from core.formats import detect_kind, normalise, parse_rows, read_bytes
+from core.generate import sample
+from core.models import Device, load_policy, load_scalar_model, load_tokenizer, pick_device, save_checkpoint, token_scores
+from core.paths import atomic_write_text
+from core.stages import checkpoints_dir
+from core.store import Store, check_ranking
+
+
+@dataclass
+class Ranking:
+    prompt: str
+    responses: list[str]  # best to worst
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def distinct_by_gold(prompt: str, responses: list[str]) -> list[str]:
+    """Drop exact duplicates and answers the labeler scores equal: a ranking cannot hold ties."""
+    kept, scores = [], set()
+    for r in responses:
+        s = round(demo.gold_score(prompt, r), 6)
+        if r.strip() and s not in scores:
+            kept.append(r)
+            scores.add(s)
+    return kept
+
+
+def sample_demo_rankings(
+    policy, tokenizer, tasks: list[demo.Task], k: int, sample_temperature: float, labeler_temperature: float,
+    seed: int, events: Events, what: str, batch_prompts: int = 64,
+) -> list[Ranking]:
+    """Sample K answers per prompt from the SFT policy and let the simulated labeler rank them."""
+    rankings = []
+    for i in range(0, len(tasks), batch_prompts):
+        chunk = tasks[i : i + batch_prompts]
+        prompts = [t.prompt for t in chunk for _ in range(k)]
+        texts = sample(policy, tokenizer, prompts, max_new_tokens=32, temperature=sample_temperature, seed=seed + i).texts
+        for j, task in enumerate(chunk):
+            answers = distinct_by_gold(task.prompt, texts[j * k : (j + 1) * k])
+            if len(answers) < 2:
+                continue
+            order = demo.rank(task.prompt, answers, temperature=labeler_temperature, seed=seed + i + j)
+            rankings.append(Ranking(task.prompt, [answers[o] for o in order]))
+        events.progress(min(i + batch_prompts, len(tasks)), len(tasks), f"sampling {what} rankings")
+    return rankings
+
+
+def load_rankings(path: str) -> list[Ranking]:
+    rows = parse_rows(read_bytes(path), Path(path).name)
+    if detect_kind(set(rows[0][1])) != "rankings":
+        raise ValueError(f"{path} does not hold rankings (prompt/responses or prompt/chosen/rejected)")
+    out = []
+    for number, row in rows:
+        r = normalise(row, "rankings")
+        try:
+            out.append(Ranking(str(r["prompt"]).strip(), check_ranking(r.get("responses"))))
+        except ValueError as exc:
+            raise ValueError(f"{path} line {number}: {exc}") from None
+    return out
+
+
+def split_heldout(rankings: list[Ranking], seed: int) -> tuple[list[Ranking], list[Ranking]]:
+    rankings = rankings[:]
+    random.Random(seed).shuffle(rankings)
+    n = len(rankings) // 10 if len(rankings) >= 10 else 0
+    return rankings[n:], rankings[:n]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring and the K-wise loss
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_answers(tokenizer, prompt: str, responses: list[str], max_length: int) -> list[list[int]]:
+    """prompt + answer + EOS, truncated from the left of the prompt so the EOS stays last."""
+    prompt_ids = tokenizer(demo.format_prompt(prompt), add_special_tokens=False)["input_ids"]
+    out = []
+    for r in responses:
+        answer = tokenizer(" " + r.strip(), add_special_tokens=False)["input_ids"][: max_length // 2] + [tokenizer.eos_token_id]
+        out.append((prompt_ids + answer)[-max_length:])
+    return out
+
+
+def score_sequences(model, sequences: list[list[int]], pad_id: int, device: Device) -> torch.Tensor:
+    """One forward for all sequences; the score is read at each one's last token."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    ids, mask = ids.to(device.torch), mask.to(device.torch)
+    with device.autocast():
+        per_token = token_scores(model, ids, mask)
+    last = mask.sum(1) - 1
+    return per_token[torch.arange(len(sequences), device=ids.device), last].float()
+
+
+def pair_indices(group_sizes: list[int], device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(winner, loser, group) indices into the flat score vector for all C(K,2) pairs per group."""
+    win, lose, group, offset = [], [], [], 0
+    for g, k in enumerate(group_sizes):
+        for i in range(k):
+            for j in range(i + 1, k):
+                win.append(offset + i)
+                lose.append(offset + j)
+                group.append(g)
+        offset += k
+    as_t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return as_t(win), as_t(lose), as_t(group)
+
+
+def kwise_loss(scores: torch.Tensor, group_sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """InstructGPT's loss: each prompt's C(K,2) pairs averaged, then averaged over prompts
+    (the 1/C(K,2) factor keeps prompts with large K from dominating). Returns (loss, accuracy)."""
+    win, lose, group = pair_indices(group_sizes, scores.device)
+    margin = scores[win] - scores[lose]
+    per_pair = -F.logsigmoid(margin)
+    pairs_per_group = torch.bincount(group, minlength=len(group_sizes)).clamp(min=1)
+    per_group = torch.zeros(len(group_sizes), device=scores.device).index_add(0, group, per_pair) / pairs_per_group
+    return per_group.mean(), (margin > 0).float().mean()
+
+
+@torch.no_grad()
+def pairwise_accuracy(model, tokenizer, rankings: list[Ranking], max_length: int, device: Device, batch: int = 16) -> dict:
+    """Held-out accuracy over all pairs; for demo prompts, also split by preference kind."""
+    was_training = model.training
+    model.eval()
+    hits: dict[str, list[bool]] = {"all": []}
+    for i in range(0, len(rankings), batch):
+        chunk = rankings[i : i + batch]
+        seqs = [s for r in chunk for s in encode_answers(tokenizer, r.prompt, r.responses, max_length)]
+        scores = score_sequences(model, seqs, tokenizer.pad_token_id, device).tolist()
+        offset = 0
+        for r in chunk:
+            k = len(r.responses)
+            for a in range(k):
+                for b in range(a + 1, k):
+                    hit = scores[offset + a] > scores[offset + b]
+                    hits["all"].append(hit)
+                    if demo.expected_answer(r.prompt) is not None:
+                        hits.setdefault(demo.preference_kind(r.prompt, r.responses[a], r.responses[b]), []).append(hit)
+            offset += k
+    model.train(was_training)
+    out = {f"accuracy_{k}" if k != "all" else "accuracy": sum(v) / len(v) for k, v in hits.items() if v}
+    out.update({f"pairs_{k}": len(v) for k, v in hits.items()})
+    return out
+
+
+def demonstrations_for_bias(config: RewardConfig, store: Store | None, train: list[Ranking]) -> list[tuple[str, str]]:
+    """What 'the SFT demonstrations' are for centring: the demo set, the store's, or (for a plain
+    rankings file) the top-ranked answers."""
+    if config.data == "demo":
+        rows = demo.demonstrations(demo.train_tasks(500), SFTConfig.ramble_rate)
+        return [(r["prompt"], r["completion"]) for r in rows]
+    if store is not None and store.list_demonstrations():
+        return [(d["prompt"], d["output"]) for d in store.list_demonstrations()]
+    return [(r.prompt, r.responses[0]) for r in train]
+
+
+@torch.no_grad()
+def centre_on_demonstrations(model, tokenizer, pairs: list[tuple[str, str]], max_length: int, device: Device) -> float:
+    """Set config.reward_bias so the demonstrations score mean 0; returns the new bias."""
+    model.eval()
+    scores = []
+    for i in range(0, len(pairs), 64):
+        seqs = [encode_answers(tokenizer, p, [c], max_length)[0] for p, c in pairs[i : i + 64]]
+        scores += score_sequences(model, seqs, tokenizer.pad_token_id, device).tolist()
+    model.config.reward_bias = getattr(model.config, "reward_bias", 0.0) - sum(scores) / len(scores)
+    return model.config.reward_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def gather_rankings(config: RewardConfig, store: Store | None, tokenizer, device: Device, events: Events):
+    if config.data == "demo":
+        policy = load_policy(config.sft_model, device, dropout=0.0)
+        train_tasks = demo.train_tasks(config.n_prompts)
+        train = sample_demo_rankings(policy, tokenizer, train_tasks, config.k, config.sample_temperature,
+                                     config.labeler_temperature, config.seed, events, "training")
+        # Held-out rankings come from the noise-free labeler: accuracy against the gold order.
+        heldout = sample_demo_rankings(policy, tokenizer, demo.heldout_tasks(config.heldout_prompts), config.k,
+                                       config.sample_temperature, 0.0, config.seed + 99, events, "held-out")
+        del policy
+        return train, heldout
+    if config.data == "store":
+        if store is None:
+            raise ValueError("data='store' needs the workbench store")
+        rankings = [Ranking(r["prompt"], r["responses"]) for r in store.list_rankings()]
+    else:
+        rankings = load_rankings(config.data)
+    if len(rankings) < 2:
+        raise ValueError(f"need at least 2 rankings to train a reward model, found {len(rankings)} in {config.data!r}")
+    return split_heldout(rankings, config.seed)
+
+
+def run(config: RewardConfig, store: Store | None, events: Events, output_dir: str | Path) -> Path:
+    """Train the RM from `config.sft_model`; returns `output_dir` (HF sequence-classification dir)."""
+    config.validate()
+    if not config.sft_model:
+        raise ValueError("sft_model is empty: the reward model starts from an SFT checkpoint")
+    output_dir = Path(output_dir)
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    tokenizer = load_tokenizer(config.sft_model)
+    model = load_scalar_model(config.sft_model, tokenizer.pad_token_id, device)
+    train, heldout = gather_rankings(config, store, tokenizer, device, events)
+    if not train:
+        raise ValueError("no usable rankings: every sampled group collapsed to one distinct answer")
+    events.log(f"reward model: {len(train)} training rankings ({sum(len(r.responses) for r in train)} answers), "
+               f"{len(heldout)} held out")
+
+    steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    model.train()
+    step, stopped, summary = 0, False, {}
+    for epoch in range(1, config.epochs + 1):
+        order = list(range(len(train)))
+        random.Random(config.seed + epoch).shuffle(order)
+        start, pairs_seen = time.perf_counter(), 0
+        for i in range(0, len(order), config.batch_size):
+            if events.should_stop():
+                stopped = True
+                break
+            chunk = [train[j] for j in order[i : i + config.batch_size]]
+            seqs = [s for r in chunk for s in encode_answers(tokenizer, r.prompt, r.responses, config.max_length)]
+            sizes = [len(r.responses) for r in chunk]
+            loss, accuracy = kwise_loss(score_sequences(model, seqs, tokenizer.pad_token_id, device), sizes)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            pairs_seen += sum(k * (k - 1) // 2 for k in sizes)
+            events.metrics(step, {"rm_loss": loss.item(), "rm_accuracy": accuracy.item(),
+                                  "pairs_per_s": pairs_seen / (time.perf_counter() - start)})
+            events.progress(step, total_steps, "reward model")
+        if stopped:
+            break
+        if heldout:
+            summary = pairwise_accuracy(model, tokenizer, heldout, config.max_length, device)
+            events.metrics(step, {"heldout_accuracy": summary["accuracy"]})
+            events.log(f"epoch {epoch}: held-out pairwise accuracy {summary['accuracy']:.3f}")
+        ckpt = checkpoints_dir(output_dir) / f"epoch-{epoch}"
+        save_checkpoint(model, tokenizer, ckpt)
+        events.checkpoint(f"{events.run_id or 'rm'}-epoch-{epoch}", "rm", ckpt, step)
+
+    bias = centre_on_demonstrations(model, tokenizer, demonstrations_for_bias(config, store, train), config.max_length, device)
+    summary = {"stage": "rm", "heldout_accuracy": summary.get("accuracy"), **summary, "reward_bias": bias,
+               "train_rankings": len(train), "heldout_rankings": len(heldout), "stopped": stopped}
+    save_checkpoint(model, tokenizer, output_dir, extra_json={"rm_summary.json": summary})
+    atomic_write_text(output_dir.with_name(output_dir.name + "-rankings.jsonl"), "".join(
+        json.dumps({"prompt": r.prompt, "responses": r.responses}) + "\n" for r in train))
+    events.checkpoint(events.run_id or "rm", "rm", output_dir, step)
+    events.close()
+    return output_dir

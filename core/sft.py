@@ -1,0 +1,187 @@
+"""Stage 1: supervised fine-tuning on demonstrations.
+
+Causal-LM loss on the response tokens only (prompt tokens are masked with -100), cosine decay
+with warmup, residual/attention dropout, one checkpoint per epoch, and the best epoch chosen by
+held-out gold score (InstructGPT picked its SFT checkpoint by validation RM score; our demo
+has a labeler, so we use gold directly) or, on non-demo data, by held-out loss.
+
+Why not TRL's SFTTrainer: on models this small the Trainer's per-step machinery (callbacks,
+accelerate wrapping, dataset mapping) costs as much as the forward pass, and we need the
+per-epoch gold evaluation, cooperative stop and store metrics inline. `rlhf bench sft
+--against trl` measures both on the same data and batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from core import demo
+from core.config import SFTConfig
+from core.evaluate import gold_eval
+from core.events import Events
+from core.formats import detect_kind, normalise, parse_rows, read_bytes
+from core.models import Device, load_policy, load_tokenizer, pick_device, save_checkpoint
+from core.stages import checkpoints_dir
+from core.store import Store
+
+IGNORE = -100
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def load_demonstrations(config: SFTConfig, store: Store | None) -> list[dict]:
+    """Rows of {"prompt", "completion"} from the demo, the store, or a JSONL/CSV file."""
+    if config.data == "demo":
+        return demo.demonstrations(demo.train_tasks(config.n_demonstrations), config.ramble_rate, seed=config.seed + 3)
+    if config.data == "store":
+        if store is None:
+            raise ValueError("data='store' needs the workbench store")
+        rows = [{"prompt": d["prompt"], "completion": d["output"]} for d in store.list_demonstrations()]
+    else:
+        parsed = parse_rows(read_bytes(config.data), Path(config.data).name)
+        if detect_kind(set(parsed[0][1])) != "demonstrations":
+            raise ValueError(f"{config.data} does not hold demonstrations (prompt/completion or instruction/output)")
+        rows = []
+        for _, row in parsed:
+            r = normalise(row, "demonstrations")
+            rows.append({"prompt": Store.prompt_text(r["instruction"], r["input"]), "completion": r["output"]})
+    if not rows:
+        raise ValueError(f"no demonstrations found in {config.data!r}: add some before training SFT")
+    return rows
+
+
+def encode(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels; labels are -100 on the prompt so only the answer carries loss."""
+    prompt_ids = tokenizer(demo.format_prompt(prompt), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(" " + completion.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = prompt_ids[-(max_length // 2):]  # keep the end of a long prompt, where the question is
+    ids = (prompt_ids + answer_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_length]
+    return ids, labels
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device: Device) -> dict:
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), IGNORE)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(examples):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {k: v.to(device.torch) for k, v in dict(input_ids=input_ids, attention_mask=mask, labels=labels).items()}
+
+
+@torch.no_grad()
+def mean_loss(model, examples, pad_id: int, device: Device, batch_size: int) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id, device)
+        with device.autocast():
+            total += model(**batch).loss.item() * len(batch["input_ids"])
+        count += len(batch["input_ids"])
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def _last_epoch_checkpoint(output_dir: Path) -> Path | None:
+    ckpts = sorted(checkpoints_dir(output_dir).glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
+    done = [p for p in ckpts if (p / STATE_FILE).is_file()]
+    return done[-1] if done else None
+
+
+def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str | Path) -> Path:
+    """Train SFT; returns `output_dir`, which holds the best epoch as an HF model directory."""
+    config.validate()
+    output_dir = Path(output_dir)
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    rows = load_demonstrations(config, store)
+    resume_from = _last_epoch_checkpoint(output_dir)
+    tokenizer = load_tokenizer(config.model)
+    model = load_policy(resume_from or config.model, device, dropout=config.dropout)
+    model.train()
+
+    # Hold out a slice for validation loss when the data has no labeler to score it.
+    rng = random.Random(config.seed)
+    rows = rows[:]
+    rng.shuffle(rows)
+    n_val = max(1, len(rows) // 20) if len(rows) > 20 else 0
+    val_rows, train_rows = rows[:n_val], rows[n_val:]
+    train = [encode(tokenizer, r["prompt"], r["completion"], config.max_length) for r in train_rows]
+    val = [encode(tokenizer, r["prompt"], r["completion"], config.max_length) for r in val_rows]
+    use_gold = config.data == "demo" and config.eval_prompts > 0
+    heldout = demo.heldout_tasks(config.eval_prompts) if use_gold else []
+
+    steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    state = {"epoch": 0, "step": 0, "best_score": None, "best_epoch": None}
+    if resume_from is not None:
+        state = json.loads((resume_from / STATE_FILE).read_text())
+        saved = torch.load(resume_from / OPTIMIZER_FILE, weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        events.log(f"resuming SFT after epoch {state['epoch']} (step {state['step']})")
+
+    stopped = False
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        order = list(range(len(train)))
+        random.Random(config.seed * 1000 + epoch).shuffle(order)
+        start, tokens = time.perf_counter(), 0
+        for i in range(0, len(order), config.batch_size):
+            if events.should_stop():
+                stopped = True
+                break
+            batch = collate([train[j] for j in order[i : i + config.batch_size]], tokenizer.pad_token_id, device)
+            with device.autocast():
+                loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            tokens += int(batch["attention_mask"].sum())
+            events.metrics(state["step"], {
+                "sft_loss": loss.item(), "learning_rate": scheduler.get_last_lr()[0],
+                "tokens_per_s": tokens / (time.perf_counter() - start),
+            })
+            events.progress(state["step"], total_steps, "sft")
+        if stopped:
+            break
+        state["epoch"] = epoch
+        epoch_metrics = {"epoch": epoch}
+        if val:
+            epoch_metrics["val_loss"] = mean_loss(model, val, tokenizer.pad_token_id, device, config.batch_size)
+        if heldout:
+            scores = gold_eval(model, tokenizer, heldout, temperature=config.eval_temperature, seed=config.seed)
+            epoch_metrics.update({"gold": scores["gold"], "eos_rate": scores["eos_rate"]})
+        events.metrics(state["step"], epoch_metrics)
+        score = epoch_metrics.get("gold", -epoch_metrics.get("val_loss", 0.0))
+        if state["best_score"] is None or score > state["best_score"]:
+            state["best_score"], state["best_epoch"] = score, epoch
+            save_checkpoint(model, tokenizer, output_dir, extra_json={"sft_summary.json": {**epoch_metrics, "stage": "sft"}})
+        ckpt = checkpoints_dir(output_dir) / f"epoch-{epoch}"
+        save_checkpoint(
+            model, tokenizer, ckpt,
+            extra={OPTIMIZER_FILE: {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}},
+            extra_json={STATE_FILE: state},
+        )
+        events.checkpoint(f"{events.run_id or 'sft'}-epoch-{epoch}", "sft", ckpt, state["step"])
+        events.log(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()))
+    if not (output_dir / "config.json").is_file():
+        # Stopped before the first epoch ended: still leave a loadable model behind.
+        save_checkpoint(model, tokenizer, output_dir, extra_json={"sft_summary.json": {"stage": "sft", "stopped": True}})
+    events.checkpoint(events.run_id or "sft", "sft", output_dir, state["step"])
+    events.close()
+    return output_dir
