@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,10 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
 
 
 _LOAD_KW = dict(use_safetensors=True, trust_remote_code=False)
+# from_pretrained is not thread-safe: it builds the model under a process-wide "meta device"
+# init patch, so a second load in another thread (the app's Chat while a job loads its models)
+# gets meta tensors ("Cannot copy out of meta tensor"). One load at a time.
+_LOAD_LOCK = threading.Lock()
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
@@ -123,7 +128,8 @@ def load_policy(
     device = device or pick_device()
     config = AutoConfig.from_pretrained(ref, trust_remote_code=False)
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref, **_LOAD_KW, **_dropout_overrides(config, dropout))
+        with _LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(ref, **_LOAD_KW, **_dropout_overrides(config, dropout))
     except (OSError, ValueError) as exc:
         raise ValueError(f"could not load a causal LM from {ref}: {exc}") from exc
     return model.to(device.torch)
@@ -140,9 +146,10 @@ def load_scalar_model(
     ref = resolve_model(name_or_path)
     device = device or pick_device()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            ref, num_labels=1, pad_token_id=pad_token_id, **_LOAD_KW
-        )
+        with _LOAD_LOCK:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                ref, num_labels=1, pad_token_id=pad_token_id, **_LOAD_KW
+            )
     except (OSError, ValueError) as exc:
         raise ValueError(f"could not load a reward/value model from {ref}: {exc}") from exc
     model.config.pad_token_id = pad_token_id
