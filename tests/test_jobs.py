@@ -210,7 +210,7 @@ def test_pipeline_stage_runs_are_not_stopped_or_resumed_directly(store, tmp_path
 
     names = []
 
-    def fake_pipeline(preset, output_dir, store_, events, stages, name):
+    def fake_pipeline(preset, output_dir, store_, events, stages, name, no_ptx_baseline):
         names.append(name)
         store_.create_run(f"{name}-sft", "sft", {})
         store_.set_run_status(f"{name}-sft", "running")
@@ -235,3 +235,27 @@ def test_pipeline_stage_runs_are_not_stopped_or_resumed_directly(store, tmp_path
     store.set_run_status(child, "interrupted")
     with pytest.raises(ValueError, match="resume the pipeline run instead"):
         jobs.resume(child)
+
+
+def test_models_load_while_another_thread_loads():
+    """The app loads a chat model while a job loads its own: from_pretrained must not race
+    (unguarded, transformers hands one of them meta tensors)."""
+    from core.models import load_policy, load_scalar_model, load_tokenizer
+
+    pad = load_tokenizer("bundled").pad_token_id
+    errors: list[str] = []
+
+    def load(fn) -> None:
+        for _ in range(3):
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=load, args=(lambda: load_policy("bundled"),)),
+               threading.Thread(target=load, args=(lambda: load_scalar_model("bundled", pad),))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
