@@ -13,9 +13,11 @@ from workbench import resources
 store = resources.store()
 jobs = resources.jobs()
 MAX_POINTS = 400  # per run and metric: a 2,000-step PPO run stays quick to draw
-# Recipe order; any other metric a stage logs is shown after these.
-PREFERRED = ["reward", "gold", "gold_score", "kl", "kl_coef", "entropy", "policy_loss", "value_loss", "ptx_loss",
-             "sft_loss", "rm_loss", "rm_accuracy", "accuracy", "clip_frac", "response_length"]
+# The recipe's curves, in this order, are drawn by default; any other metric a stage logs (learning
+# rate, throughput...) can be picked. Fewer charts also keep the page quick while a job trains.
+PREFERRED = ["reward", "gold", "heldout_gold", "kl", "kl_coef", "entropy", "policy_loss", "value_loss",
+             "ptx_loss", "sft_loss", "rm_loss", "rm_accuracy", "heldout_accuracy", "clip_frac", "pretrain_loss",
+             "response_length"]
 
 st.title("Monitor")
 runs = list(reversed(jobs.jobs()))
@@ -33,7 +35,7 @@ if not selected:
 
 known = {r["name"] for r in store.metrics(selected, max_points=50)}
 ordered = [n for n in PREFERRED if n in known] + sorted(n for n in known if n not in PREFERRED)
-chosen = st.multiselect("Metrics", ordered, key="monitor_metrics", placeholder="all metrics")
+chosen = st.multiselect("Metrics", ordered, key="monitor_metrics", placeholder="the recipe's curves")
 
 
 @st.fragment(run_every=2 if any(jobs.get(r).status in ("running", "stopping", "queued") for r in selected) else None)
@@ -43,8 +45,7 @@ def curves() -> None:
         st.info("No metrics logged yet; curves appear after the first training steps.")
         return
     present = list(rows["name"].unique())
-    names = [n for n in PREFERRED if n in present] + sorted(n for n in present if n not in PREFERRED)
-    shown = [n for n in chosen if n in present] or names
+    shown = [n for n in chosen if n in present] or [n for n in PREFERRED if n in present] or sorted(present)
     columns = st.columns(2)
     for i, name in enumerate(shown):
         figure = go.Figure()

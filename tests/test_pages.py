@@ -264,3 +264,14 @@ def test_chat_streams_and_side_by_side_vote_becomes_a_ranking(app, workbench_hom
     at.radio(key="sbs_vote").set_value("B better").run()
     button(at, "Save vote").click().run()
     assert [r["responses"] for r in store.list_rankings()] == [[answers[1], answers[0]]]
+
+
+def test_train_loads_a_config_file_or_rejects_it_whole(app):
+    at = open_page(app, "train")
+    at.get("file_uploader")[0].upload("sft.yaml", b"epochs: 2\nlearning_rate: 0.002\n").run()
+    assert not at.exception, at.exception
+    assert at.number_input(key="cfg_sft_quick_epochs").value == 2
+    assert at.text_input(key="cfg_sft_quick_learning_rate").value == "0.002"
+    at.get("file_uploader")[0].clear().upload("bad.yaml", b"epochs: 3\nbeta: 0.1\n").run()
+    assert "Config not loaded: unknown config key(s) for SFTConfig: beta" in texts(at.error)
+    assert at.number_input(key="cfg_sft_quick_epochs").value == 2
