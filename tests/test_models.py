@@ -1,0 +1,81 @@
+"""Model loading is safe and clear; checkpoints are plain HF directories written atomically."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from core.models import load_policy, load_scalar_model, load_tokenizer, pick_device, resolve_model, save_checkpoint
+from core.paths import BUNDLED_MODEL_DIR, atomic_dir, validate_name
+
+
+def test_bundled_model_is_a_small_gpt2_base_with_its_own_tokenizer():
+    model = load_policy("bundled")
+    tok = load_tokenizer("bundled")
+    assert model.config.model_type == "gpt2" and hasattr(model.config, "resid_pdrop")
+    assert 1e6 < sum(p.numel() for p in model.parameters()) < 5e6
+    assert sum(f.stat().st_size for f in BUNDLED_MODEL_DIR.iterdir()) < 30e6
+    assert tok.eos_token_id != tok.pad_token_id
+    assert tok.tokenize("12")[-2:] == ["1", "2"]  # digits split one by one
+
+
+def test_dropout_is_configurable():
+    assert load_policy("bundled", dropout=0.2).config.resid_pdrop == 0.2
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: None, "does not exist"),
+    (lambda d: d.mkdir(), "no config.json"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text("{}")), "no weights"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text("{}"), (d / "pytorch_model.bin").write_bytes(b"x")), "pickle"),
+])
+def test_bad_model_directories_get_clear_errors(tmp_path, setup, message):
+    target = tmp_path / "model"
+    setup(target)
+    with pytest.raises(ValueError, match=message):
+        resolve_model(str(target))
+
+
+def test_hub_ids_need_the_network(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="offline"):
+        resolve_model("gpt2")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert resolve_model("openai-community/gpt2") == "openai-community/gpt2"
+
+
+def test_cuda_request_without_cuda_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="no CUDA"):
+        pick_device("cuda")
+    assert pick_device("auto").type == "cpu"
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "/abs", "..", "", "x" * 101, ".hidden"])
+def test_names_that_could_traverse_paths_are_rejected(name):
+    with pytest.raises(ValueError, match="invalid"):
+        validate_name(name)
+
+
+def test_checkpoint_reloads_with_plain_transformers(tmp_path):
+    model, tok = load_policy("bundled"), load_tokenizer("bundled")
+    out = save_checkpoint(model, tok, tmp_path / "ckpt")
+    assert (out / "model.safetensors").is_file()
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-5)
+    rm = load_scalar_model(out, tok.pad_token_id)
+    assert rm.score.out_features == 1
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
+    model, tok = load_policy("bundled"), load_tokenizer("bundled")
+    target = save_checkpoint(model, tok, tmp_path / "ckpt")
+    before = sorted(p.name for p in target.iterdir())
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_dir(target) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp directory left behind
+    load_policy(target)

@@ -1,0 +1,77 @@
+"""Stage 1 on the bundled model: loss falls, only answers carry loss, checkpoints per epoch."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from core import demo, sft
+from core.config import make_config
+from core.events import Events
+from core.evaluate import gold_eval
+from core.models import load_policy, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from core.store import Store
+
+    root = tmp_path_factory.mktemp("sft")
+    store = Store(root / "wb.db")
+    store.create_run("sft-test", "sft", {})
+    config = make_config("sft", "quick", dict(epochs=2, n_demonstrations=480, batch_size=16, eval_prompts=48))
+    out = sft.run(config, store, Events(store, "sft-test"), root / "sft")
+    return store, out
+
+
+def test_only_response_tokens_carry_loss():
+    tok = load_tokenizer("bundled")
+    ids, labels = sft.encode(tok, "What is 2 plus 2?", "The answer is 4.", 128)
+    prompt_len = len(tok(demo.format_prompt("What is 2 plus 2?"), add_special_tokens=False)["input_ids"])
+    assert labels[:prompt_len] == [-100] * prompt_len
+    assert labels[prompt_len:] == ids[prompt_len:] and ids[-1] == tok.eos_token_id
+    # The model's loss is the mean cross-entropy over answer tokens alone.
+    model = load_policy("bundled")
+    batch = sft.collate([(ids, labels)], tok.pad_token_id, __import__("core.models").models.pick_device("cpu"))
+    logits = model(input_ids=batch["input_ids"]).logits[0, :-1]
+    targets = torch.tensor(ids[1:])
+    manual = torch.nn.functional.cross_entropy(logits[prompt_len - 1 :], targets[prompt_len - 1 :])
+    assert torch.allclose(model(**batch).loss, manual, atol=1e-5)
+
+
+def test_loss_falls_and_gold_beats_the_base(trained):
+    store, out = trained
+    losses = [r["value"] for r in store.metrics(["sft-test"], names=["sft_loss"])]
+    assert len(losses) == 2 * 29  # 480 rows, 24 held out for validation, batches of 16
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    summary = json.loads((out / "sft_summary.json").read_text())
+    tasks = demo.heldout_tasks(48)
+    base = gold_eval(load_policy("bundled"), load_tokenizer("bundled"), tasks, seed=0)["gold"]
+    assert summary["gold"] > base + 0.15
+
+
+def test_one_checkpoint_per_epoch_loadable_with_plain_transformers(trained):
+    store, out = trained
+    names = {c["name"] for c in store.list_checkpoints("sft")}
+    assert {"sft-test-epoch-1", "sft-test-epoch-2", "sft-test"} <= names
+    for c in store.list_checkpoints("sft"):
+        AutoModelForCausalLM.from_pretrained(c["path"])
+
+
+def test_stop_request_leaves_a_loadable_model(tmp_path):
+    events = Events()
+    events.stop_flag.set()
+    out = sft.run(make_config("sft", "quick", dict(n_demonstrations=64)), None, events, tmp_path / "sft")
+    assert json.loads((out / "sft_summary.json").read_text())["stopped"] is True
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_demonstrations_from_a_file(tmp_path):
+    path = tmp_path / "demos.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo.demonstrations(demo.train_tasks(40))))
+    config = make_config("sft", "quick", dict(data=str(path), epochs=1))
+    assert len(sft.load_demonstrations(config, None)) == 40
+    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(ValueError, match="does not hold demonstrations"):
+        sft.load_demonstrations(config, None)
