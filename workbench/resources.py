@@ -101,13 +101,11 @@ def checkpoint_choices(db: Store, kind: str) -> dict[str, str]:
 
 def active_job_banner() -> None:
     """A one-line sidebar note about the job that is training, on every page."""
-    running = [j for j in jobs().jobs() if j.status in ("running", "stopping")]
-    queued = sum(j.status == "queued" for j in jobs().jobs())
+    owned = [j for j in jobs().jobs() if j.owned]
     with st.sidebar:
-        for job in running:
-            st.caption(f"Training **{job.run_id}**: {job.status}, {job.fraction:.0%} {job.message}")
-        if queued:
-            st.caption(f"{queued} job(s) queued")
+        for job in owned:
+            # Drawn once per page run (no timer here, to keep every page light): progress lives on Train.
+            st.caption(f"{job.stage} job **{job.run_id}** is {job.status}")
 
 
 PAGES_DIR = Path(__file__).resolve().parent.parent / "pages"
