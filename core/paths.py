@@ -43,7 +43,10 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _sweep_leftovers(target)
+    # The writer's pid is in the temp name so a later writer can tell a killed writer's leftovers
+    # from a live one's.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         for f in tmp.iterdir():
@@ -60,6 +63,29 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_leftovers(target: Path) -> None:
+    """Delete `.NAME.tmp-PID-*` / `.NAME.old-PID` directories left beside `target` by a writer that
+    was killed mid-write (SIGKILL, power loss): without this each crash leaks a checkpoint's size."""
+    prefix = f".{target.name}."
+    for stale in target.parent.iterdir():
+        if not stale.name.startswith(prefix) or not stale.is_dir():
+            continue
+        kind, _, rest = stale.name[len(prefix):].partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
