@@ -1,0 +1,54 @@
+"""TRL's PPOTrainer (trl.experimental.ppo, TRL 1.12) on the shape `rlhf bench ppo` uses.
+
+Run by benchmarks/compare_trl_ppo.sh inside .bench-venv (which holds trl==1.12.0). Models,
+tokenizer and prompts come from core.bench_ppo, so both sides start from identical weights and
+data; this script only swaps in TRL's training loop. Prints one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+import trl
+from datasets import Dataset
+from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+from core.bench_ppo import add_args, make_models, make_tokenizer, synthetic_prompts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_args(parser)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = make_tokenizer(args.vocab)
+    policy, reference_policy, value_model, reward_model = make_models(args.layers, args.embd, args.heads, args.vocab, args.seed)
+    prompts = synthetic_prompts(args.episodes, args.prompt_length, args.vocab, args.seed)
+    dataset = Dataset.from_dict({"input_ids": prompts.tolist()})
+    with tempfile.TemporaryDirectory() as out:
+        config = PPOConfig(
+            output_dir=out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+            local_rollout_forward_batch_size=args.batch, num_mini_batches=args.num_minibatches,
+            num_ppo_epochs=args.ppo_epochs, response_length=args.response_length, total_episodes=args.episodes,
+            learning_rate=3e-6, kl_coef=0.05, temperature=1.0, stop_token="eos", missing_eos_penalty=None,
+            num_sample_generations=0, report_to="none", save_strategy="no", logging_steps=10_000,
+            disable_tqdm=True, use_cpu=args.device == "cpu", seed=args.seed, dataloader_num_workers=0,
+        )
+        trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference_policy,
+                             reward_model=reward_model, value_model=value_model, train_dataset=dataset)
+        start = time.perf_counter()
+        trainer.train()
+        elapsed = time.perf_counter() - start
+    steps = -(-args.episodes // args.batch)
+    done = steps * args.batch
+    print(json.dumps({"impl": f"trl-{trl.__version__}", "episodes": done, "seconds": elapsed,
+                      "episodes_per_s": done / elapsed, "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""PPO-ptx on the bundled tiny model: the recipe's pieces and the stage's contract.
+
+Inputs are built in a temp dir: the bundled model saved as an "SFT" policy, and reward models
+made from its backbone (a random head, or a linear probe fitted in closed form to prefer
+answers that stop cleanly). Nothing here asserts wall-clock times.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import demo, ppo
+from core.config import PPOConfig
+from core.events import Events
+from core.generate import Samples, encode_prompts
+from core.models import (
+    load_policy, load_scalar_model, load_tokenizer, pick_device, save_checkpoint, token_scores,
+)
+from core.pretrain import lm_loss
+from core.stages import checkpoints_dir
+
+CPU = pick_device("cpu")
+RIDGE = 30.0
+PROMPTS = [t.prompt for t in demo.train_tasks(64)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny model gains little from a second thread, and on a shared 2-core machine an
+    # oversubscribed thread pool makes each step many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("bundled")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tok):
+    """(sft_dir, random-head rm_dir, probe rm_dir, ptx text file)."""
+    root = tmp_path_factory.mktemp("ppo-inputs")
+    torch.manual_seed(0)
+    sft = save_checkpoint(load_policy("bundled", CPU), tok, root / "sft")
+    rm = load_scalar_model("bundled", tok.pad_token_id, CPU)
+    rm_dir = save_checkpoint(rm, tok, root / "rm")
+    probe = save_checkpoint(_stop_cleanly_probe(rm, tok), tok, root / "rm-probe")
+    ptx = root / "ptx.txt"
+    ptx.write_text("\n".join(demo.pretraining_corpus(300, seed=5)))
+    return sft, rm_dir, probe, ptx
+
+
+def _stop_cleanly_probe(rm, tok):
+    """A toy reward model: the scalar head fitted by ridge regression on last-token features to
+    score clean "The answer is X." answers +1 and rambling ones -1 (what InstructGPT's labelers
+    partly reward here). One forward over 160 texts, no training loop."""
+    rng = __import__("random").Random(0)
+    tasks = demo.train_tasks(80)
+    texts, targets = [], []
+    for t in tasks:
+        clean = demo.ANSWER_TEMPLATE.format(answer=t.answer)
+        ramble = clean + " " + " ".join(rng.sample(demo.RAMBLES, 2))
+        for answer, y in ((clean, 1.0), (ramble, -1.0)):
+            texts.append(demo.format_prompt(t.prompt) + " " + answer + tok.eos_token)
+            targets.append(y)
+    enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = rm.transformer(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    last = enc["attention_mask"].sum(1) - 1
+    feats = hidden[torch.arange(len(texts)), last]
+    y = torch.tensor(targets)
+    w = torch.linalg.solve(feats.T @ feats + RIDGE * torch.eye(feats.shape[1]), feats.T @ y)
+    rm.score.weight.data.copy_(w[None])
+    return rm
+
+
+def _config(inputs, **kw) -> PPOConfig:
+    sft, rm, _, ptx = inputs
+    base = dict(sft_model=str(sft), reward_model=str(rm), total_episodes=16, batch_size=16, ppo_epochs=2,
+                learning_rate=1e-3, response_length=16, kl_coef=0.1, ptx_coef=0.0, ptx_data=str(ptx),
+                ptx_batch_size=4, device="cpu")
+    base.update(kw)
+    return PPOConfig.from_dict(base)
+
+
+def _models(config, tok):
+    return ppo.load_models(config, tok, CPU)
+
+
+def _prompt_batch(tok, n=16, offset=0):
+    return encode_prompts(tok, PROMPTS[offset : offset + n])
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# ------------------------------------------------------------------------------------------
+# The pieces of the recipe
+# ------------------------------------------------------------------------------------------
+
+
+def test_gae_matches_hand_computation():
+    rewards = torch.tensor([[1.0, 0.0, 2.0, 5.0]])  # the 5.0 sits on padding and must be ignored
+    values = torch.tensor([[0.5, 0.2, 0.1, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = ppo.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    # By hand: d2 = 2 - 0.1 = 1.9; d1 = 0.9*0.1 - 0.2 = -0.11; d0 = 1 + 0.9*0.2 - 0.5 = 0.68
+    # A2 = 1.9; A1 = -0.11 + 0.72*1.9 = 1.258; A0 = 0.68 + 0.72*1.258 = 1.58576
+    assert torch.allclose(adv, torch.tensor([[1.58576, 1.258, 1.9, 0.0]]), atol=1e-5)
+    assert torch.allclose(ret, torch.tensor([[2.08576, 1.458, 2.0, 0.0]]), atol=1e-5)
+
+
+def test_token_rewards_put_score_on_last_token_and_kl_everywhere():
+    kl = torch.tensor([[0.5, 0.1, -0.2, 0.3], [0.2, 0.2, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    rewards = ppo.token_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.1)
+    expected = torch.tensor([[-0.05, -0.01, 0.02, -0.03 + 2.0], [-0.02, -0.02 - 1.0, 0.0, 0.0]])
+    assert torch.allclose(rewards, expected, atol=1e-6)
+    # k3 is never negative, k1 is the plain log-ratio.
+    lp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    assert torch.allclose(ppo.kl_per_token(lp, ref, "k1"), torch.tensor([[0.5, -1.0]]))
+    assert (ppo.kl_per_token(lp, ref, "k3") >= 0).all()
+
+
+def test_missing_eos_is_penalised_and_rm_reads_the_last_response_token(inputs, tok):
+    config = _config(inputs, missing_eos_penalty=1.5)
+    models = _models(config, tok)
+    prompt_ids, prompt_mask = _prompt_batch(tok, n=2)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    body = tok(" The answer is 3", add_special_tokens=False)["input_ids"]
+    stopped = body + [eos, pad]  # emitted EOS, then padding
+    cut = body + body[:2]  # never stopped: cut at the length limit
+    response = torch.tensor([stopped, cut])
+    response_mask = torch.tensor([[1] * (len(body) + 1) + [0], [1] * len(cut)])
+    samples = Samples(prompt_ids, prompt_mask, response, response_mask, torch.tensor([True, False]), ["", ""])
+    batch = ppo.score_responses(models, samples, config)
+    assert batch.scores[0] == pytest.approx(batch.rm_scores[0].item())
+    assert (batch.rm_scores[1] - batch.scores[1]).item() == pytest.approx(1.5)
+    # Independent check of the position read: score each answer unpadded, at its last token.
+    for row, ids in enumerate([stopped[: len(body) + 1], cut]):
+        prompt = prompt_ids[row][prompt_mask[row].bool()].tolist()
+        seq = torch.tensor([prompt + ids])
+        expected = token_scores(models.reward_model, seq, torch.ones_like(seq))[0, -1]
+        assert batch.rm_scores[row].item() == pytest.approx(expected.item(), abs=1e-4)
+    # Padding after the EOS carries neither log-prob nor value.
+    assert batch.logprobs[0, -1] == 0 and batch.values[0, -1] == 0
+
+
+def test_one_step_changes_policy_and_value_not_reference_or_reward(inputs, tok):
+    config = _config(inputs)
+    models = _models(config, tok)
+    before = {name: _snapshot(getattr(models, name))
+              for name in ("policy", "reference_policy", "value_model", "reward_model")}
+    prompt_ids, prompt_mask = _prompt_batch(tok)
+    result = ppo.ppo_step(models, prompt_ids, prompt_mask, config, config.kl_coef)
+    assert _max_diff(before["policy"], _snapshot(models.policy)) > 1e-4
+    assert _max_diff(before["value_model"], _snapshot(models.value_model)) > 1e-4
+    assert _max_diff(before["reference_policy"], _snapshot(models.reference_policy)) == 0
+    assert _max_diff(before["reward_model"], _snapshot(models.reward_model)) == 0
+    assert not any(p.requires_grad for p in models.reference_policy.parameters())
+    # Policy == reference at the first rollout, so the sampled KL is 0 up to float noise
+    # (it would not be with dropout on during rollouts).
+    assert abs(result.metrics["kl"]) < 1e-3
+    for key in ("reward", "kl", "entropy", "clip_frac", "approx_kl", "policy_loss", "value_loss",
+                "response_length", "eos_rate", "episodes_per_s"):
+        assert key in result.metrics
+
+
+def _mean_late_kl(inputs, tok, kl_coef, steps=8):
+    """Mean summed KL to the reference over the last half of a short run on the probe RM."""
+    torch.manual_seed(0)
+    config = _config(inputs, kl_coef=kl_coef, learning_rate=1e-4, reward_model=str(inputs[2]))
+    models = _models(config, tok)
+    kls = []
+    for i in range(steps):
+        result = ppo.ppo_step(models, *_prompt_batch(tok, offset=16 * (i % 4)), config, config.kl_coef)
+        kls.append(result.metrics["kl"])
+    late = kls[steps // 2 :]
+    return sum(late) / len(late)
+
+
+def test_large_kl_coef_keeps_policy_near_reference(inputs, tok):
+    free = _mean_late_kl(inputs, tok, kl_coef=0.0)
+    tied = _mean_late_kl(inputs, tok, kl_coef=20.0)
+    assert free > 1.0, "without a KL penalty the policy should drift from the reference"
+    # Summed over ~16 tokens: under 0.05 nats a token.
+    assert tied < 0.8 and tied < 0.6 * free, (tied, free)
+
+
+def test_ptx_term_enters_the_loss_and_its_gradient(inputs, tok):
+    blocks = ppo.pack(tok, demo.pretraining_corpus(40, seed=9), 64)[:4]
+
+    def counting_stream(counter):
+        while True:
+            counter.append(1)
+            yield blocks
+
+    results = {}
+    for ptx_coef in (0.0, 1.0):
+        torch.manual_seed(0)
+        # vf_coef = 0 and zero advantages: the policy gradient is exactly 0, so any change to
+        # the policy can only come from the ptx term.
+        config = _config(inputs, ptx_coef=ptx_coef, vf_coef=0.0, ppo_epochs=1, learning_rate=1e-5)
+        models = _models(config, tok)
+        batch = ppo.score_responses(models, ppo.generate_responses(models, *_prompt_batch(tok, n=4), config), config)
+        before = _snapshot(models.policy)
+        loss_before = lm_loss(models.policy, blocks).item()
+        counter: list[int] = []
+        stats = ppo.ppo_update(models, batch, torch.zeros_like(batch.values), batch.values, config,
+                               counting_stream(counter))
+        results[ptx_coef] = (stats, _max_diff(before, _snapshot(models.policy)), len(counter),
+                             loss_before, lm_loss(models.policy, blocks).item())
+    stats0, change0, forwards0, _, _ = results[0.0]
+    stats1, change1, forwards1, loss_before, loss_after = results[1.0]
+    assert forwards0 == 0 and "ptx_loss" not in stats0 and change0 == 0
+    assert forwards1 == 1 and stats1["ptx_loss"] == pytest.approx(loss_before, rel=1e-4)
+    assert change1 > 1e-5 and loss_after < loss_before
+
+
+# ------------------------------------------------------------------------------------------
+# The stage: run(), checkpoints, resume, validation
+# ------------------------------------------------------------------------------------------
+
+
+class StopAfter(Events):
+    """Events whose stop flag rises after `n` PPO steps have been polled."""
+
+    def __init__(self, n: int | None):
+        super().__init__()
+        self.n, self.polls, self.logged, self.checkpoints = n, 0, {}, []
+
+    def should_stop(self) -> bool:
+        self.polls += 1
+        return self.n is not None and self.polls > self.n
+
+    def metrics(self, step, values):
+        self.logged.setdefault(step, {}).update(values)
+
+    def checkpoint(self, name, kind, path, step=0):
+        self.checkpoints.append((name, kind, Path(path), step))
+
+
+def test_stop_then_resume_continues_step_counter_and_optimizer(inputs, tok, tmp_path):
+    config = _config(inputs, total_episodes=24, batch_size=8, ppo_epochs=1, ptx_coef=0.5, save_every=100)
+    # Uninterrupted reference run.
+    straight = StopAfter(None)
+    ppo.run(config, None, straight, tmp_path / "straight")
+    # Stop after 2 steps, then resume with the same output dir.
+    first = StopAfter(2)
+    out = tmp_path / "resumed"
+    stopped_at = ppo.run(config, None, first, out)
+    assert stopped_at == checkpoints_dir(out) / "step-2"
+    state = json.loads((stopped_at / ppo.STATE_FILE).read_text())
+    assert state["step"] == 2 and not (out / "config.json").exists()
+    saved_opt = torch.load(stopped_at / ppo.OPTIMIZER_FILE, weights_only=True)
+    assert next(iter(saved_opt["state"].values()))["step"].item() == 2  # 2 steps x 1 epoch x 1 minibatch
+    assert ("ppo-step-2", "ppo", stopped_at, 2) in first.checkpoints
+
+    second = StopAfter(None)
+    assert ppo.run(config, None, second, out) == out
+    assert sorted(k for k in second.logged if "reward" in second.logged[k]) == [3]  # continues at step 3
+    final_opt = torch.load(checkpoints_dir(out) / "step-3" / ppo.OPTIMIZER_FILE, weights_only=True)
+    assert next(iter(final_opt["state"].values()))["step"].item() == 3
+    # Same RNG, optimizer moments, prompt order and ptx stream: the same weights as the straight run.
+    a = load_policy(tmp_path / "straight", CPU).state_dict()
+    b = load_policy(out, CPU).state_dict()
+    assert _max_diff(a, b) < 1e-5
+    summary = json.loads((out / ppo.SUMMARY_FILE).read_text())
+    assert {"gold", "gold_greedy", "kl", "reward", "ptx_loss", "pretrain_loss"} <= set(summary)
+    assert "heldout_gold" in second.logged[3]
+
+
+def test_short_run_raises_reward(inputs, tok):
+    torch.manual_seed(0)
+    config = _config(inputs, reward_model=str(inputs[2]), kl_coef=0.02, learning_rate=1e-4, ppo_epochs=4,
+                     batch_size=32, total_episodes=32 * 10, response_length=20)
+    models = _models(config, tok)
+    sampler = ppo.PromptSampler(len(PROMPTS), config.batch_size, seed=0)
+    rewards = []
+    for _ in range(10):
+        prompt_ids, prompt_mask = encode_prompts(tok, [PROMPTS[i] for i in sampler.next()])
+        rewards.append(ppo.ppo_step(models, prompt_ids, prompt_mask, config, config.kl_coef).metrics["reward"])
+    start, end = sum(rewards[:2]) / 2, sum(rewards[-3:]) / 3
+    assert end > start + 0.5, rewards
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("kl_coef", -0.1, "kl_coef"), ("cliprange", 0.0, "cliprange"), ("response_length", 0, "response_length"),
+])
+def test_bad_config_values_are_rejected(inputs, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        _config(inputs, **{field: value})
+
+
+def _fail_if_loaded(*args, **kwargs):
+    raise AssertionError("a model was loaded before the inputs were checked")
+
+
+def test_missing_or_mismatched_checkpoints_fail_before_any_work(inputs, tmp_path, monkeypatch):
+    sft, rm, _, _ = inputs
+    monkeypatch.setattr(ppo, "load_policy", _fail_if_loaded)
+    monkeypatch.setattr(ppo, "load_scalar_model", _fail_if_loaded)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="sft_model"):
+        ppo.run(_config(inputs, sft_model=str(tmp_path / "no-sft")), None, Events(), out)
+    with pytest.raises(ValueError, match="reward_model"):
+        ppo.run(_config(inputs, reward_model=str(tmp_path / "no-rm")), None, Events(), out)
+    # A reward model from another base: same architecture, different vocabulary.
+    from core.bench_ppo import make_models, make_tokenizer
+    other = save_checkpoint(make_models(1, 32, 2, 64)[3], make_tokenizer(64), tmp_path / "other-rm")
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        ppo.run(_config(inputs, reward_model=str(other)), None, Events(), out)
+    with pytest.raises(ValueError, match="prompts file"):
+        ppo.run(_config(inputs, prompts=str(tmp_path / "none.jsonl")), None, Events(), out)
+    assert not out.exists() and not checkpoints_dir(out).exists()
