@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import sqlite3
 import threading
 import time
 
@@ -151,3 +152,40 @@ def test_labelers_and_training_write_at_once(store):
           + ", ".join(f"{r['run_id']} {len(r['steps'])}" for r in trainers)
           + f"; monitor reads {reads[0]}; errors {len(errors)}")
     assert reads[0] > 0
+
+
+# -- long curves stay quick to read (issue 6, promise 5) ------------------------------------------
+
+
+def test_downsampling_caps_every_curve_and_keeps_its_ends(store):
+    """A 2,000-step run written straight to the store: the Monitor's reads are capped per curve,
+    keep each curve's first and latest point, and never drop a sparse metric (evaluations)."""
+    store.create_run("long", "ppo", {})
+    store.create_run("short", "ppo", {})
+    db = sqlite3.connect(store.path)
+    with db:
+        db.executemany("INSERT INTO metrics VALUES (?,?,?,?)",
+                       [("long", step, name, step * 0.5) for step in range(1, 2001) for name in ("reward", "kl")]
+                       + [("long", step, "heldout_gold", 0.1) for step in (25, 50, 1999)]
+                       + [("short", step, "reward", 1.0) for step in range(1, 151)])
+    db.close()
+    for max_points in (2, 50, 100, 200, 1500, 1999, 5000):
+        rows = store.metrics(["long", "short"], max_points=max_points)
+        curves: dict[tuple, list[int]] = {}
+        for r in rows:
+            curves.setdefault((r["run_id"], r["name"]), []).append(r["step"])
+        assert set(curves) == {("long", "reward"), ("long", "kl"), ("long", "heldout_gold"), ("short", "reward")}
+        for (run, name), steps in curves.items():
+            full = 2000 if name != "heldout_gold" else 3
+            full = 150 if run == "short" else full
+            assert len(steps) <= max_points, (run, name, max_points, len(steps))
+            assert len(steps) >= min(full, max_points) // 2, (run, name, max_points, len(steps))
+            first, last = (1, 2000) if name != "heldout_gold" else (25, 1999)
+            last = 150 if run == "short" else last
+            assert steps[0] == first and steps[-1] == last and steps == sorted(set(steps))
+    assert len(store.metrics(["long"], ["reward"])) == 2000  # no max_points: everything
+    # The read is served by an index on (run_id, ...), not a scan of every run's metrics.
+    plan = " ".join(str(r) for r in sqlite3.connect(store.path).execute(
+        "EXPLAIN QUERY PLAN SELECT run_id, step, name, value FROM metrics WHERE run_id IN (?) ORDER BY run_id, step",
+        ("long",)).fetchall())
+    assert "USING" in plan and "INDEX" in plan, plan
