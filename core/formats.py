@@ -13,7 +13,7 @@ import io
 import json
 from pathlib import Path
 
-from core.store import MAX_PROMPT_CHARS, Store, check_ranking, check_text
+from core.store import MAX_PROMPT_CHARS, MAX_RESPONSE_CHARS, Store, check_ranking, check_text
 
 MAX_IMPORT_BYTES = 50 * 1024 * 1024
 
@@ -100,9 +100,9 @@ def import_file(store: Store, data: bytes, name: str) -> tuple[str, int]:
         try:
             if detect_kind(set(row)) != kind:
                 raise ValueError(f"columns {sorted(row)} differ from the first row's ({kind})")
-            normalised.append(normalise(row, kind))
             # Validate each row alone so the error can name its line.
-            _check_row(normalised[-1], kind)
+            _check_row(row, kind)
+            normalised.append(normalise(row, kind))
         except ValueError as exc:
             raise ValueError(f"{name} line {number}: {exc}") from None
     if kind == "demonstrations":
@@ -114,11 +114,20 @@ def import_file(store: Store, data: bytes, name: str) -> tuple[str, int]:
 
 
 def _check_row(row: dict, kind: str) -> None:
+    """Check a row as the user wrote it, so messages name the user's columns (prompt/completion,
+    chosen/rejected), not the store's."""
     if kind == "demonstrations":
-        Store._check_demonstration(row)
+        if "completion" in row:
+            check_text(row.get("prompt"), "prompt", MAX_PROMPT_CHARS)
+            check_text(row.get("completion"), "completion", MAX_RESPONSE_CHARS)
+        Store._check_demonstration(normalise(row, kind))
     elif kind == "rankings":
         check_text(row.get("prompt"), "prompt", MAX_PROMPT_CHARS)
-        check_ranking(row.get("responses"))
+        if "responses" not in row:
+            chosen = check_text(row.get("chosen"), "chosen", MAX_RESPONSE_CHARS)
+            if chosen == check_text(row.get("rejected"), "rejected", MAX_RESPONSE_CHARS):
+                raise ValueError("chosen and rejected are the same text: a tie, which a preference pair cannot express")
+        check_ranking(normalise(row, kind).get("responses"))
     else:
         check_text(row.get("prompt"), "prompt", MAX_PROMPT_CHARS)
 

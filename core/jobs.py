@@ -25,7 +25,7 @@ from pathlib import Path
 from core.config import PRESETS, STAGES, ConfigMixin
 from core.events import Events
 from core.paths import data_home, validate_name
-from core.stages import checkpoints_dir
+from core.stages import check_models, checkpoints_dir
 from core.store import Store
 
 JOB_STAGES = ("sft", "rm", "ppo", "pipeline")
@@ -254,8 +254,12 @@ class JobManager:
             if not isinstance(config, STAGES[stage]):
                 raise ValueError(f"a {type(config).__name__} is not a config for stage {stage!r}")
             config.validate()
-            return config.to_dict()
-        return STAGES[stage].from_dict(config or {}).to_dict()
+        else:
+            config = STAGES[stage].from_dict(config or {})
+        # Missing/pickle-only model directories, a CUDA request without CUDA, mismatched
+        # tokenizers: refused here, before the run is recorded, not as a failed job later.
+        check_models(stage, config)
+        return config.to_dict()
 
     def _check_checkpoint(self, job: Job) -> None:
         """A run that made progress resumes from its checkpoints; if they were deleted, say so."""
