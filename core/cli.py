@@ -55,10 +55,11 @@ def cmd_stage(stage: str, args) -> int:
         print(config.to_yaml())
         return 0
     from core.paths import validate_name
-    from core.stages import runner
+    from core.stages import check_models, runner
     from core.store import Store
 
     run_id = validate_name(args.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
+    check_models(stage, config)
     output = Path(args.output)
     store = Store()
     store.create_run(run_id, stage, config.to_dict(), str(output))
@@ -90,7 +91,7 @@ def cmd_pipeline(args) -> int:
             raise ValueError(f"pipeline --set takes stage:key=value (stage sft, rm or ppo), got {kv!r}")
     store = Store()
     report = run_pipeline(args.preset, args.output, store, _events(store, None), stages, overrides,
-                          no_ptx_baseline=not args.no_ptx_baseline)
+                          no_ptx_baseline=not args.no_ptx_baseline, eval_prompts=args.eval_prompts)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default="sft,rm,ppo", help="comma-separated subset of sft,rm,ppo")
     p.add_argument("--no-ptx-baseline", action="store_true", help="skip the ptx_coef=0 comparison run")
     p.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE")
+    p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts scored for every model")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("chat", help="chat with a checkpoint (streamed)")

@@ -68,6 +68,7 @@ def _stage_events(parent: Events, store: Store, run_id: str, stage: str, config)
 def run_pipeline(
     preset: str, output_dir: str | Path, store: Store, events: Events, stages: tuple[str, ...] = ALL_STAGES,
     overrides: dict[str, dict] | None = None, no_ptx_baseline: bool = True, name: str | None = None,
+    eval_prompts: int = 200,
 ) -> dict:
     """Run the chosen stages on the demo task; returns (and writes) DIR/report.json."""
     unknown = set(stages) - set(ALL_STAGES)
@@ -86,7 +87,7 @@ def run_pipeline(
     }
     report: dict = {"preset": preset, "timings_s": {}}
     t0 = time.perf_counter()
-    report["base"] = evaluate_checkpoint(sft_config.model, sft_config.device)
+    report["base"] = evaluate_checkpoint(sft_config.model, sft_config.device, eval_prompts)
     report["timings_s"]["base_eval"] = time.perf_counter() - t0
 
     plan = [(s, s, configs[s]) for s in stages]
@@ -108,7 +109,7 @@ def run_pipeline(
         if stage == "rm":
             report["rm"] = json.loads((out / "rm_summary.json").read_text())
         else:
-            report[key] = evaluate_checkpoint(out, config.device)
+            report[key] = evaluate_checkpoint(out, config.device, eval_prompts)
         if stage == "ppo":
             summary = out / "ppo_summary.json"
             if summary.is_file():
