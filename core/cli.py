@@ -60,7 +60,8 @@ def cmd_stage(stage: str, args) -> int:
 
     run_id = validate_name(args.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
     check_models(stage, config)
-    output = Path(args.output)
+    # Absolute in the store: the app's server (another working directory) resumes this run from it.
+    output = Path(args.output).resolve()
     store = Store()
     store.create_run(run_id, stage, config.to_dict(), str(output))
     store.set_run_status(run_id, "running")

@@ -196,3 +196,35 @@ def test_sigkill_at_three_moments_then_resume(store, workbench_home):
     assert trial.temp_dirs() == []
     listed = [c for c in store.list_checkpoints() if c["run_id"] == RUN]
     assert listed and all(Path(c["path"]).is_dir() and not Path(c["path"]).name.startswith(".") for c in listed)
+
+
+def test_a_cli_run_with_a_relative_output_resumes_from_a_server_elsewhere(store, workbench_home, tmp_path,
+                                                                        monkeypatch):
+    """`rlhf sft --output out/sft` interrupted (Ctrl-C, or killed): the app's server, started in
+    another directory, must find the run's checkpoints to resume it."""
+    import core.stages
+    from core import cli
+
+    def interrupted(config, store, events, output_dir):
+        events.metrics(1, {"sft_loss": 1.0})
+        (checkpoints_dir(output_dir) / "epoch-1").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    def finish(config, store, events, output_dir):
+        assert (checkpoints_dir(output_dir) / "epoch-1").is_dir(), output_dir
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        return Path(output_dir)
+
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    monkeypatch.setattr(core.stages, "runner", lambda stage: interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["sft", "--name", "rel", "--output", "out/sft", "--set", "epochs=1"])
+    assert store.get_run("rel")["status"] == "interrupted"
+
+    monkeypatch.chdir(workbench_home)  # the server runs from somewhere else
+    jobs = JobManager(store, runner=lambda stage: finish, runs_dir=workbench_home / "runs")
+    jobs.resume("rel")
+    job = jobs.wait("rel", timeout=30)
+    assert job.status == "done", job.error
+    assert Path(job.result) == tmp_path / "project" / "out" / "sft"
