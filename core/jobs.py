@@ -127,7 +127,9 @@ class JobManager:
         for run in self.store.list_runs():
             status, error = run["status"], run["error"]
             if status in ACTIVE:
-                error = f"the server stopped while this run was {status}; resume it to continue from its last checkpoint"
+                error = f"the server stopped while this run was {status}; " + (
+                    "resume it to continue from its last checkpoint" if run["output_dir"]
+                    else "it has no output directory on record (a pipeline stage?): resume its pipeline run")
                 self.store.set_run_status(run["id"], "interrupted", error)
                 status = "interrupted"
             self._jobs[run["id"]] = self._job_from_run(run, status, error)
