@@ -25,11 +25,13 @@ from __future__ import annotations
 import errno
 import json
 import mmap
+import re
 import sqlite3
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from core import cli
 from core.formats import MAX_IMPORT_BYTES, import_file, read_bytes
@@ -192,11 +194,11 @@ CONFIG_CASES = {
 def test_bad_config_values_from_cli_and_job_manager(seeded, tmp_path, capsys, stage, assignment, message):
     before = snapshot(seeded)
     assert cli.main([stage, "--set", assignment, "--output", str(tmp_path / "out")]) == 2
-    assert __import__("re").search(message, capsys.readouterr().err)
+    assert re.search(message, capsys.readouterr().err)
     key, _, value = assignment.partition("=")
     jobs = JobManager(seeded, runner=lambda s: _finish, runs_dir=tmp_path / "runs")
     with pytest.raises(ValueError, match=message):
-        jobs.submit(stage, {key: __import__("yaml").safe_load(value)})
+        jobs.submit(stage, {key: yaml.safe_load(value)})
     assert snapshot(seeded) == before and not (tmp_path / "out").exists()
 
 
@@ -243,7 +245,7 @@ def test_model_directory_without_safe_weights(seeded, tmp_path, capsys, weights,
         torch.save(load_policy("bundled").state_dict(), model / weights)
     before = snapshot(seeded)
     assert cli.main(["sft", "--set", f"model={model}", "--set", "epochs=1", "--output", str(tmp_path / "out")]) == 2
-    assert __import__("re").search(message, capsys.readouterr().err)
+    assert re.search(message, capsys.readouterr().err)
     jobs = JobManager(seeded, runner=lambda s: _finish, runs_dir=tmp_path / "runs")
     with pytest.raises(ValueError, match=message):
         jobs.submit("rm", {"sft_model": str(model)})
