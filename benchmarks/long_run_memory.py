@@ -38,6 +38,8 @@ def main() -> int:
     parser.add_argument("--tolerance-mb", type=float, default=64.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print one JSON line at the end")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="also list the Python allocations that grew most between the warm-up step and the end")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -50,6 +52,11 @@ def main() -> int:
     from core.events import Events
     from core.store import Store
 
+    if args.tracemalloc:
+        import tracemalloc
+
+        tracemalloc.start(10)
+    traced = {}
     process = psutil.Process()
     mb = 2**20
     samples: dict[int, dict[str, float]] = {}
@@ -67,6 +74,8 @@ def main() -> int:
             if step in (1, 10, args.warmup_step) or step % 250 == 0 or step == args.steps:
                 gc.collect()
                 rss = process.memory_info().rss / mb
+                if args.tracemalloc and step in (args.warmup_step, args.steps):
+                    traced[step] = tracemalloc.take_snapshot()
                 samples[step] = {"rss_mb": round(rss, 1), "peak_mb": round(peak, 1),
                                  "elapsed_s": round(time.perf_counter() - started, 1)}
                 print(f"step {step:5d}: rss {rss:7.1f} MB  peak {peak:7.1f} MB  "
@@ -94,6 +103,12 @@ def main() -> int:
         "growth_mb": round(growth, 1), "metric_steps_stored": steps_logged,
         "wall_s": round(time.perf_counter() - started, 1), "samples": samples,
     }
+    if len(traced) == 2:
+        growth_py = traced[args.steps].compare_to(traced[args.warmup_step], "traceback")
+        report["python_heap_growth_kb"] = round(sum(d.size_diff for d in growth_py) / 1024, 1)
+        for stat in growth_py[:5]:
+            print(f"{stat.size_diff / 1024:+9.1f} KB {stat.count_diff:+6d} blocks  "
+                  + " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in stat.traceback[:4]))
     print(json.dumps(report) if args.json else json.dumps(report, indent=2))
     ok = growth <= args.tolerance_mb and steps_logged == args.steps
     print("memory flat" if ok else f"memory grew by {growth:.1f} MB (tolerance {args.tolerance_mb} MB)")
