@@ -115,10 +115,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    result = bench_ppo(layers=args.layers, embd=args.embd, heads=args.heads, vocab=args.vocab, batch=args.batch,
-                       response_length=args.response_length, ppo_epochs=args.ppo_epochs, episodes=args.episodes,
-                       prompt_length=args.prompt_length, num_minibatches=args.num_minibatches,
-                       ptx_coef=args.ptx_coef, device=args.device, threads=args.threads, seed=args.seed)
+    """Run the benchmark from parsed arguments; options a caller's parser lacks take the defaults."""
+    defaults = vars(_parser().parse_args([]))
+    opt = {**defaults, **{k: v for k, v in vars(args).items() if k in defaults}}
+    result = bench_ppo(layers=opt["layers"], embd=opt["embd"], heads=opt["heads"], vocab=opt["vocab"],
+                       batch=opt["batch"], response_length=opt["response_length"], ppo_epochs=opt["ppo_epochs"],
+                       episodes=opt["episodes"], prompt_length=opt["prompt_length"],
+                       num_minibatches=opt["num_minibatches"], ptx_coef=opt["ptx_coef"], device=opt["device"],
+                       threads=opt["threads"], seed=opt["seed"])
     if not getattr(args, "json", False):
         shares = ", ".join(f"{k} {v:.0%}" for k, v in result["timings_share"].items())
         print(f"ours: {result['episodes_per_s']:.1f} episodes/s ({shares})")
@@ -126,7 +130,11 @@ def main(args: argparse.Namespace) -> dict:
     return result
 
 
-if __name__ == "__main__":
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_args(parser)
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    main(_parser().parse_args())
