@@ -223,7 +223,11 @@ STAGES: dict[str, type[ConfigMixin]] = {"sft": SFTConfig, "rm": RewardConfig, "p
 PRESETS: dict[str, dict[str, dict]] = {
     "quick": {
         "sft": dict(epochs=4, learning_rate=1e-3, batch_size=32, dropout=0.0, n_demonstrations=2000),
-        "rm": dict(epochs=4, learning_rate=5e-4, batch_size=8, k=4, n_prompts=800, heldout_prompts=200),
+        # Answers to rank are sampled at T=0.5: format choices (stop or ramble) stay diverse while
+        # wrong digits, which a 2M-parameter RM cannot check (DESIGN.md), become rarer.
+        # Measured on 2 cores: held-out accuracy 0.91 at T=0.5 vs 0.90 at 0.7 and 0.81 at 1.0.
+        "rm": dict(epochs=4, learning_rate=5e-4, batch_size=8, k=4, n_prompts=800, heldout_prompts=200,
+                   sample_temperature=0.5),
         # 2 PPO epochs and 8 ptx blocks per update: half the FLOPs of the defaults, so 100 PPO
         # steps fit in about 2 minutes on 2 CPU cores (the update is ~80% of a step).
         "ppo": dict(total_episodes=6400, batch_size=64, learning_rate=2e-4, kl_coef=0.1, ptx_coef=1.0,
