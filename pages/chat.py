@@ -46,8 +46,12 @@ with single:
         history.append({"role": "assistant", "content": text or "", "model": label})
 
 with side_by_side:
+    # Default: the newest SFT model against the newest PPO policy, the comparison the recipe is about.
+    newest = {kind: next((label for label in reversed(choices) if label.endswith(f"({kind})")), None)
+              for kind in ("base", "sft", "ppo")}
+    default = [label for label in (newest["sft"] or newest["base"] or "bundled (base)", newest["ppo"]) if label]
     picked = st.multiselect("Checkpoints (2-4)", list(choices), max_selections=4, key="sbs_models",
-                            default=list(choices)[-2:] if len(choices) >= 2 else None)
+                            default=default if len(default) == 2 else list(choices)[:2])
     sbs_prompt = st.text_area("Prompt", key="sbs_prompt", height=70, placeholder="What is 3 plus 4?")
     generate = st.button("Generate", type="primary", key="sbs_generate")
     if generate:
@@ -69,7 +73,10 @@ with side_by_side:
         for i, (column, (label, text)) in enumerate(zip(columns, sbs["answers"].items())):
             column.markdown(f"**{chr(65 + i)}** · {label}")
             column.markdown(text or "_(empty answer)_")
-    if sbs:
+    if sbs and len(set(sbs["answers"].values())) < len(sbs["answers"]):
+        st.info("Some answers are the same text, so there is no order to vote on (a ranking needs distinct "
+                "answers). Try another seed or prompt.")
+    elif sbs:
         texts = list(sbs["answers"].values())
         letters = [chr(65 + i) for i in range(len(texts))]
         labeler = st.text_input("Your name (labeler)", key="sbs_labeler")

@@ -275,3 +275,15 @@ def test_train_loads_a_config_file_or_rejects_it_whole(app):
     at.get("file_uploader")[0].clear().upload("bad.yaml", b"epochs: 3\nbeta: 0.1\n").run()
     assert "Config not loaded: unknown config key(s) for SFTConfig: beta" in texts(at.error)
     assert at.number_input(key="cfg_sft_quick_epochs").value == 2
+
+
+def test_chat_same_answers_offer_no_vote(app, workbench_home):
+    from core.paths import BUNDLED_MODEL_DIR
+
+    db(workbench_home).add_checkpoint("base-again", "base", BUNDLED_MODEL_DIR)  # same weights, same seed
+    at = open_page(app, "chat")
+    at.multiselect(key="sbs_models").set_value(["bundled (base)", "base-again (base)"])
+    at.text_area(key="sbs_prompt").input("What is 3 plus 4?")
+    button(at, "Generate").click().run()
+    assert "no order to vote on" in texts(at.info)
+    assert not any(b.label == "Save vote" for b in at.button)
