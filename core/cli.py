@@ -123,11 +123,15 @@ def cmd_bench(args) -> int:
     if args.what == "ppo":
         from core.bench_ppo import main as bench_ppo
 
-        result = bench_ppo(args)
-    else:
-        from core.bench import bench_rm, bench_sft
+        if args.against == "trl":
+            # TRL dropped its PPO trainer in 1.13; the comparison needs trl 1.12 in a side venv.
+            print("rlhf: TRL's PPOTrainer runs from benchmarks/compare_trl_ppo.sh (trl 1.12 in a side venv); "
+                  "measuring ours only", file=sys.stderr)
+        bench_ppo(args)  # prints its JSON line itself
+        return 0
+    from core.bench import bench_rm, bench_sft
 
-        result = (bench_sft if args.what == "sft" else bench_rm)(args)
+    result = (bench_sft if args.what == "sft" else bench_rm)(args)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 
@@ -173,19 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput against TRL on the same shapes")
     p.add_argument("what", choices=("sft", "rm", "ppo"))
     p.add_argument("--against", choices=("trl", "none"), default="trl")
-    p.add_argument("--json", action="store_true", help="print one JSON line")
-    p.add_argument("--device", default="auto")
-    # The shape of the models under test (randomly initialised GPT-2s for ppo; sft/rm use the bundled model).
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--embd", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--response-length", type=int, default=24)
-    p.add_argument("--ppo-epochs", type=int, default=4)
-    p.add_argument("--episodes", type=int, default=256)
     p.add_argument("--k", type=int, default=4, help="rm: answers per ranking")
     p.add_argument("--examples", type=int, default=512, help="sft/rm: training rows")
+    from core import bench_ppo  # the model shape, device and output options, shared with benchmarks/
+
+    bench_ppo.add_args(p)
     p.set_defaults(func=cmd_bench)
     return parser
 

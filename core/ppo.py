@@ -31,6 +31,7 @@ from core import demo
 from core.config import PPOConfig
 from core.evaluate import gold_eval
 from core.events import Events
+from core.formats import parse_rows, read_bytes
 from core.generate import Samples, encode_prompts, sample
 from core.models import (
     Device,
@@ -426,8 +427,23 @@ def ppo_step(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
 # ---------------------------------------------------------------------------------------------
 
 
+def _column(path: Path, column: str, what: str) -> list[str]:
+    """One text column of a JSONL/CSV file, read by the same parser as the app's imports."""
+    try:
+        rows = parse_rows(read_bytes(path), path.name)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    texts = []
+    for number, row in rows:
+        value = row.get(column)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f'{what}: {path.name} line {number} has no "{column}" text')
+        texts.append(value.strip())
+    return texts
+
+
 def load_prompts(source: str, store: Store | None) -> list[str]:
-    """'demo' -> the demo's training prompts; 'store' -> the workbench's prompts; else a JSONL file."""
+    """'demo' -> the demo's training prompts; 'store' -> the workbench's prompts; else a JSONL/CSV file."""
     if source == "demo":
         return [t.prompt for t in demo.train_tasks()]
     if source == "store":
@@ -437,23 +453,7 @@ def load_prompts(source: str, store: Store | None) -> list[str]:
         if not prompts:
             raise ValueError("the store has no prompts; add some on the Prompts page or import a JSONL file")
         return prompts
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise ValueError(f"prompts file {path} does not exist (use 'demo', 'store' or a JSONL path)")
-    prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n} is not valid JSON: {exc}") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise ValueError(f'{path}:{n} has no "prompt" text')
-        prompts.append(row["prompt"].strip())
-    if not prompts:
-        raise ValueError(f"prompts file {path} has no prompts")
-    return prompts
+    return _column(Path(source).expanduser(), "prompt", "prompts file")
 
 
 def load_ptx_texts(source: str) -> list[str]:
@@ -461,20 +461,12 @@ def load_ptx_texts(source: str) -> list[str]:
     if source == "demo":
         return demo.pretraining_corpus()
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise ValueError(f"ptx_data file {path} does not exist (use 'demo' or a text/JSONL path)")
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if path.suffix == ".jsonl":
-        texts = []
-        for n, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n} is not valid JSON: {exc}") from exc
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f'{path}:{n} has no "text" field')
-            texts.append(row["text"])
-        lines = texts
+    if path.suffix in (".jsonl", ".csv"):
+        return _column(path, "text", "ptx_data file")
+    try:
+        lines = [ln for ln in read_bytes(path).decode("utf-8", errors="replace").splitlines() if ln.strip()]
+    except ValueError as exc:
+        raise ValueError(f"ptx_data file: {exc}") from None
     if not lines:
         raise ValueError(f"ptx_data file {path} is empty")
     return lines

@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from core import demo
+from core import demo, optim
 from core.models import Device, pick_device, save_checkpoint
 from core.paths import BUNDLED_MODEL_DIR
 
@@ -104,6 +104,7 @@ def pretrain_demo(
     log(f"pretraining {n_params / 1e6:.2f}M params on {blocks.numel() / 1e6:.2f}M tokens, {total_steps} steps")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, total_steps // 20)
+    # The schedule the bundled model was built with (kept so `rlhf pretrain-demo` reproduces it).
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps)))
     )
@@ -115,11 +116,7 @@ def pretrain_demo(
             batch = blocks[order[i : i + batch_size]].to(dev.torch)
             with dev.autocast():
                 loss = lm_loss(model, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            optim.step(loss, model, opt, sched)
             step += 1
             if step % 50 == 0 or step == total_steps:
                 tps = step * batch_size * block_size / (time.time() - start)

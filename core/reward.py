@@ -22,9 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import get_cosine_schedule_with_warmup
 
-from core import demo
+from core import demo, optim
 from core.config import RewardConfig, SFTConfig
 from core.events import Events
 from core.formats import detect_kind, normalise, parse_rows, read_bytes
@@ -248,7 +247,7 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
     steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    scheduler = optim.make_schedule(optimizer, total_steps, config.warmup_ratio)
     model.train()
     step, stopped, summary = 0, False, {}
     for epoch in range(1, config.epochs + 1):
@@ -263,11 +262,7 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
             seqs = [s for r in chunk for s in encode_answers(tokenizer, r.prompt, r.responses, config.max_length)]
             sizes = [len(r.responses) for r in chunk]
             loss, accuracy = kwise_loss(score_sequences(model, seqs, tokenizer.pad_token_id, device), sizes)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optim.step(loss, model, optimizer, scheduler)
             step += 1
             pairs_seen += sum(k * (k - 1) // 2 for k in sizes)
             events.metrics(step, {"rm_loss": loss.item(), "rm_accuracy": accuracy.item(),

@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import get_cosine_schedule_with_warmup
 
-from core import demo
+from core import demo, optim
 from core.config import SFTConfig
 from core.evaluate import gold_eval
 from core.events import Events
@@ -124,7 +123,7 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
     steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    scheduler = optim.make_schedule(optimizer, total_steps, config.warmup_ratio)
     state = {"epoch": 0, "step": 0, "best_score": None, "best_epoch": None}
     if resume_from is not None:
         state = json.loads((resume_from / STATE_FILE).read_text())
@@ -145,11 +144,7 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
             batch = collate([train[j] for j in order[i : i + config.batch_size]], tokenizer.pad_token_id, device)
             with device.autocast():
                 loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optim.step(loss, model, optimizer, scheduler)
             state["step"] += 1
             tokens += int(batch["attention_mask"].sum())
             events.metrics(state["step"], {
