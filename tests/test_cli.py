@@ -43,3 +43,10 @@ def test_demo_pipeline_end_to_end(workbench_home, tmp_path, capsys):
     AutoModelForCausalLM.from_pretrained(out / "ppo")
     runs = {r["id"]: r["status"] for r in Store().list_runs()}
     assert len(runs) == 4 and set(runs.values()) == {"done"}
+
+
+def test_set_reads_numbers_as_people_type_them():
+    from core.cli import _parse_sets
+
+    assert _parse_sets(["learning_rate=2e-4", "epochs=3", "adaptive_kl=true", "model=out/sft"]) == {
+        "learning_rate": 2e-4, "epochs": 3, "adaptive_kl": True, "model": "out/sft"}
