@@ -122,7 +122,7 @@ def stream(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature:
         if int(token[0]) == eos:
             return
         ids.append(int(token[0]))
-        text = tokenizer.decode(ids, skip_special_tokens=True)
+        text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()  # as decode_answer: no leading space
         if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
             yield text[len(shown):]
             shown = text
