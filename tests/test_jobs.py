@@ -45,6 +45,12 @@ class FakeStage:
         for _ in range(n):
             self.gate.release()
 
+    def advance(self, jobs: JobManager, run_id: str, n: int) -> None:
+        """Let `n` steps run and wait until the job has reported them."""
+        self.release(n)
+        while jobs.get(run_id).done < n:
+            threading.Event().wait(0.02)
+
 
 def manager(store, tmp_path, stage: FakeStage) -> JobManager:
     return JobManager(store, runner=lambda name: stage, runs_dir=tmp_path / "runs")
@@ -73,9 +79,7 @@ def test_stop_mid_run_leaves_a_valid_checkpoint(store, tmp_path):
     stage = FakeStage()
     jobs = manager(store, tmp_path, stage)
     run_id = jobs.submit("sft", {"epochs": 50})
-    stage.release(3)
-    while jobs.get(run_id).done < 3:
-        threading.Event().wait(0.02)
+    stage.advance(jobs, run_id, 3)
     jobs.stop(run_id)
     assert jobs.get(run_id).status == "stopping"
     stage.release(1)  # the step in flight finishes, then the stage sees the flag
@@ -133,9 +137,7 @@ def test_restart_marks_running_jobs_interrupted_and_resume_continues(store, tmp_
     jobs = manager(store, tmp_path, stage)
     run_id = jobs.submit("sft", {"epochs": 4})
     queued = jobs.submit("sft", {"epochs": 1})
-    stage.release(2)
-    while jobs.get(run_id).done < 2:
-        threading.Event().wait(0.02)
+    stage.advance(jobs, run_id, 2)
     # Simulated server restart: a new manager on the same store while the old thread is "dead"
     # (the fake blocks on its gate, like a process that was killed mid-step).
     stage2 = FakeStage()
@@ -163,9 +165,7 @@ def test_resume_without_checkpoints_is_a_clear_error(store, tmp_path):
     stage = FakeStage()
     jobs = manager(store, tmp_path, stage)
     run_id = jobs.submit("sft", {"epochs": 10})
-    stage.release(2)
-    while jobs.get(run_id).done < 2:
-        threading.Event().wait(0.02)
+    stage.advance(jobs, run_id, 2)
     jobs.stop(run_id)
     stage.release(1)
     job = jobs.wait(run_id, timeout=20)
