@@ -115,15 +115,14 @@ def _trl_rm(rankings: list[dict], pairs_per_batch: int, device: str) -> float:
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
+    from core.formats import ranking_pairs
     from core.models import load_scalar_model, load_tokenizer
 
     tokenizer = load_tokenizer("bundled")
     model = load_scalar_model("bundled", tokenizer.pad_token_id, pick_device(device))
     # TRL's RewardTrainer is pairwise: each ranking becomes its C(K,2) chosen/rejected pairs.
-    pairs = [
-        {"prompt": demo.format_prompt(r["prompt"]), "chosen": " " + r["responses"][i], "rejected": " " + r["responses"][j]}
-        for r in rankings for i in range(len(r["responses"])) for j in range(i + 1, len(r["responses"]))
-    ]
+    pairs = [{"prompt": demo.format_prompt(r["prompt"]), "chosen": " " + chosen, "rejected": " " + rejected}
+             for r in rankings for chosen, rejected in ranking_pairs(r["responses"])]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = RewardTrainer(model=model, args=TRLRewardConfig(**_trl_common(tmp, pairs_per_batch, device)),
                                 train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)

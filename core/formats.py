@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -132,6 +133,11 @@ def _check_row(row: dict, kind: str) -> None:
         check_text(row.get("prompt"), "prompt", MAX_PROMPT_CHARS)
 
 
+def ranking_pairs(responses: list[str]) -> list[tuple[str, str]]:
+    """A best-to-worst ranking as its C(K,2) (chosen, rejected) pairs, as TRL's RewardTrainer wants."""
+    return list(itertools.combinations(responses, 2))
+
+
 def export_jsonl(store: Store, kind: str) -> str:
     """TRL shapes: prompt/completion for demonstrations, prompt/responses for rankings."""
     if kind == "demonstrations":
@@ -139,13 +145,8 @@ def export_jsonl(store: Store, kind: str) -> str:
     elif kind == "rankings":
         rows = [{"prompt": r["prompt"], "responses": r["responses"], "labeler": r["labeler"]} for r in store.list_rankings()]
     elif kind == "pairs":
-        # Every ranking expands to its C(K,2) chosen/rejected pairs, as TRL's RewardTrainer wants.
-        rows = [
-            {"prompt": r["prompt"], "chosen": r["responses"][i], "rejected": r["responses"][j]}
-            for r in store.list_rankings()
-            for i in range(len(r["responses"]))
-            for j in range(i + 1, len(r["responses"]))
-        ]
+        rows = [{"prompt": r["prompt"], "chosen": chosen, "rejected": rejected}
+                for r in store.list_rankings() for chosen, rejected in ranking_pairs(r["responses"])]
     elif kind == "prompts":
         rows = [{"prompt": p["text"]} for p in store.list_prompts()]
     else:

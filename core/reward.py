@@ -161,17 +161,14 @@ def pairwise_accuracy(model, tokenizer, rankings: list[Ranking], max_length: int
     for i in range(0, len(rankings), batch):
         chunk = rankings[i : i + batch]
         seqs = [s for r in chunk for s in encode_answers(tokenizer, r.prompt, r.responses, max_length)]
-        scores = score_sequences(model, seqs, tokenizer.pad_token_id, device).tolist()
-        offset = 0
-        for r in chunk:
-            k = len(r.responses)
-            for a in range(k):
-                for b in range(a + 1, k):
-                    hit = scores[offset + a] > scores[offset + b]
-                    hits["all"].append(hit)
-                    if demo.expected_answer(r.prompt) is not None:
-                        hits.setdefault(demo.preference_kind(r.prompt, r.responses[a], r.responses[b]), []).append(hit)
-            offset += k
+        scores = score_sequences(model, seqs, tokenizer.pad_token_id, device)
+        win, lose, group = pair_indices([len(r.responses) for r in chunk], scores.device)
+        answers = [a for r in chunk for a in r.responses]
+        for w, l, g, hit in zip(win.tolist(), lose.tolist(), group.tolist(), (scores[win] > scores[lose]).tolist()):
+            prompt = chunk[g].prompt
+            hits["all"].append(hit)
+            if demo.expected_answer(prompt) is not None:
+                hits.setdefault(demo.preference_kind(prompt, answers[w], answers[l]), []).append(hit)
     model.train(was_training)
     out = {f"accuracy_{k}" if k != "all" else "accuracy": sum(v) / len(v) for k, v in hits.items() if v}
     out.update({f"pairs_{k}": len(v) for k, v in hits.items()})
