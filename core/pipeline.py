@@ -5,7 +5,7 @@ with one evaluation of every model on the same held-out prompts and corpus, into
 from __future__ import annotations
 
 import json
-import math
+import statistics
 import time
 from pathlib import Path
 
@@ -39,14 +39,13 @@ def evaluate_checkpoint(model_ref: str | Path, device: str = "auto", n_prompts: 
 
 
 def correlation(xs: list[float], ys: list[float]) -> float | None:
-    n = len(xs)
-    if n < 3:
+    """Pearson correlation, or None when there are too few points or a curve is flat."""
+    if len(xs) < 3:
         return None
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sx = math.sqrt(sum((x - mx) ** 2 for x in xs))
-    sy = math.sqrt(sum((y - my) ** 2 for y in ys))
-    return sxy / (sx * sy) if sx and sy else None
+    try:
+        return statistics.correlation(xs, ys)
+    except statistics.StatisticsError:
+        return None
 
 
 def reward_gold_correlation(store: Store, run_id: str) -> float | None:
