@@ -31,7 +31,7 @@ for i in $(seq "$REPEATS"); do
   echo "run $i/$REPEATS: TRL ..." >&2
   .bench-venv/bin/python benchmarks/trl_ppo_reference.py "${SHAPE[@]}" 2>/dev/null | tail -n 1 >> "$results"
   echo "run $i/$REPEATS: ours ..." >&2
-  "$PY" -m core.bench_ppo --json "${SHAPE[@]}" 2>/dev/null | tail -n 1 >> "$results"
+  "$PY" -m benchmarks.bench_ppo --json "${SHAPE[@]}" 2>/dev/null | tail -n 1 >> "$results"
 done
 
 "$PY" - "$results" <<'PYEOF'
@@ -46,7 +46,7 @@ o = statistics.median(r["episodes_per_s"] for r in ours)
 def runs(rs):
     return ", ".join("%.1f" % r["episodes_per_s"] for r in rs)
 print(f"TRL {trl[0]['impl'][4:]} PPOTrainer: {t:.1f} episodes/s  (runs: {runs(trl)})")
-print(f"ours (core.ppo.ppo_step): {o:.1f} episodes/s  (runs: {runs(ours)})")
+print(f"ours (core.stages.ppo.ppo_step): {o:.1f} episodes/s  (runs: {runs(ours)})")
 print(f"ours breakdown (last run, s): {ours[-1]['timings_s']}")
 print(f"ratio ours/TRL: {o / t:.2f}x")
 print(json.dumps({"trl_episodes_per_s": t, "ours_episodes_per_s": o, "ratio": o / t}))

@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/long_run_memory.py            # 2,000 steps (tens of minutes on 2 CPUs)
     HF_HUB_OFFLINE=1 python benchmarks/long_run_memory.py --steps 300
 
-The run goes through the real stage (`core.ppo.run`) with a real store, so metrics rows,
+The run goes through the real stage (`core.stages.ppo.run`) with a real store, so metrics rows,
 checkpoints, the prompt sampler, the ptx stream and the trainer-state history all take part.
 Resident memory (RSS, psutil) is sampled after every step; the report gives RSS and the peak so
 far at step 100 and at the last step, and the growth between them. Growth from cached tensors,
@@ -47,10 +47,10 @@ def main() -> int:
     os.environ["RLHF_WORKBENCH_HOME"] = str(home)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from core import ppo
+    from core.stages import ppo
     from core.config import PPOConfig
     from core.events import Events
-    from core.store import Store
+    from core.data.store import Store
 
     if args.tracemalloc:
         import tracemalloc

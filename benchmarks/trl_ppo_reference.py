@@ -1,7 +1,7 @@
 """TRL's PPOTrainer (trl.experimental.ppo, TRL 1.12) on the shape `rlhf bench ppo` uses.
 
 Run by benchmarks/compare_trl_ppo.sh inside .bench-venv (which holds trl==1.12.0). Models,
-tokenizer and prompts come from core.bench_ppo, so both sides start from identical weights and
+tokenizer and prompts come from benchmarks.bench_ppo, so both sides start from identical weights and
 data; this script only swaps in TRL's training loop. Prints one JSON object as its last line.
 """
 
@@ -17,7 +17,9 @@ import trl
 from datasets import Dataset
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-from core.bench_ppo import add_args, make_models, make_tokenizer, synthetic_prompts
+from benchmarks.bench_ppo import synthetic_prompts
+from benchmarks.options import add_args
+from core.models.tiny import make_models, make_tokenizer
 
 
 def main() -> None:
@@ -38,6 +40,7 @@ def main() -> None:
             learning_rate=3e-6, kl_coef=0.05, temperature=1.0, stop_token="eos", missing_eos_penalty=None,
             num_sample_generations=0, report_to="none", save_strategy="no", logging_steps=10_000,
             disable_tqdm=True, use_cpu=args.device == "cpu", seed=args.seed, dataloader_num_workers=0,
+            bf16=args.device == "cuda",  # as ours: bf16 autocast on a GPU, fp32 on a CPU
         )
         trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference_policy,
                              reward_model=reward_model, value_model=value_model, train_dataset=dataset)

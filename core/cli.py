@@ -22,7 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from core.config import PRESETS, STAGES, make_config, read_yaml
+from core.config import PRESETS, field_help, read_yaml
+from core.stages import STAGES, get_stage, make_config
 
 
 def _parse_sets(pairs: list[str]) -> dict:
@@ -32,14 +33,9 @@ def _parse_sets(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {pair!r}")
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):
-            # YAML 1.1 reads '2e-4' (no dot) as text; people type it as a number.
-            try:
-                parsed = float(parsed)
-            except ValueError:
-                pass
-        out[key.strip()] = parsed
+        # Read as YAML, so 0.1 is a float and true a bool; the config reads '2e-4' (text in YAML 1.1)
+        # as a number where the field is one.
+        out[key.strip()] = yaml.safe_load(value)
     return out
 
 
@@ -61,22 +57,30 @@ def cmd_stage(stage: str, args) -> int:
     if args.print_config:
         print(config.to_yaml())
         return 0
+    from core.data.store import Store
     from core.paths import validate_name
-    from core.stages import check_models, runner
-    from core.store import Store
+    from core.stages import check_models
 
     run_id = validate_name(args.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
     check_models(stage, config)
     # Absolute in the store: the app's server (another working directory) resumes this run from it.
     output = Path(args.output).resolve()
     store = Store()
-    store.create_run(run_id, stage, config.to_dict(), str(output))
-    store.set_run_status(run_id, "running")
+    try:
+        previous = store.get_run(run_id)
+    except ValueError:
+        previous = None
+    if previous is not None and previous["status"] == "done":
+        raise ValueError(f"run {run_id!r} is already done (output {previous['output_dir']}); pick another name")
+    # A new run, or this name's interrupted/stopped/failed run resumed in place (same config, same output).
+    store.start_run(run_id, stage, config.to_dict(), str(output))
+    if previous is not None:
+        print(f"resuming run {run_id} in {output}", file=sys.stderr)
     events = _events(store, run_id)
     try:
-        runner(stage)(config, store, events, output)
+        get_stage(stage).runner(config, store, events, output)
     except KeyboardInterrupt:
-        store.set_run_status(run_id, "interrupted")
+        store.set_run_status(run_id, "interrupted", "interrupted from the keyboard; run the same command to resume")
         raise
     except Exception as exc:
         store.set_run_status(run_id, "failed", str(exc))
@@ -91,12 +95,12 @@ def cmd_pipeline(args) -> int:
         raise ValueError("the pipeline runs on the built-in demo task: pass --demo")
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     from core.pipeline import run_pipeline
-    from core.store import Store
+    from core.data.store import Store
 
     overrides = {s: _parse_sets([kv.split(":", 1)[1] for kv in args.set if kv.startswith(s + ":")]) for s in STAGES}
     for kv in args.set:
         if kv.split(":", 1)[0] not in STAGES:
-            raise ValueError(f"pipeline --set takes stage:key=value (stage sft, rm or ppo), got {kv!r}")
+            raise ValueError(f"pipeline --set takes stage:key=value (stage {', '.join(STAGES)}), got {kv!r}")
     store = Store()
     report = run_pipeline(args.preset, args.output, store, _events(store, None), stages, overrides,
                           no_ptx_baseline=not args.no_ptx_baseline, eval_prompts=args.eval_prompts)
@@ -105,8 +109,8 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from core.generate import stream
-    from core.models import load_policy, load_tokenizer
+    from core.models.generate import stream
+    from core.models.loading import load_policy, load_tokenizer
 
     model, tokenizer = load_policy(args.model), load_tokenizer(args.model)
     prompts = [args.prompt] if args.prompt else iter(lambda: input("you> "), "")
@@ -118,7 +122,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from core.pretrain import pretrain_demo
+    from core.models.pretrain import pretrain_demo
 
     from core.paths import BUNDLED_MODEL_DIR
 
@@ -128,7 +132,7 @@ def cmd_pretrain(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.what == "ppo":
-        from core.bench_ppo import main as bench_ppo
+        from benchmarks.bench_ppo import main as bench_ppo
 
         if args.against == "trl":
             # TRL dropped its PPO trainer in 1.13; the comparison needs trl 1.12 in a side venv.
@@ -136,7 +140,7 @@ def cmd_bench(args) -> int:
                   "measuring ours only", file=sys.stderr)
         bench_ppo(args)  # prints its JSON line itself
         return 0
-    from core.bench import bench_rm, bench_sft
+    from benchmarks.bench_stages import bench_rm, bench_sft
 
     result = (bench_sft if args.what == "sft" else bench_rm)(args)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
@@ -146,21 +150,24 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="The InstructGPT recipe: SFT -> RM -> PPO-ptx.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for stage, helptext in (("sft", "supervised fine-tuning"), ("rm", "reward model"), ("ppo", "PPO-ptx")):
-        p = sub.add_parser(stage, help=helptext)
+    for stage in STAGES.values():
+        fields = "\n".join(f"  {name}: {text}" for name, text in field_help(stage.config_class).items())
+        p = sub.add_parser(stage.name, help=stage.summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=f"config fields (--set KEY=VALUE or --config FILE):\n{fields}")
         p.add_argument("--config", help="YAML file of config values")
         p.add_argument("--preset", choices=sorted(PRESETS), help="scaled demo defaults")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
         p.add_argument("--output", required=True, help="directory for the final HF model")
-        p.add_argument("--name", help="run name in the store (default: stage + timestamp)")
+        p.add_argument("--name", help="run name in the store (default: stage + timestamp); the name of an "
+                                      "interrupted, stopped or failed run resumes it in place")
         p.add_argument("--print-config", action="store_true", help="print the validated config as YAML and exit")
-        p.set_defaults(func=lambda a, s=stage: cmd_stage(s, a))
+        p.set_defaults(func=lambda a, s=stage.name: cmd_stage(s, a))
 
     p = sub.add_parser("pipeline", help="run sft -> rm -> ppo on the demo task and write report.json")
     p.add_argument("--demo", action="store_true", help="use the built-in demo task (required)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--output", required=True)
-    p.add_argument("--stages", default="sft,rm,ppo", help="comma-separated subset of sft,rm,ppo")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--no-ptx-baseline", action="store_true", help="skip the ptx_coef=0 comparison run")
     p.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE")
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts scored for every model")
@@ -186,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", choices=("trl", "none"), default="trl")
     p.add_argument("--k", type=int, default=4, help="rm: answers per ranking")
     p.add_argument("--examples", type=int, default=512, help="sft/rm: training rows")
-    from core import bench_ppo  # the model shape, device and output options, shared with benchmarks/
+    from benchmarks.options import add_args  # the PPO shape options, without importing torch
 
-    bench_ppo.add_args(p)
+    add_args(p)
     p.set_defaults(func=cmd_bench)
     return parser
 

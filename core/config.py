@@ -8,25 +8,40 @@ checked before any work starts; a bad one raises ValueError naming the field.
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import math
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 
+def option(default, help: str):
+    """A config field with its help text as metadata (TRL's `field(metadata={"help": ...})`): the CLI's
+    --help and the Train page read it from here."""
+    return field(default=default, metadata={"help": help})
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> help text of a config class."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
 class ConfigMixin:
-    """Dict/YAML round-trip and validation shared by the three stage configs."""
+    """Dict/YAML round-trip and validation shared by the stage configs."""
 
     # field name -> (low, high, low_inclusive): numeric bounds checked by `validate`.
     _bounds: typing.ClassVar[dict[str, tuple[float | None, float | None, bool]]] = {}
     _choices: typing.ClassVar[dict[str, tuple]] = {}
+    # Keys older configs may still carry -> why they went (a clearer message than "unknown key").
+    _removed: typing.ClassVar[dict[str, str]] = {}
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "ConfigMixin":
         values = dict(values or {})
         names = {f.name for f in dataclasses.fields(cls)}
+        for key in sorted(set(values) & set(cls._removed)):
+            raise ValueError(f"{key}: {cls._removed[key]}")
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown config key(s) for {cls.__name__}: {', '.join(unknown)}")
@@ -50,6 +65,11 @@ class ConfigMixin:
         return type(self).from_dict({**self.to_dict(), **changes})
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            # NaN compares False with every bound, so it would pass the range checks below.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
         for name, (low, high, low_inclusive) in self._bounds.items():
             value = getattr(self, name)
             if value is None:
@@ -93,6 +113,12 @@ def _coerce(name: str, value, hint):
     elif base is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads '1e-4' (no dot) as text; people write it as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif base is str:
         if isinstance(value, str):
             return value
@@ -104,27 +130,28 @@ def _coerce(name: str, value, hint):
 _POS = (0, None, False)  # > 0
 _NONNEG = (0, None, True)  # >= 0
 _UNIT = (0, 1, True)  # in [0, 1]
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
 class SFTConfig(ConfigMixin):
     """Stage 1: supervised fine-tuning on demonstrations (loss on response tokens only)."""
 
-    model: str = "bundled"  # base: 'bundled', a local HF directory, or a hub id
-    data: str = "demo"  # 'demo', 'store' (the workbench database) or a JSONL path (prompt/completion)
-    epochs: int = 16  # InstructGPT: 16 epochs, best checkpoint by validation score
-    learning_rate: float = 9.65e-6
-    warmup_ratio: float = 0.05  # then cosine decay to 0
-    batch_size: int = 32
-    dropout: float = 0.2  # residual/attention dropout (InstructGPT: 0.2)
-    weight_decay: float = 0.0
-    max_length: int = 128  # prompt + response tokens
-    eval_prompts: int = 200  # held-out prompts scored by the demo labeler each epoch
-    eval_temperature: float = 1.0
-    n_demonstrations: int = 2000  # demo data only
-    ramble_rate: float = 0.5  # demo data only: share of demonstrations that ramble
-    seed: int = 0
-    device: str = "auto"
+    model: str = option("bundled", "base: 'bundled', a local HF directory, or a hub id")
+    data: str = option("demo", "'demo', 'store' (the workbench database) or a JSONL/CSV path (prompt/completion)")
+    epochs: int = option(16, "InstructGPT: 16 epochs, best checkpoint by validation score")
+    learning_rate: float = option(9.65e-6, "peak learning rate (AdamW)")
+    warmup_ratio: float = option(0.05, "share of steps with linear warmup, then cosine decay to 0")
+    batch_size: int = option(32, "demonstrations per optimisation step")
+    dropout: float = option(0.2, "residual/attention dropout (InstructGPT: 0.2)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_length: int = option(128, "prompt + response tokens")
+    eval_prompts: int = option(200, "demo data only: held-out prompts scored by the demo labeler each epoch (0: skip)")
+    eval_temperature: float = option(1.0, "sampling temperature of the per-epoch gold evaluation")
+    n_demonstrations: int = option(2000, "demo data only: demonstrations to generate")
+    ramble_rate: float = option(0.5, "demo data only: share of demonstrations that ramble")
+    seed: int = option(0, "random seed (data order, sampling)")
+    device: str = option("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'")
 
     _bounds = {
         "epochs": (1, 1000, True), "learning_rate": _POS, "warmup_ratio": _UNIT, "batch_size": (1, None, True),
@@ -132,71 +159,71 @@ class SFTConfig(ConfigMixin):
         "eval_prompts": _NONNEG, "eval_temperature": _NONNEG, "n_demonstrations": (1, None, True),
         "ramble_rate": _UNIT,
     }
-    _choices = {"device": ("auto", "cpu", "cuda")}
+    _choices = {"device": DEVICES}
 
 
 @dataclass
 class RewardConfig(ConfigMixin):
     """Stage 2: a reward model trained on K-wise rankings, all C(K,2) pairs of a prompt together."""
 
-    sft_model: str = ""  # the SFT checkpoint the RM starts from
-    data: str = "demo"  # 'demo' (sample K answers, the labeler ranks them), 'store' or a rankings JSONL
-    epochs: int = 1  # InstructGPT: one epoch; more overfits
-    learning_rate: float = 9e-6
-    warmup_ratio: float = 0.05
-    batch_size: int = 8  # prompts per step (each with its K answers)
-    k: int = 4  # answers sampled per prompt for demo rankings (InstructGPT: 4..9)
-    n_prompts: int = 1000  # demo only: prompts to rank
-    labeler_temperature: float = 0.0  # demo only: Bradley-Terry noise of the simulated labeler
-    sample_temperature: float = 1.0
-    max_length: int = 128
-    heldout_prompts: int = 200  # held-out rankings for pairwise accuracy
-    seed: int = 0
-    device: str = "auto"
+    sft_model: str = option("", "the SFT checkpoint the RM starts from")
+    data: str = option("demo", "'demo' (sample K answers, the labeler ranks them), 'store' or a rankings JSONL/CSV")
+    epochs: int = option(1, "InstructGPT: one epoch; more overfits")
+    learning_rate: float = option(9e-6, "peak learning rate (AdamW)")
+    warmup_ratio: float = option(0.05, "share of steps with linear warmup, then cosine decay to 0")
+    batch_size: int = option(8, "prompts per step (each with its K answers)")
+    k: int = option(4, "demo only: answers sampled per prompt (InstructGPT: 4..9)")
+    n_prompts: int = option(1000, "demo only: prompts to rank")
+    labeler_temperature: float = option(0.0, "demo only: Bradley-Terry noise of the simulated labeler")
+    sample_temperature: float = option(1.0, "demo only: temperature of the answers to rank")
+    max_length: int = option(128, "prompt + response tokens")
+    heldout_prompts: int = option(200, "demo only: held-out rankings for pairwise accuracy")
+    seed: int = option(0, "random seed (data order, sampling, held-out split)")
+    device: str = option("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'")
 
     _bounds = {
         "epochs": (1, 1000, True), "learning_rate": _POS, "warmup_ratio": _UNIT, "batch_size": (1, None, True),
         "k": (2, 9, True), "n_prompts": (1, None, True), "labeler_temperature": _NONNEG,
         "sample_temperature": _POS, "max_length": (8, None, True), "heldout_prompts": _NONNEG,
     }
-    _choices = {"device": ("auto", "cpu", "cuda")}
+    _choices = {"device": DEVICES}
 
 
 @dataclass
 class PPOConfig(ConfigMixin):
-    """Stage 3: PPO with a per-token KL penalty to the SFT policy and a pretraining (ptx) term."""
+    """Stage 3: PPO with a per-token KL penalty (k1, in the reward) to the SFT policy and a pretraining (ptx) term."""
 
-    sft_model: str = ""  # policy and frozen reference_policy start here
-    reward_model: str = ""  # reward model; the value model starts here too
-    prompts: str = "demo"  # 'demo', 'store' or a JSONL path with a "prompt" column
-    total_episodes: int = 256_000  # InstructGPT: 256k episodes
-    batch_size: int = 64  # episodes per PPO step (rollout batch)
-    num_minibatches: int = 1
-    ppo_epochs: int = 4
-    learning_rate: float = 9.65e-6
-    response_length: int = 24  # max new tokens per answer
-    temperature: float = 1.0  # rollout temperature
-    kl_coef: float = 0.02  # beta (InstructGPT: 0.02)
-    adaptive_kl: bool = False  # Ziegler et al. 2019: steer kl_coef toward target_kl
-    target_kl: float = 6.0
-    kl_horizon: int = 10_000
-    kl_estimator: str = "k1"  # k1 = log pi - log pi_ref; k3 = (r - 1) - log r (non-negative)
-    ptx_coef: float = 27.8  # gamma (InstructGPT PPO-ptx); 0 gives plain PPO
-    ptx_data: str = "demo"  # 'demo' corpus or a text/JSONL file of pretraining text
-    ptx_batch_size: int = 16  # blocks of pretraining text per optimisation step
-    gamma: float = 1.0  # GAE discount
-    lam: float = 0.95  # GAE lambda
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    whiten_rewards: bool = False
-    missing_eos_penalty: float | None = 1.0  # subtracted from the RM score of answers that never stop
-    ema_decay: float | None = None  # InstructGPT kept an EMA of the policy (0.992)
-    save_every: int = 50  # PPO steps between checkpoints
-    eval_every: int = 0  # PPO steps between held-out gold evaluations (0: only at the end)
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    device: str = "auto"
+    sft_model: str = option("", "policy and frozen reference_policy start here")
+    reward_model: str = option("", "reward model; the value model starts here too")
+    prompts: str = option("demo", "'demo', 'store' or a JSONL/CSV path with a \"prompt\" column")
+    total_episodes: int = option(256_000, "InstructGPT: 256k episodes")
+    batch_size: int = option(64, "episodes per PPO step (rollout batch)")
+    num_minibatches: int = option(1, "minibatches per PPO epoch over the rollout batch")
+    ppo_epochs: int = option(4, "passes over each rollout batch")
+    learning_rate: float = option(9.65e-6, "AdamW learning rate, annealed linearly to 0")
+    response_length: int = option(24, "max new tokens per answer")
+    temperature: float = option(1.0, "rollout temperature")
+    kl_coef: float = option(0.02, "beta: weight of the per-token KL penalty in the reward (InstructGPT: 0.02)")
+    adaptive_kl: bool = option(False, "Ziegler et al. 2019: steer kl_coef toward target_kl")
+    target_kl: float = option(6.0, "adaptive_kl only: the KL (nats per answer) to steer toward")
+    kl_horizon: int = option(10_000, "adaptive_kl only: episodes over which kl_coef adapts")
+    ptx_coef: float = option(27.8, "gamma: weight of the pretraining LM loss (InstructGPT PPO-ptx); 0 gives plain PPO")
+    ptx_data: str = option("demo", "'demo' corpus or a text/JSONL file of pretraining text")
+    ptx_batch_size: int = option(16, "blocks of pretraining text per optimisation step")
+    gamma: float = option(1.0, "GAE discount")
+    lam: float = option(0.95, "GAE lambda")
+    cliprange: float = option(0.2, "PPO ratio clip epsilon")
+    cliprange_value: float = option(0.2, "value clip: how far a new value may move from the old one")
+    vf_coef: float = option(0.1, "weight of the value loss")
+    whiten_rewards: bool = option(False, "normalise per-token rewards over the batch (mean kept)")
+    missing_eos_penalty: float | None = option(1.0, "subtracted from the RM score of answers that never stop")
+    ema_decay: float | None = option(None, "InstructGPT kept an EMA of the policy (0.992); empty for none")
+    save_every: int = option(50, "PPO steps between checkpoints")
+    eval_every: int = option(0, "demo prompts only: PPO steps between held-out gold evaluations (0: only at the end)")
+    eval_prompts: int = option(100, "demo prompts only: held-out prompts for the gold evaluations (0: skip them)")
+    max_grad_norm: float = option(1.0, "global gradient-norm clip")
+    seed: int = option(0, "random seed (prompt order, sampling)")
+    device: str = option("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'")
 
     _bounds = {
         "total_episodes": (1, None, True), "batch_size": (1, None, True), "num_minibatches": (1, None, True),
@@ -205,9 +232,14 @@ class PPOConfig(ConfigMixin):
         "ptx_coef": _NONNEG, "ptx_batch_size": (1, None, True), "gamma": _UNIT, "lam": _UNIT,
         "cliprange": _POS, "cliprange_value": _POS, "vf_coef": _NONNEG, "missing_eos_penalty": _NONNEG,
         "ema_decay": (0, 1, False), "save_every": (1, None, True), "eval_every": _NONNEG,
-        "max_grad_norm": _POS,
+        "eval_prompts": _NONNEG, "max_grad_norm": _POS,
     }
-    _choices = {"device": ("auto", "cpu", "cuda"), "kl_estimator": ("k1", "k3")}
+    _choices = {"device": DEVICES}
+    # k3 = (r - 1) - log r is an unbiased estimate of KL's *value*, but as a per-token reward its
+    # score-function gradient is grad KL(pi||ref) - grad KL(ref||pi), close to 0 near the reference:
+    # the penalty would barely pull the policy back (docs/ARCHITECTURE.md, "KL estimators").
+    _removed = {"kl_estimator": "PPO's KL penalty is k1 (log pi - log pi_ref) in the reward; k3 as a reward "
+                                "has a biased gradient, so the option was removed: delete this key"}
 
     def validate(self) -> None:
         super().validate()
@@ -217,14 +249,12 @@ class PPOConfig(ConfigMixin):
             )
 
 
-STAGES: dict[str, type[ConfigMixin]] = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}
-
 # Demo presets: the recipe's shape, scaled so the bundled model runs it on a laptop CPU.
 PRESETS: dict[str, dict[str, dict]] = {
     "quick": {
         "sft": dict(epochs=4, learning_rate=1e-3, batch_size=32, dropout=0.0, n_demonstrations=2000),
         # Answers to rank are sampled at T=0.5: format choices (stop or ramble) stay diverse while
-        # wrong digits, which a 2M-parameter RM cannot check (DESIGN.md), become rarer.
+        # wrong digits, which a 2M-parameter RM cannot check (docs/ARCHITECTURE.md, "The demo task"), become rarer.
         # Measured on 2 cores: held-out accuracy 0.91 at T=0.5 vs 0.90 at 0.7 and 0.81 at 1.0.
         "rm": dict(epochs=4, learning_rate=5e-4, batch_size=8, k=4, n_prompts=800, heldout_prompts=200,
                    sample_temperature=0.5),
@@ -242,25 +272,4 @@ PRESETS: dict[str, dict[str, dict]] = {
 }
 
 
-def make_config(stage: str, preset: str | None = None, overrides: dict | None = None) -> ConfigMixin:
-    """The config for `stage`: dataclass defaults, then the preset, then explicit overrides."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    values = dict(PRESETS[preset][stage]) if preset else {}
-    values.update(overrides or {})
-    return STAGES[stage].from_dict(values)
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The trailing comment of each field, used as help text in the CLI and the Train page."""
-    docs = {}
-    for line in inspect.getsource(cls).splitlines():
-        name, sep, rest = line.strip().partition(":")
-        if sep and "#" in rest and name.isidentifier():
-            docs[name] = rest.split("#", 1)[1].strip()
-    return docs
-
-
-__all__ = ["SFTConfig", "RewardConfig", "PPOConfig", "STAGES", "PRESETS", "make_config", "field_docs", "read_yaml"]
+__all__ = ["ConfigMixin", "SFTConfig", "RewardConfig", "PPOConfig", "PRESETS", "field_help", "option", "read_yaml"]

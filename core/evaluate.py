@@ -1,6 +1,6 @@
 """Held-out evaluation by sampling, scored by the demo's simulated labeler.
 
-DESIGN.md: PPO's gains show at the rollout temperature, not greedy, so `gold` is the mean over
+docs/ARCHITECTURE.md: PPO's gains show at the rollout temperature, not greedy, so `gold` is the mean over
 samples at the given temperature; callers report greedy beside it.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from core import demo
-from core.generate import sample
+from core.data import demo
+from core.models.generate import sample
 
 
 @torch.no_grad()

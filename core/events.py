@@ -1,6 +1,6 @@
 """The one channel between a running stage and the outside world.
 
-A stage calls `progress`, `metrics` and `checkpoint` as it goes and polls `should_stop`
+A stage calls `progress`, `metrics`, `checkpoint` and `log` as it goes and polls `should_stop`
 between steps. The CLI gives it a console progress bar; the job manager gives it a stop flag
 and a progress callback; both record metrics and checkpoints in the store.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from core.store import Store
+from core.data.store import Store
 
 
 class Events:
@@ -62,8 +62,12 @@ class Events:
             tqdm.write(f"[{self.run_id or 'run'}] checkpoint {name} -> {path}")
 
     def log(self, message: str) -> None:
+        """A message for the person running the stage (resume notices, epoch summaries): kept in the
+        run's log in the store, which the Train page shows, and printed on the console."""
+        if self.store and self.run_id:
+            self.store.add_log(self.run_id, message)
         if self.console:
-            tqdm.write(message)
+            tqdm.write(f"[{self.run_id}] {message}" if self.run_id else message)
 
     def should_stop(self) -> bool:
         return self.stop_flag.is_set()

@@ -4,9 +4,10 @@ process, never by a page session, so closing the browser does not stop a run.
 One training job runs at a time (a laptop CPU or a single GPU has room for one); the others wait
 in a FIFO queue. Stop is cooperative: the manager sets the job's stop flag, the stage polls it
 between steps and leaves a valid checkpoint. The store is the record: every status change is
-written there, so a new process (a server restart) finds runs that were mid-flight, marks them
-`interrupted`, and can resume them — the same stage, config and output directory; the runners
-pick up from their last checkpoint.
+written there, and every active run carries its owner's process id and a heartbeat. A new
+process (a server restart) marks `interrupted` only the runs whose owner is gone, never one a
+live CLI process is writing, and can resume them in place — the same run name, stage, config
+and output directory; the runners pick up from their last checkpoint.
 """
 
 from __future__ import annotations
@@ -22,40 +23,33 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.config import PRESETS, STAGES, ConfigMixin
+from core.config import PRESETS, ConfigMixin
+from core.data.store import ACTIVE_STATUSES as ACTIVE
+from core.data.store import Store
 from core.events import Events
-from core.paths import data_home, validate_name
-from core.stages import check_models, checkpoints_dir
-from core.store import Store
+from core.paths import checkpoints_dir, data_home, validate_name
+from core.stages import STAGES, check_models, get_stage
 
-JOB_STAGES = ("sft", "rm", "ppo", "pipeline")
-PIPELINE_STAGES = ("sft", "rm", "ppo")
-ACTIVE = ("queued", "running", "stopping")
+JOB_STAGES = (*STAGES, "pipeline")
+PIPELINE_STAGES = tuple(STAGES)
 RESUMABLE = ("interrupted", "stopped", "failed")
 
 Runner = Callable[..., Path]
 
 
 def default_runner(stage: str) -> Runner:
-    """Stage runners from core.stages; the pipeline is adapted to the same call shape."""
+    """Stage runners from the registry; the pipeline is adapted to the same call shape."""
     if stage != "pipeline":
-        from core.stages import runner
-
-        return runner(stage)
+        return get_stage(stage).runner
 
     def run_pipeline(config: dict, store: Store, events: Events, output_dir: Path) -> Path:
         from core.pipeline import run_pipeline as run
 
-        # Each stage becomes its own run "<pipeline run>-<stage>"; a resumed pipeline needs fresh
-        # names for them (the stages themselves resume from their checkpoints under output_dir).
-        existing = {r["id"] for r in store.list_runs()}
-        name, attempt = events.run_id, 1
-        while any(r.startswith(f"{name}-") for r in existing):
-            attempt += 1
-            name = f"{events.run_id}-r{attempt}"
+        # Each stage is its own run "<pipeline run>-<stage>"; a resumed pipeline resumes those same
+        # runs in place (the stages continue from their checkpoints under output_dir).
         # `no_ptx_baseline=False` skips the extra ptx_coef=0 PPO run: the app's one-click demo should
         # finish quickly; the CLI's pipeline makes that comparison.
-        run(config["preset"], output_dir, store, events, stages=tuple(config["stages"]), name=name,
+        run(config["preset"], output_dir, store, events, stages=tuple(config["stages"]), name=events.run_id,
             no_ptx_baseline=False)
         return Path(output_dir)
 
@@ -123,16 +117,22 @@ class JobManager:
     # -- the record of a previous process --------------------------------------------------------
 
     def _recover(self) -> None:
-        """Runs a previous process left queued/running/stopping were cut off: mark them interrupted."""
+        """Mark interrupted the active runs whose owner is gone (a previous server, a killed CLI run)."""
         for run in self.store.list_runs():
-            status, error = run["status"], run["error"]
-            if status in ACTIVE:
-                error = f"the server stopped while this run was {status}; " + (
-                    "resume it to continue from its last checkpoint" if run["output_dir"]
-                    else "it has no output directory on record (a pipeline stage?): resume its pipeline run")
-                self.store.set_run_status(run["id"], "interrupted", error)
-                status = "interrupted"
+            status, error = self._settle(run)
             self._jobs[run["id"]] = self._job_from_run(run, status, error)
+
+    def _settle(self, run: dict) -> tuple[str, str | None]:
+        """A run's status, after marking it interrupted if it claims to be active but its owner
+        process is gone. A run another live process (a CLI run) is writing stays as it is."""
+        status, error = run["status"], run["error"]
+        if status in ACTIVE and not self._owns(run["id"]) and not Store.owner_alive(run):
+            error = f"the process running it stopped while this run was {status}; " + (
+                "resume it to continue from its last checkpoint" if run["output_dir"]
+                else "it has no output directory on record (a pipeline stage?): resume its pipeline run")
+            self.store.set_run_status(run["id"], "interrupted", error)
+            status = "interrupted"
+        return status, error
 
     def _job_from_run(self, run: dict, status: str, error: str | None) -> Job:
         config = self.store.get_run(run["id"])["config"]
@@ -190,7 +190,8 @@ class JobManager:
             job.error = job.traceback = None
             job.done = job.total = 0
             job.message = "resuming"
-            self._set_status(job, "queued")
+            job.status = "queued"
+            self.store.claim_run(run_id, "queued")  # refused if another live process writes this run
             self._queue.append(run_id)
             self._dispatch()
         return run_id
@@ -206,9 +207,9 @@ class JobManager:
             for run in self.store.list_runs():
                 job = self._jobs.get(run["id"])
                 if job is None:
-                    self._jobs[run["id"]] = self._job_from_run(run, run["status"], run["error"])
+                    self._jobs[run["id"]] = self._job_from_run(run, *self._settle(run))
                 elif not self._owns(run["id"]):
-                    job.status, job.error = run["status"], run["error"]
+                    job.status, job.error = self._settle(run)
             return [self._snapshot(j) for j in self._jobs.values()]
 
     @property
@@ -253,11 +254,11 @@ class JobManager:
             config = dict(config or {})
             return pipeline_config(config.get("preset", "quick"), config.get("stages", PIPELINE_STAGES))
         if isinstance(config, ConfigMixin):
-            if not isinstance(config, STAGES[stage]):
+            if not isinstance(config, STAGES[stage].config_class):
                 raise ValueError(f"a {type(config).__name__} is not a config for stage {stage!r}")
             config.validate()
         else:
-            config = STAGES[stage].from_dict(config or {})
+            config = STAGES[stage].config_class.from_dict(config or {})
         # Missing/pickle-only model directories, a CUDA request without CUDA, mismatched
         # tokenizers: refused here, before the run is recorded, not as a failed job later.
         check_models(stage, config)
@@ -306,7 +307,7 @@ class JobManager:
         status, error, tb, result = "done", None, None, None
         try:
             run = self.runner(job.stage)
-            config = job.config if job.stage == "pipeline" else STAGES[job.stage].from_dict(job.config)
+            config = job.config if job.stage == "pipeline" else STAGES[job.stage].config_class.from_dict(job.config)
             result = run(config, self.store, events, Path(job.output_dir))
             if job.stop_flag.is_set():
                 status = "stopped"

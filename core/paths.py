@@ -49,7 +49,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
-        for f in tmp.iterdir():
+        for f in tmp.rglob("*"):  # sub-directories too (PPO's EMA policy)
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -65,7 +65,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         raise
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -84,7 +84,7 @@ def _sweep_leftovers(target: Path) -> None:
             continue
         kind, _, rest = stale.name[len(prefix):].partition("-")
         pid = rest.split("-")[0]
-        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -101,3 +101,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    """Per-epoch / per-step checkpoints live beside the final model: DIR/sft -> DIR/sft-checkpoints."""
+    output_dir = Path(output_dir)
+    return output_dir.with_name(output_dir.name + "-checkpoints")

@@ -9,17 +9,16 @@ import statistics
 import time
 from pathlib import Path
 
-from core import demo
-from core.config import make_config
-from core.events import Events
+from core.data import demo
+from core.data.store import Store
 from core.evaluate import gold_eval
-from core.models import load_policy, load_tokenizer, pick_device
+from core.events import Events
+from core.models.loading import load_policy, load_tokenizer, pick_device
+from core.models.pretrain import heldout_lm_loss, pack
 from core.paths import atomic_write_text
-from core.pretrain import heldout_lm_loss, pack
-from core.stages import runner
-from core.store import Store
+from core.stages import get_stage, make_config
 
-ALL_STAGES = ("sft", "rm", "ppo")
+ALL_STAGES = ("sft", "rm", "ppo")  # the recipe's order; each stage's inputs are the earlier stages' outputs
 
 
 def evaluate_checkpoint(model_ref: str | Path, device: str = "auto", n_prompts: int = 200, temperature: float = 1.0) -> dict:
@@ -58,9 +57,8 @@ def reward_gold_correlation(store: Store, run_id: str) -> float | None:
     return correlation([p[0] for p in pairs], [p[1] for p in pairs])
 
 
-def _stage_events(parent: Events, store: Store, run_id: str, stage: str, config) -> Events:
-    store.create_run(run_id, stage, config.to_dict())
-    store.set_run_status(run_id, "running")
+def _stage_events(parent: Events, store: Store, run_id: str, stage: str, config, output_dir: Path) -> Events:
+    store.start_run(run_id, stage, config.to_dict(), str(output_dir))
     return Events(store, run_id, parent.stop_flag, parent.on_progress, parent.console)
 
 
@@ -97,9 +95,9 @@ def run_pipeline(
             break
         t0 = time.perf_counter()
         run_id = f"{name}-{key.replace('_', '-')}"
-        stage_events = _stage_events(events, store, run_id, stage, config)
+        stage_events = _stage_events(events, store, run_id, stage, config, output_dir / key)
         try:
-            out = runner(stage)(config, store, stage_events, output_dir / key)
+            out = get_stage(stage).runner(config, store, stage_events, output_dir / key)
         except BaseException as exc:
             store.set_run_status(run_id, "failed", str(exc))
             raise

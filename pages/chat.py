@@ -3,8 +3,8 @@ seed and vote. A vote with a strict order is stored as a ranking, so chatting fe
 
 import streamlit as st
 
-from core.generate import stream
-from core.store import check_ranks
+from core.models.generate import stream
+from core.data.store import check_ranks
 from workbench import resources
 
 store = resources.store()

@@ -2,11 +2,12 @@
 
 import streamlit as st
 
+from core.stages import STAGES
 from workbench import resources
 
 store = resources.store()
 counts = store.counts()
-checkpoints = {kind: store.list_checkpoints(kind) for kind in ("sft", "rm", "ppo")}
+checkpoints = {spec.checkpoint_kind: store.list_checkpoints(spec.checkpoint_kind) for spec in STAGES.values()}
 
 st.title("RLHF Workbench")
 st.caption("The InstructGPT recipe on your machine: supervised fine-tuning, a reward model from rankings, "

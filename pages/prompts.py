@@ -6,8 +6,8 @@ Edits are validated in full before any is written, so a bad cell changes nothing
 import pandas as pd
 import streamlit as st
 
-from core.formats import export_csv, export_jsonl, import_file
-from core.store import MAX_PROMPT_CHARS, Store, check_text
+from core.data.formats import export_csv, export_jsonl, import_file
+from core.data.store import MAX_PROMPT_CHARS, Store, check_text
 from workbench import resources
 
 store = resources.store()
@@ -15,17 +15,12 @@ st.title("Prompts and demonstrations")
 
 
 def apply_prompt_edits(original: pd.DataFrame, delta: dict) -> str:
-    """Apply a data_editor delta to the prompts table: check every change, then write."""
+    """Apply a data_editor delta to the prompts table: check every change, then write them in one transaction."""
     edits = {int(original.iloc[i]["id"]): check_text(row.get("text"), f"prompt in row {i + 1}", MAX_PROMPT_CHARS)
              for i, row in delta["edited_rows"].items() if "text" in row}
     added = [check_text(row.get("text"), "new prompt", MAX_PROMPT_CHARS) for row in delta["added_rows"] if row]
     deleted = [int(original.iloc[i]["id"]) for i in delta["deleted_rows"]]
-    for prompt_id, text in edits.items():
-        store.update_prompt(prompt_id, text)
-    if added:
-        store.add_prompts(added, source="user")
-    for prompt_id in deleted:
-        store.delete_prompt(prompt_id)
+    store.update_prompts(edits, added=added, deleted=deleted)
     return f"{len(edits)} edited, {len(added)} added, {len(deleted)} deleted"
 
 

@@ -7,8 +7,8 @@ model), so identical answers are merged and ties cannot be saved.
 import pandas as pd
 import streamlit as st
 
-from core.generate import sample
-from core.store import MIN_K, MAX_K, check_ranks
+from core.models.generate import sample
+from core.data.store import MIN_K, MAX_K, check_ranks
 from workbench import resources
 
 store = resources.store()
@@ -18,7 +18,7 @@ prompts = store.list_prompts()
 if not prompts:
     st.info("No prompts yet. Add some on the Prompts page, or start from the demo task's prompts.")
     if st.button("Add 20 demo prompts"):
-        from core.demo import heldout_tasks
+        from core.data.demo import heldout_tasks
 
         store.add_prompts([t.prompt for t in heldout_tasks(20)], source="demo")
         st.rerun()
@@ -54,7 +54,10 @@ if st.button("Sample answers", type="primary"):
         texts = sample(model, tokenizer, [by_id[prompt_id]["text"]] * int(k), max_new_tokens=48,
                        temperature=temperature).texts
     distinct = [t for t in dict.fromkeys(t.strip() for t in texts) if t]
-    st.session_state["rank_answers"] = {"prompt_id": prompt_id, "answers": distinct, "sampled": len(texts)}
+    # A new sample id gives the new answers new rank widgets: old ranks must not carry over.
+    st.session_state["rank_sample"] = st.session_state.get("rank_sample", 0) + 1
+    st.session_state["rank_answers"] = {"prompt_id": prompt_id, "answers": distinct, "sampled": len(texts),
+                                        "sample": st.session_state["rank_sample"]}
 
 batch = st.session_state.get("rank_answers")
 if batch and batch["prompt_id"] == prompt_id:
@@ -71,7 +74,8 @@ if batch and batch["prompt_id"] == prompt_id:
             text_col, rank_col = st.columns([5, 1])
             text_col.markdown(f"**{chr(65 + i)}.** {answer}")
             ranks.append(rank_col.selectbox("rank", range(1, len(answers) + 1), index=i,
-                                            key=f"rank_{prompt_id}_{i}", label_visibility="collapsed"))
+                                            key=f"rank_{prompt_id}_{batch['sample']}_{i}",
+                                            label_visibility="collapsed"))
         save_col, skip_col, bad_col = st.columns(3)
         if save_col.button("Save ranking", type="primary"):
             try:

@@ -10,16 +10,15 @@ import typing
 import streamlit as st
 import yaml
 
-from core.config import PRESETS, STAGES, field_docs, make_config
+from core.config import PRESETS, field_help
 from core.jobs import pipeline_config
+from core.stages import STAGES, make_config
 from workbench import resources
 
 store = resources.store()
 jobs = resources.jobs()
-STAGE_NAMES = {"sft": "1 · SFT", "rm": "2 · Reward model", "ppo": "3 · PPO-ptx"}
-# Fields filled by the checkpoint pickers rather than typed.
 RECENT_JOBS = 8
-MODEL_FIELDS = {"sft": ("model",), "rm": ("sft_model",), "ppo": ("sft_model", "reward_model")}
+LOG_LINES = 20
 
 st.title("Train")
 
@@ -53,6 +52,10 @@ def jobs_table() -> None:
                         st.code(job.traceback)
             else:
                 bar_col.caption(job.message or job.output_dir)
+            if log := store.run_log(job.run_id, LOG_LINES):
+                # The stage's own messages (resume notices, epoch summaries), newest last.
+                with bar_col.expander(f"Log ({len(log)} latest)"):
+                    st.code("\n".join(line["message"] for line in log), language=None)
             try:
                 if job.owned and job.status in ("queued", "running") and action_col.button("Stop", key=f"stop_{job.run_id}"):
                     jobs.stop(job.run_id)
@@ -70,13 +73,14 @@ def jobs_table() -> None:
 jobs_table()
 
 st.subheader("New run")
-stage = st.segmented_control("Stage", list(STAGE_NAMES), format_func=STAGE_NAMES.get, default="sft",
+stage = st.segmented_control("Stage", list(STAGES), format_func=lambda name: STAGES[name].title, default="sft",
                              key="train_stage") or "sft"
 preset = st.selectbox("Preset", [*PRESETS, "defaults (InstructGPT scale)"], key="train_preset",
                       help="quick/full are scaled for the bundled model; defaults are the paper's values")
 preset = preset if preset in PRESETS else None
-cls = STAGES[stage]
-docs = field_docs(cls)
+spec = STAGES[stage]
+cls = spec.config_class
+docs = field_help(cls)
 base = make_config(stage, preset).to_dict()
 prefix = f"cfg_{stage}_{preset}_"
 
@@ -102,7 +106,7 @@ pickers = {
     "sft_model": ("SFT checkpoint", resources.checkpoint_choices(store, "sft")),
     "reward_model": ("Reward model", resources.checkpoint_choices(store, "rm")),
 }
-for name in MODEL_FIELDS[stage]:
+for name in spec.model_fields:
     label, options = pickers[name]
     if options:
         values[name] = options[st.selectbox(label, list(options), key=f"pick_{stage}_{name}")]
@@ -133,9 +137,9 @@ def field_widget(field: dataclasses.Field, hint) -> object:
     return st.text_input(field.name, value=default, key=key, help=help_text)
 
 
-st.subheader(f"{STAGE_NAMES[stage]} settings")
+st.subheader(f"{spec.title} settings")
 hints = typing.get_type_hints(cls)
-fields = [f for f in dataclasses.fields(cls) if f.name not in MODEL_FIELDS[stage]]
+fields = [f for f in dataclasses.fields(cls) if f.name not in spec.model_fields]
 columns = st.columns(3)
 checked_base = {**base, **values}
 for i, field in enumerate(fields):

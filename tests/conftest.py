@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
+import subprocess
+import sys
+
 import pytest
 
-from core.store import Store
+from core.data.store import Store
 
 
 @pytest.fixture
@@ -37,3 +41,11 @@ def app(workbench_home):
     at.run()
     assert not at.exception, at.exception
     return at
+
+
+def orphan(store: Store, *run_ids: str) -> None:
+    """Make runs look as if a process that has since exited owned them (a killed server or CLI run)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its process id now belongs to no live process
+    with sqlite3.connect(store.path) as db:
+        db.executemany("UPDATE runs SET owner_pid = ? WHERE id = ?", [(child.pid, r) for r in run_ids])

@@ -2,7 +2,7 @@
 and the database is unchanged (every table snapshotted before and after).
 
 Cases (issue 6, promise 3), by entry point:
-  import (Prompts page, `core.formats`): malformed JSON line, wrong column names, empty prompt,
+  import (Prompts page, `core.data.formats`): malformed JSON line, wrong column names, empty prompt,
     empty completion, prompt over the limit, response over the limit, non-UTF-8 bytes, an empty
     file, a JSON line that is not an object, a CSV 'responses' cell that is not a list,
     a 200 MB upload (bytes and path), a tie (chosen == rejected), duplicate responses after
@@ -30,16 +30,17 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from conftest import orphan
 import torch
 import yaml
 
 from core import cli
-from core.formats import MAX_IMPORT_BYTES, import_file, read_bytes
+from core.data.formats import MAX_IMPORT_BYTES, import_file, read_bytes
 from core.jobs import JobManager
-from core.models import load_policy, load_tokenizer, save_checkpoint
+from core.models.loading import load_policy, load_tokenizer, save_checkpoint
 from core.paths import atomic_write_text
-from core.stages import checkpoints_dir
-from core.store import MAX_PROMPT_CHARS, MAX_RESPONSE_CHARS
+from core.paths import checkpoints_dir
+from core.data.store import MAX_PROMPT_CHARS, MAX_RESPONSE_CHARS
 
 TABLES = ("prompts", "demonstrations", "rankings", "runs", "metrics", "checkpoints")
 
@@ -187,6 +188,11 @@ CONFIG_CASES = {
     "zero-temperature": ("ppo", "temperature=0", r"temperature must be > 0"),
     "unknown-key": ("rm", "learning_rat=0.1", r"unknown config key\(s\) for RewardConfig: learning_rat"),
     "empty-value": ("sft", "epochs=", r"epochs must not be empty"),
+    # NaN compares False with every bound, so a range check alone let these through.
+    "nan": ("ppo", "kl_coef=.nan", r"kl_coef must be a finite number, got nan"),
+    "infinity": ("sft", "learning_rate=.inf", r"learning_rate must be a finite number, got inf"),
+    "minus-infinity": ("rm", "warmup_ratio=-.inf", r"warmup_ratio must be a finite number, got -inf"),
+    "removed-k3": ("ppo", "kl_estimator=k3", r"kl_estimator: PPO's KL penalty is k1"),
 }
 
 
@@ -200,6 +206,15 @@ def test_bad_config_values_from_cli_and_job_manager(seeded, tmp_path, capsys, st
     with pytest.raises(ValueError, match=message):
         jobs.submit(stage, {key: yaml.safe_load(value)})
     assert snapshot(seeded) == before and not (tmp_path / "out").exists()
+
+
+def test_nan_in_a_yaml_config_file(seeded, tmp_path, capsys):
+    config = tmp_path / "ppo.yaml"
+    config.write_text("kl_coef: .nan\nlearning_rate: 1e-4\n")
+    before = snapshot(seeded)
+    assert cli.main(["ppo", "--config", str(config), "--output", str(tmp_path / "out")]) == 2
+    assert "kl_coef must be a finite number, got nan" in capsys.readouterr().err
+    assert snapshot(seeded) == before
 
 
 def test_unknown_keys_in_a_yaml_config_file(seeded, tmp_path, capsys):
@@ -255,7 +270,7 @@ def test_model_directory_without_safe_weights(seeded, tmp_path, capsys, weights,
 
 
 def test_reward_model_with_another_tokenizer(seeded, tmp_path, capsys):
-    from core.bench_ppo import make_models, make_tokenizer
+    from core.models.tiny import make_models, make_tokenizer
 
     other = save_checkpoint(make_models(1, 32, 2, 64)[3], make_tokenizer(64), tmp_path / "other-rm")
     before = snapshot(seeded)
@@ -295,6 +310,7 @@ def test_resume_of_an_interrupted_run_whose_checkpoints_were_deleted(store, tmp_
     out = tmp_path / "runs" / "lost" / "model"
     store.create_run("lost", "ppo", {"sft_model": "bundled", "reward_model": "bundled"}, str(out))
     store.set_run_status("lost", "running")
+    orphan(store, "lost")
     store.log_metrics("lost", 1, {"reward": 0.1})
     jobs = JobManager(store, runner=lambda stage: _finish, runs_dir=tmp_path / "runs")
     assert jobs.get("lost").status == "interrupted"

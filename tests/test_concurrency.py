@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 
-from core.store import Store
+from core.data.store import Store
 
 DURATION = float(os.environ.get("RLHF_CONCURRENCY_SECONDS", "10"))
 LABELERS = 4

@@ -2,9 +2,8 @@
 
 import pytest
 
-from core.config import PPOConfig, RewardConfig, SFTConfig, make_config
-
-
+from core.config import PPOConfig, RewardConfig, SFTConfig
+from core.stages import make_config
 def test_instructgpt_defaults_and_scaled_presets():
     assert SFTConfig().epochs == 16 and SFTConfig().dropout == 0.2
     assert RewardConfig().epochs == 1 and PPOConfig().kl_coef == 0.02 and PPOConfig().ptx_coef == 27.8

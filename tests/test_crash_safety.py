@@ -29,9 +29,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from core import ppo
+from core.stages import ppo, resume
 from core.jobs import JobManager
-from core.stages import checkpoints_dir
+from core.paths import checkpoints_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = "crash"
@@ -45,7 +45,7 @@ SERVER = """
 import sys, torch
 torch.set_num_threads(1)
 from core.jobs import JobManager
-from core.store import Store
+from core.data.store import Store
 jobs = JobManager(Store())
 assert jobs.get(sys.argv[1]).status == "interrupted", jobs.get(sys.argv[1])
 jobs.resume(sys.argv[1])
@@ -117,15 +117,14 @@ class Trial:
             path = checkpoints_dir(self.output) / f"step-{step}"
             if str(path) in self.verified:
                 continue
-            assert json.loads((path / ppo.STATE_FILE).read_text())["step"] == step
-            for name in (ppo.OPTIMIZER_FILE, ppo.VALUE_FILE, ppo.RNG_FILE):
-                torch.load(path / name, weights_only=True)
+            assert json.loads((path / resume.STATE_FILE).read_text())["step"] == step
+            torch.load(path / resume.TRAINING_FILE, weights_only=True)
             AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
             self.verified.add(str(path))
         listed = self.store.list_checkpoints()
         assert all(not Path(c["path"]).name.startswith(".") and Path(c["path"]).is_dir() for c in listed)
         assert {str(Path(c["path"])) for c in listed} <= self.verified
-        latest = ppo.latest_checkpoint(self.output)
+        latest = resume.latest_checkpoint(self.output, "step")
         assert latest is None or str(latest) in self.verified
         # A new manager over the same store (a restarted server) marks the run interrupted.
         job = JobManager(self.store, runs_dir=self.home / "runs").get(RUN)
@@ -169,7 +168,7 @@ def test_sigkill_at_three_moments_then_resume(store, workbench_home):
     trial.wait_for(server, lambda: {c["step"] for c in store.list_checkpoints()} - seen, "a new checkpoint")
     time.sleep(rng.uniform(0, 0.05))
     before_last = trial.kill(server, "after a checkpoint (server)")
-    resume_step = ppo.latest_checkpoint(output)
+    resume_step = resume.latest_checkpoint(output, "step")
     resume_step = int(resume_step.name[5:])
     assert resume_step > SAVE_EVERY  # progress survived three kills
 
@@ -188,9 +187,9 @@ def test_sigkill_at_three_moments_then_resume(store, workbench_home):
     assert [m["step"] for m in rewards] == list(range(1, STEPS + 1))  # no gap, no duplicate
     # The optimizer took exactly one step per PPO step across four processes: each resume
     # continued from a checkpoint's optimizer state, none restarted from zero.
-    final = torch.load(ckpts / f"step-{STEPS}" / ppo.OPTIMIZER_FILE, weights_only=True)
+    final = torch.load(ckpts / f"step-{STEPS}" / resume.TRAINING_FILE, weights_only=True)["optimizer"]
     assert next(iter(final["state"].values()))["step"].item() == STEPS
-    assert json.loads((ckpts / f"step-{STEPS}" / ppo.STATE_FILE).read_text())["episodes"] == STEPS * BATCH
+    assert json.loads((ckpts / f"step-{STEPS}" / resume.STATE_FILE).read_text())["episodes"] == STEPS * BATCH
     AutoModelForCausalLM.from_pretrained(output, use_safetensors=True)
     # Leftovers of the killed writers were swept when their checkpoint was written again.
     assert trial.temp_dirs() == []
@@ -202,7 +201,7 @@ def test_a_cli_run_with_a_relative_output_resumes_from_a_server_elsewhere(store,
                                                                         monkeypatch):
     """`rlhf sft --output out/sft` interrupted (Ctrl-C, or killed): the app's server, started in
     another directory, must find the run's checkpoints to resume it."""
-    import core.stages
+    import core.stages.sft
     from core import cli
 
     def interrupted(config, store, events, output_dir):
@@ -217,7 +216,7 @@ def test_a_cli_run_with_a_relative_output_resumes_from_a_server_elsewhere(store,
 
     (tmp_path / "project").mkdir()
     monkeypatch.chdir(tmp_path / "project")
-    monkeypatch.setattr(core.stages, "runner", lambda stage: interrupted)
+    monkeypatch.setattr(core.stages.sft, "run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cli.main(["sft", "--name", "rel", "--output", "out/sft", "--set", "epochs=1"])
     assert store.get_run("rel")["status"] == "interrupted"

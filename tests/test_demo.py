@@ -1,6 +1,6 @@
 """The demo task and its simulated labeler."""
 
-from core import demo
+from core.data import demo
 
 
 def test_every_task_kind_recomputes_its_answer_from_the_prompt():

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
+from conftest import orphan
 
 from core.jobs import JobManager
+from core.stages import make_config
 from core.paths import atomic_write_text
-from core.stages import checkpoints_dir
+from core.paths import checkpoints_dir
 
 
 class FakeStage:
@@ -140,10 +145,11 @@ def test_restart_marks_running_jobs_interrupted_and_resume_continues(store, tmp_
     stage.advance(jobs, run_id, 2)
     # Simulated server restart: a new manager on the same store while the old thread is "dead"
     # (the fake blocks on its gate, like a process that was killed mid-step).
+    orphan(store, run_id, queued)  # their owner, the old server process, is gone
     stage2 = FakeStage()
     restarted = manager(store, tmp_path, stage2)
     job = restarted.get(run_id)
-    assert job.status == "interrupted" and "server stopped" in job.error
+    assert job.status == "interrupted" and "process running it stopped" in job.error
     assert restarted.get(queued).status == "interrupted"
     assert store.get_run(run_id)["status"] == "interrupted"
     with pytest.raises(ValueError, match="nothing to stop"):
@@ -157,6 +163,39 @@ def test_restart_marks_running_jobs_interrupted_and_resume_continues(store, tmp_
     with pytest.raises(ValueError, match="only interrupted, stopped, failed"):
         restarted.resume(run_id)
     stage.release(10)  # let the old manager's thread finish so it does not outlive the test
+
+
+LIVE_CLI_RUN = """
+import sys, time
+from core.data.store import Store
+store = Store(sys.argv[1])
+store.create_run("cli-run", "sft", {}, sys.argv[2])
+store.set_run_status("cli-run", "running")
+print("started", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_server_start_leaves_a_live_cli_run_alone(store, tmp_path):
+    """A CLI process writing a run in the same data directory is live: a server (job manager) starting
+    beside it neither marks it interrupted nor resumes it; once that process is gone, it is interrupted."""
+    cli = subprocess.Popen([sys.executable, "-c", LIVE_CLI_RUN, str(store.path), str(tmp_path / "cli-out")],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert cli.stdout.readline().strip() == "started"
+        jobs = manager(store, tmp_path, FakeStage())
+        assert jobs.get("cli-run").status == "running"
+        assert store.get_run("cli-run")["owner_pid"] == cli.pid
+        with pytest.raises(ValueError, match="only interrupted, stopped, failed"):
+            jobs.resume("cli-run")
+        with pytest.raises(ValueError, match="another live process"):
+            store.claim_run("cli-run")
+    finally:
+        cli.kill()
+        cli.wait()
+    by_id = {j.run_id: j for j in jobs.jobs()}  # the next look at the runs notices the owner is gone
+    assert by_id["cli-run"].status == "interrupted"
+    assert store.get_run("cli-run")["status"] == "interrupted"
 
 
 def test_resume_without_checkpoints_is_a_clear_error(store, tmp_path):
@@ -177,9 +216,6 @@ def test_resume_without_checkpoints_is_a_clear_error(store, tmp_path):
 
 
 def test_real_tiny_sft_job(store, tmp_path):
-    pytest.importorskip("core.sft")
-    from core.config import make_config
-
     jobs = JobManager(store, runs_dir=tmp_path / "runs")
     config = make_config("sft", "quick", {"epochs": 1, "n_demonstrations": 64, "eval_prompts": 8})
     run_id = jobs.submit("sft", config)
@@ -187,6 +223,9 @@ def test_real_tiny_sft_job(store, tmp_path):
     assert job.status == "done", job.traceback
     assert (Path(job.result) / "config.json").is_file()
     assert store.metrics([run_id]), "the stage logged no metrics"
+    # The stage's messages reach the store (the Train page shows them), not only a console.
+    log = [line["message"] for line in store.run_log(run_id)]
+    assert any(line.startswith("epoch 1: epoch=1 val_loss=") for line in log), log
 
 
 def test_pipeline_job_gets_its_preset_and_stages(store, tmp_path):
@@ -203,19 +242,20 @@ def test_pipeline_job_gets_its_preset_and_stages(store, tmp_path):
     assert seen["output_dir"] == tmp_path / "runs" / run_id / "model"
 
 
-def test_pipeline_stage_runs_are_not_stopped_or_resumed_directly(store, tmp_path, monkeypatch):
-    """The pipeline names its stage runs '<pipeline run>-<stage>'; a resumed pipeline gets fresh names,
-    and its stage runs point the user back to the pipeline run."""
+def test_a_resumed_pipeline_resumes_its_stage_runs_in_place(store, tmp_path, monkeypatch):
+    """The pipeline names its stage runs '<pipeline run>-<stage>'; resuming the pipeline takes the same
+    stage runs over again (no '-r2' copies, the old ones not left interrupted), and a stage run cannot be
+    stopped from the job manager while its pipeline runs it."""
     import core.pipeline
 
     names = []
 
     def fake_pipeline(preset, output_dir, store_, events, stages, name, no_ptx_baseline):
         names.append(name)
-        store_.create_run(f"{name}-sft", "sft", {})
-        store_.set_run_status(f"{name}-sft", "running")
+        store_.start_run(f"{name}-sft", "sft", {}, str(output_dir / "sft"))
         if len(names) == 1:
             raise RuntimeError("killed")
+        store_.log_metrics(f"{name}-sft", 2, {"sft_loss": 0.5})
         store_.set_run_status(f"{name}-sft", "done")
         return {}
 
@@ -224,23 +264,48 @@ def test_pipeline_stage_runs_are_not_stopped_or_resumed_directly(store, tmp_path
     run_id = jobs.submit("pipeline", {"preset": "quick", "stages": ["sft"]})
     assert jobs.wait(run_id, timeout=20).status == "failed"
     child = f"{run_id}-sft"
-    with pytest.raises(ValueError, match="not run by this app's job manager"):
-        jobs.stop(child)
+    store.log_metrics(child, 1, {"sft_loss": 1.0})
     (tmp_path / "runs" / run_id / "model").mkdir(parents=True)
     jobs.resume(run_id)
     assert jobs.wait(run_id, timeout=20).status == "done"
-    assert names == [run_id, f"{run_id}-r2"]
-    by_id = {j.run_id: j for j in jobs.jobs()}
-    assert by_id[f"{run_id}-r2-sft"].status == "done" and not by_id[child].owned
-    store.set_run_status(child, "interrupted")
-    with pytest.raises(ValueError, match="resume the pipeline run instead"):
-        jobs.resume(child)
+    assert names == [run_id, run_id]
+    runs = {r["id"]: r for r in store.list_runs()}
+    assert sorted(runs) == sorted([run_id, child])
+    assert runs[child]["status"] == "done"
+    # One curve, continued: the step before the crash and the step after it.
+    assert [(m["step"], m["value"]) for m in store.metrics([child], ["sft_loss"])] == [(1, 1.0), (2, 0.5)]
+
+
+def test_a_stage_run_of_a_live_pipeline_is_not_stopped_directly(store, tmp_path, monkeypatch):
+    import core.pipeline
+
+    release = threading.Event()
+
+    def fake_pipeline(preset, output_dir, store_, events, stages, name, no_ptx_baseline):
+        store_.start_run(f"{name}-sft", "sft", {}, str(output_dir / "sft"))
+        release.wait(10)
+        store_.set_run_status(f"{name}-sft", "done")
+        return {}
+
+    monkeypatch.setattr(core.pipeline, "run_pipeline", fake_pipeline)
+    jobs = JobManager(store, runs_dir=tmp_path / "runs")
+    run_id = jobs.submit("pipeline", {"preset": "quick", "stages": ["sft"]})
+    while not any(r["id"] == f"{run_id}-sft" for r in store.list_runs()):
+        time.sleep(0.01)
+    try:
+        with pytest.raises(ValueError, match="not run by this app's job manager"):
+            jobs.stop(f"{run_id}-sft")
+        # A second manager (the same process) sees a live owner: the stage run is not "interrupted".
+        assert JobManager(store, runs_dir=tmp_path / "runs").get(f"{run_id}-sft").status == "running"
+    finally:
+        release.set()
+    assert jobs.wait(run_id, timeout=20).status == "done"
 
 
 def test_models_load_while_another_thread_loads():
     """The app loads a chat model while a job loads its own: from_pretrained must not race
     (unguarded, transformers hands one of them meta tensors)."""
-    from core.models import load_policy, load_scalar_model, load_tokenizer
+    from core.models.loading import load_policy, load_scalar_model, load_tokenizer
 
     pad = load_tokenizer("bundled").pad_token_id
     errors: list[str] = []

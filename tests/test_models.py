@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from core.models import load_policy, load_scalar_model, load_tokenizer, pick_device, resolve_model, save_checkpoint
+from core.models.loading import load_policy, load_scalar_model, load_tokenizer, pick_device, resolve_model, save_checkpoint
 from core.paths import BUNDLED_MODEL_DIR, atomic_dir, validate_name
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from core.store import Store
+from core.data.store import Store
 
 
 def open_page(at, name: str):
@@ -68,6 +68,20 @@ def test_prompts_add_edit_delete_and_reject_empty(app, workbench_home):
     at.run()
     button(at, "Save prompts changes").click().run()
     assert [p["text"] for p in store.list_prompts()] == ["Reverse the words: a b c."]
+
+
+def test_prompt_table_save_is_atomic(app, workbench_home):
+    store = db(workbench_home)
+    store.add_prompts(["What is 1 plus 1?", "What is 2 plus 2?", "What is 3 plus 3?"])
+    at = open_page(app, "prompts")
+    # Row 1's edit is fine, row 2's clashes with row 3: neither is written, nor the delete.
+    at.session_state["prompts_editor"] = {"edited_rows": {0: {"text": "What is 5 plus 5?"},
+                                                          1: {"text": "What is 3 plus 3?"}},
+                                          "added_rows": [{"text": "What is 9 plus 9?"}], "deleted_rows": [2]}
+    at.run()
+    button(at, "Save prompts changes").click().run()
+    assert [p["text"] for p in store.list_prompts()] == ["What is 1 plus 1?", "What is 2 plus 2?", "What is 3 plus 3?"]
+    assert "Nothing saved" in texts(at.error) and "prompt 3 already has this text" in texts(at.error)
 
 
 def test_demonstrations_table_edits(app, workbench_home):
@@ -136,6 +150,29 @@ def test_rank_samples_orders_and_saves(app, workbench_home):
     assert at.selectbox(key="rank_prompt").value == 2  # moved on to the next prompt
 
 
+def test_rank_resample_starts_unranked(app, workbench_home):
+    db(workbench_home).add_prompts(["What is 3 plus 4?"])
+    at = open_page(app, "rank")
+    at.number_input(key="rank_k").set_value(4)
+    button(at, "Sample answers").click().run()
+    rank_boxes = [s for s in at.selectbox if s.key and s.key.startswith("rank_1_")]
+    assert [s.value for s in rank_boxes] == list(range(1, len(rank_boxes) + 1))
+    rank_boxes[0].set_value(2)
+    rank_boxes[1].set_value(1)
+    at.run()
+    old_keys = {s.key for s in rank_boxes}
+
+    button(at, "Sample answers").click().run()
+    assert not at.exception, at.exception
+    # The new answers get fresh widgets in sample order, not the ranks given to the old ones.
+    rank_boxes = [s for s in at.selectbox if s.key and s.key.startswith("rank_1_")]
+    assert len(rank_boxes) == len(at.session_state["rank_answers"]["answers"])
+    assert [s.value for s in rank_boxes] == list(range(1, len(rank_boxes) + 1))
+    assert not old_keys & {s.key for s in rank_boxes}
+    assert all(s.key in at.session_state for s in rank_boxes)
+    assert not any(key in at.session_state for key in old_keys)  # streamlit dropped the undrawn widgets' state
+
+
 def test_rank_skip_and_all_bad_store_no_ranking(app, workbench_home):
     store = db(workbench_home)
     store.add_prompts(["What is 3 plus 4?", "What is 1 plus 1?"])
@@ -166,6 +203,9 @@ def test_train_validates_fields_and_launches_sft(app, workbench_home):
     assert button(at, "Launch").disabled
     at.text_input(key=prefix + "learning_rate").input("abc").run()
     assert "learning_rate must be of type float" in texts(at.error)
+    at.text_input(key=prefix + "learning_rate").input("nan").run()
+    assert "learning_rate must be a finite number, got nan" in texts(at.error)
+    assert button(at, "Launch").disabled
 
     at.text_input(key=prefix + "learning_rate").input("1e-3")
     at.number_input(key=prefix + "epochs").set_value(1)
@@ -188,6 +228,8 @@ def test_train_validates_fields_and_launches_sft(app, workbench_home):
     while store.get_run("sft-page-test")["status"] in ("queued", "running") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert store.get_run("sft-page-test")["status"] == "done", store.get_run("sft-page-test")["error"]
+    at.run()  # the job's log (the stage's epoch summary) shows under it on the Train page
+    assert any("epoch 1: epoch=1" in c.value for c in at.code), texts(at.code)
 
 
 def test_train_rm_needs_an_sft_checkpoint(app):
@@ -228,7 +270,7 @@ def perturbed_copy_of_bundled(target):
     """A second policy that answers differently from the base (for a side-by-side vote)."""
     import torch
 
-    from core.models import load_policy, load_tokenizer, save_checkpoint
+    from core.models.loading import load_policy, load_tokenizer, save_checkpoint
 
     model = load_policy("bundled", dropout=None)
     torch.manual_seed(0)

@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import demo, ppo
+from core.data import demo
+from core.stages import ppo, resume, rl
 from core.config import PPOConfig
 from core.events import Events
-from core.generate import Samples, encode_prompts
-from core.models import (
+from core.models.generate import Samples, encode_prompts
+from core.models.loading import (
     load_policy, load_scalar_model, load_tokenizer, pick_device, save_checkpoint, token_scores,
 )
-from core.pretrain import lm_loss
-from core.stages import checkpoints_dir
+from core.models.pretrain import lm_loss
+from core.paths import checkpoints_dir
 
 CPU = pick_device("cpu")
 RIDGE = 30.0
@@ -128,10 +129,9 @@ def test_token_rewards_put_score_on_last_token_and_kl_everywhere():
     rewards = ppo.token_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.1)
     expected = torch.tensor([[-0.05, -0.01, 0.02, -0.03 + 2.0], [-0.02, -0.02 - 1.0, 0.0, 0.0]])
     assert torch.allclose(rewards, expected, atol=1e-6)
-    # k3 is never negative, k1 is the plain log-ratio.
+    # The reward's KL is k1, the plain log-ratio (tests/test_rl_math.py: why not k3).
     lp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
-    assert torch.allclose(ppo.kl_per_token(lp, ref, "k1"), torch.tensor([[0.5, -1.0]]))
-    assert (ppo.kl_per_token(lp, ref, "k3") >= 0).all()
+    assert torch.allclose(rl.kl_penalty(lp, ref), torch.tensor([[0.5, -1.0]]))
 
 
 def test_missing_eos_is_penalised_and_rm_reads_the_last_response_token(inputs, tok):
@@ -253,7 +253,8 @@ class StopAfter(Events):
 
 
 def test_stop_then_resume_continues_step_counter_and_optimizer(inputs, tok, tmp_path):
-    config = _config(inputs, total_episodes=24, batch_size=8, ppo_epochs=1, ptx_coef=0.5, save_every=100)
+    config = _config(inputs, total_episodes=24, batch_size=8, ppo_epochs=1, ptx_coef=0.5, save_every=100,
+                     ema_decay=0.5)
     # Uninterrupted reference run.
     straight = StopAfter(None)
     ppo.run(config, None, straight, tmp_path / "straight")
@@ -262,21 +263,26 @@ def test_stop_then_resume_continues_step_counter_and_optimizer(inputs, tok, tmp_
     out = tmp_path / "resumed"
     stopped_at = ppo.run(config, None, first, out)
     assert stopped_at == checkpoints_dir(out) / "step-2"
-    state = json.loads((stopped_at / ppo.STATE_FILE).read_text())
+    state = json.loads((stopped_at / resume.STATE_FILE).read_text())
     assert state["step"] == 2 and not (out / "config.json").exists()
-    saved_opt = torch.load(stopped_at / ppo.OPTIMIZER_FILE, weights_only=True)
+    saved_opt = torch.load(stopped_at / resume.TRAINING_FILE, weights_only=True)["optimizer"]
     assert next(iter(saved_opt["state"].values()))["step"].item() == 2  # 2 steps x 1 epoch x 1 minibatch
     assert ("ppo-step-2", "ppo", stopped_at, 2) in first.checkpoints
 
     second = StopAfter(None)
     assert ppo.run(config, None, second, out) == out
     assert sorted(k for k in second.logged if "reward" in second.logged[k]) == [3]  # continues at step 3
-    final_opt = torch.load(checkpoints_dir(out) / "step-3" / ppo.OPTIMIZER_FILE, weights_only=True)
+    final_opt = torch.load(checkpoints_dir(out) / "step-3" / resume.TRAINING_FILE, weights_only=True)["optimizer"]
     assert next(iter(final_opt["state"].values()))["step"].item() == 3
     # Same RNG, optimizer moments, prompt order and ptx stream: the same weights as the straight run.
     a = load_policy(tmp_path / "straight", CPU).state_dict()
     b = load_policy(out, CPU).state_dict()
     assert _max_diff(a, b) < 1e-5
+    # The EMA policy travelled inside the step checkpoint and continued, not restarted from the policy.
+    assert (stopped_at / ppo.EMA_DIR / "config.json").is_file()
+    ema_straight = load_policy(tmp_path / "straight" / ppo.EMA_DIR, CPU).state_dict()
+    assert _max_diff(ema_straight, load_policy(out / ppo.EMA_DIR, CPU).state_dict()) < 1e-5
+    assert _max_diff(ema_straight, a) > 1e-4
     summary = json.loads((out / ppo.SUMMARY_FILE).read_text())
     assert {"gold", "gold_greedy", "kl", "reward", "ptx_loss", "pretrain_loss"} <= set(summary)
     assert "heldout_gold" in second.logged[3]
@@ -287,7 +293,7 @@ def test_short_run_raises_reward(inputs, tok):
     config = _config(inputs, reward_model=str(inputs[2]), kl_coef=0.02, learning_rate=1e-4, ppo_epochs=4,
                      batch_size=32, total_episodes=32 * 10, response_length=20)
     models = _models(config, tok)
-    sampler = ppo.PromptSampler(len(PROMPTS), config.batch_size, seed=0)
+    sampler = rl.PromptSampler(len(PROMPTS), config.batch_size, seed=0)
     rewards = []
     for _ in range(10):
         prompt_ids, prompt_mask = encode_prompts(tok, [PROMPTS[i] for i in sampler.next()])
@@ -318,10 +324,35 @@ def test_missing_or_mismatched_checkpoints_fail_before_any_work(inputs, tmp_path
     with pytest.raises(ValueError, match="reward_model"):
         ppo.run(_config(inputs, reward_model=str(tmp_path / "no-rm")), None, Events(), out)
     # A reward model from another base: same architecture, different vocabulary.
-    from core.bench_ppo import make_models, make_tokenizer
+    from core.models.tiny import make_models, make_tokenizer
     other = save_checkpoint(make_models(1, 32, 2, 64)[3], make_tokenizer(64), tmp_path / "other-rm")
     with pytest.raises(ValueError, match="tokenizers differ"):
         ppo.run(_config(inputs, reward_model=str(other)), None, Events(), out)
     with pytest.raises(ValueError, match="prompts file"):
         ppo.run(_config(inputs, prompts=str(tmp_path / "none.jsonl")), None, Events(), out)
     assert not out.exists() and not checkpoints_dir(out).exists()
+
+
+def test_a_step_checkpoint_is_written_whole_with_its_ema(inputs, tok, tmp_path, monkeypatch):
+    """The EMA policy is part of the step checkpoint's one atomic write: if writing it fails, no
+    step directory is left behind that a resume would take (with its EMA silently reset)."""
+    import copy
+
+    config = _config(inputs, ema_decay=0.9)
+    models = _models(config, tok)
+    ema = copy.deepcopy(models.policy)
+    sampler = rl.PromptSampler(len(PROMPTS), config.batch_size, seed=0)
+    state = {"step": 1, "kl_coef": 0.1, "episodes": 16, "history": []}
+    path = checkpoints_dir(tmp_path / "ppo") / "step-1"
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ema, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ppo.save_step_checkpoint(models, path, state, sampler, ema)
+    assert not path.exists() and resume.latest_checkpoint(tmp_path / "ppo", "step") is None
+    monkeypatch.undo()
+    ppo.save_step_checkpoint(models, path, state, sampler, ema)
+    assert resume.latest_checkpoint(tmp_path / "ppo", "step") == path
+    assert (path / ppo.EMA_DIR / "model.safetensors").is_file()

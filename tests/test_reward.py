@@ -1,16 +1,19 @@
 """Stage 2: the K-wise reward model."""
 
 import json
+from pathlib import Path
 
 import pytest
+
+from core.data import demo
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from core import reward
-from core.bench import synthetic_rankings
-from core.config import make_config
+from core.data.sources import Ranking, load_rankings
+from core.stages import reward
 from core.events import Events
-from core.models import load_scalar_model, load_tokenizer, pick_device
+from core.stages import make_config
+from core.models.loading import load_scalar_model, load_tokenizer, pick_device
 
 
 def test_kwise_loss_is_the_mean_over_each_prompts_pairs():
@@ -30,39 +33,88 @@ def test_each_answer_is_forwarded_once_per_step():
     model = load_scalar_model("bundled", tok.pad_token_id)
     rows = []
     model.transformer.register_forward_hook(lambda m, i, o: rows.append(o.last_hidden_state.shape[0]))
-    rankings = [reward.Ranking(r["prompt"], r["responses"]) for r in synthetic_rankings(3, 4)]
+    rankings = [Ranking(r["prompt"], r["responses"]) for r in demo.synthetic_rankings(3, 4)]
     seqs = [s for r in rankings for s in reward.encode_answers(tok, r.prompt, r.responses, 128)]
     loss, _ = reward.kwise_loss(reward.score_sequences(model, seqs, tok.pad_token_id, pick_device("cpu")), [4, 4, 4])
     assert rows == [12]  # 3 prompts x K=4 answers in one forward; 18 pairs scored from them
+
+
+class Recorder(Events):
+    """Events that keep what a stage reports, and ask it to stop after `stop_after` optimisation steps."""
+
+    def __init__(self, stop_after: int | None = None):
+        super().__init__()
+        self.stop_after, self.checkpoints, self.logs, self.steps = stop_after, [], [], []
+
+    def metrics(self, step, values):
+        if "rm_loss" in values:
+            self.steps.append(step)
+            if self.stop_after is not None and len(self.steps) >= self.stop_after:
+                self.stop_flag.set()
+
+    def checkpoint(self, name, kind, path, step=0):
+        self.checkpoints.append((name, kind, Path(path)))
+
+    def log(self, message):
+        self.logs.append(message)
 
 
 @pytest.fixture(scope="module")
 def trained_rm(tmp_path_factory):
     root = tmp_path_factory.mktemp("rm")
     path = root / "rankings.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rankings(400, 4)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo.synthetic_rankings(400, 4)))
     config = make_config("rm", "quick", dict(sft_model="bundled", data=str(path), epochs=2))
-    return config, reward.run(config, None, Events(), root / "rm")
+    events = Recorder()
+    return config, reward.run(config, None, events, root / "rm"), events
+
+
+def demonstration_scores(config, model_dir) -> torch.Tensor:
+    tok = load_tokenizer(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)  # plain transformers loads it
+    pairs = reward.demonstrations_for_bias(config, None, load_rankings(config.data, None))
+    seqs = [reward.encode_answers(tok, p, [c], 128)[0] for p, c in pairs]
+    return reward.score_sequences(model, seqs, tok.pad_token_id, pick_device("cpu"))
 
 
 def test_reward_model_beats_chance_on_heldout_rankings(trained_rm):
-    _, out = trained_rm
+    _, out, _ = trained_rm
     summary = json.loads((out / "rm_summary.json").read_text())
     assert summary["heldout_rankings"] == 40 and summary["pairs_all"] == 240
     assert summary["heldout_accuracy"] > 0.8
     assert summary["accuracy_format"] > 0.85
 
 
-def test_bias_centres_the_demonstrations_at_zero(trained_rm):
-    config, out = trained_rm
-    tok = load_tokenizer(out)
-    model = AutoModelForSequenceClassification.from_pretrained(out)  # plain transformers loads it
-    assert model.config.reward_bias != 0
-    train = reward.load_rankings(config.data)
-    pairs = reward.demonstrations_for_bias(config, None, train)
-    seqs = [reward.encode_answers(tok, p, [c], 128)[0] for p, c in pairs]
-    scores = reward.score_sequences(model, seqs, tok.pad_token_id, pick_device("cpu"))
-    assert abs(scores.mean().item()) < 0.05
+def test_every_reward_model_checkpoint_is_centred(trained_rm):
+    """The final model and each epoch's checkpoint (all offered as reward models) score the
+    demonstrations at mean 0: none is registered before its bias is set."""
+    config, out, events = trained_rm
+    registered = [path for _, kind, path in events.checkpoints if kind == "rm"]
+    assert len(registered) == 3 and registered[-1] == out  # epoch-1, epoch-2, final
+    for path in registered:
+        model_config = AutoModelForSequenceClassification.from_pretrained(path).config
+        assert model_config.reward_bias != 0, path
+        assert abs(demonstration_scores(config, path).mean().item()) < 0.05, path
+
+
+def test_a_stopped_reward_model_resumes_in_place(trained_rm, tmp_path):
+    """Stopped in its second epoch, the RM keeps the centred epoch-1 model; run again with the same
+    output directory it resumes after epoch 1 on the same rankings and ends where an uninterrupted
+    run ends."""
+    config, straight, straight_events = trained_rm
+    per_epoch = len(straight_events.steps) // 2
+    first = Recorder(stop_after=per_epoch + 2)
+    out = reward.run(config, None, first, tmp_path / "rm")
+    summary = json.loads((out / "rm_summary.json").read_text())
+    assert summary["stopped"] and summary["epochs_done"] == 1
+    assert abs(demonstration_scores(config, out).mean().item()) < 0.05
+    second = Recorder()
+    reward.run(config, None, second, tmp_path / "rm")
+    assert any("resuming the reward model after epoch 1" in line for line in second.logs)
+    assert second.steps == straight_events.steps[per_epoch:]  # the curve continues at the next step
+    a = AutoModelForSequenceClassification.from_pretrained(straight).state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
 def test_rankings_file_errors_name_the_line(tmp_path):
@@ -70,4 +122,4 @@ def test_rankings_file_errors_name_the_line(tmp_path):
     path.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"]}) + "\n"
                     + json.dumps({"prompt": "p", "responses": ["a", "a"]}) + "\n")
     with pytest.raises(ValueError, match="line 2: responses 1 and 2 are the same"):
-        reward.load_rankings(str(path))
+        load_rankings(str(path), None)

@@ -6,16 +6,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from core import demo, sft
-from core.config import make_config
+from core.data import demo
+from core.data.sources import load_demonstrations
+from core.stages import sft
 from core.events import Events
+from core.stages import make_config
 from core.evaluate import gold_eval
-from core.models import load_policy, load_tokenizer
+from core.models.loading import load_policy, load_tokenizer, pick_device
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from core.store import Store
+    from core.data.store import Store
 
     root = tmp_path_factory.mktemp("sft")
     store = Store(root / "wb.db")
@@ -33,7 +35,7 @@ def test_only_response_tokens_carry_loss():
     assert labels[prompt_len:] == ids[prompt_len:] and ids[-1] == tok.eos_token_id
     # The model's loss is the mean cross-entropy over answer tokens alone.
     model = load_policy("bundled")
-    batch = sft.collate([(ids, labels)], tok.pad_token_id, __import__("core.models").models.pick_device("cpu"))
+    batch = sft.collate([(ids, labels)], tok.pad_token_id, pick_device("cpu"))
     logits = model(input_ids=batch["input_ids"]).logits[0, :-1]
     targets = torch.tensor(ids[1:])
     manual = torch.nn.functional.cross_entropy(logits[prompt_len - 1 :], targets[prompt_len - 1 :])
@@ -71,7 +73,7 @@ def test_demonstrations_from_a_file(tmp_path):
     path = tmp_path / "demos.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in demo.demonstrations(demo.train_tasks(40))))
     config = make_config("sft", "quick", dict(data=str(path), epochs=1))
-    assert len(sft.load_demonstrations(config, None)) == 40
+    assert len(load_demonstrations(config.data, None)) == 40
     path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(ValueError, match="does not hold demonstrations"):
-        sft.load_demonstrations(config, None)
+        load_demonstrations(config.data, None)

@@ -5,7 +5,7 @@ import sqlite3
 
 import pytest
 
-from core.formats import export_csv, export_jsonl, import_file
+from core.data.formats import export_csv, export_jsonl, import_file
 
 
 def snapshot(store):
@@ -30,7 +30,7 @@ def test_rankings_and_demonstrations_round_trip_through_jsonl(store, tmp_path):
     pairs = [json.loads(x) for x in export_jsonl(store, "pairs").splitlines()]
     assert len(pairs) == 3 + 1 and pairs[0] == {"prompt": "What is 2 plus 2?", "chosen": "The answer is 4.", "rejected": "4"}
     # The exported files import into a fresh store identically (CSV too).
-    from core.store import Store
+    from core.data.store import Store
 
     other = Store(tmp_path / "other.db")
     import_file(other, export_jsonl(store, "rankings").encode(), "r.jsonl")
@@ -66,8 +66,28 @@ def test_bad_rankings_are_rejected_and_change_nothing(store, responses, message)
     assert snapshot(store) == before
 
 
+def test_prompt_edits_are_one_transaction(store):
+    a, b, c, d = (store.add_prompt(f"What is {n} plus {n}?") for n in range(1, 5))
+    before = snapshot(store)
+    # The first edit is fine, the second clashes with prompt c: nothing is written, the delete included.
+    with pytest.raises(ValueError, match=f"prompt {b} .*prompt {c} already has this text"):
+        store.update_prompts({a: "What is 9 plus 9?", b: "What is 3 plus 3?"}, deleted=[d])
+    assert snapshot(store) == before
+    with pytest.raises(ValueError, match=f"prompts {a} and {b} are both edited to"):
+        store.update_prompts({a: "Say hi.", b: "  Say hi. "})
+    with pytest.raises(ValueError, match=f"prompt {b} is empty"):
+        store.update_prompts({a: "Say hi.", b: " "})
+    with pytest.raises(ValueError, match="no prompt with id 99"):
+        store.update_prompts({a: "Say hi.", 99: "Say bye."})
+    assert snapshot(store) == before
+
+    store.update_prompts({a: "Say hi.", b: "What is 2 plus 2?"}, added=["Say bye."], deleted=[d])
+    assert [p["text"] for p in store.list_prompts()] == ["Say hi.", "What is 2 plus 2?", "What is 3 plus 3?",
+                                                         "Say bye."]
+
+
 def test_ranking_with_tied_ranks_and_unknown_prompt_are_rejected(store):
-    from core.store import check_ranks
+    from core.data.store import check_ranks
 
     with pytest.raises(ValueError, match="tie at rank 2"):
         check_ranks([1, 2, 2, 3], 4)

@@ -14,10 +14,12 @@ from pathlib import Path
 import streamlit as st
 
 from core.jobs import JobManager
+from core.stages import STAGES
 from core.paths import data_home
-from core.store import Store
+from core.data.store import Store
 
-POLICY_KINDS = ("base", "sft", "ppo")  # checkpoints that can talk (a reward model only scores)
+# Checkpoints that can talk (a reward model only scores): the base and every policy stage's.
+POLICY_KINDS = ("base", *(spec.checkpoint_kind for spec in STAGES.values() if spec.policy))
 MAX_LOADED_MODELS = 3
 
 
@@ -62,7 +64,7 @@ class ModelCache:
         return (ref, max((w.stat().st_mtime_ns for w in weights), default=0))
 
     def get(self, ref: str):
-        from core.models import load_policy, load_tokenizer
+        from core.models.loading import load_policy, load_tokenizer
 
         key = self._key(ref)
         with self._lock:  # one load at a time: two sessions asking for one model load it once

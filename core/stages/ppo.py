@@ -6,7 +6,15 @@
 Read in order: models and data -> `generate_responses` + `score_responses` (the rollout) -> `token_rewards` (KL penalty + RM
 score on the last token) -> `gae` -> `ppo_update` (clipped surrogate + clipped value loss + ptx)
 -> `ppo_step` (one rollout batch: all of the above) -> `run` (the stage: checkpoints, resume,
-metrics). The benchmark (`core/bench_ppo.py`) drives the same `ppo_step`.
+metrics). The benchmark (`benchmarks/bench_ppo.py`) drives the same `ppo_step`.
+
+Why a hand-written loop and not a library trainer: TRL removed its PPOTrainer in 1.13 and none of
+the trainers it kept has PPO's four networks, the ptx term and GAE over response tokens together.
+
+The KL penalty is k1 = log pi - log pi_ref, per token, in the *reward* (`rl.kl_penalty`): with the
+reward differentiated through the score function, only k1 gives the gradient of KL(pi || pi_SFT).
+k3 (unbiased and non-negative as a *value*) would give grad KL(pi||ref) - grad KL(ref||pi), close
+to 0 near the reference, so it is not offered here (docs/ARCHITECTURE.md, "KL estimators").
 
 Known details of PPO for language models followed here (Huang et al. 2022, "The N+ implementation
 details of RLHF with PPO"; Ziegler et al. 2019; Stiennon et al. 2020), each cited where it is used:
@@ -18,7 +26,6 @@ whitening, value clipping, AdamW eps 1e-5, LR annealing, an adaptive KL controll
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,13 +34,14 @@ from pathlib import Path
 import torch
 from transformers.activations import ACT2FN, NewGELUActivation
 
-from core import demo
 from core.config import PPOConfig
+from core.data import demo
+from core.data.sources import load_prompts, load_ptx_texts
+from core.data.store import Store
 from core.evaluate import gold_eval
 from core.events import Events
-from core.formats import parse_rows, read_bytes
-from core.generate import Samples, encode_prompts, sample
-from core.models import (
+from core.models.generate import Samples, encode_prompts, sample
+from core.models.loading import (
     Device,
     check_same_tokenizer,
     load_policy,
@@ -44,14 +52,21 @@ from core.models import (
     save_checkpoint,
     token_scores,
 )
-from core.pretrain import heldout_lm_loss, lm_loss, pack
-from core.stages import checkpoints_dir
-from core.store import Store
+from core.models.pretrain import heldout_lm_loss, lm_loss, pack
+from core.stages.resume import checkpoint_path, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from core.stages.rl import (
+    PromptSampler,
+    entropy_from_logits,
+    gather_logprobs,
+    k3,
+    kl_penalty,
+    masked_mean,
+    positions_from_mask,
+    response_logits,
+    whiten,
+)
 
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
-VALUE_FILE = "value_model.pt"
-RNG_FILE = "rng.pt"
+EMA_DIR = "ema"  # the EMA policy, an HF directory inside each checkpoint
 SUMMARY_FILE = "ppo_summary.json"
 PTX_BLOCK_SIZE = 128  # tokens per pretraining block, as for the held-out pretraining loss
 
@@ -103,7 +118,7 @@ def fuse_gelu(model: torch.nn.Module) -> torch.nn.Module:
 
 def assemble(policy, reference_policy, value_model, reward_model, tokenizer, config: PPOConfig,
              device: Device) -> PPOModels:
-    """Put the four networks in their modes: dropout off everywhere (DESIGN.md: with dropout on,
+    """Put the four networks in their modes: dropout off everywhere (docs/ARCHITECTURE.md: with dropout on,
     the first-step KL reads -0.13 instead of 0), reference and reward model frozen."""
     for m in (policy, reference_policy, value_model, reward_model):
         fuse_gelu(m)
@@ -127,51 +142,6 @@ def load_models(config: PPOConfig, tokenizer, device: Device, policy_from: str |
     reward_model = load_scalar_model(config.reward_model, tokenizer.pad_token_id, device)
     value_model = load_scalar_model(config.reward_model, tokenizer.pad_token_id, device)
     return assemble(policy, reference_policy, value_model, reward_model, tokenizer, config, device)
-
-
-# ---------------------------------------------------------------------------------------------
-# Small tensor helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise over the real (unmasked) tokens only, so padding does not skew the statistics."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    # Left-padded prompts: each row's first real token is position 0, as in training and sampling.
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def response_logits(model, ids, mask, positions, prompt_len: int, temperature: float) -> torch.Tensor:
-    """Logits that predict each response token: positions P-1 .. P+T-2 of the full sequence.
-
-    `logits_to_keep` skips the LM head on prompt positions. Dividing by the rollout temperature
-    makes these the log-probs of the distribution we actually sampled from (Huang et al. detail).
-    """
-    response_len = ids.shape[1] - prompt_len
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                   logits_to_keep=response_len + 1).logits[:, :-1]
-    return logits.float() / temperature
-
-
-def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.gather(logits.log_softmax(-1), 2, tokens[..., None]).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    probs = logits.softmax(-1)
-    return torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,18 +213,6 @@ def score_responses(models: PPOModels, samples: Samples, config: PPOConfig) -> R
 # ---------------------------------------------------------------------------------------------
 
 
-def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_SFT) on the sampled token (Schulman, "Approximating KL").
-
-    k1 = log pi - log pi_ref is unbiased but can be negative per token; k3 = (r - 1) - log r with
-    r = pi_ref / pi is unbiased and never negative.
-    """
-    log_ratio = logprobs - ref_logprobs
-    if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    return log_ratio
-
-
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float,
                   whiten_rewards: bool = False) -> torch.Tensor:
     """r_t = -beta * KL_t on every response token, plus the RM score on the last one (InstructGPT eq. 2;
@@ -304,6 +262,26 @@ class AdaptiveKLController:
 # ---------------------------------------------------------------------------------------------
 
 
+def clipped_policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        response_mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7) per token, masked: returns
+    (loss, ratio). The max of the two negated terms is the pessimistic bound of the objective."""
+    ratio = ((new_logprobs - old_logprobs) * response_mask).exp()
+    pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
+    return masked_mean(pg_losses, response_mask), ratio
+
+
+def clipped_value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       response_mask: torch.Tensor, cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss (openai/baselines; Huang et al. detail): the new value may move at most
+    cliprange_value from the rollout's value. Returns (0.5 * masked mean of the max squared error,
+    the fraction of tokens where the clipped error was the larger)."""
+    v_clipped = old_values + (new_values - old_values).clamp(-cliprange_value, cliprange_value)
+    unclipped, clipped = (new_values - returns) ** 2, (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped, clipped), response_mask)
+    return loss, masked_mean((clipped > unclipped).float(), response_mask)
+
+
 def ptx_loss_fn(policy, blocks: torch.Tensor, device: Device) -> torch.Tensor:
     """gamma * E[log pi(x)] on pretraining text becomes an LM loss term (InstructGPT "PPO-ptx")."""
     with device.autocast():
@@ -332,17 +310,9 @@ def ppo_update(models: PPOModels, batch: Rollout, advantages: torch.Tensor, retu
                 new_values = token_scores(value_model, ids, mask, pos)[:, P - 1 : -1].float()
             new_logprobs = gather_logprobs(logits, batch.response_ids[idx])
 
-            # Clipped surrogate objective (Schulman et al. 2017, eq. 7), per token, masked.
-            log_ratio = (new_logprobs - old_logprobs) * response_mask
-            ratio = log_ratio.exp()
-            pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - config.cliprange, 1 + config.cliprange))
-            policy_loss = masked_mean(pg_losses, response_mask)
-
-            # Clipped value loss (openai/baselines; Huang et al. detail): the new value may move
-            # at most cliprange_value from the rollout's value.
-            v_clipped = old_values + (new_values - old_values).clamp(-config.cliprange_value, config.cliprange_value)
-            vf_losses = torch.max((new_values - ret) ** 2, (v_clipped - ret) ** 2)
-            value_loss = 0.5 * masked_mean(vf_losses, response_mask)
+            policy_loss, ratio = clipped_policy_loss(new_logprobs, old_logprobs, adv, response_mask, config.cliprange)
+            value_loss, value_clip_frac = clipped_value_loss(new_values, old_values, ret, response_mask,
+                                                             config.cliprange_value)
 
             loss = policy_loss + config.vf_coef * value_loss
             if config.ptx_coef > 0 and ptx_batches is not None:  # ptx_coef = 0: plain PPO, no ptx forward
@@ -360,9 +330,10 @@ def ppo_update(models: PPOModels, batch: Rollout, advantages: torch.Tensor, retu
                 stats["policy_loss"].append(policy_loss.detach())
                 stats["value_loss"].append(value_loss.detach())
                 stats["clip_frac"].append(masked_mean(((ratio - 1).abs() > config.cliprange).float(), response_mask))
-                stats["value_clip_frac"].append(masked_mean((vf_losses > (new_values - ret) ** 2).float(), response_mask))
-                # Old-vs-new policy KL (k3 estimator), a health check on the step size.
-                stats["approx_kl"].append(masked_mean(torch.expm1(-log_ratio) + log_ratio, response_mask))
+                stats["value_clip_frac"].append(value_clip_frac)
+                # KL(pi_old || pi_new) by k3 on tokens sampled from pi_old (a value, not a reward): a
+                # health check on the step size.
+                stats["approx_kl"].append(masked_mean(k3(old_logprobs, new_logprobs.detach()), response_mask))
                 stats["entropy"].append(masked_mean(entropy_from_logits(logits.detach()), response_mask))
     # One device sync for all statistics instead of one per minibatch.
     return {k: float(torch.stack(v).mean()) for k, v in stats.items() if v}
@@ -396,7 +367,7 @@ def ppo_step(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     t1 = time.perf_counter()
 
     with torch.no_grad():
-        kl = kl_per_token(batch.logprobs, batch.ref_logprobs, config.kl_estimator) * batch.response_mask
+        kl = kl_penalty(batch.logprobs, batch.ref_logprobs) * batch.response_mask
         rewards = token_rewards(batch.scores, kl, batch.response_mask, kl_coef, config.whiten_rewards)
         advantages, returns = gae(rewards, batch.values, batch.response_mask, config.gamma, config.lam)
         # Advantage whitening over the whole batch (Huang et al. detail; CleanRL normalises per batch).
@@ -423,53 +394,8 @@ def ppo_step(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: prompts and pretraining text
+# Pretraining (ptx) batches
 # ---------------------------------------------------------------------------------------------
-
-
-def _column(path: Path, column: str, what: str) -> list[str]:
-    """One text column of a JSONL/CSV file, read by the same parser as the app's imports."""
-    try:
-        rows = parse_rows(read_bytes(path), path.name)
-    except ValueError as exc:
-        raise ValueError(f"{what}: {exc}") from None
-    texts = []
-    for number, row in rows:
-        value = row.get(column)
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f'{what}: {path.name} line {number} has no "{column}" text')
-        texts.append(value.strip())
-    return texts
-
-
-def load_prompts(source: str, store: Store | None) -> list[str]:
-    """'demo' -> the demo's training prompts; 'store' -> the workbench's prompts; else a JSONL/CSV file."""
-    if source == "demo":
-        return [t.prompt for t in demo.train_tasks()]
-    if source == "store":
-        if store is None:
-            raise ValueError("prompts='store' needs the workbench store, but none was given")
-        prompts = [row["text"] for row in store.list_prompts()]
-        if not prompts:
-            raise ValueError("the store has no prompts; add some on the Prompts page or import a JSONL file")
-        return prompts
-    return _column(Path(source).expanduser(), "prompt", "prompts file")
-
-
-def load_ptx_texts(source: str) -> list[str]:
-    """'demo' -> the demo pretraining corpus; else a text file (one document a line) or JSONL with "text"."""
-    if source == "demo":
-        return demo.pretraining_corpus()
-    path = Path(source).expanduser()
-    if path.suffix in (".jsonl", ".csv"):
-        return _column(path, "text", "ptx_data file")
-    try:
-        lines = [ln for ln in read_bytes(path).decode("utf-8", errors="replace").splitlines() if ln.strip()]
-    except ValueError as exc:
-        raise ValueError(f"ptx_data file: {exc}") from None
-    if not lines:
-        raise ValueError(f"ptx_data file {path} is empty")
-    return lines
 
 
 def ptx_batch_stream(blocks: torch.Tensor, batch_size: int, generator: torch.Generator,
@@ -488,58 +414,26 @@ def ptx_batch_stream(blocks: torch.Tensor, batch_size: int, generator: torch.Gen
     return it
 
 
-class PromptSampler:
-    """Shuffled passes over the prompts, `batch_size` at a time (a DataLoader with a saved position)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size = n, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order: list[int] = []
-
-    def next(self) -> list[int]:
-        out: list[int] = []
-        while len(out) < self.batch_size:
-            if not self.order:
-                self.order = torch.randperm(self.n, generator=self.generator).tolist()
-            take = self.batch_size - len(out)
-            out += self.order[:take]
-            self.order = self.order[take:]
-        return out
-
-    def state(self) -> dict:
-        return {"order": self.order, "generator": self.generator.get_state()}
-
-    def load(self, state: dict) -> None:
-        self.order = list(state["order"])
-        self.generator.set_state(state["generator"])
-
-
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: policy HF dir + optimizer + value weights + trainer state + RNG (+ EMA beside it)
+# Checkpoints: policy HF dir + optimizer + value weights + trainer state + RNG + EMA, one atomic write
 # ---------------------------------------------------------------------------------------------
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    ckpts = [p for p in checkpoints_dir(output_dir).glob("step-*")
-             if p.name[5:].isdigit() and (p / STATE_FILE).is_file()]
-    return max(ckpts, key=lambda p: int(p.name[5:])) if ckpts else None
+def save_step_checkpoint(models: PPOModels, path: Path, state: dict, sampler: PromptSampler,
+                         ema: torch.nn.Module | None) -> Path:
+    # The EMA policy is a plain HF directory inside the checkpoint (it can be chatted with), written
+    # in the same atomic directory: a crash cannot leave a step without its EMA.
+    return save_training_checkpoint(
+        models.policy, models.tokenizer, path, state,
+        {"optimizer": models.optimizer.state_dict(), "value_model": models.value_model.state_dict(),
+         "prompts": sampler.state()},
+        models.device, extra_models={EMA_DIR: ema} if ema is not None else None)
 
 
-def save_training_checkpoint(models: PPOModels, path: Path, state: dict, sampler: PromptSampler,
-                             ema: torch.nn.Module | None) -> Path:
-    rng = {"torch": torch.get_rng_state(), "prompts": sampler.state()}
-    if models.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    save_checkpoint(
-        models.policy, models.tokenizer, path,
-        extra={OPTIMIZER_FILE: models.optimizer.state_dict(), VALUE_FILE: models.value_model.state_dict(),
-               RNG_FILE: rng},
-        extra_json={STATE_FILE: state},
-    )
-    if ema is not None:
-        # The EMA policy is a plain HF directory too, so it can be chatted with or evaluated.
-        save_checkpoint(ema, models.tokenizer, path / "ema")
-    return path
+def ema_update(ema: torch.nn.Module, policy: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * policy, parameter by parameter (InstructGPT kept an EMA)."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(policy.parameters()), 1.0 - decay)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,7 +464,7 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     tokenizer, prompts, ptx_texts = check_inputs(config, store)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
-    resume_from = latest_checkpoint(output_dir)
+    resume_from = latest_checkpoint(output_dir, "step")
 
     models = load_models(config, tokenizer, device, policy_from=resume_from)
     policy, value_model = models.policy, models.value_model
@@ -581,21 +475,16 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     kl_ctl = AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
     state = {"step": 0, "kl_coef": config.kl_coef, "episodes": 0, "history": []}
     if resume_from is not None:
-        state = json.loads((resume_from / STATE_FILE).read_text())
-        value_model.load_state_dict(torch.load(resume_from / VALUE_FILE, weights_only=True, map_location=device.torch))
-        models.optimizer.load_state_dict(torch.load(resume_from / OPTIMIZER_FILE, weights_only=True,
-                                                    map_location=device.torch))
-        rng = torch.load(resume_from / RNG_FILE, weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        sampler.load(rng["prompts"])
+        state, training = load_training_checkpoint(resume_from, device)
+        value_model.load_state_dict(training["value_model"])
+        models.optimizer.load_state_dict(training["optimizer"])
+        sampler.load(training["prompts"])
         kl_ctl.value = state["kl_coef"]
         events.log(f"resuming PPO after step {state['step']} from {resume_from}")
 
     ema = None
     if config.ema_decay is not None:
-        ema_dir = resume_from / "ema" if resume_from is not None else None
+        ema_dir = resume_from / EMA_DIR if resume_from is not None else None
         ema = load_policy(ema_dir, device) if ema_dir and ema_dir.is_dir() else copy.deepcopy(policy)
         freeze(ema)
 
@@ -607,16 +496,20 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
         ptx_batches = ptx_batch_stream(blocks, config.ptx_batch_size, ptx_generator,
                                        skip=state["step"] * opt_steps_per_ppo_step)
 
+    # Gold scores and the demo's held-out pretraining loss mean something only on the demo's own
+    # prompts: on a user's data they are not computed at all.
     gold_prompts = config.prompts == "demo"
-    heldout = demo.heldout_tasks(100)
+    heldout = demo.heldout_tasks(config.eval_prompts) if gold_prompts else []
     prefix = events.run_id or "ppo"
 
     def checkpoint(step: int) -> Path:
-        path = save_training_checkpoint(models, checkpoints_dir(output_dir) / f"step-{step}", state, sampler, ema)
+        path = save_step_checkpoint(models, checkpoint_path(output_dir, "step", step), state, sampler, ema)
         events.checkpoint(f"{prefix}-step-{step}", "ppo", path, step)
         return path
 
-    def evaluate_heldout(step: int) -> float:
+    def evaluate_heldout(step: int) -> float | None:
+        if not heldout:
+            return None
         gold = gold_eval(policy, tokenizer, heldout, temperature=config.temperature,
                          max_new_tokens=config.response_length, seed=config.seed)["gold"]
         policy.train()
@@ -644,10 +537,7 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
         if config.adaptive_kl:
             kl_ctl.update(metrics["kl"], config.batch_size)
         if ema is not None:
-            # InstructGPT kept an exponential moving average of the policy weights.
-            with torch.no_grad():
-                ema_params, params = list(ema.parameters()), list(policy.parameters())
-                torch._foreach_lerp_(ema_params, params, 1.0 - config.ema_decay)
+            ema_update(ema, policy, config.ema_decay)
         state.update(step=step, kl_coef=kl_ctl.value, episodes=state["episodes"] + len(idx))
         state["history"] = (state["history"] + [{k: metrics.get(k) for k in ("reward", "kl", "ptx_loss")}])[-5:]
         events.metrics(step, metrics)
@@ -657,11 +547,15 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
         if step % config.save_every == 0 and step < num_steps:
             checkpoint(step)
 
-    # Final evaluation: sampled gold at the rollout temperature (DESIGN.md: PPO's gains show
-    # there), greedy beside it, and the alignment tax as held-out pretraining loss.
+    # Final evaluation (demo prompts only): sampled gold at the rollout temperature (PPO's gains show
+    # there, docs/ARCHITECTURE.md), greedy beside it, and the alignment tax as held-out pretraining loss.
     gold = evaluate_heldout(state["step"])
-    gold_greedy = gold_eval(policy, tokenizer, heldout, temperature=0.0, max_new_tokens=config.response_length)["gold"]
-    pretrain_loss = heldout_lm_loss(policy, pack(tokenizer, demo.heldout_corpus(), PTX_BLOCK_SIZE), device)
+    final: dict[str, float] = {}
+    if heldout:
+        final["heldout_gold_greedy"] = gold_eval(policy, tokenizer, heldout, temperature=0.0,
+                                                 max_new_tokens=config.response_length)["gold"]
+    if gold_prompts:
+        final["pretrain_loss"] = heldout_lm_loss(policy, pack(tokenizer, demo.heldout_corpus(), PTX_BLOCK_SIZE), device)
     recent = state["history"]
 
     def recent_mean(key: str) -> float | None:
@@ -670,15 +564,18 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
 
     summary = {
         "stage": "ppo", "step": state["step"], "episodes": state["episodes"],
-        "gold": gold, "gold_greedy": gold_greedy,
         "kl": recent_mean("kl"), "reward": recent_mean("reward"), "ptx_loss": recent_mean("ptx_loss"),
-        "pretrain_loss": pretrain_loss, "kl_coef": state["kl_coef"],
+        "kl_coef": state["kl_coef"],
     }
-    events.metrics(state["step"], {"heldout_gold_greedy": gold_greedy, "pretrain_loss": pretrain_loss})
+    if gold is not None:
+        summary.update(gold=gold, gold_greedy=final["heldout_gold_greedy"])
+    if "pretrain_loss" in final:
+        summary["pretrain_loss"] = final["pretrain_loss"]
+    if final:
+        events.metrics(state["step"], final)
     checkpoint(state["step"])  # the resumable end state (a re-run only re-evaluates)
-    save_checkpoint(policy, tokenizer, output_dir, extra_json={SUMMARY_FILE: summary})
-    if ema is not None:
-        save_checkpoint(ema, tokenizer, output_dir / "ema")
+    save_checkpoint(policy, tokenizer, output_dir, extra_json={SUMMARY_FILE: summary},
+                    extra_models={EMA_DIR: ema} if ema is not None else None)
     events.checkpoint(prefix, "ppo", output_dir, state["step"])
     events.close()
     return output_dir

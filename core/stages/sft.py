@@ -13,46 +13,24 @@ per-epoch gold evaluation, cooperative stop and store metrics inline. `rlhf benc
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
 
 import torch
 
-from core import demo, optim
 from core.config import SFTConfig
+from core.data import demo
+from core.data.sources import load_demonstrations
+from core.data.store import Store
 from core.evaluate import gold_eval
 from core.events import Events
-from core.formats import detect_kind, normalise, parse_rows, read_bytes
-from core.models import Device, load_policy, load_tokenizer, pick_device, save_checkpoint
-from core.stages import checkpoints_dir
-from core.store import Store
+from core.models.loading import Device, load_policy, load_tokenizer, pick_device, save_checkpoint
+from core.stages import optim
+from core.stages.resume import checkpoint_path, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 
 IGNORE = -100
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
-
-
-def load_demonstrations(config: SFTConfig, store: Store | None) -> list[dict]:
-    """Rows of {"prompt", "completion"} from the demo, the store, or a JSONL/CSV file."""
-    if config.data == "demo":
-        return demo.demonstrations(demo.train_tasks(config.n_demonstrations), config.ramble_rate, seed=config.seed + 3)
-    if config.data == "store":
-        if store is None:
-            raise ValueError("data='store' needs the workbench store")
-        rows = [{"prompt": d["prompt"], "completion": d["output"]} for d in store.list_demonstrations()]
-    else:
-        parsed = parse_rows(read_bytes(config.data), Path(config.data).name)
-        if detect_kind(set(parsed[0][1])) != "demonstrations":
-            raise ValueError(f"{config.data} does not hold demonstrations (prompt/completion or instruction/output)")
-        rows = []
-        for _, row in parsed:
-            r = normalise(row, "demonstrations")
-            rows.append({"prompt": Store.prompt_text(r["instruction"], r["input"]), "completion": r["output"]})
-    if not rows:
-        raise ValueError(f"no demonstrations found in {config.data!r}: add some before training SFT")
-    return rows
+SUMMARY_FILE = "sft_summary.json"
 
 
 def encode(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
@@ -91,20 +69,14 @@ def mean_loss(model, examples, pad_id: int, device: Device, batch_size: int) -> 
     return total / max(1, count)
 
 
-def _last_epoch_checkpoint(output_dir: Path) -> Path | None:
-    ckpts = sorted(checkpoints_dir(output_dir).glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
-    done = [p for p in ckpts if (p / STATE_FILE).is_file()]
-    return done[-1] if done else None
-
-
 def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str | Path) -> Path:
     """Train SFT; returns `output_dir`, which holds the best epoch as an HF model directory."""
     config.validate()
     output_dir = Path(output_dir)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
-    rows = load_demonstrations(config, store)
-    resume_from = _last_epoch_checkpoint(output_dir)
+    rows = load_demonstrations(config.data, store, config.n_demonstrations, config.ramble_rate, config.seed)
+    resume_from = latest_checkpoint(output_dir, "epoch")
     tokenizer = load_tokenizer(config.model)
     model = load_policy(resume_from or config.model, device, dropout=config.dropout)
     model.train()
@@ -126,10 +98,9 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
     scheduler = optim.make_schedule(optimizer, total_steps, config.warmup_ratio)
     state = {"epoch": 0, "step": 0, "best_score": None, "best_epoch": None}
     if resume_from is not None:
-        state = json.loads((resume_from / STATE_FILE).read_text())
-        saved = torch.load(resume_from / OPTIMIZER_FILE, weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
+        state, training = load_training_checkpoint(resume_from, device)
+        optimizer.load_state_dict(training["optimizer"])
+        scheduler.load_state_dict(training["scheduler"])
         events.log(f"resuming SFT after epoch {state['epoch']} (step {state['step']})")
 
     stopped = False
@@ -165,18 +136,15 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
         score = epoch_metrics.get("gold", -epoch_metrics.get("val_loss", 0.0))
         if state["best_score"] is None or score > state["best_score"]:
             state["best_score"], state["best_epoch"] = score, epoch
-            save_checkpoint(model, tokenizer, output_dir, extra_json={"sft_summary.json": {**epoch_metrics, "stage": "sft"}})
-        ckpt = checkpoints_dir(output_dir) / f"epoch-{epoch}"
-        save_checkpoint(
-            model, tokenizer, ckpt,
-            extra={OPTIMIZER_FILE: {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}},
-            extra_json={STATE_FILE: state},
-        )
+            save_checkpoint(model, tokenizer, output_dir, extra_json={SUMMARY_FILE: {**epoch_metrics, "stage": "sft"}})
+        ckpt = save_training_checkpoint(
+            model, tokenizer, checkpoint_path(output_dir, "epoch", epoch), state,
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, device)
         events.checkpoint(f"{events.run_id or 'sft'}-epoch-{epoch}", "sft", ckpt, state["step"])
         events.log(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()))
     if not (output_dir / "config.json").is_file():
         # Stopped before the first epoch ended: still leave a loadable model behind.
-        save_checkpoint(model, tokenizer, output_dir, extra_json={"sft_summary.json": {"stage": "sft", "stopped": True}})
+        save_checkpoint(model, tokenizer, output_dir, extra_json={SUMMARY_FILE: {"stage": "sft", "stopped": True}})
     events.checkpoint(events.run_id or "sft", "sft", output_dir, state["step"])
     events.close()
     return output_dir

@@ -8,6 +8,8 @@ a bad row raises ValueError and nothing is written.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -15,12 +17,18 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from core.paths import data_home, validate_name
+from core.paths import data_home, pid_alive, validate_name
 
 MAX_PROMPT_CHARS = 2000
 MAX_RESPONSE_CHARS = 4000
 MIN_K, MAX_K = 2, 9
 RUN_STATUSES = ("queued", "running", "stopping", "done", "failed", "interrupted", "stopped")
+ACTIVE_STATUSES = ("queued", "running", "stopping")
+# A live owner refreshes its runs' heartbeat every HEARTBEAT_S; one silent for STALE_AFTER_S is gone
+# (killed, or its machine rebooted) even if its process id has been reused since.
+HEARTBEAT_S = 5.0
+STALE_AFTER_S = 60.0
+MAX_LOG_LINES = 500  # per run: a short log, not a console capture
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS prompts (
@@ -54,6 +62,13 @@ CREATE TABLE IF NOT EXISTS runs (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS run_log (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    created_at REAL NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_log_by_run ON run_log(run_id, id);
 CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     step INTEGER NOT NULL,
@@ -127,6 +142,16 @@ class Store:
         self._local = threading.local()
         # executescript commits any open transaction itself, so it runs outside `_tx`.
         self._conn().executescript(SCHEMA)
+        self._migrate()
+        self._heartbeat_lock = threading.Lock()
+        self._heartbeat_thread: threading.Thread | None = None
+
+    def _migrate(self) -> None:
+        """Columns added after the first release, added in place to an older database file."""
+        have = {row[1] for row in self._conn().execute("PRAGMA table_info(runs)")}
+        for column, kind in (("owner_pid", "INTEGER"), ("owner_host", "TEXT"), ("heartbeat", "REAL")):
+            if column not in have:
+                self._conn().execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -159,7 +184,7 @@ class Store:
         return [dict(r) for r in self._conn().execute(sql, tuple(args)).fetchall()]
 
     def counts(self) -> dict[str, int]:
-        tables = ("prompts", "demonstrations", "rankings", "runs", "metrics", "checkpoints")
+        tables = ("prompts", "demonstrations", "rankings", "runs", "metrics", "checkpoints", "run_log")
         return {t: self._conn().execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables}
 
     # -- prompts -------------------------------------------------------------------------------
@@ -193,6 +218,30 @@ class Store:
                 raise ValueError(f"another prompt (id {clash[0]}) already has this text")
             if db.execute("UPDATE prompts SET text = ? WHERE id = ?", (text, prompt_id)).rowcount == 0:
                 raise ValueError(f"no prompt with id {prompt_id}")
+
+    def update_prompts(self, changes: dict[int, str], added: Iterable[str] = (), deleted: Iterable[int] = (),
+                       source: str = "user") -> None:
+        """One table save: edit, add and delete prompts in a single transaction, so a clash in any
+        row writes nothing. Edits are applied first, then adds, then deletes."""
+        checked = {pid: check_text(text, f"prompt {pid}", MAX_PROMPT_CHARS) for pid, text in changes.items()}
+        new_texts = [check_text(t, "new prompt", MAX_PROMPT_CHARS) for t in added]
+        # Two edits to the same text would only fail mid-transaction on the UNIQUE constraint.
+        edited_to: dict[str, int] = {}
+        for pid, text in checked.items():
+            if text in edited_to:
+                raise ValueError(f"prompts {edited_to[text]} and {pid} are both edited to the same text {text[:80]!r}")
+            edited_to[text] = pid
+        with self._tx() as db:
+            for pid, text in checked.items():
+                clash = db.execute("SELECT id FROM prompts WHERE text = ? AND id != ?", (text, pid)).fetchone()
+                if clash:
+                    raise ValueError(
+                        f"prompt {pid} cannot become {text[:80]!r}: prompt {clash[0]} already has this text")
+                if db.execute("UPDATE prompts SET text = ? WHERE id = ?", (text, pid)).rowcount == 0:
+                    raise ValueError(f"no prompt with id {pid}")
+            for text in new_texts:
+                self._prompt_id(db, text, source)
+            db.executemany("DELETE FROM prompts WHERE id = ?", [(pid,) for pid in deleted])
 
     def delete_prompt(self, prompt_id: int) -> None:
         with self._tx() as db:
@@ -308,15 +357,19 @@ class Store:
     # -- runs, metrics, checkpoints ------------------------------------------------------------
 
     def create_run(self, run_id: str, stage: str, config: dict, output_dir: str | None = None) -> str:
+        """Record a new run, queued and owned by this process (see `claim_run`)."""
         validate_name(run_id, "run name")
         now = time.time()
         with self._tx() as db:
             if db.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
                 raise ValueError(f"a run named {run_id!r} already exists; pick another name")
             db.execute(
-                "INSERT INTO runs(id, stage, status, config, output_dir, created_at, updated_at) VALUES (?,?,?,?,?,?,?)",
-                (run_id, stage, "queued", json.dumps(config), output_dir, now, now),
+                """INSERT INTO runs(id, stage, status, config, output_dir, created_at, updated_at,
+                                    owner_pid, owner_host, heartbeat) VALUES (?,?,?,?,?,?,?,?,?,?)""",
+                (run_id, stage, "queued", json.dumps(config), output_dir, now, now, os.getpid(),
+                 socket.gethostname(), now),
             )
+        self._start_heartbeat()
         return run_id
 
     def set_run_status(self, run_id: str, status: str, error: str | None = None) -> None:
@@ -328,6 +381,79 @@ class Store:
                 (status, error, time.time(), run_id),
             )
 
+    def start_run(self, run_id: str, stage: str, config_dict: dict, output_dir: str | None) -> None:
+        """Create the run, or take over the same run again (a resume in place: same name, same curves).
+
+        Taking over is refused for a run another live process is writing, or one whose config differs
+        (its checkpoints would continue a different experiment)."""
+        try:
+            run = self.get_run(run_id)
+        except ValueError:
+            self.create_run(run_id, stage, config_dict, output_dir)
+            self.set_run_status(run_id, "running")
+            return
+        if run["stage"] != stage:
+            raise ValueError(f"a run named {run_id!r} already exists for stage {run['stage']}; pick another name")
+        if run["config"] != config_dict:
+            changed = sorted(k for k in {**run["config"], **config_dict} if run["config"].get(k) != config_dict.get(k))
+            raise ValueError(f"run {run_id!r} exists with another config (differs in: {', '.join(changed)}); "
+                             "resume it with the same options or pick another name")
+        if output_dir and run["output_dir"] and os.path.abspath(run["output_dir"]) != os.path.abspath(output_dir):
+            raise ValueError(f"run {run_id!r} writes to {run['output_dir']}; resume it with that output directory "
+                             "or pick another name")
+        self.claim_run(run_id)
+
+    def claim_run(self, run_id: str, status: str = "running") -> None:
+        """This process takes over a run (a resume): it becomes the owner whose heartbeat keeps the
+        run live. Refused while another live process owns it: two writers on one output directory."""
+        run = self.get_run(run_id)
+        if run["status"] in ACTIVE_STATUSES and run["owner_pid"] != os.getpid() and self.owner_alive(run):
+            raise ValueError(f"run {run_id!r} is {run['status']} in another live process (pid {run['owner_pid']}); "
+                             "stop it there first")
+        now = time.time()
+        with self._tx() as db:
+            db.execute("""UPDATE runs SET status = ?, error = NULL, updated_at = ?, owner_pid = ?, owner_host = ?,
+                          heartbeat = ? WHERE id = ?""", (status, now, os.getpid(), socket.gethostname(), now, run_id))
+        self._start_heartbeat()
+
+    @staticmethod
+    def owner_alive(run: dict) -> bool:
+        """Is the process that owns this run still there? Its heartbeat must be fresh and, on this
+        machine, its process must exist. Runs from before owners were recorded have none: gone."""
+        if run.get("owner_pid") is None or run.get("heartbeat") is None:
+            return False
+        if time.time() - run["heartbeat"] > STALE_AFTER_S:
+            return False
+        return run.get("owner_host") != socket.gethostname() or pid_alive(int(run["owner_pid"]))
+
+    def _start_heartbeat(self) -> None:
+        """One daemon thread per store refreshes the heartbeat of every active run this process owns;
+        it ends by itself once there are none."""
+        with self._heartbeat_lock:
+            if self._heartbeat_thread is not None and self._heartbeat_thread.is_alive():
+                return
+            self._heartbeat_thread = threading.Thread(target=self._beat, name="run-heartbeat", daemon=True)
+            self._heartbeat_thread.start()
+
+    def beat(self) -> int:
+        """Refresh this process's active runs; returns how many there are."""
+        marks = ",".join("?" * len(ACTIVE_STATUSES))
+        with self._tx() as db:
+            return db.execute(
+                f"UPDATE runs SET heartbeat = ? WHERE owner_pid = ? AND owner_host = ? AND status IN ({marks})",
+                (time.time(), os.getpid(), socket.gethostname(), *ACTIVE_STATUSES)).rowcount
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                if self.beat() == 0:
+                    with self._heartbeat_lock:
+                        self._heartbeat_thread = None
+                    return
+            except sqlite3.Error:
+                pass  # a busy or vanished database: try again at the next beat
+            time.sleep(HEARTBEAT_S)
+
     def get_run(self, run_id: str) -> dict:
         rows = self._rows("SELECT * FROM runs WHERE id = ?", (run_id,))
         if not rows:
@@ -337,7 +463,23 @@ class Store:
         return run
 
     def list_runs(self) -> list[dict]:
-        return self._rows("SELECT id, stage, status, output_dir, error, created_at, updated_at FROM runs ORDER BY created_at")
+        return self._rows("""SELECT id, stage, status, output_dir, error, created_at, updated_at, owner_pid,
+                                    owner_host, heartbeat FROM runs ORDER BY created_at""")
+
+    def add_log(self, run_id: str, message: str) -> None:
+        """A line of the run's log (resume notices, epoch summaries): the Train page shows it."""
+        with self._tx() as db:
+            db.execute("INSERT INTO run_log(run_id, created_at, message) VALUES (?,?,?)",
+                       (run_id, time.time(), str(message)[:2000]))
+            db.execute("""DELETE FROM run_log WHERE run_id = ? AND id NOT IN
+                          (SELECT id FROM run_log WHERE run_id = ? ORDER BY id DESC LIMIT ?)""",
+                       (run_id, run_id, MAX_LOG_LINES))
+
+    def run_log(self, run_id: str, limit: int = 50) -> list[dict]:
+        """The run's latest log lines, oldest first."""
+        rows = self._rows("SELECT created_at, message FROM run_log WHERE run_id = ? ORDER BY id DESC LIMIT ?",
+                          (run_id, int(limit)))
+        return rows[::-1]
 
     def log_metrics(self, run_id: str, step: int, values: dict[str, float]) -> None:
         """One step's metrics in one short transaction; re-logging a step (after a resume) overwrites it."""

@@ -180,16 +180,22 @@ def save_checkpoint(
     target: str | os.PathLike,
     extra: dict[str, object] | None = None,
     extra_json: dict[str, dict] | None = None,
+    extra_models: dict[str, PreTrainedModel] | None = None,
 ) -> Path:
     """The one checkpoint writer: an HF directory (safetensors), written atomically.
 
     `extra` maps file names to tensors-dicts saved with torch.save (optimizer state);
-    `extra_json` maps file names to JSON-serialisable dicts (trainer state).
+    `extra_json` maps file names to JSON-serialisable dicts (trainer state);
+    `extra_models` maps sub-directory names to models saved as HF directories inside the same
+    atomic write (PPO's EMA policy), so a crash cannot leave one without the other.
     """
     target = Path(target)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for name, sub_model in (extra_models or {}).items():
+            sub_model.save_pretrained(tmp / name, safe_serialization=True)
+            tokenizer.save_pretrained(tmp / name)
         for name, obj in (extra or {}).items():
             torch.save(obj, tmp / name)
         for name, obj in (extra_json or {}).items():

@@ -14,7 +14,7 @@ import itertools
 import json
 from pathlib import Path
 
-from core.store import MAX_PROMPT_CHARS, MAX_RESPONSE_CHARS, Store, check_ranking, check_text
+from core.data.store import MAX_PROMPT_CHARS, MAX_RESPONSE_CHARS, Store, check_ranking, check_text
 
 MAX_IMPORT_BYTES = 50 * 1024 * 1024
 

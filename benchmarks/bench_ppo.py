@@ -1,49 +1,24 @@
 """`rlhf bench ppo`: PPO throughput on randomly initialised GPT-2 models of a given shape.
 
 Policy, reference, value and reward model all have the same shape (as in TRL's PPOTrainer
-examples), the prompts are random token ids, and the loop is `core.ppo.ppo_step` itself: the
-same code `core.ppo.run` trains with, so a speed-up measured here is a speed-up there.
+examples), the prompts are random token ids, and the loop is `core.stages.ppo.ppo_step` itself: the
+same code `core.stages.ppo.run` trains with, so a speed-up measured here is a speed-up there.
 `benchmarks/compare_trl_ppo.sh` runs TRL's PPOTrainer on the same shape for comparison.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 
 import torch
-from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from benchmarks.options import add_args
 from core.config import PPOConfig
-from core.models import pick_device
-from core.ppo import assemble, ppo_step
-
-EOS_ID, PAD_ID = 0, 1
-
-
-def make_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer whose ids are 0..vocab-1 (id 0 = EOS, id 1 = pad); only decoding is used."""
-    words = {"<eos>": EOS_ID, "<pad>": PAD_ID, **{f"t{i}": i for i in range(2, vocab)}}
-    tok = Tokenizer(tok_models.WordLevel(words, unk_token="<eos>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", padding_side="left")
-
-
-def make_models(layers: int, embd: int, heads: int, vocab: int, seed: int = 0):
-    """(policy, reference_policy, value_model, reward_model), randomly initialised, dropout off."""
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_positions=256, n_embd=embd, n_layer=layers, n_head=heads,
-                        bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, num_labels=1,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    policy = GPT2LMHeadModel(config)
-    reference_policy = copy.deepcopy(policy)
-    value_model = GPT2ForSequenceClassification(config)
-    reward_model = GPT2ForSequenceClassification(config)
-    return policy, reference_policy, value_model, reward_model
-
+from core.models.loading import pick_device
+from core.models.tiny import make_models, make_tokenizer
+from core.stages.ppo import assemble, ppo_step
 
 def synthetic_prompts(n: int, prompt_length: int, vocab: int, seed: int = 0) -> torch.Tensor:
     """Random prompt ids, avoiding EOS/pad, all of one length (no padding)."""
@@ -77,14 +52,25 @@ def bench_ppo(layers: int = 4, embd: int = 128, heads: int = 4, vocab: int = 512
 
     steps = max(1, episodes // batch)
     timings = {"generation": 0.0, "scoring": 0.0, "advantages": 0.0, "update": 0.0}
+    update_times = []
     start = time.perf_counter()
     for step in range(steps):
         prompt_ids = prompts[step * batch : (step + 1) * batch]
         result = ppo_step(models, prompt_ids, torch.ones_like(prompt_ids), config, config.kl_coef, ptx_batches)
         for k, v in result.timings.items():
             timings[k] += v
+        update_times.append(result.timings["update"])
     elapsed = time.perf_counter() - start
     done = steps * batch
+    # The update's model FLOPs: forward + backward (6 per parameter per token) of the policy body and
+    # the value body over prompt + response, and of the LM head over the response positions only
+    # (`logits_to_keep`); attention's sequence-squared term is left out at these lengths.
+    embeddings = models.policy.get_input_embeddings().weight.numel()
+    body = sum(p.numel() for p in models.policy.parameters()) - embeddings
+    value_body = sum(p.numel() for p in models.value_model.parameters()) - embeddings
+    tokens = batch * (prompt_length + response_length)
+    update_flops = ppo_epochs * 6 * ((body + value_body) * tokens + embeddings * batch * (response_length + 1))
+    steady = sorted(update_times[1:] or update_times)[len(update_times[1:] or update_times) // 2]
     return {
         "impl": "rlhf-workbench", "episodes": done, "seconds": elapsed, "episodes_per_s": done / elapsed,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
@@ -92,26 +78,11 @@ def bench_ppo(layers: int = 4, embd: int = 128, heads: int = 4, vocab: int = 512
         "shape": dict(layers=layers, embd=embd, heads=heads, vocab=vocab, batch=batch, response_length=response_length,
                       ppo_epochs=ppo_epochs, prompt_length=prompt_length, num_minibatches=num_minibatches),
         "threads": torch.get_num_threads(), "device": dev.type,
+        "parameters_per_model": body + embeddings, "update_flops_per_step": update_flops,
+        "update_s_per_step_median": steady, "update_tflops": update_flops / steady / 1e12,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
         "last_response_length": result.metrics["response_length"],
     }
-
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--embd", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=16, help="episodes per PPO step")
-    parser.add_argument("--response-length", type=int, default=24)
-    parser.add_argument("--ppo-epochs", type=int, default=4)
-    parser.add_argument("--episodes", type=int, default=256)
-    parser.add_argument("--prompt-length", type=int, default=16)
-    parser.add_argument("--num-minibatches", type=int, default=1)
-    parser.add_argument("--ptx-coef", type=float, default=0.0)
-    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print only the JSON result")
 
 
 def main(args: argparse.Namespace) -> dict:

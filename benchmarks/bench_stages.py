@@ -13,10 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from core import demo
+from core.data import demo
 from core.config import RewardConfig, SFTConfig
 from core.events import Events
-from core.models import pick_device
+from core.models.loading import pick_device
 
 
 class _LastMetrics(Events):
@@ -39,7 +39,7 @@ def _trl_common(tmp: str, batch_size: int, device: str) -> dict:
 
 
 def bench_sft(args) -> dict:
-    from core import sft
+    from core.stages import sft
 
     rows = demo.demonstrations(demo.train_tasks(args.examples), ramble_rate=0.5)
     config = SFTConfig(model="bundled", data="demo", n_demonstrations=args.examples, ramble_rate=0.5, epochs=1,
@@ -60,7 +60,7 @@ def _trl_sft(rows: list[dict], device: str) -> float:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from core.models import load_policy, load_tokenizer
+    from core.models.loading import load_policy, load_tokenizer
 
     tokenizer = load_tokenizer("bundled")
     model = load_policy("bundled", pick_device(device), dropout=0.0)
@@ -75,24 +75,10 @@ def _trl_sft(rows: list[dict], device: str) -> float:
         return tokens / (time.perf_counter() - start)
 
 
-def synthetic_rankings(n: int, k: int) -> list[dict]:
-    """K answers per demo prompt with distinct gold scores, best first: correct/wrong x clean/rambling."""
-    out = []
-    for task in demo.train_tasks(n):
-        right, wrong = demo.ANSWER_TEMPLATE.format(answer=task.answer), "The answer is 0 0."
-        r1, r2, r3 = demo.RAMBLES[:3]
-        variants = [right, f"{right} {r1}", f"{right} {r1} {r2}", task.answer, wrong, f"{wrong} {r1}",
-                    f"{wrong} {r1} {r2} {r3}", f"{r1} {r2}", f"{task.answer} {r1} {r2}"]
-        scored = sorted({round(demo.gold_score(task.prompt, v), 6): v for v in variants}.items(), reverse=True)
-        if len(scored) >= k:
-            out.append({"prompt": task.prompt, "responses": [v for _, v in scored[:k]]})
-    return out
-
-
 def bench_rm(args) -> dict:
-    from core import reward
+    from core.stages import reward
 
-    rankings = synthetic_rankings(args.examples, args.k)
+    rankings = demo.synthetic_rankings(args.examples, args.k)
     pairs_per_ranking = args.k * (args.k - 1) // 2
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "rankings.jsonl"
@@ -115,8 +101,8 @@ def _trl_rm(rankings: list[dict], pairs_per_batch: int, device: str) -> float:
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    from core.formats import ranking_pairs
-    from core.models import load_scalar_model, load_tokenizer
+    from core.data.formats import ranking_pairs
+    from core.models.loading import load_scalar_model, load_tokenizer
 
     tokenizer = load_tokenizer("bundled")
     model = load_scalar_model("bundled", tokenizer.pad_token_id, pick_device(device))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.demo import format_prompt
+from core.data.demo import format_prompt
 
 
 @dataclass
@@ -86,7 +86,7 @@ def sample(
     if prompt_ids is None:
         prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device=device)
     was_training = model.training
-    model.eval()  # no dropout while sampling (DESIGN.md: it biases the first-step KL)
+    model.eval()  # no dropout while sampling (docs/ARCHITECTURE.md: it biases the first-step KL)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     steps = list(_decode_steps(model, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, eos, pad,
                                _generator(seed, device)))

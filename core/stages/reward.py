@@ -17,27 +17,24 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from core import demo, optim
 from core.config import RewardConfig, SFTConfig
+from core.data import demo
+from core.data.sources import Ranking, load_rankings
+from core.data.store import Store
 from core.events import Events
-from core.formats import detect_kind, normalise, parse_rows, read_bytes
-from core.generate import sample
-from core.models import Device, load_policy, load_scalar_model, load_tokenizer, pick_device, save_checkpoint, token_scores
-from core.paths import atomic_write_text
-from core.stages import checkpoints_dir
-from core.store import Store, check_ranking
+from core.models.generate import sample
+from core.models.loading import Device, load_policy, load_scalar_model, load_tokenizer, pick_device, save_checkpoint, token_scores
+from core.paths import atomic_write_text, checkpoints_dir
+from core.stages import optim
+from core.stages.resume import checkpoint_path, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 
-
-@dataclass
-class Ranking:
-    prompt: str
-    responses: list[str]  # best to worst
+SUMMARY_FILE = "rm_summary.json"
+RANKINGS_FILE = "rankings.json"  # the run's train/held-out rankings, kept so a resume trains on the same ones
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,20 +71,6 @@ def sample_demo_rankings(
             rankings.append(Ranking(task.prompt, [answers[o] for o in order]))
         events.progress(min(i + batch_prompts, len(tasks)), len(tasks), f"sampling {what} rankings")
     return rankings
-
-
-def load_rankings(path: str) -> list[Ranking]:
-    rows = parse_rows(read_bytes(path), Path(path).name)
-    if detect_kind(set(rows[0][1])) != "rankings":
-        raise ValueError(f"{path} does not hold rankings (prompt/responses or prompt/chosen/rejected)")
-    out = []
-    for number, row in rows:
-        r = normalise(row, "rankings")
-        try:
-            out.append(Ranking(str(r["prompt"]).strip(), check_ranking(r.get("responses"))))
-        except ValueError as exc:
-            raise ValueError(f"{path} line {number}: {exc}") from None
-    return out
 
 
 def split_heldout(rankings: list[Ranking], seed: int) -> tuple[list[Ranking], list[Ranking]]:
@@ -214,19 +197,31 @@ def gather_rankings(config: RewardConfig, store: Store | None, tokenizer, device
                                        config.sample_temperature, 0.0, config.seed + 99, events, "held-out")
         del policy
         return train, heldout
-    if config.data == "store":
-        if store is None:
-            raise ValueError("data='store' needs the workbench store")
-        rankings = [Ranking(r["prompt"], r["responses"]) for r in store.list_rankings()]
-    else:
-        rankings = load_rankings(config.data)
+    rankings = load_rankings(config.data, store)
     if len(rankings) < 2:
         raise ValueError(f"need at least 2 rankings to train a reward model, found {len(rankings)} in {config.data!r}")
     return split_heldout(rankings, config.seed)
 
 
+def _rankings_once(config: RewardConfig, store: Store | None, tokenizer, device: Device, events: Events,
+                   output_dir: Path) -> tuple[list[Ranking], list[Ranking]]:
+    """The run's rankings, gathered (demo: sampled, minutes of work) once and kept beside its checkpoints."""
+    path = checkpoints_dir(output_dir) / RANKINGS_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        return tuple([Ranking(**r) for r in saved[part]] for part in ("train", "heldout"))
+    train, heldout = gather_rankings(config, store, tokenizer, device, events)
+    atomic_write_text(path, json.dumps({part: [vars(r) for r in rows] for part, rows in
+                                        (("train", train), ("heldout", heldout))}))
+    return train, heldout
+
+
 def run(config: RewardConfig, store: Store | None, events: Events, output_dir: str | Path) -> Path:
-    """Train the RM from `config.sft_model`; returns `output_dir` (HF sequence-classification dir)."""
+    """Train the RM from `config.sft_model`; returns `output_dir` (HF sequence-classification dir).
+
+    Every saved model, epoch checkpoints included, is centred on the demonstrations (reward_bias),
+    so any checkpoint the app offers as a reward model scores on the same scale. Re-running with the
+    same `output_dir` resumes after the last finished epoch, on the same rankings."""
     config.validate()
     if not config.sft_model:
         raise ValueError("sft_model is empty: the reward model starts from an SFT checkpoint")
@@ -234,20 +229,28 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.sft_model)
-    model = load_scalar_model(config.sft_model, tokenizer.pad_token_id, device)
-    train, heldout = gather_rankings(config, store, tokenizer, device, events)
+    resume_from = latest_checkpoint(output_dir, "epoch")
+    train, heldout = _rankings_once(config, store, tokenizer, device, events, output_dir)
     if not train:
         raise ValueError("no usable rankings: every sampled group collapsed to one distinct answer")
     events.log(f"reward model: {len(train)} training rankings ({sum(len(r.responses) for r in train)} answers), "
                f"{len(heldout)} held out")
+    model = load_scalar_model(resume_from or config.sft_model, tokenizer.pad_token_id, device)
+    centring = demonstrations_for_bias(config, store, train)
 
     steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
     scheduler = optim.make_schedule(optimizer, total_steps, config.warmup_ratio)
+    state = {"epoch": 0, "step": 0, "summary": {}}
+    if resume_from is not None:
+        state, training = load_training_checkpoint(resume_from, device)
+        optimizer.load_state_dict(training["optimizer"])
+        scheduler.load_state_dict(training["scheduler"])
+        events.log(f"resuming the reward model after epoch {state['epoch']} (step {state['step']})")
     model.train()
-    step, stopped, summary = 0, False, {}
-    for epoch in range(1, config.epochs + 1):
+    stopped = False
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
         order = list(range(len(train)))
         random.Random(config.seed + epoch).shuffle(order)
         start, pairs_seen = time.perf_counter(), 0
@@ -260,27 +263,40 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
             sizes = [len(r.responses) for r in chunk]
             loss, accuracy = kwise_loss(score_sequences(model, seqs, tokenizer.pad_token_id, device), sizes)
             optim.step(loss, model, optimizer, scheduler)
-            step += 1
+            state["step"] += 1
             pairs_seen += sum(k * (k - 1) // 2 for k in sizes)
-            events.metrics(step, {"rm_loss": loss.item(), "rm_accuracy": accuracy.item(),
-                                  "pairs_per_s": pairs_seen / (time.perf_counter() - start)})
-            events.progress(step, total_steps, "reward model")
+            events.metrics(state["step"], {"rm_loss": loss.item(), "rm_accuracy": accuracy.item(),
+                                           "pairs_per_s": pairs_seen / (time.perf_counter() - start)})
+            events.progress(state["step"], total_steps, "reward model")
         if stopped:
             break
+        state["epoch"] = epoch
         if heldout:
-            summary = pairwise_accuracy(model, tokenizer, heldout, config.max_length, device)
-            events.metrics(step, {"heldout_accuracy": summary["accuracy"]})
-            events.log(f"epoch {epoch}: held-out pairwise accuracy {summary['accuracy']:.3f}")
-        ckpt = checkpoints_dir(output_dir) / f"epoch-{epoch}"
-        save_checkpoint(model, tokenizer, ckpt)
-        events.checkpoint(f"{events.run_id or 'rm'}-epoch-{epoch}", "rm", ckpt, step)
+            state["summary"] = pairwise_accuracy(model, tokenizer, heldout, config.max_length, device)
+            events.metrics(state["step"], {"heldout_accuracy": state["summary"]["accuracy"]})
+            events.log(f"epoch {epoch}: held-out pairwise accuracy {state['summary']['accuracy']:.3f}")
+        centre_on_demonstrations(model, tokenizer, centring, config.max_length, device)
+        model.train()
+        ckpt = save_training_checkpoint(model, tokenizer, checkpoint_path(output_dir, "epoch", epoch), state,
+                                        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                                        device)
+        events.checkpoint(f"{events.run_id or 'rm'}-epoch-{epoch}", "rm", ckpt, state["step"])
 
-    bias = centre_on_demonstrations(model, tokenizer, demonstrations_for_bias(config, store, train), config.max_length, device)
-    summary = {"stage": "rm", "heldout_accuracy": summary.get("accuracy"), **summary, "reward_bias": bias,
-               "train_rankings": len(train), "heldout_rankings": len(heldout), "stopped": stopped}
-    save_checkpoint(model, tokenizer, output_dir, extra_json={"rm_summary.json": summary})
+    if stopped and state["epoch"] == 0:
+        # Nothing centred to offer yet: leave no reward model behind (a resume starts the first epoch again).
+        events.log("stopped before the first epoch ended; resume with the same output directory")
+        events.close()
+        return output_dir
+    if stopped:
+        # The last centred epoch stands as the model; the partial epoch's updates are dropped.
+        model = load_scalar_model(latest_checkpoint(output_dir, "epoch"), tokenizer.pad_token_id, device)
+    summary = state["summary"]
+    summary = {"stage": "rm", "heldout_accuracy": summary.get("accuracy"), **summary,
+               "reward_bias": float(model.config.reward_bias), "train_rankings": len(train),
+               "heldout_rankings": len(heldout), "epochs_done": state["epoch"], "stopped": stopped}
+    save_checkpoint(model, tokenizer, output_dir, extra_json={SUMMARY_FILE: summary})
     atomic_write_text(output_dir.with_name(output_dir.name + "-rankings.jsonl"), "".join(
         json.dumps({"prompt": r.prompt, "responses": r.responses}) + "\n" for r in train))
-    events.checkpoint(events.run_id or "rm", "rm", output_dir, step)
+    events.checkpoint(events.run_id or "rm", "rm", output_dir, state["step"])
     events.close()
     return output_dir

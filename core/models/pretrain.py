@@ -16,8 +16,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from core import demo, optim
-from core.models import Device, pick_device, save_checkpoint
+from core.data import demo
+from core.stages import optim
+from core.models.loading import Device, pick_device, save_checkpoint
 from core.paths import BUNDLED_MODEL_DIR
 
 EOS = "<|endoftext|>"

@@ -1,6 +1,6 @@
 """The built-in demo task: tiny instructions with answers a program can check.
 
-Why this domain (see DESIGN.md, "what a tiny model can show"): a 2M-parameter reward model
+Why this domain (see docs/ARCHITECTURE.md, "The demo task"): a 2M-parameter reward model
 cannot learn arithmetic it cannot compute, but it perceives format, clean stopping and
 rambling very well. So the simulated labeler scores correctness first (0.5) and format second
 (0.5: the "The answer is X." template and stopping right after it), the demonstrations are
@@ -106,7 +106,7 @@ def format_prompt(prompt: str) -> str:
 def demonstration(task: Task, rng: random.Random, ramble_rate: float) -> str:
     """A labeler's written answer; with probability `ramble_rate` it rambles after the answer.
 
-    The noise is on purpose: a perfectly clean SFT set leaves PPO nothing to win (DESIGN.md).
+    The noise is on purpose: a perfectly clean SFT set leaves PPO nothing to win (docs/ARCHITECTURE.md).
     """
     text = ANSWER_TEMPLATE.format(answer=task.answer)
     if rng.random() < ramble_rate:
@@ -204,6 +204,20 @@ def rank(
 # ---------------------------------------------------------------------------------------------
 # Pretraining corpus
 # ---------------------------------------------------------------------------------------------
+
+
+def synthetic_rankings(n: int, k: int) -> list[dict]:
+    """K answers per demo prompt with distinct gold scores, best first: correct/wrong x clean/rambling."""
+    out = []
+    for task in train_tasks(n):
+        right, wrong = ANSWER_TEMPLATE.format(answer=task.answer), "The answer is 0 0."
+        r1, r2, r3 = RAMBLES[:3]
+        variants = [right, f"{right} {r1}", f"{right} {r1} {r2}", task.answer, wrong, f"{wrong} {r1}",
+                    f"{wrong} {r1} {r2} {r3}", f"{r1} {r2}", f"{task.answer} {r1} {r2}"]
+        scored = sorted({round(gold_score(task.prompt, v), 6): v for v in variants}.items(), reverse=True)
+        if len(scored) >= k:
+            out.append({"prompt": task.prompt, "responses": [v for _, v in scored[:k]]})
+    return out
 
 
 def _fact(rng: random.Random) -> str:

@@ -1,0 +1,26 @@
+"""The PPO benchmark's shape options, shared by `rlhf bench` and the scripts in benchmarks/.
+
+Kept apart from `bench_ppo.py` so building the CLI's parser (`rlhf --help`) does not import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--embd", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=16, help="episodes per PPO step")
+    parser.add_argument("--response-length", type=int, default=24)
+    parser.add_argument("--ppo-epochs", type=int, default=4)
+    parser.add_argument("--episodes", type=int, default=256)
+    parser.add_argument("--prompt-length", type=int, default=16)
+    parser.add_argument("--num-minibatches", type=int, default=1)
+    parser.add_argument("--ptx-coef", type=float, default=0.0)
+    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print only the JSON result")
