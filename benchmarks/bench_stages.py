@@ -16,6 +16,7 @@ from pathlib import Path
 from core.data import demo
 from core.config import RewardConfig, SFTConfig
 from core.events import Events
+from core.models.chat import render_prompt
 from core.models.loading import pick_device
 
 
@@ -65,7 +66,7 @@ def _trl_sft(rows: list[dict], device: str) -> float:
     tokenizer = load_tokenizer("bundled")
     model = load_policy("bundled", pick_device(device), dropout=0.0)
     # Same text as our encode(): chat-formatted prompt, " " + answer, EOS (TRL appends it).
-    data = Dataset.from_list([{"prompt": demo.format_prompt(r["prompt"]), "completion": " " + r["completion"]} for r in rows])
+    data = Dataset.from_list([{"prompt": render_prompt(tokenizer, r["prompt"]), "completion": " " + r["completion"]} for r in rows])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = SFTTrainer(model=model, args=TRLSFTConfig(**_trl_common(tmp, 32, device), completion_only_loss=True),
                              train_dataset=data, processing_class=tokenizer)
@@ -107,7 +108,7 @@ def _trl_rm(rankings: list[dict], pairs_per_batch: int, device: str) -> float:
     tokenizer = load_tokenizer("bundled")
     model = load_scalar_model("bundled", tokenizer.pad_token_id, pick_device(device))
     # TRL's RewardTrainer is pairwise: each ranking becomes its C(K,2) chosen/rejected pairs.
-    pairs = [{"prompt": demo.format_prompt(r["prompt"]), "chosen": " " + chosen, "rejected": " " + rejected}
+    pairs = [{"prompt": render_prompt(tokenizer, r["prompt"]), "chosen": " " + chosen, "rejected": " " + rejected}
              for r in rankings for chosen, rejected in ranking_pairs(r["responses"])]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = RewardTrainer(model=model, args=TRLRewardConfig(**_trl_common(tmp, pairs_per_batch, device)),

@@ -5,8 +5,11 @@
     rlhf ppo --preset quick --set sft_model=out/sft --set reward_model=out/rm --output out/ppo
     rlhf pipeline --demo --preset quick --output out
     rlhf chat --model out/ppo --prompt "What is 3 plus 4?"
+    rlhf study overopt --demo --preset quick --output out/study
     rlhf bench sft|rm|ppo --against trl --json
     rlhf pretrain-demo
+    rlhf plan ppo --preset quick --set sft_model=out/sft --set reward_model=out/rm [--json]
+    rlhf label add-user NAME | batch --name B ... | serve [--host 127.0.0.1] [--port 7860] | status
 
 Runs are recorded in the workbench store (RLHF_WORKBENCH_HOME) so the app's Monitor page shows
 CLI runs too. Every config value is validated before any work starts.
@@ -23,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from core.config import PRESETS, field_help, read_yaml
-from core.stages import STAGES, get_stage, make_config
+from core.stages import RECIPE, STAGES, get_stage, make_config
 
 
 def _parse_sets(pairs: list[str]) -> dict:
@@ -108,16 +111,47 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    """rlhf study overopt: the over-optimisation study (core/study.py), written to OUTPUT/study.json."""
+    if not args.demo:
+        raise ValueError("the over-optimisation study runs on the built-in demo task (it needs its gold labeler): "
+                         "pass --demo")
+    from core.study import DEFAULT_KL_COEFS, DEFAULT_NS, study_config
+
+    config = study_config(
+        preset=args.preset, kl_coefs=args.kl_coefs or list(DEFAULT_KL_COEFS), ns=args.ns or list(DEFAULT_NS),
+        episodes=args.episodes, eval_every=args.eval_every, eval_prompts=args.eval_prompts,
+        bon_prompts=args.bon_prompts, sft_model=args.sft, reward_model=args.rm, ptx_coef=args.ptx_coef,
+        ppo=_parse_sets(args.set))  # validated before any heavy import or work
+    from core.data.store import Store
+    from core.study import check_models, run_study
+
+    check_models(config)  # --sft/--rm exist, hold safetensors weights and share a tokenizer
+    store = Store()
+    study = run_study(config, args.output, store, _events(store, None), name=args.name)
+    print(json.dumps({k: study.get(k) for k in ("name", "sft", "bon", "rl", "fits")}, indent=2))
+    return 0
+
+
 def cmd_chat(args) -> int:
+    from core.models.chat import render_prompt
     from core.models.generate import stream
     from core.models.loading import load_policy, load_tokenizer
 
     model, tokenizer = load_policy(args.model), load_tokenizer(args.model)
     prompts = [args.prompt] if args.prompt else iter(lambda: input("you> "), "")
+    conversation: list[dict] = []  # the turns so far, rendered by the model's chat template
     for prompt in prompts:
-        for piece in stream(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed):
+        conversation.append({"role": "user", "content": prompt})
+        if args.show_prompt:
+            print(f"--- prompt as the model reads it ---\n{render_prompt(tokenizer, conversation)}\n---")
+        answer = ""
+        for piece in stream(model, tokenizer, conversation, args.max_new_tokens, args.temperature, args.top_p,
+                            args.seed):
+            answer += piece
             print(piece, end="", flush=True)
         print()
+        conversation.append({"role": "assistant", "content": answer})
     return 0
 
 
@@ -127,6 +161,16 @@ def cmd_pretrain(args) -> int:
     from core.paths import BUNDLED_MODEL_DIR
 
     print(f"saved {pretrain_demo(args.output or BUNDLED_MODEL_DIR, epochs=args.epochs, device=args.device)}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """The memory planner: estimated peak memory by part, and whether it fits the device."""
+    config = stage_config(args.stage, args)  # validated first; torch is imported only below
+    from core.models.memory import plan
+
+    result = plan(args.stage, config, device=args.device, prompt_length=args.prompt_length)
+    print(json.dumps(result.to_dict()) if args.json else result.format())
     return 0
 
 
@@ -167,11 +211,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="use the built-in demo task (required)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--output", required=True)
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--stages", default=",".join(RECIPE),
+                   help=f"comma-separated, in order, from {','.join(STAGES)} (default: the recipe, {','.join(RECIPE)}); "
+                        "dpo, grpo and rloo add a row each to the comparison")
     p.add_argument("--no-ptx-baseline", action="store_true", help="skip the ptx_coef=0 comparison run")
     p.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE")
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts scored for every model")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("study", help="studies on the demo task: overopt (reward-model over-optimisation)")
+    study_sub = p.add_subparsers(dest="study", required=True)
+    p = study_sub.add_parser(
+        "overopt", help="KL sweep of PPO runs + best-of-n, gold and RM score against sqrt(KL), fitted (Gao et al. 2022)",
+        description="Over-optimisation study: PPO runs at several kl_coef and best-of-n from the SFT model, each "
+                    "scored by the RM (proxy) and the demo labeler (gold) against d = sqrt(KL to SFT); writes "
+                    "OUTPUT/study.json. Run it again with the same options to resume (done points are skipped).")
+    p.add_argument("--demo", action="store_true", help="use the built-in demo task (required)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--output", required=True, help="directory for study.json, the models and the sweep runs")
+    p.add_argument("--sft", help="reuse this SFT model (with --rm); otherwise the study trains SFT and RM first")
+    p.add_argument("--rm", help="reuse this reward model (with --sft)")
+    p.add_argument("--kl-coefs", help="comma-separated betas of the sweep (default 0.2,0.1,0.05,0.02,0.005)")
+    p.add_argument("--ns", help="comma-separated best-of-n sizes, powers of two (default 1,2,4,...,64)")
+    p.add_argument("--episodes", type=int, default=2048, help="PPO episodes per sweep run")
+    p.add_argument("--eval-every", type=int, default=4, help="PPO steps between evaluations of a sweep run")
+    p.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts per evaluation")
+    p.add_argument("--bon-prompts", type=int, default=50, help="held-out prompts for best-of-n")
+    p.add_argument("--ptx-coef", type=float, default=0.0, help="the sweep's ptx term (0: plain PPO, as in the paper)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a PPO config field")
+    p.add_argument("--name", help="run name in the store (default: the study's earlier name in OUTPUT, else "
+                                  "study + timestamp)")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("chat", help="chat with a checkpoint (streamed)")
     p.add_argument("--model", default="bundled")
@@ -180,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--show-prompt", action="store_true", help="print the exact text fed to the model (its chat template)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("pretrain-demo", help="rebuild the bundled tiny base model in assets/")
@@ -187,6 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("plan", help="estimated peak memory of a stage by part, and whether it fits the device")
+    p.add_argument("stage", choices=("sft", "rm", "ppo"))
+    p.add_argument("--config", help="YAML file of config values")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="scaled demo defaults")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="check against this device (default: the config's device)")
+    p.add_argument("--prompt-length", type=int, default=96, help="ppo: prompt tokens (default: the most kept, 96)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("bench", help="throughput against TRL on the same shapes")
     p.add_argument("what", choices=("sft", "rm", "ppo"))
@@ -197,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_args(p)
     p.set_defaults(func=cmd_bench)
+
+    from core.labeling.cli import add_parser as add_label_parser  # rlhf label ... (no torch, no gradio)
+
+    add_label_parser(sub)
     return parser
 
 

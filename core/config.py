@@ -134,7 +134,25 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
-class SFTConfig(ConfigMixin):
+class NetworkConfig(ConfigMixin):
+    """Fields of every stage that trains our own loop's networks: LoRA through PEFT, and gradient
+    checkpointing. (Dataclass inheritance puts them first; the Train page shows them in their own group.)"""
+
+    lora_r: int = option(0, "LoRA rank (PEFT); 0 trains every weight")
+    lora_alpha: int = option(16, "LoRA scale numerator: updates are scaled by lora_alpha / lora_r")
+    lora_dropout: float = option(0.05, "dropout on the LoRA path")
+    lora_target_modules: str = option("all-linear", "comma-separated module names to adapt, or 'all-linear'")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, more time")
+
+    _bounds = {"lora_r": (0, 4096, True), "lora_alpha": (1, None, True), "lora_dropout": (0, 0.9, True)}
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_r > 0
+
+
+@dataclass
+class SFTConfig(NetworkConfig):
     """Stage 1: supervised fine-tuning on demonstrations (loss on response tokens only)."""
 
     model: str = option("bundled", "base: 'bundled', a local HF directory, or a hub id")
@@ -154,6 +172,7 @@ class SFTConfig(ConfigMixin):
     device: str = option("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'")
 
     _bounds = {
+        **NetworkConfig._bounds,
         "epochs": (1, 1000, True), "learning_rate": _POS, "warmup_ratio": _UNIT, "batch_size": (1, None, True),
         "dropout": (0, 0.9, True), "weight_decay": _NONNEG, "max_length": (8, None, True),
         "eval_prompts": _NONNEG, "eval_temperature": _NONNEG, "n_demonstrations": (1, None, True),
@@ -163,7 +182,7 @@ class SFTConfig(ConfigMixin):
 
 
 @dataclass
-class RewardConfig(ConfigMixin):
+class RewardConfig(NetworkConfig):
     """Stage 2: a reward model trained on K-wise rankings, all C(K,2) pairs of a prompt together."""
 
     sft_model: str = option("", "the SFT checkpoint the RM starts from")
@@ -178,19 +197,25 @@ class RewardConfig(ConfigMixin):
     sample_temperature: float = option(1.0, "demo only: temperature of the answers to rank")
     max_length: int = option(128, "prompt + response tokens")
     heldout_prompts: int = option(200, "demo only: held-out rankings for pairwise accuracy")
+    one_ranking_per_item: bool = option(False, "store/file data: train on the first ranking of each prompt and "
+                                        "answer set only (several labelers ranked the same answers), not on all")
+    heldout: str = option("auto", "held-out rankings: 'auto' (demo data: the noise-free labeler on the demo's "
+                          "held-out prompts; other data: 10% of it) or 'demo' (always the demo's, e.g. demo "
+                          "rankings imported into the store)")
     seed: int = option(0, "random seed (data order, sampling, held-out split)")
     device: str = option("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'")
 
     _bounds = {
+        **NetworkConfig._bounds,
         "epochs": (1, 1000, True), "learning_rate": _POS, "warmup_ratio": _UNIT, "batch_size": (1, None, True),
         "k": (2, 9, True), "n_prompts": (1, None, True), "labeler_temperature": _NONNEG,
         "sample_temperature": _POS, "max_length": (8, None, True), "heldout_prompts": _NONNEG,
     }
-    _choices = {"device": DEVICES}
+    _choices = {"device": DEVICES, "heldout": ("auto", "demo")}
 
 
 @dataclass
-class PPOConfig(ConfigMixin):
+class PPOConfig(NetworkConfig):
     """Stage 3: PPO with a per-token KL penalty (k1, in the reward) to the SFT policy and a pretraining (ptx) term."""
 
     sft_model: str = option("", "policy and frozen reference_policy start here")
@@ -226,6 +251,7 @@ class PPOConfig(ConfigMixin):
     device: str = option("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'")
 
     _bounds = {
+        **NetworkConfig._bounds,
         "total_episodes": (1, None, True), "batch_size": (1, None, True), "num_minibatches": (1, None, True),
         "ppo_epochs": (1, None, True), "learning_rate": _POS, "response_length": (1, 1024, True),
         "temperature": _POS, "kl_coef": _NONNEG, "target_kl": _POS, "kl_horizon": (1, None, True),
@@ -243,10 +269,121 @@ class PPOConfig(ConfigMixin):
 
     def validate(self) -> None:
         super().validate()
+        if self.lora and self.ema_decay is not None:
+            raise ValueError("ema_decay is not supported with LoRA (lora_r > 0): an EMA would copy the whole "
+                             "policy; leave ema_decay empty or train every weight")
         if self.batch_size % self.num_minibatches:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be divisible by num_minibatches ({self.num_minibatches})"
             )
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+                  "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+
+
+@dataclass
+class DPOConfig(ConfigMixin):
+    """Stage 3, alternative: DPO (Rafailov et al. 2023) on preference pairs, no reward model and no sampling
+    while training; run by TRL's DPOTrainer."""
+
+    sft_model: str = option("", "the policy and the frozen reference start here")
+    data: str = option("demo", "'demo' (K answers sampled from the SFT model, ranked by the simulated labeler, as "
+                               "the RM stage does), 'store', or a rankings/pairs JSONL/CSV; every ranking gives "
+                               "its C(K,2) (chosen, rejected) pairs")
+    epochs: int = option(1, "passes over the pairs")
+    max_steps: int = option(0, "stop after this many optimisation steps (0: run all epochs)")
+    learning_rate: float = option(1e-6, "AdamW learning rate, linear decay to 0 (DPO paper: 1e-6)")
+    warmup_ratio: float = option(0.1, "share of steps with linear warmup")
+    batch_size: int = option(64, "pairs per optimisation step (DPO paper: 64)")
+    beta: float = option(0.1, "KL strength: how far the policy may move from the SFT reference (DPO paper: 0.1)")
+    loss_type: str = option("sigmoid", "TRL's loss: 'sigmoid' is DPO, 'ipo' IPO (beta is tau), 'hinge' SLiC, ...")
+    label_smoothing: float = option(0.0, "'robust'/'exo_pair' only: assumed share of flipped labels")
+    max_length: int = option(128, "prompt + answer tokens")
+    k: int = option(4, "demo only: answers sampled per prompt")
+    n_prompts: int = option(1000, "demo only: prompts to rank")
+    sample_temperature: float = option(1.0, "demo only: temperature of the answers to rank")
+    labeler_temperature: float = option(0.0, "demo only: Bradley-Terry noise of the simulated labeler")
+    save_every: int = option(50, "optimisation steps between checkpoints")
+    eval_prompts: int = option(100, "demo data only: held-out prompts for the final gold evaluation (0: skip)")
+    eval_temperature: float = option(1.0, "sampling temperature of the final gold evaluation")
+    seed: int = option(0, "random seed (pair order, sampling)")
+    device: str = option("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'")
+
+    _bounds = {
+        "epochs": (1, 1000, True), "max_steps": _NONNEG, "learning_rate": _POS, "warmup_ratio": _UNIT,
+        "batch_size": (1, None, True), "beta": _POS, "label_smoothing": (0, 0.5, True), "max_length": (8, None, True),
+        "k": (2, 9, True), "n_prompts": (1, None, True), "sample_temperature": _POS, "labeler_temperature": _NONNEG,
+        "save_every": (1, None, True), "eval_prompts": _NONNEG, "eval_temperature": _POS,
+    }
+    _choices = {"device": DEVICES, "loss_type": DPO_LOSS_TYPES}
+
+
+@dataclass
+class GroupRLConfig(ConfigMixin):
+    """Fields GRPO and RLOO share: answers sampled in groups per prompt, rewarded by the RM, no value model."""
+
+    sft_model: str = option("", "the policy and the frozen reference start here")
+    reward_model: str = option("", "the trained reward model that scores answers (reward: rm)")
+    reward: str = option("rm", "'rm': the trained reward model (the recipe); 'gold': the demo's simulated labeler "
+                               "itself - CHEATING on the proxy, demo prompts only, to show what a perfect RM buys")
+    prompts: str = option("demo", "'demo', 'store' or a JSONL/CSV path with a \"prompt\" column")
+    total_episodes: int = option(256_000, "sampled answers in all (as PPO's episodes)")
+    batch_size: int = option(64, "answers per optimisation step: batch_size / num_generations prompts")
+    num_generations: int = option(4, "answers sampled per prompt, the group whose mean is the baseline (>= 2)")
+    learning_rate: float = option(1e-6, "AdamW learning rate, linear decay to 0")
+    max_completion_length: int = option(24, "max new tokens per answer")
+    temperature: float = option(1.0, "sampling temperature (log-probs are of the tempered distribution)")
+    epsilon: float = option(0.2, "ratio clip epsilon")
+    num_iterations: int = option(1, "optimisation passes over each generated batch (mu)")
+    missing_eos_penalty: float | None = option(1.0, "subtracted from the reward of answers that never stop (as PPO)")
+    max_grad_norm: float = option(1.0, "global gradient-norm clip")
+    save_every: int = option(50, "optimisation steps between checkpoints")
+    eval_prompts: int = option(100, "demo prompts only: held-out prompts for the final gold evaluation (0: skip)")
+    seed: int = option(0, "random seed (prompt order, sampling)")
+    device: str = option("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'")
+
+    _bounds = {
+        "total_episodes": (1, None, True), "batch_size": (2, None, True), "num_generations": (2, None, True),
+        "learning_rate": _POS, "max_completion_length": (1, 1024, True), "temperature": _POS, "beta": _NONNEG,
+        "epsilon": _POS, "num_iterations": (1, None, True), "missing_eos_penalty": _NONNEG, "max_grad_norm": _POS,
+        "save_every": (1, None, True), "eval_prompts": _NONNEG,
+    }
+    _choices = {"device": DEVICES, "reward": ("rm", "gold")}
+
+    def validate(self) -> None:
+        super().validate()
+        if self.batch_size % self.num_generations:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_generations "
+                             f"({self.num_generations}): each prompt's group is sampled whole")
+
+    def optional_models(self) -> tuple[str, ...]:
+        """Model fields this config does not use (the RM, when the labeler itself is the reward)."""
+        return ("reward_model",) if self.reward == "gold" else ()
+
+
+@dataclass
+class GRPOConfig(GroupRLConfig):
+    """Stage 3, alternative: GRPO (Shao et al. 2024): group-normalised advantages, KL as a k3 loss term;
+    run by TRL's GRPOTrainer."""
+
+    beta: float = option(0.04, "weight of the KL(pi || SFT) loss term, k3 per token (DeepSeekMath: 0.04)")
+    loss_type: str = option("dapo", "TRL's token aggregation: 'grpo' (per answer, length-biased), 'dapo' (TRL's "
+                                    "default), 'dr_grpo', 'bnpo'")
+    scale_rewards: str = option("group", "divide advantages by the reward std of the 'group', the 'batch', or "
+                                         "'none' (Dr. GRPO)")
+
+    _choices = {**GroupRLConfig._choices, "loss_type": ("grpo", "dapo", "dr_grpo", "bnpo"),
+                "scale_rewards": ("group", "batch", "none")}
+
+
+@dataclass
+class RLOOConfig(GroupRLConfig):
+    """Stage 3, alternative: RLOO (Ahmadian et al. 2024): each answer's baseline is the mean reward of the
+    other answers to its prompt; KL (k1, summed per answer) in the reward as PPO; run by TRL's RLOOTrainer."""
+
+    beta: float = option(0.05, "weight of the KL(pi || SFT) penalty in the reward, k1 summed per answer")
+    normalize_advantages: bool = option(False, "whiten the advantages over the batch")
 
 
 # Demo presets: the recipe's shape, scaled so the bundled model runs it on a laptop CPU.
@@ -262,14 +399,24 @@ PRESETS: dict[str, dict[str, dict]] = {
         # steps fit in about 2 minutes on 2 CPU cores (the update is ~80% of a step).
         "ppo": dict(total_episodes=6400, batch_size=64, learning_rate=2e-4, kl_coef=0.1, ptx_coef=1.0,
                     ppo_epochs=2, ptx_batch_size=8, response_length=24, save_every=25),
+        # The alternatives on the same budget as PPO: the RM's rankings (DPO), 6400 sampled answers (GRPO, RLOO).
+        "dpo": dict(epochs=1, learning_rate=1e-4, batch_size=32, beta=0.1, k=4, n_prompts=800, sample_temperature=0.5,
+                    save_every=25),
+        "grpo": dict(total_episodes=6400, batch_size=64, num_generations=4, learning_rate=2e-4, beta=0.04,
+                     max_completion_length=24, save_every=25),
+        "rloo": dict(total_episodes=6400, batch_size=64, num_generations=4, learning_rate=2e-4, beta=0.05,
+                     max_completion_length=24, save_every=25),
     },
     "full": {
         "sft": dict(epochs=16, learning_rate=5e-4, batch_size=32, dropout=0.2, n_demonstrations=2000),
         "rm": dict(epochs=1, learning_rate=3e-4, batch_size=8, k=6, n_prompts=2000),
         "ppo": dict(total_episodes=32000, batch_size=64, learning_rate=1e-4, kl_coef=0.1, ptx_coef=1.0,
                     save_every=50),
+        "dpo": dict(epochs=2, learning_rate=5e-5, batch_size=32, beta=0.1, k=6, n_prompts=2000),
+        "grpo": dict(total_episodes=32000, batch_size=64, num_generations=8, learning_rate=1e-4, beta=0.04),
+        "rloo": dict(total_episodes=32000, batch_size=64, num_generations=8, learning_rate=1e-4, beta=0.05),
     },
 }
 
 
-__all__ = ["ConfigMixin", "SFTConfig", "RewardConfig", "PPOConfig", "PRESETS", "field_help", "option", "read_yaml"]
+__all__ = ["ConfigMixin", "SFTConfig", "RewardConfig", "PPOConfig", "DPOConfig", "GRPOConfig", "RLOOConfig", "PRESETS", "field_help", "option", "read_yaml"]

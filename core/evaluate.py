@@ -34,3 +34,88 @@ def gold_eval(
         "length": sum(lengths) / n,
         "eos_rate": sum(finished) / n,
     }
+
+
+@torch.no_grad()
+def kl_to_reference(
+    model, reference, tokenizer, prompts: list[str], temperature: float = 1.0, max_new_tokens: int = 24,
+    seed: int = 1234, batch_size: int = 64,
+) -> float:
+    """KL(pi || pi_ref) per answer, measured the same way for every method (PPO, DPO, GRPO, RLOO):
+    the mean over `prompts` of sum_t (log pi(y_t) - log pi_ref(y_t)) on one answer per prompt sampled
+    from pi at `temperature`, EOS included (k1 summed over the answer: a Monte-Carlo estimate of the
+    KL). Log-probs are those of the temperature-scaled distributions, the ones sampled from, as in
+    PPO's `kl` metric."""
+    from core.stages.rl import gather_logprobs, positions_from_mask, response_logits
+
+    if temperature <= 0:
+        raise ValueError("the KL is measured on sampled answers: temperature must be > 0")
+    was_training = (model.training, reference.training)
+    model.eval()
+    reference.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        out = sample(model, tokenizer, chunk, max_new_tokens, temperature, seed=seed + i)
+        ids = torch.cat([out.prompt_ids, out.response_ids], 1)
+        mask = torch.cat([out.prompt_mask, out.response_mask], 1)
+        positions = positions_from_mask(mask)
+        P = out.prompt_ids.shape[1]
+        logp = gather_logprobs(response_logits(model, ids, mask, positions, P, temperature), out.response_ids)
+        ref_logp = gather_logprobs(response_logits(reference.to(ids.device), ids, mask, positions, P, temperature),
+                                   out.response_ids)
+        total += float(((logp - ref_logp) * out.response_mask).sum())
+        n += len(chunk)
+    model.train(was_training[0])
+    reference.train(was_training[1])
+    return total / max(1, n)
+
+
+def checkpoint_kl(model_ref, reference_ref, device: str = "auto", n_prompts: int = 200, temperature: float = 1.0,
+                  max_new_tokens: int = 24) -> float:
+    """`kl_to_reference` between two checkpoints on the demo's held-out prompts (the pipeline's KL to SFT)."""
+    from core.models.loading import load_policy, load_tokenizer, pick_device
+
+    dev = pick_device(device)
+    tokenizer = load_tokenizer(model_ref)
+    model, reference = load_policy(model_ref, dev, dropout=0.0), load_policy(reference_ref, dev, dropout=0.0)
+    prompts = [t.prompt for t in demo.heldout_tasks(n_prompts)]
+    return kl_to_reference(model, reference, tokenizer, prompts, temperature, max_new_tokens)
+
+
+@torch.no_grad()
+def answer_rm_scores(reward_model, samples) -> torch.Tensor:
+    """The reward model's score of each sampled answer (`core.models.generate.Samples`), read at its last
+    response token (the EOS, or the last sampled token when cut off), as PPO's `score_responses` reads it
+    (raw: no missing-EOS penalty)."""
+    from core.models.loading import token_scores
+    from core.stages.rl import positions_from_mask
+
+    ids = torch.cat([samples.prompt_ids, samples.response_ids], 1)
+    mask = torch.cat([samples.prompt_mask, samples.response_mask], 1)
+    P = samples.prompt_ids.shape[1]
+    last = (samples.response_mask.sum(1).long() - 1).clamp(min=0)
+    scores = token_scores(reward_model, ids, mask, positions_from_mask(mask))[:, P:].float()
+    return scores.gather(1, last[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def policy_eval(
+    model, reference, reward_model, tokenizer, tasks: list[demo.Task], temperature: float = 1.0,
+    max_new_tokens: int = 24, seed: int = 1234, batch_size: int = 64,
+) -> dict[str, float]:
+    """Held-out gold, RM score and KL to `reference` of answers sampled from `model` at `temperature`,
+    one per task (the over-optimisation study's measurement, core/study.py): mean `gold`
+    (demo.gold_score), mean raw `rm` score, and `kl` = `kl_to_reference` (the mean per-answer sum of
+    log pi - log pi_ref). `kl_to_reference` samples with the same seed and batching, so all three are
+    measured on the same answers."""
+    gold, rm = [], []
+    for i in range(0, len(tasks), batch_size):
+        chunk = tasks[i : i + batch_size]
+        out = sample(model, tokenizer, [t.prompt for t in chunk], max_new_tokens, temperature, seed=seed + i)
+        gold += [demo.gold_score(t.prompt, text) for t, text in zip(chunk, out.texts)]
+        rm += answer_rm_scores(reward_model, out).tolist()
+    kl = kl_to_reference(model, reference, tokenizer, [t.prompt for t in tasks], temperature, max_new_tokens,
+                         seed, batch_size)
+    n = max(1, len(tasks))
+    return {"gold": sum(gold) / n, "rm": sum(rm) / n, "kl": kl}

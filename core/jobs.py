@@ -28,9 +28,10 @@ from core.data.store import ACTIVE_STATUSES as ACTIVE
 from core.data.store import Store
 from core.events import Events
 from core.paths import checkpoints_dir, data_home, validate_name
-from core.stages import STAGES, check_models, get_stage
+from core.stages import RECIPE, STAGES, check_models, get_stage
 
-JOB_STAGES = (*STAGES, "pipeline")
+JOB_STAGES = (*STAGES, "pipeline", "study")
+DICT_CONFIG_JOBS = ("pipeline", "study")  # jobs whose config is a plain dict, not a stage config
 PIPELINE_STAGES = tuple(STAGES)
 RESUMABLE = ("interrupted", "stopped", "failed")
 
@@ -39,6 +40,8 @@ Runner = Callable[..., Path]
 
 def default_runner(stage: str) -> Runner:
     """Stage runners from the registry; the pipeline is adapted to the same call shape."""
+    if stage == "study":
+        return run_study_job
     if stage != "pipeline":
         return get_stage(stage).runner
 
@@ -47,16 +50,45 @@ def default_runner(stage: str) -> Runner:
 
         # Each stage is its own run "<pipeline run>-<stage>"; a resumed pipeline resumes those same
         # runs in place (the stages continue from their checkpoints under output_dir).
-        # `no_ptx_baseline=False` skips the extra ptx_coef=0 PPO run: the app's one-click demo should
-        # finish quickly; the CLI's pipeline makes that comparison.
+        # `no_ptx_baseline=True`: the one-click demo also trains PPO without the ptx term, so Home's
+        # results card shows what ptx does to the alignment tax (about a minute more on 2 cores).
         run(config["preset"], output_dir, store, events, stages=tuple(config["stages"]), name=events.run_id,
-            no_ptx_baseline=False)
+            no_ptx_baseline=True, **pipeline_test_options())
         return Path(output_dir)
 
     return run_pipeline
 
 
-def pipeline_config(preset: str = "quick", stages=PIPELINE_STAGES) -> dict:
+def run_study_job(config: dict, store: Store, events: Events, output_dir: Path) -> Path:
+    """The over-optimisation study (core/study.py) as a job: its SFT/RM and sweep runs are runs of their own
+    ("<study run>-sft", "<study run>-kl<beta>"); a resumed study skips what DIR/study.json has done."""
+    from core.study import run_study
+
+    run_study(config, output_dir, store, events, name=events.run_id)
+    return Path(output_dir)
+
+
+PIPELINE_OVERRIDES_ENV = "RLHF_WORKBENCH_PIPELINE_OVERRIDES"
+
+
+def pipeline_test_options() -> dict:
+    """For tests only (the browser test): the app's pipeline job reads per-stage config overrides from
+    the environment, e.g. RLHF_WORKBENCH_PIPELINE_OVERRIDES='{"sft": {"epochs": 1}, "eval_prompts": 16}',
+    so a real server runs a tiny demo pipeline. Unset (always, in normal use) it changes nothing."""
+    import json
+    import os
+
+    raw = os.environ.get(PIPELINE_OVERRIDES_ENV)
+    if not raw:
+        return {}
+    values = json.loads(raw)
+    options = {"overrides": {k: v for k, v in values.items() if k in PIPELINE_STAGES}}
+    if "eval_prompts" in values:
+        options["eval_prompts"] = int(values["eval_prompts"])
+    return options
+
+
+def pipeline_config(preset: str = "quick", stages=RECIPE) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     stages = list(stages)
@@ -252,7 +284,14 @@ class JobManager:
             raise ValueError(f"unknown stage {stage!r}: choose one of {', '.join(JOB_STAGES)}")
         if stage == "pipeline":
             config = dict(config or {})
-            return pipeline_config(config.get("preset", "quick"), config.get("stages", PIPELINE_STAGES))
+            return pipeline_config(config.get("preset", "quick"), config.get("stages", RECIPE))
+        if stage == "study":
+            from core.study import check_models as check_study_models
+            from core.study import study_config_from_dict
+
+            config = study_config_from_dict(config)
+            check_study_models(config)  # reused SFT/RM checkpoints: refused now, not as a failed job later
+            return config
         if isinstance(config, ConfigMixin):
             if not isinstance(config, STAGES[stage].config_class):
                 raise ValueError(f"a {type(config).__name__} is not a config for stage {stage!r}")
@@ -273,7 +312,7 @@ class JobManager:
             )
         out = Path(job.output_dir)
         started = self.store.last_step(job.run_id) >= 0
-        if job.stage == "pipeline":
+        if job.stage in DICT_CONFIG_JOBS:
             has_checkpoint = out.is_dir()
         else:
             has_checkpoint = out.is_dir() or checkpoints_dir(out).is_dir()
@@ -307,7 +346,7 @@ class JobManager:
         status, error, tb, result = "done", None, None, None
         try:
             run = self.runner(job.stage)
-            config = job.config if job.stage == "pipeline" else STAGES[job.stage].config_class.from_dict(job.config)
+            config = job.config if job.stage in DICT_CONFIG_JOBS else STAGES[job.stage].config_class.from_dict(job.config)
             result = run(config, self.store, events, Path(job.output_dir))
             if job.stop_flag.is_set():
                 status = "stopped"

@@ -10,15 +10,16 @@ import time
 from pathlib import Path
 
 from core.data import demo
+from core.data.demo_import import import_demo_data, import_demo_rankings
 from core.data.store import Store
-from core.evaluate import gold_eval
+from core.evaluate import checkpoint_kl, gold_eval
 from core.events import Events
 from core.models.loading import load_policy, load_tokenizer, pick_device
 from core.models.pretrain import heldout_lm_loss, pack
 from core.paths import atomic_write_text
-from core.stages import get_stage, make_config
+from core.stages import RECIPE, get_stage, make_config
 
-ALL_STAGES = ("sft", "rm", "ppo")  # the recipe's order; each stage's inputs are the earlier stages' outputs
+ALL_STAGES = ("sft", "rm", "ppo", "dpo", "grpo", "rloo")  # the recipe's order; each stage's inputs are the earlier stages' outputs
 
 
 def evaluate_checkpoint(model_ref: str | Path, device: str = "auto", n_prompts: int = 200, temperature: float = 1.0) -> dict:
@@ -32,9 +33,28 @@ def evaluate_checkpoint(model_ref: str | Path, device: str = "auto", n_prompts: 
     blocks = pack(tokenizer, demo.heldout_corpus(), 128)
     return {
         "gold": sampled["gold"], "gold_greedy": greedy["gold"], "correct": sampled["correct"],
-        "concise": sampled["concise"], "length": sampled["length"], "eos_rate": sampled["eos_rate"],
+        "template": sampled["template"], "concise": sampled["concise"], "length": sampled["length"], "eos_rate": sampled["eos_rate"],
         "pretrain_loss": heldout_lm_loss(model, blocks, dev),
     }
+
+
+COMPARED = ("sft", "ppo", "ppo_no_ptx", "dpo", "grpo", "rloo")
+
+
+def comparison(report: dict) -> list[dict]:
+    """One row per method in the report: gold and its parts, KL to SFT, alignment tax, wall time (and
+    relative to PPO-ptx's)."""
+    rows = []
+    for key in COMPARED:
+        if key not in report:
+            continue
+        r = report[key]
+        row = {"method": key, **{k: r.get(k) for k in ("gold", "correct", "template", "concise", "pretrain_loss")},
+               "kl_to_sft": 0.0 if key == "sft" else r.get("kl_to_sft"), "wall_s": report["timings_s"].get(key)}
+        if key != "sft" and report["timings_s"].get("ppo") and row["wall_s"] is not None:
+            row["time_vs_ppo"] = row["wall_s"] / report["timings_s"]["ppo"]
+        rows.append(row)
+    return rows
 
 
 def correlation(xs: list[float], ys: list[float]) -> float | None:
@@ -63,26 +83,66 @@ def _stage_events(parent: Events, store: Store, run_id: str, stage: str, config,
 
 
 def run_pipeline(
-    preset: str, output_dir: str | Path, store: Store, events: Events, stages: tuple[str, ...] = ALL_STAGES,
+    preset: str, output_dir: str | Path, store: Store, events: Events, stages: tuple[str, ...] = RECIPE,
     overrides: dict[str, dict] | None = None, no_ptx_baseline: bool = True, name: str | None = None,
-    eval_prompts: int = 200,
+    eval_prompts: int = 200, through_store: bool = True,
 ) -> dict:
-    """Run the chosen stages on the demo task; returns (and writes) DIR/report.json."""
+    """Run the chosen stages on the demo task; returns (and writes) DIR/report.json.
+
+    `through_store`: the demo's prompts, demonstrations and (after SFT) the simulated labeler's rankings
+    are imported into the store first (core/data/demo_import.py), and the stages train from the store
+    (data='store'), the path a user's own data takes. Without it they read the built-in task directly.
+    The pipeline is itself a run in the store (stage 'pipeline', its output directory holds report.json);
+    the job manager creates it for the app, the pipeline creates it for the CLI."""
     unknown = set(stages) - set(ALL_STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}: choose from {', '.join(ALL_STAGES)}")
     overrides = overrides or {}
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    name = name or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
-    sft_config = make_config("sft", preset, overrides.get("sft"))
+    name = name or events.run_id or f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
+    store_data = ({"sft": {"data": "store"}, "rm": {"data": "store", "heldout": "demo"}, "ppo": {"prompts": "store"}}
+                  if through_store else {})
+    sft_config = make_config("sft", preset, {**store_data.get("sft", {}), **overrides.get("sft", {})})
     configs = {
         "sft": sft_config,
-        "rm": make_config("rm", preset, {"sft_model": str(output_dir / "sft"), **overrides.get("rm", {})}),
+        "rm": make_config("rm", preset, {"sft_model": str(output_dir / "sft"), **store_data.get("rm", {}),
+                                         **overrides.get("rm", {})}),
         "ppo": make_config("ppo", preset, {"sft_model": str(output_dir / "sft"), "reward_model": str(output_dir / "rm"),
-                                           **overrides.get("ppo", {})}),
+                                           **store_data.get("ppo", {}), **overrides.get("ppo", {})}),
     }
+    # The alternative third stages on the same SFT model, the same data (DPO: the RM's rankings) and the same RM.
+    configs.update({
+        "dpo": make_config("dpo", preset, {"sft_model": str(output_dir / "sft"), "data": "store" if through_store else
+                                           str(output_dir / "rm-rankings.jsonl"), **overrides.get("dpo", {})}),
+        **{alt: make_config(alt, preset, {"sft_model": str(output_dir / "sft"), "reward_model": str(output_dir / "rm"),
+                                          "prompts": "store" if through_store else "demo", **overrides.get(alt, {})})
+           for alt in ("grpo", "rloo")},
+    })
+    if events.run_id is None:  # the CLI: the pipeline becomes a run of its own, as in the app
+        store.start_run(name, "pipeline", {"preset": preset, "stages": list(stages)}, str(output_dir))
+        events = Events(store, name, events.stop_flag, events.on_progress, events.console)
+        try:
+            report = _run_stages(preset, output_dir, store, events, stages, configs, no_ptx_baseline, name,
+                                 eval_prompts, through_store)
+        except BaseException as exc:
+            store.set_run_status(name, "failed", str(exc))
+            raise
+        store.set_run_status(name, "stopped" if events.should_stop() else "done")
+        return report
+    return _run_stages(preset, output_dir, store, events, stages, configs, no_ptx_baseline, name, eval_prompts,
+                       through_store)
+
+
+def _run_stages(preset: str, output_dir: Path, store: Store, events: Events, stages: tuple[str, ...], configs: dict,
+                no_ptx_baseline: bool, name: str, eval_prompts: int, through_store: bool) -> dict:
+    sft_config = configs["sft"]
     report: dict = {"preset": preset, "timings_s": {}}
+    if through_store:
+        report["imported"] = import_demo_data(store, sft_config.n_demonstrations, sft_config.ramble_rate,
+                                              sft_config.seed)
+        events.log(f"demo data in the store: added {report['imported']['prompts']} prompts and "
+                   f"{report['imported']['demonstrations']} demonstrations (source 'demo')")
     t0 = time.perf_counter()
     report["base"] = evaluate_checkpoint(sft_config.model, sft_config.device, eval_prompts)
     report["timings_s"]["base_eval"] = time.perf_counter() - t0
@@ -97,6 +157,9 @@ def run_pipeline(
         run_id = f"{name}-{key.replace('_', '-')}"
         stage_events = _stage_events(events, store, run_id, stage, config, output_dir / key)
         try:
+            if stage == "rm" and through_store and config.data == "store":
+                # Rankings are sampled from the SFT policy, so they enter the store now, after SFT.
+                report["imported"]["rankings"] = import_demo_rankings(store, config, stage_events)
             out = get_stage(stage).runner(config, store, stage_events, output_dir / key)
         except BaseException as exc:
             store.set_run_status(run_id, "failed", str(exc))
@@ -113,9 +176,21 @@ def run_pipeline(
                 ppo = json.loads(summary.read_text())
                 report[key].update({k: ppo[k] for k in ("kl", "reward", "ptx_loss") if k in ppo})
             report[key]["reward_gold_correlation"] = reward_gold_correlation(store, run_id)
-        if "sft" in report and key.startswith("ppo"):
+        if stage in ("grpo", "rloo", "dpo"):
+            summary = out / f"{stage}_summary.json"
+            if summary.is_file():
+                alt = json.loads(summary.read_text())
+                report[key].update({k: alt[k] for k in ("kl", "reward", "train_pair_accuracy") if k in alt})
+            if stage != "dpo":
+                report[key]["reward_gold_correlation"] = reward_gold_correlation(store, run_id)
+        if stage in ("ppo", "dpo", "grpo", "rloo") and (output_dir / "sft").is_dir():
+            # One KL measurement for every method (core/evaluate.kl_to_reference), and its wall time.
+            report[key]["kl_to_sft"] = checkpoint_kl(out, output_dir / "sft", config.device, eval_prompts)
+            report[key]["wall_s"] = report["timings_s"][key]
+        if "sft" in report and stage in ("ppo", "dpo", "grpo", "rloo"):
             report[key]["pretrain_drift"] = report[key]["pretrain_loss"] - report["sft"]["pretrain_loss"]
         atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2))
+    report["comparison"] = comparison(report)
     report["timings_s"]["total"] = sum(report["timings_s"].values())
     atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2))
     return report

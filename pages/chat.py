@@ -5,6 +5,7 @@ import streamlit as st
 
 from core.models.generate import stream
 from core.data.store import check_ranks
+from core.textsafe import ShownStream, escape_markdown
 from workbench import resources
 
 store = resources.store()
@@ -19,9 +20,10 @@ with st.sidebar:
     seed = st.number_input("Seed", 0, 2**31 - 1, 0, key="chat_seed", help="same seed, same prompt: comparable answers")
 
 
-def answer(label: str, prompt: str):
+def answer(label: str, prompt: str) -> ShownStream:
+    """The answer's pieces, escaped for display (model text is never markup); `.text` is what it wrote."""
     model, tokenizer = resources.models().get(choices[label])
-    return stream(model, tokenizer, prompt, int(max_tokens), temperature, top_p, int(seed))
+    return ShownStream(stream(model, tokenizer, prompt, int(max_tokens), temperature, top_p, int(seed)))
 
 
 single, side_by_side = st.tabs(["Chat", "Side by side"])
@@ -32,18 +34,19 @@ with single:
     history = st.session_state.setdefault("chat_history", [])
     for message in history:
         with st.chat_message(message["role"]):
-            st.markdown(message["content"])
+            st.markdown(escape_markdown(message["content"]))
             if message.get("model"):
                 st.caption(message["model"])
     prompt = st.chat_input("Ask something, e.g. What is 3 plus 4?", key="chat_prompt")
     if prompt:
         history.append({"role": "user", "content": prompt})
         with st.chat_message("user"):
-            st.markdown(prompt)
+            st.markdown(escape_markdown(prompt))
         with st.chat_message("assistant"):
-            text = st.write_stream(answer(label, prompt))
+            shown = answer(label, prompt)
+            st.write_stream(shown)
             st.caption(label)
-        history.append({"role": "assistant", "content": text or "", "model": label})
+        history.append({"role": "assistant", "content": shown.text, "model": label})
 
 with side_by_side:
     # Default: the newest SFT model against the newest PPO policy, the comparison the recipe is about.
@@ -65,14 +68,16 @@ with side_by_side:
             for column, label in zip(columns, picked):
                 with column:
                     st.markdown(f"**{chr(65 + len(answers))}** · {label}")
-                    answers[label] = (st.write_stream(answer(label, sbs_prompt)) or "").strip()
+                    shown = answer(label, sbs_prompt)
+                    st.write_stream(shown)
+                    answers[label] = shown.text.strip()
             st.session_state["sbs"] = {"prompt": sbs_prompt.strip(), "answers": answers}
     sbs = st.session_state.get("sbs")
     if sbs and not generate:
         columns = st.columns(len(sbs["answers"]))
         for i, (column, (label, text)) in enumerate(zip(columns, sbs["answers"].items())):
             column.markdown(f"**{chr(65 + i)}** · {label}")
-            column.markdown(text or "_(empty answer)_")
+            column.markdown(escape_markdown(text) if text else "_(empty answer)_")
     if sbs and len(set(sbs["answers"].values())) < len(sbs["answers"]):
         st.info("Some answers are the same text, so there is no order to vote on (a ranking needs distinct "
                 "answers). Try another seed or prompt.")

@@ -1,13 +1,18 @@
 """Home: where the pipeline stands (base -> SFT -> RM -> PPO) and what to do next."""
 
+import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
+from core import catalog, results
 from core.stages import STAGES
 from workbench import resources
 
 store = resources.store()
 counts = store.counts()
-checkpoints = {spec.checkpoint_kind: store.list_checkpoints(spec.checkpoint_kind) for spec in STAGES.values()}
+# Final models only (a run's output); epoch and step checkpoints stay in the pickers, under their run.
+checkpoints = {spec.checkpoint_kind: catalog.final_models(store.list_checkpoints(spec.checkpoint_kind))
+               for spec in STAGES.values()}
 
 st.title("RLHF Workbench")
 st.caption("The InstructGPT recipe on your machine: supervised fine-tuning, a reward model from rankings, "
@@ -16,9 +21,54 @@ st.caption("The InstructGPT recipe on your machine: supervised fine-tuning, a re
 st.subheader("Pipeline")
 base, sft, rm, ppo = st.columns(4)
 base.metric("Base model", "bundled", help="assets/tiny-gpt2, a small GPT-2 pretrained on the demo corpus")
-sft.metric("SFT checkpoints", len(checkpoints["sft"]))
-rm.metric("Reward models", len(checkpoints["rm"]))
-ppo.metric("PPO policies", len(checkpoints["ppo"]))
+sft.metric("SFT models", len(checkpoints["sft"]), help="final models; epoch checkpoints are listed under their run")
+rm.metric("Reward models", len(checkpoints["rm"]), help="final models; epoch checkpoints are listed under their run")
+ppo.metric("PPO policies", len(checkpoints["ppo"]), help="final models; step checkpoints are listed under their run")
+
+latest = results.latest_report(store)
+if latest is not None:
+    run, report = latest
+    shown = results.card(report)
+    st.subheader("Results")
+    with st.container(border=True, key="results_card"):
+        st.caption(f"Pipeline **{run['id']}** ({shown['preset']} preset, `{run['status']}`): every model scored on "
+                   "the same held-out prompts by the demo's labeler (gold = 0.5 correct + 0.2 format + 0.3 concise, "
+                   f"answers sampled at T = 1). From `{results.report_path(run)}`.")
+        models = {m["key"]: m for m in shown["models"]}
+        tiles = st.columns(4)
+        if "ppo" in models and "sft" in models:
+            tiles[0].metric("Gold: SFT → PPO-ptx", f"{models['ppo']['gold']:.2f}",
+                            f"{models['ppo']['gold'] - models['sft']['gold']:+.2f} vs SFT")
+        elif "sft" in models:
+            tiles[0].metric("Gold: base → SFT", f"{models['sft']['gold']:.2f}",
+                            f"{models['sft']['gold'] - models['base']['gold']:+.2f} vs base")
+        if models.get("ppo", {}).get("KL to SFT") is not None:
+            tiles[1].metric("KL to SFT (nats/answer)", f"{models['ppo']['KL to SFT']:.2f}")
+        if shown["reward_model"]:
+            tiles[2].metric("RM held-out accuracy", f"{shown['reward_model'][0]['accuracy']:.2f}")
+        if "ppo" in models and "sft" in models:
+            tiles[3].metric("Alignment tax (pretraining loss)", f"{models['ppo']['held-out pretraining loss']:.2f}",
+                            f"{models['ppo']['held-out pretraining loss'] - models['sft']['held-out pretraining loss']:+.2f}"
+                            " vs SFT", delta_color="inverse")
+        table = pd.DataFrame(shown["models"]).drop(columns="key").set_index("model").astype(float)  # None -> blank
+        st.dataframe(table.style.format(precision=2, na_rep="—"), width="stretch", key="results_models")
+        left, right = st.columns(2)
+        if shown["reward_model"]:
+            left.markdown("**Reward model**: held-out pairwise accuracy by preference kind")
+            left.dataframe(pd.DataFrame(shown["reward_model"]).set_index("preference"), width="stretch",
+                           column_config={"accuracy": st.column_config.NumberColumn(format="%.2f")},
+                           key="results_rm")
+        if shown["alignment_tax"]:
+            right.markdown("**Alignment tax**: held-out pretraining loss (lower is better)")
+            tax = go.Figure(go.Bar(x=list(shown["alignment_tax"].values()), y=list(shown["alignment_tax"]),
+                                   orientation="h", marker_color="#1f77b4",
+                                   text=[f"{v:.2f}" for v in shown["alignment_tax"].values()], textposition="auto"))
+            tax.update_layout(height=200, margin=dict(l=10, r=10, t=10, b=10), yaxis=dict(autorange="reversed"),
+                              xaxis_title="held-out pretraining loss")
+            right.plotly_chart(tax, key="results_tax", width="stretch")
+        if "ppo_no_ptx" not in models and "ppo" in models:
+            st.caption("This pipeline ran without the PPO-without-ptx comparison; the CLI's "
+                       "`rlhf pipeline --demo` and the app's demo run it.")
 
 st.subheader("Data")
 prompts, demos, rankings, runs = st.columns(4)

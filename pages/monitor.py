@@ -1,66 +1,222 @@
-"""Monitor: live curves of the selected runs, overlaid, one chart per metric.
+"""Monitor: live curves of the selected runs, grouped by stage, and a browser of PPO's rollouts.
 
-Watch RM reward against gold score and KL together: reward climbing while gold falls is the
-reward model being gamed (over-optimisation; a larger kl_coef holds it back).
+A pipeline run stands for its stage runs (SFT -> RM -> PPO), found again on every refresh, so a
+stage that starts after the page opened joins by itself. Curves refresh every few seconds while a
+shown run is active and stop when all are done. Watch RM reward against gold score and KL
+together: reward climbing while gold falls is the reward model being gamed (over-optimisation).
 """
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from core import monitor
+from core.data import rollouts
+from core.textsafe import escape_html
 from workbench import resources
 
 store = resources.store()
 jobs = resources.jobs()
 MAX_POINTS = 400  # per run and metric: a 2,000-step PPO run stays quick to draw
-# The recipe's curves, in this order, are drawn by default; any other metric a stage logs (learning
-# rate, throughput...) can be picked. Fewer charts also keep the page quick while a job trains.
+REFRESH_S = 2
+# The recipe's curves, in this order, are drawn by default; "All metrics" adds the rest (learning
+# rate, throughput...). Fewer charts also keep the page quick while a job trains.
 PREFERRED = ["reward", "gold", "heldout_gold", "kl", "kl_coef", "entropy", "policy_loss", "value_loss",
-             "ptx_loss", "sft_loss", "rm_loss", "rm_accuracy", "heldout_accuracy", "clip_frac", "pretrain_loss",
-             "response_length"]
+             "ptx_loss", "sft_loss", "val_loss", "rm_loss", "rm_accuracy", "heldout_accuracy", "clip_frac",
+             "pretrain_loss", "heldout_gold_greedy", "response_length",
+             "dpo_loss", "reward_margin", "reward_accuracy"]  # DPO's (GRPO/RLOO log under PPO's names)
+HIDDEN_SINGLES = {"epoch"}  # bookkeeping, not a result: shown with "All metrics" only
+STAGE_COLOURS = ["rgba(31,119,180,0.08)", "rgba(255,127,14,0.08)", "rgba(44,160,44,0.08)", "rgba(148,103,189,0.08)"]
+
+
+def run_rows() -> list[dict]:
+    return [{"id": j.run_id, "stage": j.stage, "status": j.status} for j in jobs.jobs()]
+
 
 st.title("Monitor")
-runs = list(reversed(jobs.jobs()))
+runs = run_rows()
 if not runs:
     st.info("No runs yet: launch one on the Train page.")
     st.stop()
 
-labels = {j.run_id: f"{j.run_id} ({j.stage}, {j.status})" for j in runs}
-active = [j.run_id for j in runs if j.status in ("running", "stopping")]
-selected = st.multiselect("Runs", list(labels), default=active or [runs[0].run_id], format_func=labels.get,
-                          key="monitor_runs")
+labels = {r["id"]: f"{r['id']} ({r['stage']}, {r['status']})" for r in runs}
+selected = st.multiselect("Runs", [r["id"] for r in reversed(runs)], default=monitor.default_selection(runs),
+                          format_func=labels.get, key="monitor_runs",
+                          help="A pipeline run shows all its stages; pick several runs to overlay them")
 if not selected:
     st.info("Pick one or more runs to overlay their curves.")
     st.stop()
+options = st.columns([2, 1, 3])
+smoothing = options[0].slider("Smoothing (EMA)", 0.0, 0.99, 0.0, 0.01, key="monitor_smoothing",
+                              help="TensorBoard-style exponential moving average; the raw curve stays faint behind")
+all_metrics = options[1].toggle("All metrics", key="monitor_all_metrics",
+                                help="besides the recipe's curves: learning rate, throughput, ...")
+live = monitor.any_active(runs, selected)
+refresh = REFRESH_S if live else None
 
-known = {r["name"] for r in store.metrics(selected, max_points=50)}
-ordered = [n for n in PREFERRED if n in known] + sorted(n for n in known if n not in PREFERRED)
-chosen = st.multiselect("Metrics", ordered, key="monitor_metrics", placeholder="the recipe's curves")
+
+def line_traces(figure: go.Figure, name: str, steps: list, values: list, colour_index: int) -> None:
+    colour = f"hsl({(colour_index * 137) % 360}, 60%, 45%)"
+    if smoothing > 0 and len(values) > 1:
+        figure.add_trace(go.Scatter(x=steps, y=values, mode="lines", line=dict(color=colour, width=1), opacity=0.25,
+                                    showlegend=False, hoverinfo="skip"))
+        values = monitor.ema(values, smoothing)
+    figure.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers" if len(values) < 60 else "lines", name=name,
+                                line=dict(color=colour), marker_size=5 if len(values) > 1 else 10))
 
 
-@st.fragment(run_every=2 if any(jobs.get(r).status in ("running", "stopping", "queued") for r in selected) else None)
+def pipeline_overview(runs_now: list[dict], pipeline_id: str, rows: pd.DataFrame) -> None:
+    """The pipeline's stages as a strip (done / running / waiting) and its headline curves on one axis
+    with the stage boundaries marked."""
+    stage_runs = monitor.pipeline_stage_runs(runs_now, pipeline_id)
+    status = next((r["status"] for r in runs_now if r["id"] == pipeline_id), "")
+    planned = list(jobs.get(pipeline_id).config.get("stages") or [])
+    started = {s.label.split("-")[0] for s in stage_runs}
+    steps = [(s.label, s.status) for s in stage_runs] + [(p, "waiting") for p in planned if p not in started]
+    st.markdown(f"**Pipeline {pipeline_id}** · `{status}`")
+    marks = {"done": ":material/check_circle:", "running": ":material/progress_activity:",
+             "stopping": ":material/progress_activity:", "queued": ":material/schedule:", "waiting": ":material/schedule:"}
+    columns = st.columns(max(1, len(steps)))
+    for i, (column, (label, state)) in enumerate(zip(columns, steps)):
+        column.markdown(f"{marks.get(state, ':material/error:')} **{i + 1} · {label}**  \n`{state}`")
+    last = rows.groupby("run_id")["step"].max().to_dict() if not rows.empty else {}
+    offsets = monitor.timeline_offsets(stage_runs, last)
+    figure = go.Figure()
+    colour = 0
+    for i, s in enumerate(stage_runs):
+        start, end = offsets[s.id], offsets[s.id] + max(1, last.get(s.id, 0))
+        figure.add_vrect(x0=start, x1=end, fillcolor=STAGE_COLOURS[i % len(STAGE_COLOURS)], line_width=0,
+                         annotation_text=s.label, annotation_position="top left")
+        if i:
+            figure.add_vline(x=start, line_dash="dash", line_color="grey")
+        for name in monitor.TIMELINE_METRICS.get(s.stage, []):
+            curve = rows[(rows["run_id"] == s.id) & (rows["name"] == name)]
+            if len(curve) > 1:
+                line_traces(figure, f"{s.label}: {name}", (curve["step"] + start).tolist(), curve["value"].tolist(),
+                            colour)
+                colour += 1
+    figure.update_layout(height=300, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="pipeline step (stage after stage)",
+                         legend=dict(orientation="h", y=-0.3))
+    st.plotly_chart(figure, key=f"timeline_{pipeline_id}", width="stretch")
+
+
+@st.fragment(run_every=refresh)
 def curves() -> None:
-    rows = pd.DataFrame(store.metrics(selected, max_points=MAX_POINTS), columns=["run_id", "step", "name", "value"])
+    runs_now = run_rows()  # re-read: stage runs that started since the page opened join here
+    shown = monitor.expand(runs_now, selected)
+    ids = [s.id for s in shown]
+    rows = pd.DataFrame(store.metrics(ids, max_points=MAX_POINTS), columns=["run_id", "step", "name", "value"])
+    for pipeline_id in [r for r in selected if any(x["id"] == r and x["stage"] == monitor.PIPELINE for x in runs_now)]:
+        with st.container(border=True):
+            pipeline_overview(runs_now, pipeline_id, rows)
     if rows.empty:
         st.info("No metrics logged yet; curves appear after the first training steps.")
+    else:
+        by_stage: dict[str, list] = {}
+        for s in shown:
+            by_stage.setdefault(s.stage, []).append(s)
+        for stage in sorted(by_stage, key=monitor.stage_order):
+            members = by_stage[stage]
+            member_ids = [s.id for s in members]
+            # Per stage: SFT's one-epoch gold is a single value even though PPO logs gold every step.
+            curve_rows, singles = monitor.split_single_points(rows[rows["run_id"].isin(member_ids)].to_dict("records"))
+            curve_df = pd.DataFrame(curve_rows, columns=rows.columns)
+            present = set(curve_df["name"])
+            singles = [r for r in singles if all_metrics or r["name"] not in HIDDEN_SINGLES]
+            if not present and not singles:
+                continue
+            st.subheader(monitor.stage_title(stage))
+            st.caption(" · ".join(f"{s.id} `{s.status}`" for s in members))
+            names = [n for n in PREFERRED if n in present]
+            names += sorted(n for n in present if n not in PREFERRED) if all_metrics or not names else []
+            columns = st.columns(2)
+            for i, name in enumerate(names):
+                figure = go.Figure()
+                for j, s in enumerate(members):
+                    curve = curve_df[(curve_df["run_id"] == s.id) & (curve_df["name"] == name)]
+                    if not curve.empty:
+                        line_traces(figure, s.id, curve["step"].tolist(), curve["value"].tolist(), j)
+                figure.update_layout(title=name, height=280, margin=dict(l=10, r=10, t=40, b=10), xaxis_title="step",
+                                     legend=dict(orientation="h", y=-0.25), showlegend=len(members) > 1)
+                columns[i % 2].plotly_chart(figure, key=f"chart_{stage}_{name}", width="stretch")
+            if singles:
+                # One value per run (final evaluations): a number, not a lone dot on an empty chart.
+                tiles = st.columns(min(4, len(singles)))
+                for i, r in enumerate(sorted(singles, key=lambda r: (r["name"], r["run_id"]))):
+                    tiles[i % len(tiles)].metric(r["name"], f"{r['value']:.3f}",
+                                                 help=f"{r['run_id']}, step {r['step']}")
+    if refresh and not monitor.any_active(runs_now, selected):
+        st.rerun()  # everything shown finished: redraw once with the timer off
+
+
+def token_html(tokens: list[tuple[str, float]]) -> str:
+    """Each token on a colour for log pi - log pi_ref: red where the policy likes it more than the SFT
+    reference, blue where less. Every token's text is HTML-escaped (model text is never markup)."""
+    spans = []
+    for text, k in tokens:
+        alpha = min(1.0, abs(k) / 2.0) * 0.85
+        rgb = "220,50,47" if k > 0 else "38,139,210"
+        spans.append(f'<span title="log π − log π_ref = {k:+.3f}" style="background: rgba({rgb},{alpha:.2f});'
+                     f' border-radius: 3px; padding: 1px 0">{escape_html(text)}</span>')
+    return "".join(spans)
+
+
+def sample_html(sample: dict) -> str:
+    gold = f" · gold {sample['gold']:.2f}" if sample["gold"] is not None else ""
+    ending = "stopped (EOS)" if sample["finished"] else "cut at the length limit"
+    return (f'<div style="font-size: 0.85rem; color: #555">reward {sample["reward"]:+.3f}{gold} · KL {sample["kl"]:+.2f}'
+            f' · {sample["length"]} tokens · {ending}</div>'
+            f'<div style="color: #666; margin: 4px 0">User: {escape_html(sample["prompt"])}</div>'
+            f'<div style="font-family: monospace; white-space: pre-wrap; line-height: 1.7">'
+            f'{token_html(sample["tokens"])}</div>')
+
+
+@st.fragment(run_every=refresh)
+def rollout_browser() -> None:
+    runs_now = run_rows()
+    shown = monitor.expand(runs_now, selected)
+    with_rollouts = rollouts.runs_with_rollouts(store, [s.id for s in shown])
+    if not with_rollouts:
+        st.info("No rollouts yet: a PPO run keeps a sample of its answers at each step; they appear here after "
+                "its first step.")
         return
-    present = list(rows["name"].unique())
-    shown = [n for n in chosen if n in present] or [n for n in PREFERRED if n in present] or sorted(present)
-    columns = st.columns(2)
-    for i, name in enumerate(shown):
-        figure = go.Figure()
-        for run_id, curve in rows[rows["name"] == name].groupby("run_id"):
-            figure.add_trace(go.Scatter(x=curve["step"], y=curve["value"], mode="lines+markers", name=run_id,
-                                        marker_size=4))
-        figure.update_layout(title=name, height=280, margin=dict(l=10, r=10, t=40, b=10),
-                             xaxis_title="step", legend=dict(orientation="h", y=-0.25), showlegend=len(selected) > 1)
-        columns[i % 2].plotly_chart(figure, key=f"chart_{name}", width="stretch")
+    left, right = st.columns([2, 1])
+    run_id = left.selectbox("PPO run", with_rollouts, key="rollout_run")
+    steps = rollouts.steps(store, run_id)
+    follow = right.toggle("Latest step", value=True, key="rollout_follow",
+                          help="follow the newest recorded step while the run trains")
+    step = steps[-1] if follow or len(steps) == 1 else left.select_slider("Step", steps, value=steps[-1],
+                                                                          key=f"rollout_step_{run_id}")
+    batch_rewards = rollouts.rewards(store, run_id)
+    hist, spread = st.columns(2)
+    figure = go.Figure(go.Histogram(x=batch_rewards.get(step, []), nbinsx=20, marker_color="#1f77b4"))
+    figure.update_layout(title=f"RM reward, step {step} (the whole batch)", height=260, margin=dict(l=10, r=10, t=40, b=10),
+                         xaxis_title="reward", yaxis_title="answers")
+    hist.plotly_chart(figure, key="rollout_histogram", width="stretch")
+    every = max(1, len(steps) // 25)
+    figure = go.Figure([go.Box(y=batch_rewards[s], name=str(s), marker_color="#1f77b4", boxpoints=False,
+                               showlegend=False) for s in steps[::every] if s in batch_rewards])
+    figure.update_layout(title="RM reward over training", height=260, margin=dict(l=10, r=10, t=40, b=10),
+                         xaxis_title="step", yaxis_title="reward")
+    spread.plotly_chart(figure, key="rollout_spread", width="stretch")
+    kept = rollouts.samples(store, run_id, step)
+    st.caption(f"Step {step}: {len(kept)} of the batch's answers, highest reward first. Each token is coloured "
+               "by log π − log π_ref: red where the policy puts more probability on it than the SFT model, "
+               "blue where less (hover a token for the value).")
+    for sample in kept:
+        with st.container(border=True):
+            st.html(sample_html(sample))
 
 
-curves()
+curves_tab, rollouts_tab = st.tabs(["Curves", "Rollouts"])
+with curves_tab:
+    curves()
+with rollouts_tab:
+    rollout_browser()
 
 st.subheader("Export")
-export_run = st.selectbox("Run", selected, key="monitor_export_run")
+export_ids = [s.id for s in monitor.expand(runs, selected)] or selected
+export_run = st.selectbox("Run", export_ids, key="monitor_export_run")
 full = pd.DataFrame(store.metrics([export_run]), columns=["run_id", "step", "name", "value"])
 wide = full.pivot_table(index="step", columns="name", values="value").reset_index() if not full.empty else full
 st.download_button(f"Download {export_run} metrics (CSV)", wide.to_csv(index=False), file_name=f"{export_run}-metrics.csv",

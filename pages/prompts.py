@@ -94,10 +94,11 @@ with demos_tab:
     }, apply_demonstration_edits)
 
 with files_tab:
-    st.markdown("**Import** JSONL or CSV in TRL's shapes: `prompt`+`completion` (or `instruction`/`input`/"
-                "`output`) for demonstrations; `prompt`+`responses` (best first) or `prompt`+`chosen`+"
-                "`rejected` for rankings; `prompt` alone for prompts. A file with any bad row imports nothing.")
-    upload = st.file_uploader("File", type=["jsonl", "json", "csv"], key="import_file")
+    st.markdown("**Import** JSONL, CSV or Parquet in TRL's shapes: `prompt`+`completion` (or `instruction`/"
+                "`input`/`output`, or conversational `messages`) for demonstrations; `prompt`+`responses` (best "
+                "first) or `prompt`+`chosen`+`rejected` (plain or conversational) for rankings; `prompt` alone for "
+                "prompts. A file with any bad row imports nothing.")
+    upload = st.file_uploader("File", type=["jsonl", "json", "csv", "parquet"], key="import_file")
     if st.button("Import", disabled=upload is None, type="primary"):
         try:
             kind, n = import_file(store, upload.getvalue(), upload.name)

@@ -9,10 +9,13 @@ import streamlit as st
 
 from core.models.generate import sample
 from core.data.store import MIN_K, MAX_K, check_ranks
+from core.textsafe import escape_markdown
 from workbench import resources
 
 store = resources.store()
 st.title("Rank answers")
+st.page_link(resources.page("labeling"), label="Labeling as a team: batches, a labeling server, agreement",
+             icon=":material/groups:")
 
 prompts = store.list_prompts()
 if not prompts:
@@ -72,7 +75,7 @@ if batch and batch["prompt_id"] == prompt_id:
         ranks = []
         for i, answer in enumerate(answers):
             text_col, rank_col = st.columns([5, 1])
-            text_col.markdown(f"**{chr(65 + i)}.** {answer}")
+            text_col.markdown(f"**{chr(65 + i)}.** {escape_markdown(answer)}")  # model text, never markup
             ranks.append(rank_col.selectbox("rank", range(1, len(answers) + 1), index=i,
                                             key=f"rank_{prompt_id}_{batch['sample']}_{i}",
                                             label_visibility="collapsed"))

@@ -12,6 +12,7 @@ import yaml
 
 from core.config import PRESETS, field_help
 from core.jobs import pipeline_config
+from core.models.memory import PLANNED_STAGES, plan
 from core.stages import STAGES, make_config
 from workbench import resources
 
@@ -24,7 +25,9 @@ st.title("Train")
 
 with st.container(border=True):
     st.markdown("**First time here?** Run the whole recipe on the built-in demo task: SFT, then a reward "
-                "model from simulated rankings, then PPO-ptx (quick preset, about 10 minutes on a laptop CPU).")
+                "model from simulated rankings, then PPO-ptx and PPO without ptx (quick preset, about 10 minutes on "
+                "a laptop CPU). The demo's prompts, demonstrations and rankings go into your store first, and "
+                "training reads them from there; watch it on the Monitor page, the results land on Home.")
     if st.button("Run demo pipeline", type="primary", icon=":material/play_arrow:"):
         st.session_state["pipeline_notice"] = f"Queued **{jobs.submit('pipeline', pipeline_config('quick'))}**"
         st.rerun()
@@ -157,6 +160,27 @@ if not errors:
         config = cls.from_dict(values)
     except ValueError as exc:  # a rule across fields (PPO: batch_size divisible by num_minibatches)
         st.error(str(exc))
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def memory_plan(stage_name: str, config_yaml: str):
+    return plan(stage_name, cls.from_dict(yaml.safe_load(config_yaml)))
+
+
+if config is not None and stage in PLANNED_STAGES:
+    # The estimated peak memory by part for these values, against this machine (core/models/memory.py).
+    try:
+        memory = memory_plan(stage, config.to_yaml())
+    except ValueError as exc:
+        memory = None
+        st.warning(f"No memory plan: {exc}")
+    if memory is not None:
+        with st.expander(f"Memory plan: {memory.verdict}", expanded=memory.fits is False):
+            st.dataframe(memory.rows(), hide_index=True)
+            (st.success if memory.fits else st.error if memory.fits is False else st.info)(memory.verdict)
+            for text in memory.suggestions:
+                st.markdown(f"- {text}")
+            st.caption(f"`rlhf plan {stage} --config {stage}.yaml` prints the same table.")
 
 run_name = st.text_input("Run name (optional)", key="train_run_name",
                          help="letters, digits, '.', '_' or '-'; empty picks a name with the date")

@@ -11,6 +11,19 @@ import pytest
 from core.data.store import Store
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain little from a second thread, and on a shared 2-core machine an oversubscribed
+    thread pool makes each step many times slower. Modules that train use it:
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def workbench_home(tmp_path, monkeypatch):
     """A fresh RLHF_WORKBENCH_HOME (and offline hub) for one test."""

@@ -49,7 +49,20 @@ def test_demo_pipeline_end_to_end(workbench_home, tmp_path, capsys):
     AutoModelForSequenceClassification.from_pretrained(out / "rm")
     AutoModelForCausalLM.from_pretrained(out / "ppo")
     runs = {r["id"]: r["status"] for r in Store().list_runs()}
-    assert len(runs) == 4 and set(runs.values()) == {"done"}
+    assert len(runs) == 5 and set(runs.values()) == {"done"}  # the pipeline run and its four stage runs
+    # The demo went through the store (issue 11): its data is there, PPO kept a rollout sample, and the
+    # pipeline run's report is what Home's results card shows.
+    from core import results
+    from core.data import rollouts
+
+    store = Store()
+    counts = store.counts()
+    assert counts["demonstrations"] == 320 and counts["rankings"] == report["imported"]["rankings"] > 0
+    assert {r["labeler"] for r in store.list_rankings()} == {"simulated"}
+    ppo_run = next(r for r in runs if r.endswith("-ppo"))
+    assert 0 < rollouts.count(store, ppo_run)["samples"] <= 8 * rollouts.count(store, ppo_run)["steps"]
+    run, shown = results.latest_report(store)
+    assert shown == report and run["stage"] == "pipeline"
 
 
 def test_set_and_yaml_read_numbers_as_people_type_them(tmp_path):

@@ -1,7 +1,11 @@
 """End to end in a real browser: the real `streamlit run` server, headless Chromium via Playwright.
 
 Open the app, add a prompt, launch a tiny SFT job, see its curve on the Monitor page, chat with the
-result. A screenshot of every step lands in test-artifacts/ (gitignored).
+result. Run the demo pipeline (a tiny one: RLHF_WORKBENCH_PIPELINE_OVERRIDES, read by the app's
+pipeline job for tests only) and watch it on the Monitor page without reloading: SFT's curve, then
+PPO's, the rollout browser, then Home's results card. Every request the browser makes is recorded:
+none may go to another host than the app's own. A screenshot of every step lands in test-artifacts/
+(gitignored).
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import json
+import re
+from urllib.parse import urlparse
 
 import pytest
 
@@ -38,7 +46,8 @@ def free_port() -> int:
 def server(tmp_path):
     """The app as a user starts it, on loopback, with its own data directory, offline."""
     port = free_port()
-    env = {**os.environ, "RLHF_WORKBENCH_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "RLHF_WORKBENCH_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
+           "RLHF_WORKBENCH_PIPELINE_OVERRIDES": json.dumps(TINY_PIPELINE)}
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "workbench/app.py", "--server.port", str(port),
@@ -73,11 +82,23 @@ def page(server):
     ARTIFACTS.mkdir(exist_ok=True)
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        tab = browser.new_page(viewport={"width": 1400, "height": 1500})
+        context = browser.new_context(viewport={"width": 1400, "height": 1500})
+        requests: list[str] = []
+        context.on("request", lambda request: requests.append(request.url))
+        tab = context.new_page()
         tab.set_default_timeout(60_000)
+        tab.requests = requests
         tab.goto(server)
         yield tab
         browser.close()
+
+
+def assert_only_local_requests(page, server: str) -> None:
+    """Nothing leaves the machine: every request went to the app's own host and port (or is inline data)."""
+    own = urlparse(server).netloc
+    foreign = [u for u in page.requests if urlparse(u).scheme in ("http", "https", "ws", "wss")
+               and urlparse(u).netloc != own]
+    assert page.requests and not foreign, foreign
 
 
 def shot(page, name: str) -> None:
@@ -99,6 +120,14 @@ def go(page, title: str) -> float:
     return time.perf_counter() - start
 
 
+# The app's demo pipeline, shrunk so the browser test stays short (quick preset, then these overrides).
+TINY_PIPELINE = {
+    "sft": {"epochs": 1, "n_demonstrations": 320, "eval_prompts": 16},
+    "rm": {"n_prompts": 48, "heldout_prompts": 16, "epochs": 1},
+    "ppo": {"total_episodes": 96, "batch_size": 16, "response_length": 12, "eval_prompts": 16},
+    "eval_prompts": 16,
+}
+
 HEADINGS = {"Home": "RLHF Workbench", "Prompts": "Prompts and demonstrations", "Train": "Train",
             "Monitor": "Monitor", "Chat": "Chat", "Rank": "Rank answers"}
 
@@ -110,7 +139,7 @@ def set_number(page, label: str, value) -> None:
     idle(page)
 
 
-def test_first_session_in_a_browser(page):
+def test_first_session_in_a_browser(page, server):
     page.get_by_role("heading", name="RLHF Workbench").wait_for()
     page.get_by_text("Nothing trained yet").wait_for()
     shot(page, "01-home")
@@ -156,3 +185,42 @@ def test_first_session_in_a_browser(page):
     page.get_by_test_id("stChatMessage").nth(1).get_by_text("e2e-sft (sft)").wait_for()
     shot(page, "05-chat")
     print(f"page switches (s): {[round(s, 2) for s in switch_seconds]}; first answer text after {first_token:.2f} s")
+    assert_only_local_requests(page, server)
+
+
+def plot_titled(page, title: str):
+    """A Plotly chart whose title is exactly `title`."""
+    return page.locator(".js-plotly-plot").filter(has=page.locator("text.gtitle", has_text=re.compile(f"^{title}$")))
+
+
+def test_watch_the_demo_pipeline_without_reloading(page, server):
+    page.get_by_role("heading", name="RLHF Workbench").wait_for()
+    go(page, "Train")
+    page.get_by_role("button", name="Run demo pipeline").click()
+    page.get_by_text("Queued").wait_for()
+
+    go(page, "Monitor")  # from the sidebar: the page is never reloaded from here on
+    page.get_by_text(re.compile(r"^Pipeline pipeline-")).wait_for()
+    shot(page, "06-monitor-pipeline-started")
+    plot_titled(page, "sft_loss").wait_for(timeout=600_000)  # generous: a loaded CI machine
+    shot(page, "07-monitor-sft-curve")
+    plot_titled(page, "reward").wait_for(timeout=900_000)
+    shot(page, "08-monitor-ppo-curve")
+
+    page.get_by_role("tab", name="Rollouts").click()
+    page.get_by_text("highest reward first").wait_for(timeout=60_000)
+    page.get_by_text(re.compile(r"^reward [+-]\d")).first.wait_for()
+    shot(page, "09-monitor-rollouts")
+
+    page.get_by_role("tab", name="Curves").click()
+    page.get_by_text(re.compile(r"^Pipeline pipeline-.* · done$")).wait_for(timeout=900_000)
+    plot_titled(page, "reward").wait_for()
+    shot(page, "10-monitor-pipeline-done")
+
+    go(page, "Home")
+    page.get_by_text("Gold: SFT → PPO-ptx").wait_for()
+    page.get_by_text("Alignment tax (pretraining loss)").wait_for()
+    shot(page, "11-home-results")
+    go(page, "Prompts")  # the demo's data is in the store, for the user to see and extend
+    shot(page, "12-prompts-demo-data")
+    assert_only_local_requests(page, server)

@@ -129,7 +129,9 @@ def test_bad_config_raises_before_anything_is_written(store, tmp_path):
     with pytest.raises(ValueError, match="learning_rate"):
         jobs.submit("sft", {"learning_rate": -1.0})
     with pytest.raises(ValueError, match="unknown stage"):
-        jobs.submit("dpo", {})
+        jobs.submit("kto", {})
+    with pytest.raises(ValueError, match="sft_model is empty"):
+        jobs.submit("dpo", {})  # a registered stage: its inputs are checked before a run exists
     with pytest.raises(ValueError, match="invalid run name"):
         jobs.submit("sft", {}, run_id="../escape")
     with pytest.raises(ValueError, match="unknown preset"):

@@ -18,6 +18,7 @@ from core.stages import ppo, resume, rl
 from core.config import PPOConfig
 from core.events import Events
 from core.models.generate import Samples, encode_prompts
+from core.models.chat import render_prompt
 from core.models.loading import (
     load_policy, load_scalar_model, load_tokenizer, pick_device, save_checkpoint, token_scores,
 )
@@ -29,14 +30,7 @@ RIDGE = 30.0
 PROMPTS = [t.prompt for t in demo.train_tasks(64)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model gains little from a second thread, and on a shared 2-core machine an
-    # oversubscribed thread pool makes each step many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +63,7 @@ def _stop_cleanly_probe(rm, tok):
         clean = demo.ANSWER_TEMPLATE.format(answer=t.answer)
         ramble = clean + " " + " ".join(rng.sample(demo.RAMBLES, 2))
         for answer, y in ((clean, 1.0), (ramble, -1.0)):
-            texts.append(demo.format_prompt(t.prompt) + " " + answer + tok.eos_token)
+            texts.append(render_prompt(tok, t.prompt) + " " + answer + tok.eos_token)
             targets.append(y)
     enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     with torch.no_grad():

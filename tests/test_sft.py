@@ -12,6 +12,7 @@ from core.stages import sft
 from core.events import Events
 from core.stages import make_config
 from core.evaluate import gold_eval
+from core.models.chat import render_prompt
 from core.models.loading import load_policy, load_tokenizer, pick_device
 
 
@@ -30,7 +31,7 @@ def trained(tmp_path_factory):
 def test_only_response_tokens_carry_loss():
     tok = load_tokenizer("bundled")
     ids, labels = sft.encode(tok, "What is 2 plus 2?", "The answer is 4.", 128)
-    prompt_len = len(tok(demo.format_prompt("What is 2 plus 2?"), add_special_tokens=False)["input_ids"])
+    prompt_len = len(tok(render_prompt(tok, "What is 2 plus 2?"), add_special_tokens=False)["input_ids"])
     assert labels[:prompt_len] == [-100] * prompt_len
     assert labels[prompt_len:] == ids[prompt_len:] and ids[-1] == tok.eos_token_id
     # The model's loss is the mean cross-entropy over answer tokens alone.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from core import catalog
 from core.jobs import JobManager
 from core.stages import STAGES
 from core.paths import data_home
@@ -87,18 +88,39 @@ def models() -> ModelCache:
     return ModelCache()
 
 
+@st.cache_resource(show_spinner=False)
+def _labeling_server(db_path: str):
+    from core.labeling.server import LabelingServer  # imports gradio: only once the Labeling page opens
+
+    return LabelingServer(_store(db_path))
+
+
+def labeling_server():
+    """The one Gradio labeling server of this app process (started and stopped on the Labeling page)."""
+    return _labeling_server(db_path())
+
+
 def policy_choices(db: Store) -> dict[str, str]:
-    """Checkpoint label -> model reference for every policy one can sample from, base first."""
+    """Checkpoint label -> model reference for every policy one can sample from: the base, then final
+    models, then every epoch/step checkpoint under its run ('<run> › epoch 2 (sft, step 250)')."""
     choices = {"bundled (base)": "bundled"}
+    training = {}
     for kind in POLICY_KINDS:
-        for ckpt in db.list_checkpoints(kind):
+        finals, steps = catalog.grouped(db.list_checkpoints(kind))
+        for ckpt in finals:
             choices[f"{ckpt['name']} ({kind})"] = ckpt["path"]
-    return choices
+        for ckpt in steps:
+            training[f"{catalog.training_label(ckpt)} ({kind}, step {ckpt['step']})"] = ckpt["path"]
+    return {**choices, **training}
 
 
 def checkpoint_choices(db: Store, kind: str) -> dict[str, str]:
-    """Checkpoint label -> directory for one kind (newest first), e.g. the SFT models an RM can start from."""
-    return {f"{c['name']} (step {c['step']})": c["path"] for c in reversed(db.list_checkpoints(kind))}
+    """Checkpoint label -> directory for one kind, e.g. the SFT models an RM can start from: final models
+    newest first, then each run's epoch/step checkpoints under the run's name."""
+    finals, steps = catalog.grouped(db.list_checkpoints(kind))
+    choices = {f"{c['name']} (step {c['step']})": c["path"] for c in reversed(finals)}
+    choices.update({f"{catalog.training_label(c)} (step {c['step']})": c["path"] for c in reversed(steps)})
+    return choices
 
 
 def active_job_banner() -> None:

@@ -99,7 +99,8 @@ def train_tasks(n: int = 2000) -> list[Task]:
 
 
 def format_prompt(prompt: str) -> str:
-    """The chat template every stage uses: the model continues after 'Assistant:'."""
+    """The chat shape of the pretraining corpus' dialogues. The stages format prompts through the
+    tokenizer's chat template (`core.models.chat`); the bundled model's template renders this same text."""
     return PROMPT_TEMPLATE.format(prompt=prompt)
 
 
@@ -140,6 +141,17 @@ def expected_answer(prompt: str) -> str | None:
         if m:
             return answer(m)
     return None
+
+
+def is_demo_task(prompts) -> bool:
+    """Every prompt (and at least one) is a demo-task prompt the simulated labeler can score: data
+    from the store that is the demo's own (core/data/demo_import.py) gets the demo's gold evaluations."""
+    seen = False
+    for prompt in prompts:
+        if expected_answer(prompt) is None:
+            return False
+        seen = True
+    return seen
 
 
 @dataclass(frozen=True)

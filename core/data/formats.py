@@ -1,9 +1,14 @@
 """Import and export in the ecosystem's shapes (TRL columns), all or nothing, errors by line.
 
-- demonstrations: {"prompt", "completion"} or {"instruction", "input", "output"}
-- preference pairs: {"prompt", "chosen", "rejected"} (a ranking with K = 2)
+- demonstrations: {"prompt", "completion"}, {"instruction", "input", "output"}, or conversational
+  {"messages": [{"role", "content"}, ...]} ending with an assistant turn
+- preference pairs: {"prompt", "chosen", "rejected"} (a ranking with K = 2), plain text or
+  conversational (prompt a list of turns, chosen/rejected a one-turn assistant list)
 - rankings: {"prompt", "responses": [best, ..., worst]}, optionally "labeler"
 - prompts alone: {"prompt"}
+
+Files are JSONL, CSV, Parquet, or a directory saved by `datasets` (`save_to_disk`); the last two
+are read through `datasets`, with the same checks.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from core.data.store import MAX_PROMPT_CHARS, MAX_RESPONSE_CHARS, Store, check_r
 MAX_IMPORT_BYTES = 50 * 1024 * 1024
 
 SHAPES = {
-    "demonstrations": ({"prompt", "completion"}, {"instruction", "output"}),
+    "demonstrations": ({"prompt", "completion"}, {"instruction", "output"}, {"messages"}),
     "rankings": ({"prompt", "responses"}, {"prompt", "chosen", "rejected"}),
     "prompts": ({"prompt"},),
 }
@@ -45,7 +50,11 @@ def read_bytes(path: str | Path) -> bytes:
 
 
 def parse_rows(data: bytes, name: str) -> list[tuple[int, dict]]:
-    """(line number, row) pairs from JSONL or CSV bytes; CSV 'responses' cells hold a JSON list."""
+    """(line number, row) pairs from JSONL, CSV or Parquet bytes; CSV 'responses' cells hold a JSON list."""
+    if name.lower().endswith(".parquet"):
+        if len(data) > MAX_IMPORT_BYTES:
+            raise ValueError(f"{name} is {len(data) / 2**20:.0f} MB; the import limit is {MAX_IMPORT_BYTES // 2**20} MB")
+        return _parquet_rows(data, name)
     text = _decode(data, name)
     rows: list[tuple[int, dict]] = []
     if name.lower().endswith(".csv"):
@@ -73,6 +82,45 @@ def parse_rows(data: bytes, name: str) -> list[tuple[int, dict]]:
     return rows
 
 
+def _dataset_rows(dataset, name: str) -> list[tuple[int, dict]]:
+    if not hasattr(dataset, "column_names") or isinstance(dataset.column_names, dict):
+        raise ValueError(f"{name} holds several splits ({', '.join(dataset)}): import one split's directory")
+    rows = [(i + 1, dict(row)) for i, row in enumerate(dataset)]
+    if not rows:
+        raise ValueError(f"{name} holds no rows")
+    return rows
+
+
+def read_table(path: str | Path) -> list[tuple[int, dict]]:
+    """(row number, row) pairs of a JSONL, CSV or Parquet file, or of a directory saved by `datasets`."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = [f for f in path.rglob("*") if f.is_file()]
+        if sum(f.stat().st_size for f in files) > MAX_IMPORT_BYTES:
+            raise ValueError(f"{path.name} is over the import limit of {MAX_IMPORT_BYTES // 2**20} MB")
+        import datasets
+
+        try:
+            return _dataset_rows(datasets.load_from_disk(str(path)), path.name)
+        except FileNotFoundError as exc:
+            raise ValueError(f"{path} is not a directory saved by datasets' save_to_disk ({exc})") from None
+    return parse_rows(read_bytes(path), path.name)
+
+
+def _parquet_rows(data: bytes, name: str) -> list[tuple[int, dict]]:
+    import tempfile
+
+    import datasets
+
+    with tempfile.NamedTemporaryFile(suffix=".parquet") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        try:
+            return _dataset_rows(datasets.Dataset.from_parquet(tmp.name, keep_in_memory=True), name)
+        except Exception as exc:  # pyarrow's own errors for a damaged file
+            raise ValueError(f"{name}: not a readable Parquet file ({exc})") from None
+
+
 def detect_kind(columns: set[str]) -> str:
     for kind, shapes in SHAPES.items():
         if any(shape <= columns for shape in shapes):
@@ -81,14 +129,51 @@ def detect_kind(columns: set[str]) -> str:
     raise ValueError(f"unrecognised columns {sorted(columns)}: expected one of {expected}")
 
 
+def _conversation(value, what: str) -> list[dict]:
+    if not isinstance(value, list) or not value or not all(
+            isinstance(t, dict) and t.get("role") in ("system", "user", "assistant") and isinstance(t.get("content"), str)
+            for t in value):
+        raise ValueError(f"{what} must be a list of {{role: system|user|assistant, content: text}} turns")
+    return [{"role": t["role"], "content": t["content"]} for t in value]
+
+
+def _split_messages(messages) -> tuple[list[dict], str, str]:
+    """A conversational demonstration as (earlier turns, last user turn, last assistant turn)."""
+    turns = _conversation(messages, "messages")
+    if turns[-1]["role"] != "assistant":
+        raise ValueError("messages must end with an assistant turn (the demonstration to learn)")
+    if len(turns) < 2 or turns[-2]["role"] != "user":
+        raise ValueError("the last assistant turn in messages must answer a user turn")
+    return turns[:-2], turns[-2]["content"], turns[-1]["content"]
+
+
+def _single_turn(value, what: str, role: str) -> str:
+    """Text of a plain column, or of a conversational one holding exactly one `role` turn."""
+    if isinstance(value, str) or value is None:
+        return value
+    turns = _conversation(value, what)
+    if [t["role"] for t in turns] != [role]:
+        raise ValueError(f"conversational {what} must be a single {role} turn (multi-turn preference "
+                         "prompts are not supported yet)")
+    return turns[0]["content"]
+
+
 def normalise(row: dict, kind: str) -> dict:
     """One row in the store's own shape for its kind."""
     if kind == "demonstrations":
+        if "messages" in row:
+            context, instruction, output = _split_messages(row["messages"])
+            return {"instruction": instruction, "input": "", "output": output, "context": context or None}
         if "completion" in row:
             return {"instruction": row.get("prompt"), "input": "", "output": row.get("completion")}
         return {"instruction": row.get("instruction"), "input": row.get("input") or "", "output": row.get("output")}
     if kind == "rankings" and "responses" not in row:
-        return {"prompt": row.get("prompt"), "responses": [row.get("chosen"), row.get("rejected")], "labeler": row.get("labeler")}
+        return {"prompt": _single_turn(row.get("prompt"), "prompt", "user"),
+                "responses": [_single_turn(row.get("chosen"), "chosen", "assistant"),
+                              _single_turn(row.get("rejected"), "rejected", "assistant")],
+                "labeler": row.get("labeler")}
+    if kind == "prompts":
+        return {**row, "prompt": _single_turn(row.get("prompt"), "prompt", "user")}
     return row
 
 
@@ -118,19 +203,20 @@ def _check_row(row: dict, kind: str) -> None:
     """Check a row as the user wrote it, so messages name the user's columns (prompt/completion,
     chosen/rejected), not the store's."""
     if kind == "demonstrations":
-        if "completion" in row:
+        if "completion" in row and "messages" not in row:
             check_text(row.get("prompt"), "prompt", MAX_PROMPT_CHARS)
             check_text(row.get("completion"), "completion", MAX_RESPONSE_CHARS)
         Store._check_demonstration(normalise(row, kind))
     elif kind == "rankings":
-        check_text(row.get("prompt"), "prompt", MAX_PROMPT_CHARS)
+        plain = normalise(row, kind)
+        check_text(plain.get("prompt"), "prompt", MAX_PROMPT_CHARS)
         if "responses" not in row:
-            chosen = check_text(row.get("chosen"), "chosen", MAX_RESPONSE_CHARS)
-            if chosen == check_text(row.get("rejected"), "rejected", MAX_RESPONSE_CHARS):
+            chosen = check_text(plain["responses"][0], "chosen", MAX_RESPONSE_CHARS)
+            if chosen == check_text(plain["responses"][1], "rejected", MAX_RESPONSE_CHARS):
                 raise ValueError("chosen and rejected are the same text: a tie, which a preference pair cannot express")
         check_ranking(normalise(row, kind).get("responses"))
     else:
-        check_text(row.get("prompt"), "prompt", MAX_PROMPT_CHARS)
+        check_text(normalise(row, kind).get("prompt"), "prompt", MAX_PROMPT_CHARS)
 
 
 def ranking_pairs(responses: list[str]) -> list[tuple[str, str]]:
@@ -141,7 +227,12 @@ def ranking_pairs(responses: list[str]) -> list[tuple[str, str]]:
 def export_jsonl(store: Store, kind: str) -> str:
     """TRL shapes: prompt/completion for demonstrations, prompt/responses for rankings."""
     if kind == "demonstrations":
-        rows = [{"prompt": d["prompt"], "completion": d["output"]} for d in store.list_demonstrations()]
+        demos = store.list_demonstrations()
+        if any(d["context"] for d in demos):  # one shape per file: conversational when any is multi-turn
+            rows = [{"messages": [*(d["context"] or []), {"role": "user", "content": d["prompt"]},
+                                  {"role": "assistant", "content": d["output"]}]} for d in demos]
+        else:
+            rows = [{"prompt": d["prompt"], "completion": d["output"]} for d in demos]
     elif kind == "rankings":
         rows = [{"prompt": r["prompt"], "responses": r["responses"], "labeler": r["labeler"]} for r in store.list_rankings()]
     elif kind == "pairs":

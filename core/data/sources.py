@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.data import demo
-from core.data.formats import detect_kind, normalise, parse_rows, read_bytes
+from core.data.formats import detect_kind, normalise, read_bytes, read_table
 from core.data.store import Store, check_ranking
 
 SOURCES_HELP = "'demo', 'store' or a JSONL/CSV path"
@@ -38,7 +38,7 @@ def _rows(path: str | Path, kind: str, what: str) -> list[tuple[int, dict]]:
     """The rows of a file that must hold `kind` (demonstrations | rankings)."""
     path = Path(path).expanduser()
     try:
-        rows = parse_rows(read_bytes(path), path.name)
+        rows = read_table(path)
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from None
     if detect_kind(set(rows[0][1])) != kind:
@@ -49,14 +49,17 @@ def _rows(path: str | Path, kind: str, what: str) -> list[tuple[int, dict]]:
 
 
 def _column(path: Path, column: str, what: str) -> list[str]:
-    """One text column of a JSONL/CSV file."""
+    """One text column of a table file (a conversational prompt column gives its user turn)."""
     try:
-        rows = parse_rows(read_bytes(path), path.name)
+        rows = read_table(path)
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from None
     texts = []
     for number, row in rows:
-        value = row.get(column)
+        try:
+            value = normalise(row, "prompts")[column] if column == "prompt" else row.get(column)
+        except ValueError as exc:
+            raise ValueError(f"{what}: {path.name} line {number}: {exc}") from None
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f'{what}: {path.name} line {number} has no "{column}" text')
         texts.append(value.strip())
@@ -65,17 +68,23 @@ def _column(path: Path, column: str, what: str) -> list[str]:
 
 def load_demonstrations(source: str, store: Store | None, n_demo: int = 2000, ramble_rate: float = 0.5,
                         seed: int = 0) -> list[dict]:
-    """Rows of {"prompt", "completion"}; `n_demo`, `ramble_rate` and `seed` shape the demo set only."""
+    """Rows of {"prompt", "completion", "context"} (context: the earlier turns of a multi-turn
+    demonstration, or None); `n_demo`, `ramble_rate` and `seed` shape the demo set only."""
     if source == "demo":
         return demo.demonstrations(demo.train_tasks(n_demo), ramble_rate, seed=seed + 3)
     if source == "store":
-        rows = [{"prompt": d["prompt"], "completion": d["output"]}
+        rows = [{"prompt": d["prompt"], "completion": d["output"], "context": d["context"]}
                 for d in _need_store(store, "data").list_demonstrations()]
     else:
         rows = []
-        for _, row in _rows(source, "demonstrations", "data"):
-            r = normalise(row, "demonstrations")
-            rows.append({"prompt": Store.prompt_text(r["instruction"], r["input"]), "completion": r["output"]})
+        for number, row in _rows(source, "demonstrations", "data"):
+            try:
+                r = normalise(row, "demonstrations")
+                Store._check_demonstration(r)
+            except ValueError as exc:
+                raise ValueError(f"data: {source} line {number}: {exc}") from None
+            rows.append({"prompt": Store.prompt_text(r["instruction"], r["input"]), "completion": r["output"],
+                         "context": r.get("context")})
     if not rows:
         raise ValueError(f"no demonstrations found in {source!r}: add some before training SFT")
     return rows
@@ -87,11 +96,24 @@ def load_rankings(source: str, store: Store | None) -> list[Ranking]:
         return [Ranking(r["prompt"], r["responses"]) for r in _need_store(store, "data").list_rankings()]
     out = []
     for number, row in _rows(source, "rankings", "data"):
-        r = normalise(row, "rankings")
         try:
+            r = normalise(row, "rankings")
             out.append(Ranking(str(r["prompt"]).strip(), check_ranking(r.get("responses"))))
         except ValueError as exc:
             raise ValueError(f"{source} line {number}: {exc}") from None
+    return out
+
+
+def one_per_item(rankings: list[Ranking]) -> list[Ranking]:
+    """The first ranking of each item (a prompt and its set of answers): when several labelers ranked
+    the same answers (a labeling batch's shared items, core/labeling/), the RM sees that item once."""
+    seen: set[tuple[str, frozenset[str]]] = set()
+    out = []
+    for r in rankings:
+        key = (r.prompt, frozenset(r.responses))
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
     return out
 
 
@@ -112,7 +134,7 @@ def load_ptx_texts(source: str) -> list[str]:
     if source == "demo":
         return demo.pretraining_corpus()
     path = Path(source).expanduser()
-    if path.suffix in (".jsonl", ".csv"):
+    if path.suffix in (".jsonl", ".csv", ".parquet") or path.is_dir():
         return _column(path, "text", "ptx_data file")
     try:
         lines = [ln for ln in read_bytes(path).decode("utf-8", errors="replace").splitlines() if ln.strip()]

@@ -102,6 +102,19 @@ def check_text(value, what: str, limit: int) -> str:
     return text
 
 
+def check_context(context) -> None:
+    """The earlier turns of a multi-turn demonstration: None, or a list of {role, content} turns
+    (system, user, assistant) of text, within the prompt size limit altogether."""
+    if context is None:
+        return
+    if not isinstance(context, list) or not all(
+            isinstance(t, dict) and t.get("role") in ("system", "user", "assistant") and isinstance(t.get("content"), str)
+            for t in context):
+        raise ValueError("the earlier turns must be a list of {role: system|user|assistant, content: text}")
+    if sum(len(t["content"]) for t in context) > MAX_PROMPT_CHARS * 4:
+        raise ValueError(f"the earlier turns are longer than {MAX_PROMPT_CHARS * 4} characters")
+
+
 def check_ranking(responses) -> list[str]:
     """A ranking is K = 2..9 distinct responses, best first. Ties cannot be expressed and
     duplicates would be a tie with itself, so both are rejected, naming the offender."""
@@ -152,6 +165,9 @@ class Store:
         for column, kind in (("owner_pid", "INTEGER"), ("owner_host", "TEXT"), ("heartbeat", "REAL")):
             if column not in have:
                 self._conn().execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+        # A multi-turn demonstration keeps the turns before its last exchange (JSON list of {role, content}).
+        if "context" not in {row[1] for row in self._conn().execute("PRAGMA table_info(demonstrations)")}:
+            self._conn().execute("ALTER TABLE demonstrations ADD COLUMN context TEXT")
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -270,6 +286,7 @@ class Store:
         if not isinstance(inp, str) or len(inp) > MAX_PROMPT_CHARS:
             raise ValueError(f"input must be text of at most {MAX_PROMPT_CHARS} characters")
         output = check_text(row.get("output"), "output", MAX_RESPONSE_CHARS)
+        check_context(row.get("context"))
         return instruction, inp.strip(), output
 
     @staticmethod
@@ -278,16 +295,21 @@ class Store:
         return f"{instruction}\n{inp}" if inp else instruction
 
     def add_demonstrations(self, rows: list[dict], source: str = "user") -> list[int]:
-        checked = [self._check_demonstration(r) for r in rows]
+        for r in rows:  # every row checked before the transaction starts
+            self._check_demonstration(r)
         with self._tx() as db:
-            ids = []
-            for instruction, inp, output in checked:
-                pid = self._prompt_id(db, self.prompt_text(instruction, inp), source)
-                ids.append(db.execute(
-                    "INSERT INTO demonstrations(prompt_id, instruction, input, output, created_at) VALUES (?,?,?,?,?)",
-                    (pid, instruction, inp, output, time.time()),
-                ).lastrowid)
-            return ids
+            return [self.insert_demonstration(db, r, source) for r in rows]
+
+    @classmethod
+    def insert_demonstration(cls, db: sqlite3.Connection, row: dict, source: str = "user") -> int:
+        """One demonstration inside a caller's transaction (see `insert_ranking`)."""
+        instruction, inp, output = cls._check_demonstration(row)
+        pid = cls._prompt_id(db, cls.prompt_text(instruction, inp), source)
+        context = json.dumps(row["context"]) if row.get("context") else None
+        return db.execute(
+            "INSERT INTO demonstrations(prompt_id, instruction, input, output, context, created_at) VALUES (?,?,?,?,?,?)",
+            (pid, instruction, inp, output, context, time.time()),
+        ).lastrowid
 
     def add_demonstration(self, instruction: str, output: str, input: str = "") -> int:
         return self.add_demonstrations([{"instruction": instruction, "input": input, "output": output}])[0]
@@ -308,24 +330,34 @@ class Store:
             db.execute("DELETE FROM demonstrations WHERE id = ?", (demo_id,))
 
     def list_demonstrations(self) -> list[dict]:
-        return self._rows(
-            """SELECT d.id, d.prompt_id, p.text AS prompt, d.instruction, d.input, d.output
+        rows = self._rows(
+            """SELECT d.id, d.prompt_id, p.text AS prompt, d.instruction, d.input, d.output, d.context
                FROM demonstrations d JOIN prompts p ON p.id = d.prompt_id ORDER BY d.id"""
         )
+        for r in rows:
+            r["context"] = json.loads(r["context"]) if r["context"] else None
+        return rows
 
     # -- rankings ------------------------------------------------------------------------------
 
     def add_ranking(self, prompt_id: int, responses: list[str], labeler: str = "") -> int:
         """Store one ranking (best to worst) for a prompt that already exists."""
+        responses = check_ranking(responses)  # checked before the transaction starts
+        with self._tx() as db:
+            return self.insert_ranking(db, prompt_id, responses, labeler)
+
+    @staticmethod
+    def insert_ranking(db: sqlite3.Connection, prompt_id: int, responses: list[str], labeler: str = "") -> int:
+        """`add_ranking` inside a caller's transaction (the labeling server marks the queue item
+        done in the same one, so a ranking is stored exactly once)."""
         responses = check_ranking(responses)
         labeler = (labeler or "").strip()[:100]
-        with self._tx() as db:
-            if not db.execute("SELECT 1 FROM prompts WHERE id = ?", (prompt_id,)).fetchone():
-                raise ValueError(f"no prompt with id {prompt_id}: add the prompt before ranking answers to it")
-            return db.execute(
-                "INSERT INTO rankings(prompt_id, responses, labeler, created_at) VALUES (?,?,?,?)",
-                (prompt_id, json.dumps(responses), labeler, time.time()),
-            ).lastrowid
+        if not db.execute("SELECT 1 FROM prompts WHERE id = ?", (prompt_id,)).fetchone():
+            raise ValueError(f"no prompt with id {prompt_id}: add the prompt before ranking answers to it")
+        return db.execute(
+            "INSERT INTO rankings(prompt_id, responses, labeler, created_at) VALUES (?,?,?,?)",
+            (prompt_id, json.dumps(responses), labeler, time.time()),
+        ).lastrowid
 
     def add_rankings(self, rows: list[dict], source: str = "import") -> list[int]:
         """Rankings keyed by prompt text (creating prompts as needed), all or nothing."""

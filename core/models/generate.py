@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.data.demo import format_prompt
+from core.models.chat import encode_prompt
 
 
 @dataclass
@@ -28,8 +28,9 @@ class Samples:
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int = 96, device=None):
-    """Chat-formatted, left-padded prompt ids and mask (left so every row ends where generation starts)."""
-    ids = [tokenizer(format_prompt(p), add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for p in prompts]
+    """Chat-formatted, left-padded prompt ids and mask (left so every row ends where generation starts).
+    A prompt is a string (one user turn) or a conversation (`core.models.chat`)."""
+    ids = [encode_prompt(tokenizer, p)[-max_prompt_tokens:] for p in prompts]
     width = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
@@ -108,9 +109,10 @@ def decode_answer(tokenizer, ids: list[int], eos_id: int) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def stream(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0,
+def stream(model, tokenizer, prompt: str | list[dict], max_new_tokens: int = 64, temperature: float = 1.0,
            top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
-    """Yield the answer's text as it grows, token by token (the Chat page)."""
+    """Yield the answer's text as it grows, token by token (the Chat page); `prompt` is one user turn
+    or a whole conversation."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [prompt], device=device)
     model.eval()

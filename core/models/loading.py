@@ -23,6 +23,18 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from core.models.chat import template_of
+from core.models.lora import (
+    ADAPTER_DIR,
+    CONFIG_OVERRIDES,
+    AdapterOff,
+    adapter_base,
+    config_overrides,
+    is_adapter_dir,
+    is_lora,
+    load_merged,
+    merged_copy,
+)
 from core.paths import BUNDLED_MODEL_DIR, atomic_dir
 
 BUNDLED_NAMES = ("bundled", "tiny", "tiny-gpt2")
@@ -70,6 +82,15 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"model path {path} is a file; give the Hugging Face model directory")
+        if is_adapter_dir(path):
+            # A LoRA adapter: usable when its weights are safetensors and its base model is there.
+            if not (path / "adapter_model.safetensors").is_file():
+                raise ValueError(f"adapter directory {path} has no adapter_model.safetensors")
+            try:
+                resolve_model(adapter_base(path))
+            except ValueError as exc:
+                raise ValueError(f"adapter directory {path}: its base model is not usable ({exc})") from None
+            return str(path)
         if not (path / "config.json").is_file():
             raise ValueError(f"model directory {path} has no config.json: not a Hugging Face model directory")
         if not any(path.glob("*.safetensors")):
@@ -99,6 +120,8 @@ _LOAD_LOCK = threading.Lock()
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     ref = resolve_model(name_or_path)
+    if is_adapter_dir(ref) and not (Path(ref) / "tokenizer_config.json").is_file():
+        ref = resolve_model(adapter_base(ref))  # an adapter saved without its tokenizer reads its base's
     try:
         tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
     except (OSError, ValueError) as exc:
@@ -120,38 +143,48 @@ def _dropout_overrides(config, dropout: float | None) -> dict:
     return {k: dropout for k in keys if hasattr(config, k)}
 
 
-def load_policy(
-    name_or_path: str | os.PathLike, device: Device | None = None, dropout: float | None = None
-) -> PreTrainedModel:
-    """A causal LM (the base, an SFT checkpoint or a PPO policy)."""
-    ref = resolve_model(name_or_path)
-    device = device or pick_device()
-    config = AutoConfig.from_pretrained(ref, trust_remote_code=False)
+def _from_pretrained(auto_class, ref: str, what: str, dtype: torch.dtype, **kwargs) -> PreTrainedModel:
     try:
         with _LOAD_LOCK:
-            model = AutoModelForCausalLM.from_pretrained(ref, **_LOAD_KW, **_dropout_overrides(config, dropout))
+            return auto_class.from_pretrained(ref, **_LOAD_KW, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"could not load a causal LM from {ref}: {exc}") from exc
+        raise ValueError(f"could not load {what} from {ref}: {exc}") from exc
+
+
+def load_policy(
+    name_or_path: str | os.PathLike, device: Device | None = None, dropout: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """A causal LM (the base, an SFT checkpoint or a PPO policy). From a LoRA adapter directory: its
+    base with the adapter merged in, a plain model. Weights load in fp32 whatever the checkpoint's
+    precision (hub models are mostly bf16, which transformers would keep): the optimizer updates
+    fp32 weights and matmuls run in bf16 under autocast on a GPU. Frozen networks on a GPU ask for
+    bf16 (`dtype`)."""
+    ref = resolve_model(name_or_path)
+    device = device or pick_device()
+    if is_adapter_dir(ref):
+        return load_merged(load_policy(adapter_base(ref), device, dropout, dtype), ref)
+    config = AutoConfig.from_pretrained(ref, trust_remote_code=False)
+    model = _from_pretrained(AutoModelForCausalLM, ref, "a causal LM", dtype, **_dropout_overrides(config, dropout))
     return model.to(device.torch)
 
 
 def load_scalar_model(
-    name_or_path: str | os.PathLike, pad_token_id: int, device: Device | None = None
+    name_or_path: str | os.PathLike, pad_token_id: int, device: Device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> PreTrainedModel:
     """Backbone + scalar head: a reward model, or a value model initialised from one.
 
     From a causal-LM directory the head is new (randomly initialised); from a reward-model
-    directory it is the trained head.
+    directory it is the trained head; from an adapter directory, its base with the adapter (and
+    its head) merged in.
     """
     ref = resolve_model(name_or_path)
     device = device or pick_device()
-    try:
-        with _LOAD_LOCK:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                ref, num_labels=1, pad_token_id=pad_token_id, **_LOAD_KW
-            )
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"could not load a reward/value model from {ref}: {exc}") from exc
+    if is_adapter_dir(ref):
+        return load_merged(load_scalar_model(adapter_base(ref), pad_token_id, device, dtype), ref)
+    model = _from_pretrained(AutoModelForSequenceClassification, ref, "a reward/value model", dtype,
+                             num_labels=1, pad_token_id=pad_token_id)
     model.config.pad_token_id = pad_token_id
     return model.to(device.torch)
 
@@ -164,6 +197,11 @@ def token_scores(model: PreTrainedModel, input_ids, attention_mask, position_ids
     Left-padded batches (PPO rollouts) pass `position_ids` so each row's positions start at 0,
     as they did when the reward model was trained.
     """
+    if isinstance(model, AdapterOff):  # PPO's reward model under LoRA: the value model without its adapter
+        with model.peft_model.disable_adapter():
+            return token_scores(model.peft_model, input_ids, attention_mask, position_ids)
+    if is_lora(model):  # the HF model inside (its layers carry the adapter): PEFT's own wrappers
+        model = model.get_base_model()  # shadow names like `model` that the backbone lookup needs
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     return model.score(hidden).squeeze(-1) + reward_bias(model)
@@ -190,12 +228,17 @@ def save_checkpoint(
     atomic write (PPO's EMA policy), so a crash cannot leave one without the other.
     """
     target = Path(target)
+
+    def write(net: PreTrainedModel, directory: Path) -> None:
+        net.save_pretrained(directory, safe_serialization=True)  # a LoRA-wrapped model saves its adapter
+        tokenizer.save_pretrained(directory)
+        if is_lora(net) and config_overrides(net):
+            (directory / CONFIG_OVERRIDES).write_text(json.dumps(config_overrides(net)))
+
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        write(model, tmp)
         for name, sub_model in (extra_models or {}).items():
-            sub_model.save_pretrained(tmp / name, safe_serialization=True)
-            tokenizer.save_pretrained(tmp / name)
+            write(sub_model, tmp / name)
         for name, obj in (extra or {}).items():
             torch.save(obj, tmp / name)
         for name, obj in (extra_json or {}).items():
@@ -203,7 +246,21 @@ def save_checkpoint(
     return target
 
 
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: str | os.PathLike,
+               extra_json: dict[str, dict] | None = None, extra_models: dict | None = None) -> Path:
+    """A stage's output model: a plain HF directory any `from_pretrained` loads. A LoRA-trained model
+    is saved merged, with its adapter kept inside in `ADAPTER_DIR`."""
+    if is_lora(model):
+        return save_checkpoint(merged_copy(model), tokenizer, target, extra_json=extra_json,
+                               extra_models={ADAPTER_DIR: model, **(extra_models or {})})
+    return save_checkpoint(model, tokenizer, target, extra_json=extra_json, extra_models=extra_models)
+
+
 def check_same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, what: str) -> None:
     """Policy and reward model must read the same token ids, or the RM scores gibberish."""
     if a.get_vocab() != b.get_vocab():
         raise ValueError(f"{what}: the tokenizers differ (different vocabularies); use checkpoints from one base model")
+    # ...and see answers in the same format: an RM trained on one chat template scores another's text.
+    if template_of(a) != template_of(b):
+        raise ValueError(f"{what}: the chat templates differ, so the reward model would score answers in "
+                         "another format than the policy writes them; use checkpoints from one base model")

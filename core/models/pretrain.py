@@ -18,6 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from core.data import demo
 from core.stages import optim
+from core.models.chat import PLAIN_CHAT_TEMPLATE
 from core.models.loading import Device, pick_device, save_checkpoint
 from core.paths import BUNDLED_MODEL_DIR
 
@@ -38,9 +39,11 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 1000) -> PreTrainedToke
     )
     tok.train_from_iterator(corpus, trainer=trainer)
     # A distinct pad token keeps padding and the EOS the policy must learn to emit apart.
+    # Its chat template renders the corpus' dialogue shape, so the stages' one formatting path
+    # (core.models.chat) feeds the model what it saw in pretraining.
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=PAD,
-        model_max_length=256,
+        model_max_length=256, chat_template=PLAIN_CHAT_TEMPLATE,
     )
 
 

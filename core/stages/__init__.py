@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import PRESETS, ConfigMixin, PPOConfig, RewardConfig, SFTConfig
+from core.config import PRESETS, ConfigMixin, DPOConfig, GRPOConfig, PPOConfig, RewardConfig, RLOOConfig, SFTConfig
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,16 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ("sft_model",), "rm", policy=False),
     Stage("ppo", "3 · PPO-ptx", "PPO with a KL penalty and a pretraining term", PPOConfig, "core.stages.ppo",
           ("sft_model", "reward_model"), "ppo", policy=True),
+    # Alternative third stages on the same SFT model and data, through TRL's trainers (core/stages/trl_bridge.py).
+    Stage("dpo", "3 · DPO", "DPO on preference pairs from the rankings (no RM, no sampling; TRL)", DPOConfig,
+          "core.stages.dpo", ("sft_model",), "dpo", policy=True),
+    Stage("grpo", "3 · GRPO", "GRPO: group-normalised advantages on RM-scored samples (no value model; TRL)",
+          GRPOConfig, "core.stages.grpo", ("sft_model", "reward_model"), "grpo", policy=True),
+    Stage("rloo", "3 · RLOO", "RLOO: leave-one-out baseline on RM-scored samples (no value model; TRL)",
+          RLOOConfig, "core.stages.rloo", ("sft_model", "reward_model"), "rloo", policy=True),
 )}
+# The recipe itself, which the demo pipeline runs by default; the alternatives join it with --stages.
+RECIPE: tuple[str, ...] = ("sft", "rm", "ppo")
 
 
 def get_stage(name: str) -> Stage:
@@ -67,7 +76,8 @@ def check_models(stage: str, config) -> None:
     from core.models.loading import check_same_tokenizer, load_tokenizer, pick_device, resolve_model
 
     pick_device(config.device)
-    fields = get_stage(stage).model_fields
+    optional = config.optional_models() if hasattr(config, "optional_models") else ()
+    fields = tuple(f for f in get_stage(stage).model_fields if f not in optional)
     for field in fields:
         value = getattr(config, field)
         if not value:
@@ -81,4 +91,4 @@ def check_models(stage: str, config) -> None:
                              f"reward_model {config.reward_model} does not match sft_model {config.sft_model}")
 
 
-__all__ = ["Stage", "STAGES", "get_stage", "make_config", "check_models"]
+__all__ = ["Stage", "STAGES", "RECIPE", "get_stage", "make_config", "check_models"]

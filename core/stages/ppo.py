@@ -36,6 +36,7 @@ from transformers.activations import ACT2FN, NewGELUActivation
 
 from core.config import PPOConfig
 from core.data import demo
+from core.data.rollouts import RolloutRecorder
 from core.data.sources import load_prompts, load_ptx_texts
 from core.data.store import Store
 from core.evaluate import gold_eval
@@ -49,9 +50,10 @@ from core.models.loading import (
     load_tokenizer,
     pick_device,
     resolve_model,
-    save_checkpoint,
+    save_model,
     token_scores,
 )
+from core.models.lora import AdapterOff, prepare_for_training
 from core.models.pretrain import heldout_lm_loss, lm_loss, pack
 from core.stages.resume import checkpoint_path, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from core.stages.rl import (
@@ -89,7 +91,8 @@ class PPOModels:
     device: Device
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [*self.policy.parameters(), *self.value_model.parameters()]
+        """Every weight of policy and value, or only their adapters (and the value head) under LoRA."""
+        return [p for m in (self.policy, self.value_model) for p in m.parameters() if p.requires_grad]
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -101,7 +104,7 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 def make_optimizer(policy, value_model, learning_rate: float) -> torch.optim.Optimizer:
     # One AdamW over policy and value (the loss is pg + vf_coef * vf); eps=1e-5 is the PPO
     # implementation detail from openai/baselines (CleanRL detail #3), not PyTorch's 1e-8.
-    params = [*policy.parameters(), *value_model.parameters()]
+    params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=learning_rate, eps=1e-5, weight_decay=0.0, foreach=True)
 
 
@@ -136,12 +139,36 @@ def assemble(policy, reference_policy, value_model, reward_model, tokenizer, con
 
 def load_models(config: PPOConfig, tokenizer, device: Device, policy_from: str | Path | None = None) -> PPOModels:
     """Policy and reference start from SFT (the policy from `policy_from` on resume); the value
-    model starts from the reward model (InstructGPT 3.5); the RM itself stays frozen."""
-    policy = load_policy(policy_from or config.sft_model, device, dropout=0.0)
-    reference_policy = load_policy(config.sft_model, device, dropout=0.0)
-    reward_model = load_scalar_model(config.reward_model, tokenizer.pad_token_id, device)
-    value_model = load_scalar_model(config.reward_model, tokenizer.pad_token_id, device)
+    model starts from the reward model (InstructGPT 3.5); the RM itself stays frozen.
+
+    With LoRA (`lora_r > 0`) two base networks serve all four: the reference policy is the policy
+    with its adapter off, the reward model is the value model with its adapter off (and the RM's
+    own head). Without LoRA the frozen networks load in bf16 on a GPU (their matmuls run in bf16
+    under autocast anyway), halving their memory; log-prob arithmetic stays fp32 (`response_logits`)."""
+    pad = tokenizer.pad_token_id
+    if config.lora:
+        policy = prepare_for_training(load_policy(config.sft_model, device, dropout=0.0), config, "causal",
+                                      policy_from)
+        value_model = prepare_for_training(load_scalar_model(config.reward_model, pad, device), config, "score")
+        return assemble(policy, AdapterOff(policy), value_model, AdapterOff(value_model), tokenizer, config, device)
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    policy = prepare_for_training(load_policy(policy_from or config.sft_model, device, dropout=0.0), config, "causal")
+    reference_policy = load_policy(config.sft_model, device, dropout=0.0, dtype=frozen_dtype)
+    reward_model = load_scalar_model(config.reward_model, pad, device, dtype=frozen_dtype)
+    value_model = prepare_for_training(load_scalar_model(config.reward_model, pad, device), config, "score")
     return assemble(policy, reference_policy, value_model, reward_model, tokenizer, config, device)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint must keep to resume a trained network: all of them, or its adapter."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"the checkpoint's value model does not fit this config (unexpected {unexpected[:3]}): "
+                         "resume with the same lora settings it was trained with")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +452,7 @@ def save_step_checkpoint(models: PPOModels, path: Path, state: dict, sampler: Pr
     # in the same atomic directory: a crash cannot leave a step without its EMA.
     return save_training_checkpoint(
         models.policy, models.tokenizer, path, state,
-        {"optimizer": models.optimizer.state_dict(), "value_model": models.value_model.state_dict(),
+        {"optimizer": models.optimizer.state_dict(), "value_model": trainable_state(models.value_model),
          "prompts": sampler.state()},
         models.device, extra_models={EMA_DIR: ema} if ema is not None else None)
 
@@ -434,6 +461,36 @@ def ema_update(ema: torch.nn.Module, policy: torch.nn.Module, decay: float) -> N
     """ema <- decay * ema + (1 - decay) * policy, parameter by parameter (InstructGPT kept an EMA)."""
     with torch.no_grad():
         torch._foreach_lerp_(list(ema.parameters()), list(policy.parameters()), 1.0 - decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out evaluation on a user's data (the demo has its own held-out tasks and corpus)
+# ---------------------------------------------------------------------------------------------
+
+
+def split_off(prompts: list[str], n: int) -> tuple[list[str], list[str]]:
+    """(training prompts, up to `n` held-out prompts): at most a tenth, none from fewer than 20."""
+    k = min(n, len(prompts) // 10) if len(prompts) >= 20 else 0
+    return prompts[k:], prompts[:k]
+
+
+def split_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(training ptx blocks, held-out blocks): a twentieth held out when there are 20 or more."""
+    k = len(blocks) // 20
+    return (blocks[k:], blocks[:k]) if k else (blocks, None)
+
+
+@torch.no_grad()
+def heldout_reward(models: PPOModels, tokenizer, prompts: list[str], config: PPOConfig) -> float:
+    """Mean RM score of answers sampled at the rollout temperature to prompts the policy never trained on."""
+    scores = []
+    for i in range(0, len(prompts), config.batch_size):
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts[i : i + config.batch_size],
+                                                 device=models.device.torch)
+        rollout = score_responses(models, generate_responses(models, prompt_ids, prompt_mask, config), config)
+        scores += rollout.rm_scores.tolist()
+    models.policy.train()
+    return sum(scores) / len(scores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,6 +526,13 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     models = load_models(config, tokenizer, device, policy_from=resume_from)
     policy, value_model = models.policy, models.value_model
 
+    # Gold scores and the demo's held-out pretraining loss mean something only on the demo's own
+    # prompts. On a user's data the run holds out a slice of its prompts (held-out RM reward) and of
+    # its ptx text (held-out LM loss: the alignment tax on the user's own pretraining data).
+    gold_prompts = config.prompts == "demo" or demo.is_demo_task(prompts)  # the demo's prompts, built in or stored
+    heldout = demo.heldout_tasks(config.eval_prompts) if gold_prompts else []
+    prompts, heldout_prompts = (prompts, []) if gold_prompts else split_off(prompts, config.eval_prompts)
+
     num_steps = max(1, config.total_episodes // config.batch_size)
     opt_steps_per_ppo_step = config.ppo_epochs * config.num_minibatches
     sampler = PromptSampler(len(prompts), config.batch_size, config.seed)
@@ -476,7 +540,7 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     state = {"step": 0, "kl_coef": config.kl_coef, "episodes": 0, "history": []}
     if resume_from is not None:
         state, training = load_training_checkpoint(resume_from, device)
-        value_model.load_state_dict(training["value_model"])
+        load_trainable_state(value_model, training["value_model"])
         models.optimizer.load_state_dict(training["optimizer"])
         sampler.load(training["prompts"])
         kl_ctl.value = state["kl_coef"]
@@ -488,19 +552,17 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
         ema = load_policy(ema_dir, device) if ema_dir and ema_dir.is_dir() else copy.deepcopy(policy)
         freeze(ema)
 
-    ptx_batches = None
+    ptx_batches, heldout_blocks = None, None
     if ptx_texts is not None:
         ptx_generator = torch.Generator().manual_seed(config.seed + 1)
         blocks = pack(tokenizer, ptx_texts, PTX_BLOCK_SIZE)
+        blocks, heldout_blocks = (blocks, None) if gold_prompts else split_blocks(blocks)
         # Resume at the same place in the pretraining stream (cheap: it only draws indices).
         ptx_batches = ptx_batch_stream(blocks, config.ptx_batch_size, ptx_generator,
                                        skip=state["step"] * opt_steps_per_ppo_step)
 
-    # Gold scores and the demo's held-out pretraining loss mean something only on the demo's own
-    # prompts: on a user's data they are not computed at all.
-    gold_prompts = config.prompts == "demo"
-    heldout = demo.heldout_tasks(config.eval_prompts) if gold_prompts else []
     prefix = events.run_id or "ppo"
+    rollout_log = RolloutRecorder(store, events.run_id, num_steps, tokenizer)
 
     def checkpoint(step: int) -> Path:
         path = save_step_checkpoint(models, checkpoint_path(output_dir, "step", step), state, sampler, ema)
@@ -531,6 +593,7 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
         batch_prompts = [prompts[i] for i in idx]
         prompt_ids, prompt_mask = encode_prompts(tokenizer, batch_prompts, device=device.torch)
         result = ppo_step(models, prompt_ids, prompt_mask, config, kl_ctl.value, ptx_batches)
+        rollout_log.record(step, batch_prompts, result.rollout)  # a bounded sample for the rollout browser
         metrics = result.metrics
         if gold_prompts:
             metrics["gold"] = sum(demo.gold_score(p, t) for p, t in zip(batch_prompts, result.rollout.texts)) / len(idx)
@@ -556,6 +619,10 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
                                                  max_new_tokens=config.response_length)["gold"]
     if gold_prompts:
         final["pretrain_loss"] = heldout_lm_loss(policy, pack(tokenizer, demo.heldout_corpus(), PTX_BLOCK_SIZE), device)
+    if heldout_prompts:
+        final["heldout_reward"] = heldout_reward(models, tokenizer, heldout_prompts, config)
+    if heldout_blocks is not None:
+        final["ptx_heldout_loss"] = heldout_lm_loss(policy, heldout_blocks, device)
     recent = state["history"]
 
     def recent_mean(key: str) -> float | None:
@@ -569,13 +636,15 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     }
     if gold is not None:
         summary.update(gold=gold, gold_greedy=final["heldout_gold_greedy"])
-    if "pretrain_loss" in final:
-        summary["pretrain_loss"] = final["pretrain_loss"]
+    for key in ("pretrain_loss", "heldout_reward", "ptx_heldout_loss"):
+        if key in final:
+            summary[key] = final[key]
+    summary["evaluation"] = "demo" if gold_prompts else "user data"
     if final:
         events.metrics(state["step"], final)
     checkpoint(state["step"])  # the resumable end state (a re-run only re-evaluates)
-    save_checkpoint(policy, tokenizer, output_dir, extra_json={SUMMARY_FILE: summary},
-                    extra_models={EMA_DIR: ema} if ema is not None else None)
+    save_model(policy, tokenizer, output_dir, extra_json={SUMMARY_FILE: summary},
+               extra_models={EMA_DIR: ema} if ema is not None else None)
     events.checkpoint(prefix, "ppo", output_dir, state["step"])
     events.close()
     return output_dir

@@ -24,11 +24,21 @@ import torch.nn.functional as F
 
 from core.config import RewardConfig, SFTConfig
 from core.data import demo
-from core.data.sources import Ranking, load_rankings
+from core.data.sources import Ranking, load_rankings, one_per_item
 from core.data.store import Store
 from core.events import Events
+from core.models.chat import encode_answer
 from core.models.generate import sample
-from core.models.loading import Device, load_policy, load_scalar_model, load_tokenizer, pick_device, save_checkpoint, token_scores
+from core.models.loading import (
+    Device,
+    load_policy,
+    load_scalar_model,
+    load_tokenizer,
+    pick_device,
+    save_model,
+    token_scores,
+)
+from core.models.lora import prepare_for_training
 from core.paths import atomic_write_text, checkpoints_dir
 from core.stages import optim
 from core.stages.resume import checkpoint_path, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
@@ -86,11 +96,13 @@ def split_heldout(rankings: list[Ranking], seed: int) -> tuple[list[Ranking], li
 
 
 def encode_answers(tokenizer, prompt: str, responses: list[str], max_length: int) -> list[list[int]]:
-    """prompt + answer + EOS, truncated from the left of the prompt so the EOS stays last."""
-    prompt_ids = tokenizer(demo.format_prompt(prompt), add_special_tokens=False)["input_ids"]
+    """prompt + answer + EOS in the model's chat format (as PPO samples and scores it), the answer
+    cut to half of `max_length` and the prompt from the left, so the EOS the score is read at stays last."""
     out = []
     for r in responses:
-        answer = tokenizer(" " + r.strip(), add_special_tokens=False)["input_ids"][: max_length // 2] + [tokenizer.eos_token_id]
+        prompt_ids, answer = encode_answer(tokenizer, prompt, r)
+        if len(answer) > max_length // 2:
+            answer = [*answer[: max_length // 2 - 1], answer[-1]]
         out.append((prompt_ids + answer)[-max_length:])
     return out
 
@@ -186,20 +198,34 @@ def centre_on_demonstrations(model, tokenizer, pairs: list[tuple[str, str]], max
 # ---------------------------------------------------------------------------------------------
 
 
+def demo_heldout_rankings(config: RewardConfig, policy, tokenizer, events: Events) -> list[Ranking]:
+    """Held-out rankings from the noise-free labeler on the demo's held-out prompts: accuracy against
+    the gold order, on prompts no stage trains on."""
+    return sample_demo_rankings(policy, tokenizer, demo.heldout_tasks(config.heldout_prompts), config.k,
+                                config.sample_temperature, 0.0, config.seed + 99, events, "held-out")
+
+
 def gather_rankings(config: RewardConfig, store: Store | None, tokenizer, device: Device, events: Events):
     if config.data == "demo":
         policy = load_policy(config.sft_model, device, dropout=0.0)
         train_tasks = demo.train_tasks(config.n_prompts)
         train = sample_demo_rankings(policy, tokenizer, train_tasks, config.k, config.sample_temperature,
                                      config.labeler_temperature, config.seed, events, "training")
-        # Held-out rankings come from the noise-free labeler: accuracy against the gold order.
-        heldout = sample_demo_rankings(policy, tokenizer, demo.heldout_tasks(config.heldout_prompts), config.k,
-                                       config.sample_temperature, 0.0, config.seed + 99, events, "held-out")
+        heldout = demo_heldout_rankings(config, policy, tokenizer, events)
         del policy
         return train, heldout
     rankings = load_rankings(config.data, store)
+    if config.one_ranking_per_item:
+        rankings = one_per_item(rankings)
     if len(rankings) < 2:
         raise ValueError(f"need at least 2 rankings to train a reward model, found {len(rankings)} in {config.data!r}")
+    if config.heldout == "demo":
+        # The demo through the store (core/data/demo_import.py): train on every stored ranking, hold out
+        # the demo's own noise-free rankings, as on data='demo'.
+        policy = load_policy(config.sft_model, device, dropout=0.0)
+        heldout = demo_heldout_rankings(config, policy, tokenizer, events)
+        del policy
+        return rankings, heldout
     return split_heldout(rankings, config.seed)
 
 
@@ -235,12 +261,15 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
         raise ValueError("no usable rankings: every sampled group collapsed to one distinct answer")
     events.log(f"reward model: {len(train)} training rankings ({sum(len(r.responses) for r in train)} answers), "
                f"{len(heldout)} held out")
-    model = load_scalar_model(resume_from or config.sft_model, tokenizer.pad_token_id, device)
+    # With LoRA the base loads as it is and the checkpoint's adapter (and head) goes back on top of it.
+    model = load_scalar_model(config.sft_model if config.lora else (resume_from or config.sft_model),
+                              tokenizer.pad_token_id, device)
+    model = prepare_for_training(model, config, "score", resume_from if config.lora else None)
     centring = demonstrations_for_bias(config, store, train)
 
     steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
     scheduler = optim.make_schedule(optimizer, total_steps, config.warmup_ratio)
     state = {"epoch": 0, "step": 0, "summary": {}}
     if resume_from is not None:
@@ -294,7 +323,7 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
     summary = {"stage": "rm", "heldout_accuracy": summary.get("accuracy"), **summary,
                "reward_bias": float(model.config.reward_bias), "train_rankings": len(train),
                "heldout_rankings": len(heldout), "epochs_done": state["epoch"], "stopped": stopped}
-    save_checkpoint(model, tokenizer, output_dir, extra_json={SUMMARY_FILE: summary})
+    save_model(model, tokenizer, output_dir, extra_json={SUMMARY_FILE: summary})
     atomic_write_text(output_dir.with_name(output_dir.name + "-rankings.jsonl"), "".join(
         json.dumps({"prompt": r.prompt, "responses": r.responses}) + "\n" for r in train))
     events.checkpoint(events.run_id or "rm", "rm", output_dir, state["step"])

@@ -25,18 +25,26 @@ from core.data.sources import load_demonstrations
 from core.data.store import Store
 from core.evaluate import gold_eval
 from core.events import Events
-from core.models.loading import Device, load_policy, load_tokenizer, pick_device, save_checkpoint
+from core.models.chat import encode_answer, encode_conversation
+from core.models.loading import Device, load_policy, load_tokenizer, pick_device, save_model
+from core.models.lora import prepare_for_training
 from core.stages import optim
 from core.stages.resume import checkpoint_path, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 
 IGNORE = -100
 SUMMARY_FILE = "sft_summary.json"
+MIN_ROWS_TO_SPLIT = 10  # fewer demonstrations than this: no validation split, the last epoch is kept
 
 
-def encode(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels; labels are -100 on the prompt so only the answer carries loss."""
-    prompt_ids = tokenizer(demo.format_prompt(prompt), add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(" " + completion.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def encode(tokenizer, prompt: str, completion: str, max_length: int,
+           context: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    """Token ids and labels in the model's chat format; labels are -100 except on assistant turns, so
+    only the answer (and, in a multi-turn demonstration, every earlier assistant turn) carries loss."""
+    if context:
+        messages = [*context, {"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        ids, labels = encode_conversation(tokenizer, messages)
+        return ids[-max_length:], labels[-max_length:]  # the end holds the turn being learned
+    prompt_ids, answer_ids = encode_answer(tokenizer, prompt, completion)
     prompt_ids = prompt_ids[-(max_length // 2):]  # keep the end of a long prompt, where the question is
     ids = (prompt_ids + answer_ids)[:max_length]
     labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_length]
@@ -78,23 +86,32 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
     rows = load_demonstrations(config.data, store, config.n_demonstrations, config.ramble_rate, config.seed)
     resume_from = latest_checkpoint(output_dir, "epoch")
     tokenizer = load_tokenizer(config.model)
-    model = load_policy(resume_from or config.model, device, dropout=config.dropout)
+    # With LoRA the base loads as it is and the checkpoint's adapter goes back on top of it.
+    model = load_policy(config.model if config.lora else (resume_from or config.model), device, dropout=config.dropout)
+    model = prepare_for_training(model, config, "causal", resume_from if config.lora else None)
     model.train()
 
-    # Hold out a slice for validation loss when the data has no labeler to score it.
+    # Hold out a validation slice (5 %, at least 1) to pick the best epoch by held-out loss; data
+    # too small to split keeps its last epoch.
     rng = random.Random(config.seed)
     rows = rows[:]
     rng.shuffle(rows)
-    n_val = max(1, len(rows) // 20) if len(rows) > 20 else 0
+    n_val = max(1, len(rows) // 20) if len(rows) >= MIN_ROWS_TO_SPLIT else 0
     val_rows, train_rows = rows[:n_val], rows[n_val:]
-    train = [encode(tokenizer, r["prompt"], r["completion"], config.max_length) for r in train_rows]
-    val = [encode(tokenizer, r["prompt"], r["completion"], config.max_length) for r in val_rows]
-    use_gold = config.data == "demo" and config.eval_prompts > 0
+    train = [encode(tokenizer, r["prompt"], r["completion"], config.max_length, r.get("context")) for r in train_rows]
+    val = [encode(tokenizer, r["prompt"], r["completion"], config.max_length, r.get("context")) for r in val_rows]
+    # Gold on the demo's held-out prompts when the data is the demo task (built in, or imported into the store).
+    use_gold = config.eval_prompts > 0 and (config.data == "demo" or demo.is_demo_task(r["prompt"] for r in rows))
     heldout = demo.heldout_tasks(config.eval_prompts) if use_gold else []
+    selection = "gold" if heldout else "val_loss" if val else "last_epoch"
+    if selection == "last_epoch":
+        events.log(f"only {len(rows)} demonstrations: too few to hold out a validation split "
+                   f"(fewer than {MIN_ROWS_TO_SPLIT}), so the last epoch is kept")
 
     steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
     total_steps = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # the adapter alone under LoRA
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = optim.make_schedule(optimizer, total_steps, config.warmup_ratio)
     state = {"epoch": 0, "step": 0, "best_score": None, "best_epoch": None}
     if resume_from is not None:
@@ -133,10 +150,13 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
             scores = gold_eval(model, tokenizer, heldout, temperature=config.eval_temperature, seed=config.seed)
             epoch_metrics.update({"gold": scores["gold"], "eos_rate": scores["eos_rate"]})
         events.metrics(state["step"], epoch_metrics)
-        score = epoch_metrics.get("gold", -epoch_metrics.get("val_loss", 0.0))
+        score = {"gold": epoch_metrics.get("gold"), "val_loss": -epoch_metrics.get("val_loss", 0.0),
+                 "last_epoch": epoch}[selection]
         if state["best_score"] is None or score > state["best_score"]:
             state["best_score"], state["best_epoch"] = score, epoch
-            save_checkpoint(model, tokenizer, output_dir, extra_json={SUMMARY_FILE: {**epoch_metrics, "stage": "sft"}})
+            summary = {**epoch_metrics, "stage": "sft", "selected_by": selection, "train_rows": len(train),
+                       "validation_rows": len(val)}
+            save_model(model, tokenizer, output_dir, extra_json={SUMMARY_FILE: summary})
         ckpt = save_training_checkpoint(
             model, tokenizer, checkpoint_path(output_dir, "epoch", epoch), state,
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, device)
@@ -144,7 +164,7 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
         events.log(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()))
     if not (output_dir / "config.json").is_file():
         # Stopped before the first epoch ended: still leave a loadable model behind.
-        save_checkpoint(model, tokenizer, output_dir, extra_json={SUMMARY_FILE: {"stage": "sft", "stopped": True}})
+        save_model(model, tokenizer, output_dir, extra_json={SUMMARY_FILE: {"stage": "sft", "stopped": True}})
     events.checkpoint(events.run_id or "sft", "sft", output_dir, state["step"])
     events.close()
     return output_dir

@@ -1,0 +1,402 @@
+"""The bridge between the workbench and TRL's trainers, shared by the alternative third stages
+(`dpo.py`, `grpo.py`, `rloo.py`).
+
+TRL (1.16) does the methods themselves: DPOTrainer, GRPOTrainer and RLOOTrainer compute the losses,
+sample the groups, build the advantages and the KL terms, optimise, and write and resume their own
+checkpoints. What TRL cannot know is the workbench around it, so this module adds only that:
+
+- `WorkbenchCallback`, a `TrainerCallback` that forwards TRL's logs to `events.metrics` under our
+  metric names (so the Monitor overlays them with PPO's curves: `reward`, `kl`, `entropy`,
+  `response_length`, `gold`, ...), reports progress, registers each checkpoint in the store, and
+  polls `events.should_stop()` to set `control.should_training_stop` (with a checkpoint at that
+  step, so a stopped run resumes where it stopped).
+- `training_args`: TRL's config for our devices (CPU fp32, or CUDA with bf16 where supported, as
+  `core/models/loading.pick_device`), no reporting or progress bars, checkpoints every
+  `save_every` steps into `checkpoints_dir(output_dir)`.
+- The datasets, from our sources in our chat format: preference pairs expanded from K-wise rankings
+  (`ranking_pairs`, all C(K,2) per ranking), prompts as `User: {prompt}\\nAssistant:` (TRL's answer
+  follows after a space, EOS last: TRL appends it to DPO's answers, and sampling stops at it).
+- `make_reward`: our reward model as a GRPO/RLOO reward function (TRL's own reward-model path reads
+  the score through the head's pad-token search and without our `reward_bias`, so the RM would
+  score differently than in PPO), or the demo's gold labeler, which is cheating on the proxy.
+- `finish`: the final model written atomically (`save_checkpoint`), then the final evaluation on the
+  demo (held-out gold sampled and greedy, KL to the SFT model measured as for every method, held-out
+  pretraining loss), under the metric names PPO uses.
+
+Resume uses TRL's own checkpointing (`resume_from_checkpoint`), which works on the CPU: a checkpoint
+is `checkpoint-<n>` (an HF model directory with TRL's optimizer, scheduler, RNG and trainer state)
+under `checkpoints_dir(output_dir)`. The Trainer does not write it atomically, but it writes
+`trainer_state.json` last, so `latest_checkpoint` takes only directories that have it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from core.data import demo
+from core.data.formats import ranking_pairs
+from core.data.sources import Ranking
+from core.events import Events
+from core.models.loading import Device, load_policy, save_checkpoint
+from core.paths import atomic_write_text, checkpoints_dir
+
+TRAINER_STATE = "trainer_state.json"  # written last into a TRL checkpoint: its presence marks a complete one
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+DATA_FILE = "data.json"  # the run's training rows, kept beside its checkpoints so a resume trains on the same ones
+
+# TRL's log keys -> the workbench's metric names (PPO's names where the quantity is the same).
+DPO_METRICS = {
+    "loss": "dpo_loss", "rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy",
+    "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected", "logps/chosen": "logp_chosen",
+    "logps/rejected": "logp_rejected", "entropy": "entropy", "learning_rate": "learning_rate",
+    "grad_norm": "grad_norm",
+}
+GROUP_METRICS = {
+    "loss": "policy_loss", "reward": "score", "reward_std": "reward_std", "raw_reward": "reward", "gold": "gold",
+    "kl": "kl_token", "entropy": "entropy", "completions/mean_length": "response_length",
+    "clip_ratio/region_mean": "clip_frac", "frac_reward_zero_std": "frac_reward_zero_std",
+    "learning_rate": "learning_rate", "grad_norm": "grad_norm",
+}
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete TRL checkpoint `checkpoint-<n>` of a stage."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return None
+    found = [(int(m[1]), p) for p in root.iterdir()
+             if (m := _CHECKPOINT_RE.match(p.name)) and (p / TRAINER_STATE).is_file()]
+    return max(found)[1] if found else None
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(_CHECKPOINT_RE.match(path.name)[1])
+
+
+def quiet() -> None:
+    """No progress bars from datasets' map/filter (the Trainer's own are off by `disable_tqdm`)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def training_args(args_class, config, output_dir: Path, device: Device, **kwargs):
+    """TRL's config for a workbench run: our device and precision, logs every step into the callback
+    only, checkpoints every `save_every` steps into `checkpoints_dir(output_dir)`."""
+    cuda = device.type == "cuda"
+    return args_class(
+        output_dir=str(checkpoints_dir(output_dir)),
+        use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False,
+        report_to="none", disable_tqdm=True, logging_steps=1,
+        save_strategy="steps", save_steps=config.save_every, save_total_limit=None,
+        dataloader_num_workers=0, activation_checkpointing=False, disable_dropout=True,
+        seed=config.seed, data_seed=config.seed, learning_rate=config.learning_rate, lr_scheduler_type="linear",
+        **kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def data_once(output_dir: Path, gather: Callable[[], list[dict]]) -> list[dict]:
+    """The run's rows, gathered once (demo rankings are sampled: minutes of work, and a store can change)
+    and kept beside its checkpoints, so a resumed run trains on the same rows in the same order."""
+    path = checkpoints_dir(output_dir) / DATA_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    rows = gather()
+    atomic_write_text(path, json.dumps(rows))
+    return rows
+
+
+def preference_pairs(rankings: list[Ranking]) -> list[dict]:
+    """TRL's preference rows from K-wise rankings: all C(K,2) (chosen, rejected) pairs of each, the
+    prompt in our chat format and each answer after a space (TRL appends the EOS)."""
+    rows = []
+    for r in rankings:
+        if len(r.responses) < 2:
+            raise ValueError(f"a ranking needs at least 2 responses to give a preference pair: {r.prompt[:60]!r}")
+        for chosen, rejected in ranking_pairs(r.responses):
+            rows.append({"raw_prompt": r.prompt, "prompt": demo.format_prompt(r.prompt),
+                         "chosen": " " + chosen.strip(), "rejected": " " + rejected.strip()})
+    return rows
+
+
+def prompt_rows(prompts: list[str]) -> list[dict]:
+    """TRL's prompt rows: the chat-formatted prompt TRL samples from, and the raw prompt for the labeler."""
+    return [{"prompt": demo.format_prompt(p), "raw_prompt": p} for p in prompts]
+
+
+def all_demo(prompts: list[str]) -> bool:
+    """Every prompt is one of the demo's (its labeler can score the answers)."""
+    return bool(prompts) and all(demo.expected_answer(p) is not None for p in prompts)
+
+
+def dataset(rows: list[dict], drop: tuple[str, ...] = ()):
+    from datasets import Dataset
+
+    return Dataset.from_list([{k: v for k, v in row.items() if k not in drop} for row in rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward for GRPO / RLOO
+# ---------------------------------------------------------------------------------------------
+
+
+def make_reward(config, tokenizer, device: Device) -> Callable[..., list[float]]:
+    """A TRL reward function: our RM's score at each answer's last token (`token_scores`, with the
+    centring `reward_bias`), on the very token ids the policy sampled after the chat-formatted prompt,
+    as PPO scores them; or (`reward: gold`) the demo's simulated labeler. Answers that never emitted
+    EOS lose `missing_eos_penalty`, as in PPO. Logs the raw reward (`reward`) and, on demo prompts,
+    the gold score (`gold`) beside TRL's own metrics."""
+    from core.stages.reward import score_sequences
+
+    eos = tokenizer.eos_token_id
+    rm = None
+    if config.reward == "rm":
+        from core.models.loading import load_scalar_model
+
+        rm = load_scalar_model(config.reward_model, tokenizer.pad_token_id, device)
+        rm.eval()
+        rm.requires_grad_(False)
+    prompt_cache: dict[str, list[int]] = {}
+
+    def prompt_ids(text: str) -> list[int]:
+        if text not in prompt_cache:
+            prompt_cache[text] = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return prompt_cache[text]
+
+    @torch.no_grad()
+    def reward(prompts, completions, completion_ids, raw_prompt, log_metric=None, **_) -> list[float]:
+        gold = [demo.gold_score(p, c) for p, c in zip(raw_prompt, completions)] if all_demo(raw_prompt) else None
+        if rm is None:
+            raw = list(gold)
+        else:
+            # TRL's completion ids stop at (and include) the EOS; a cut-off answer ends on its last sampled token.
+            seqs = [prompt_ids(p) + list(ids) for p, ids in zip(prompts, completion_ids)]
+            raw = score_sequences(rm, seqs, tokenizer.pad_token_id, device).tolist()
+        penalty = config.missing_eos_penalty or 0.0
+        scores = [s if (ids and ids[-1] == eos) else s - penalty for s, ids in zip(raw, completion_ids)]
+        if log_metric is not None:
+            log_metric("raw_reward", sum(raw) / len(raw))
+            if gold is not None:
+                log_metric("gold", sum(gold) / len(gold))
+        return scores
+
+    reward.__name__ = config.reward  # TRL names its per-function metrics after it (rewards/rm/mean)
+    return reward
+
+
+# ---------------------------------------------------------------------------------------------
+# The callback: TRL -> events (metrics, progress, checkpoints, stop)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_callback(stage: str, kind: str, events: Events, metric_names: dict[str, str], episodes_per_step: int = 0):
+    """Built here so `transformers` is imported only when a stage runs."""
+    from transformers import TrainerCallback
+
+    class WorkbenchCallback(TrainerCallback):
+        def __init__(self):
+            self.stopped = False
+            self.prefix = events.run_id or stage
+            self._t = time.perf_counter()
+
+        def poll_stop(self, control) -> None:
+            # Polled at the end of each step and again after its log (the Trainer saves after logging):
+            # stop at this step, with a checkpoint, so a resume continues from here.
+            if events.should_stop():
+                self.stopped = True
+                control.should_training_stop = True
+                control.should_save = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            events.progress(state.global_step, state.max_steps, stage)
+            if state.global_step >= state.max_steps:
+                control.should_save = True  # the resumable end state (a re-run only re-evaluates)
+            self.poll_stop(control)
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "train_runtime" in logs:  # the Trainer's end-of-training summary, not a step
+                return
+            values = {ours: logs[theirs] for theirs, ours in metric_names.items() if theirs in logs}
+            if "completions/clipped_ratio" in logs:
+                values["eos_rate"] = 1.0 - logs["completions/clipped_ratio"]
+            if "kl" in logs and "completions/mean_length" in logs:
+                # TRL logs the KL per token over the answers' tokens; times the mean answer length it is the
+                # mean per-answer sum, PPO's `kl` (RLOO: k1 as PPO; GRPO: k3, its loss's estimator).
+                values["kl"] = logs["kl"] * logs["completions/mean_length"]
+            now = time.perf_counter()
+            if episodes_per_step:
+                values["episodes_per_s"] = episodes_per_step / max(now - self._t, 1e-9)
+            self._t = now
+            events.metrics(state.global_step, values)
+            self.poll_stop(control)
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if path.is_dir():
+                events.checkpoint(f"{self.prefix}-step-{state.global_step}", kind, path, state.global_step)
+
+    return WorkbenchCallback()
+
+
+def train(trainer, callback, output_dir: Path, events: Events, what: str) -> None:
+    """trainer.train(), resumed from the newest complete checkpoint when there is one."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # with tqdm off it prints every log dict; ours go to events
+    resume = latest_checkpoint(output_dir)
+    if resume is not None:
+        events.log(f"resuming {what} after step {checkpoint_step(resume)} from {resume}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The end of a stage: the final model, the final evaluation, the summary
+# ---------------------------------------------------------------------------------------------
+
+
+def final_evaluation(model_dir: Path, reference: str, tokenizer, device: Device, n_prompts: int, temperature: float,
+                     max_new_tokens: int, seed: int) -> dict[str, float]:
+    """On the demo's held-out prompts: gold sampled at `temperature` and greedy, KL to the SFT model
+    (`kl_to_reference`, the one KL measurement of every method), held-out pretraining loss."""
+    from core.evaluate import gold_eval, kl_to_reference
+    from core.models.pretrain import heldout_lm_loss, pack
+
+    policy = load_policy(model_dir, device, dropout=0.0)
+    ref = load_policy(reference, device, dropout=0.0)
+    tasks = demo.heldout_tasks(n_prompts)
+    sampled = gold_eval(policy, tokenizer, tasks, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    greedy = gold_eval(policy, tokenizer, tasks, temperature=0.0, max_new_tokens=max_new_tokens)
+    return {
+        "heldout_gold": sampled["gold"], "heldout_gold_greedy": greedy["gold"],
+        "heldout_kl": kl_to_reference(policy, ref, tokenizer, [t.prompt for t in tasks], temperature, max_new_tokens,
+                                      seed=seed),
+        "pretrain_loss": heldout_lm_loss(policy, pack(tokenizer, demo.heldout_corpus(), 128), device),
+    }
+
+
+def finish(trainer, callback, stage: str, kind: str, config, tokenizer, events: Events, output_dir: Path,
+           summary: dict, evaluate: dict | None = None) -> Path:
+    """Stopped: the checkpoint of the stop step is the result (as PPO). Done: the final model at
+    `output_dir` (atomic, with `<stage>_summary.json`), then, on the demo, the final evaluation
+    (`evaluate`: n_prompts, temperature, max_new_tokens) logged at the last step and added to the summary."""
+    step = trainer.state.global_step
+    if callback.stopped:
+        events.log(f"stopped after step {step}; resume with the same output directory")
+        events.close()
+        return latest_checkpoint(output_dir) or output_dir
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    logs = [h for h in trainer.state.log_history if "train_runtime" not in h]
+    summary = {"stage": stage, "step": step, **summary}
+    if logs:
+        # Means of the last few logged steps, under our names (as PPO's summary).
+        names = DPO_METRICS if stage == "dpo" else GROUP_METRICS
+        for theirs, ours in names.items():
+            values = [h[theirs] for h in logs[-5:] if theirs in h]
+            if values and ours not in ("learning_rate", "grad_norm"):
+                summary[ours] = sum(values) / len(values)
+        per_answer = [h["kl"] * h["completions/mean_length"] for h in logs[-5:]
+                      if "kl" in h and "completions/mean_length" in h]
+        if per_answer:  # the `kl` metric's value: per answer, as PPO's
+            summary["kl"] = sum(per_answer) / len(per_answer)
+    summary_file = f"{stage}_summary.json"
+    save_checkpoint(model, tokenizer, output_dir, extra_json={summary_file: summary})
+    if evaluate and evaluate.get("n_prompts"):
+        final = final_evaluation(output_dir, config.sft_model, tokenizer, trainer_device(model), seed=config.seed,
+                                 **evaluate)
+        events.metrics(step, final)
+        summary.update(gold=final["heldout_gold"], gold_greedy=final["heldout_gold_greedy"],
+                       heldout_kl=final["heldout_kl"], pretrain_loss=final["pretrain_loss"])
+        atomic_write_text(output_dir / summary_file, json.dumps(summary, indent=2))
+    events.checkpoint(events.run_id or stage, kind, output_dir, step)
+    events.close()
+    return output_dir
+
+
+def trainer_device(model) -> Device:
+    return Device(next(model.parameters()).device.type)
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO and RLOO: one runner, the trainer class and its own options passed in
+# ---------------------------------------------------------------------------------------------
+
+
+def check_group_inputs(config, store) -> tuple[object, list[str]]:
+    """Every check a user can fail, before any model loads: returns (tokenizer, prompts)."""
+    from core.data.sources import load_prompts
+    from core.models.loading import check_same_tokenizer, load_tokenizer, resolve_model
+
+    config.validate()
+    fields = [("sft_model", "SFT checkpoint")] + ([("reward_model", "reward model checkpoint")]
+                                                  if config.reward == "rm" else [])
+    for field, what in fields:
+        if not getattr(config, field):
+            raise ValueError(f"{field} is empty: name the {what} this stage needs"
+                             + (" (or reward: gold on the demo)" if field == "reward_model" else ""))
+        try:
+            resolve_model(getattr(config, field))
+        except ValueError as exc:
+            raise ValueError(f"{field} ({what}): {exc}") from None
+    tokenizer = load_tokenizer(config.sft_model)
+    if config.reward == "rm":
+        check_same_tokenizer(tokenizer, load_tokenizer(config.reward_model),
+                             f"reward_model {config.reward_model} does not match sft_model {config.sft_model}")
+    prompts = load_prompts(config.prompts, store)
+    if config.reward == "gold" and not all_demo(prompts):
+        raise ValueError("reward 'gold' is the demo's simulated labeler: it scores the demo's prompts only; "
+                         "use reward 'rm' on your own prompts")
+    if len(prompts) * config.num_generations < config.batch_size:
+        raise ValueError(f"{len(prompts)} prompts give fewer than batch_size ({config.batch_size}) answers at "
+                         f"num_generations={config.num_generations}: add prompts or lower batch_size")
+    return tokenizer, prompts
+
+
+def run_group(stage: str, trainer_class, args_class, trainer_options: dict, config, store, events: Events,
+              output_dir: str | Path) -> Path:
+    """GRPO or RLOO: sample `num_generations` answers per prompt from the policy (starting at SFT),
+    score them with `make_reward`, and let TRL's trainer do the update; the reference is the SFT model."""
+    from core.models.loading import pick_device
+
+    output_dir = Path(output_dir)
+    tokenizer, prompts = check_group_inputs(config, store)
+    quiet()
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    rows = data_once(output_dir, lambda: prompt_rows(prompts))
+    num_steps = max(1, config.total_episodes // config.batch_size)
+    policy = load_policy(config.sft_model, device, dropout=0.0)
+    tokenizer.padding_side = "left"  # generation continues every prompt from its last token
+    args = training_args(
+        args_class, config, output_dir, device, max_steps=num_steps, per_device_train_batch_size=config.batch_size,
+        num_generations=config.num_generations, max_completion_length=config.max_completion_length,
+        temperature=config.temperature, beta=config.beta, epsilon=config.epsilon,
+        num_iterations=config.num_iterations, max_grad_norm=config.max_grad_norm,
+        # The reference: TRL loads it from the policy's own directory (the SFT model; resolve_model checked it
+        # holds safetensors weights, which from_pretrained prefers).
+        **trainer_options,
+    )
+    callback = make_callback(stage, stage, events, GROUP_METRICS, episodes_per_step=config.batch_size)
+    trainer = trainer_class(model=policy, reward_funcs=make_reward(config, tokenizer, device), args=args,
+                            train_dataset=dataset(rows), processing_class=tokenizer, callbacks=[callback])
+    train(trainer, callback, output_dir, events, stage.upper())
+    tokenizer.padding_side = "right"  # as load_tokenizer leaves it, in the saved model too
+    evaluate = None
+    if all_demo(prompts):  # the demo's prompts, built in or through the store: gold applies
+        evaluate = dict(n_prompts=config.eval_prompts, temperature=config.temperature,
+                        max_new_tokens=config.max_completion_length)
+    summary = {"reward_source": config.reward, "episodes": trainer.state.global_step * config.batch_size}
+    return finish(trainer, callback, stage, stage, config, tokenizer, events, output_dir, summary, evaluate)

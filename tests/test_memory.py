@@ -1,0 +1,211 @@
+"""The memory planner (core/models/memory.py): exact parameter and optimizer counts against the
+instantiated models (full and LoRA), the activation formula against the tensors autograd saves, what
+LoRA and gradient checkpointing change, a plan that cannot fit (a warning with the fix), bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from core.config import PPOConfig, RewardConfig, SFTConfig
+from core.models.loading import load_policy, load_scalar_model, load_tokenizer, pick_device
+from core.models.lora import prepare_for_training
+from core.models.memory import GIB, DeviceBudget, arch_of, layer_activation_bytes, plan
+from core.models.tiny import save_tiny_chat_model
+
+CPU = DeviceBudget("cpu", "test CPU", 64 * GIB)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return str(save_tiny_chat_model(tmp_path_factory.mktemp("llama"), "llama"))
+
+
+def adam_moments(model) -> int:
+    """Elements of AdamW's moments after one real step on `model`'s trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    return sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel() for s in optimizer.state.values())
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+@pytest.mark.parametrize("model", ["bundled", "llama"])
+def test_parameter_and_optimizer_counts_are_exact(model, lora_r, llama_dir):
+    path = llama_dir if model == "llama" else model
+    device = pick_device("cpu")
+    for stage, config, name in (("sft", SFTConfig(model=path, lora_r=lora_r), "policy"),
+                                ("rm", RewardConfig(sft_model=path, lora_r=lora_r), "reward_model")):
+        result = plan(stage, config, CPU)
+        if stage == "sft":
+            network = load_policy(path, device)
+        else:
+            network = load_scalar_model(path, load_tokenizer(path).pad_token_id, device)
+        base = sum(p.numel() for p in network.parameters())
+        network = prepare_for_training(network, config, "causal" if stage == "sft" else "score")
+        trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
+        shape = result.networks[name]
+        assert shape.base_params == base
+        assert shape.params == sum(p.numel() for p in network.parameters())
+        assert shape.trainable == trainable
+        if lora_r:
+            assert trainable < base / 10
+        else:
+            assert trainable == base
+        moments = adam_moments(network)
+        assert moments == 2 * trainable
+        assert result.total("optimizer", name) == moments * 4  # fp32 moments
+        assert result.total("gradients", name) == trainable * 4
+
+
+def test_ppo_lora_shares_base_weights(llama_dir):
+    full = plan("ppo", PPOConfig(sft_model=llama_dir, reward_model=llama_dir), CPU)
+    lora = plan("ppo", PPOConfig(sft_model=llama_dir, reward_model=llama_dir, lora_r=8), CPU)
+    assert full.total("weights", "reference_policy") == full.networks["policy"].base_params * 4
+    assert lora.total("weights", "reference_policy") == 0 and lora.total("weights", "reward_model") == 0
+    assert lora.networks["reference_policy"].shared_with == "policy"
+    assert lora.networks["reward_model"].shared_with == "value_model"
+
+
+@pytest.fixture(scope="module")
+def qwen_half_b(tmp_path_factory):
+    """A directory with a Qwen2-0.5B-shaped config (planning reads the config only; the loader's check
+    wants a safetensors file, so a placeholder one is written)."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    path = tmp_path_factory.mktemp("qwen05b")
+    AutoConfig.for_model("qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                         tie_word_embeddings=True, max_position_embeddings=32768).save_pretrained(path)
+    save_file({"placeholder": torch.zeros(1)}, str(path / "model.safetensors"))
+    return str(path)
+
+
+def test_lora_cuts_planned_ppo_peak_and_parameters_of_a_known_model(qwen_half_b):
+    # Issue 10's GPU shape (batch 64, response 128), updated in minibatches of 8.
+    config = PPOConfig(sft_model=qwen_half_b, reward_model=qwen_half_b, batch_size=64, response_length=128,
+                       num_minibatches=8)
+    gpu = DeviceBudget("cuda", "test GPU", 80 * GIB)
+    full = plan("ppo", config, gpu, prompt_length=64)
+    lora = plan("ppo", config.replace(lora_r=16), gpu, prompt_length=64)
+    assert full.networks["policy"].base_params == 494_032_768  # Qwen2.5-0.5B's published count
+    # LoRA's saving is the persistent memory (weights of four networks -> two, gradients, AdamW state);
+    # at this batch the activations, logits and the scoring pass's logits are the same either way.
+    assert lora.phases["persistent"] < 0.35 * full.phases["persistent"]
+    assert lora.peak_bytes < 0.75 * full.peak_bytes
+    assert lora.total("optimizer") < full.total("optimizer") / 50
+
+
+def test_gradient_checkpointing_cuts_planned_activations(llama_dir, qwen_half_b):
+    for path, layers in ((llama_dir, 2), (qwen_half_b, 24)):
+        plain = plan("sft", SFTConfig(model=path, batch_size=8, max_length=256), CPU)
+        checkpointed = plan("sft", SFTConfig(model=path, batch_size=8, max_length=256, gradient_checkpointing=True), CPU)
+        # One hidden state per layer is kept and one layer recomputed at a time: the deeper, the larger the cut.
+        assert checkpointed.total("activations") < plain.total("activations") * (0.9 if layers == 2 else 0.2)
+        assert checkpointed.peak_bytes < plain.peak_bytes
+    ppo = PPOConfig(sft_model=llama_dir, reward_model=llama_dir)
+    assert plan("ppo", ppo.replace(gradient_checkpointing=True), CPU).total("activations") < plan("ppo", ppo, CPU).total("activations")
+
+
+def saved_bytes(model, ids) -> int:
+    """Bytes of the (deduplicated, non-parameter) tensors autograd saves for one training forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama", "qwen2", "gpt_neox"])
+def test_layer_activation_formula_matches_saved_tensors(architecture):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def build(layers: int):
+        if architecture == "gpt2":
+            kw = dict(n_embd=128, n_layer=layers, n_head=4, n_positions=256)
+        else:
+            kw = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=layers, num_attention_heads=4)
+            if architecture != "gpt_neox":
+                kw["num_key_value_heads"] = 2
+        config = AutoConfig.for_model(architecture, vocab_size=300, **kw)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        return model.train(), config
+
+    batch, seq = 2, 64
+    ids = torch.randint(0, 300, (batch, seq))
+    one, config = build(1)
+    two, _ = build(2)
+    measured = (saved_bytes(two, ids) - saved_bytes(one, ids)) / (batch * seq)  # one layer, per token
+    planned = layer_activation_bytes(arch_of(config), seq, "cpu")
+    assert abs(planned - measured) / measured < 0.1, (planned, measured)
+
+
+def test_a_plan_that_cannot_fit_warns_with_the_fix(qwen_half_b):
+    small = DeviceBudget("cuda", "small GPU", 4 * GIB)
+    config = PPOConfig(sft_model=qwen_half_b, reward_model=qwen_half_b)
+    result = plan("ppo", config, small)  # no exception
+    assert result.fits is False
+    assert "does not fit" in result.warnings[0] and "does NOT fit" in result.verdict
+    text = " | ".join(result.suggestions)
+    assert "enable LoRA (lora_r=16)" in text and "gradient checkpointing" in text and "smaller batch" in text
+    # ppo.load_models already loads the frozen networks in bf16 on CUDA; planned in fp32, bf16 is suggested.
+    assert result.total("weights", "reference_policy") == result.networks["policy"].base_params * 2
+    fp32_frozen = plan("ppo", config, small, frozen_bf16=False)
+    assert any(s.startswith("bf16 frozen networks") for s in fp32_frozen.suggestions)
+    roomy = plan("sft", SFTConfig(), DeviceBudget("cpu", "big", 64 * GIB))
+    assert roomy.fits and not roomy.warnings and not roomy.suggestions
+    unknown = plan("sft", SFTConfig(), DeviceBudget("cpu", "unknown", None))
+    assert unknown.fits is None and "unknown" in unknown.verdict
+
+
+def test_bad_input_is_a_clear_value_error(tmp_path):
+    with pytest.raises(ValueError, match="memory planning covers the stages sft, rm, ppo"):
+        plan("dpo", SFTConfig(), CPU)
+    with pytest.raises(ValueError, match="takes a PPOConfig"):
+        plan("ppo", SFTConfig(), CPU)
+    with pytest.raises(ValueError, match="sft_model is empty"):
+        plan("rm", RewardConfig(), CPU)
+    with pytest.raises(ValueError, match=r"reward_model: model directory .*missing.* does not exist"):
+        plan("ppo", PPOConfig(sft_model="bundled", reward_model=str(tmp_path / "missing")), CPU)
+    with pytest.raises(ValueError, match="lora_target_modules 'nope' matches no layer"):
+        plan("sft", SFTConfig(lora_r=4, lora_target_modules="nope"), CPU)
+
+
+def test_cli_plan_prints_a_table_or_json(capsys):
+    from core.cli import main
+
+    assert main(["plan", "ppo", "--preset", "quick", "--set", "sft_model=bundled", "--set", "reward_model=bundled",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "kv_cache" in out and "reference_policy" in out and "peak" in out and "fits" in out
+    assert main(["plan", "sft", "--set", "lora_r=8", "--json", "--device", "cpu"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["stage"] == "sft" and data["networks"]["policy"]["trainable"] < data["networks"]["policy"]["params"]
+    assert main(["plan", "rm", "--set", "sft_model=/does/not/exist"]) == 2
+    assert "sft_model: model directory /does/not/exist does not exist" in capsys.readouterr().err
+
+
+def test_train_page_shows_the_memory_plan(app):
+    app.switch_page("../pages/train.py")
+    app.run()
+    assert not app.exception, app.exception
+    expander = next(e for e in app.expander if e.label.startswith("Memory plan"))
+    assert "fits" in expander.label
+    parts = [row for df in app.dataframe for row in df.value["part"].tolist()]
+    assert {"weights", "gradients", "optimizer", "activations"} <= set(parts)

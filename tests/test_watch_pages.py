@@ -1,0 +1,132 @@
+"""Issue 11 through the app (AppTest): Home's results card and final-model counts, a Monitor that
+follows a pipeline, the rollout browser, and model text shown as text on Chat and Rank."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from core.data import demo, rollouts
+from core.data.store import Store
+from core.models.loading import load_tokenizer
+from tests.test_watch import fake_rollout, sample_report, write_pipeline_run
+
+ATTACK = '![x](http://evil.example/a.png) <img src="http://evil.example/b.png">'
+
+
+def open_page(at, name: str):
+    at.switch_page(f"../pages/{name}.py")
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def db(home) -> Store:
+    return Store(home / "workbench.db")
+
+
+def test_home_results_card_shows_the_reports_numbers(app, workbench_home, tmp_path):
+    store = db(workbench_home)
+    report = sample_report()
+    write_pipeline_run(store, tmp_path, report)
+    store.create_run("pipeline-a-sft", "sft", {})
+    for name in ("pipeline-a-sft-epoch-1", "pipeline-a-sft"):
+        (tmp_path / name).mkdir()
+        store.add_checkpoint(name, "sft", tmp_path / name, run_id="pipeline-a-sft")
+    app.run()
+    assert not app.exception, app.exception
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["SFT models"] == "1"  # the final model, not its epoch checkpoint
+    assert metrics["Gold: SFT → PPO-ptx"] == "0.85" and metrics["RM held-out accuracy"] == "0.86"
+    assert metrics["KL to SFT (nats/answer)"] == "1.30"
+    table, rm = (d.value for d in app.dataframe)
+    for key, label in (("base", "Base"), ("sft", "SFT"), ("ppo", "PPO-ptx"), ("ppo_no_ptx", "PPO without ptx")):
+        row = table.loc[label]
+        assert (row["gold"], row["correct"], row["format"], row["concise"], row["held-out pretraining loss"]) == (
+            report[key]["gold"], report[key]["correct"], report[key]["template"], report[key]["concise"],
+            report[key]["pretrain_loss"])
+    assert rm.loc["correctness differs", "accuracy"] == 0.5 and rm.loc["format differs", "accuracy"] == 1.0
+
+
+def log_stage(store: Store, run_id: str, stage: str, status: str, metrics: dict[str, list[float]]) -> None:
+    store.create_run(run_id, stage, {})
+    for name, values in metrics.items():
+        for step, value in enumerate(values, 1):
+            store.log_metrics(run_id, step, {name: value})
+    store.set_run_status(run_id, status)
+
+
+def chart_titles(at) -> list[str]:
+    return [json.loads(c.proto.spec)["layout"].get("title", {}).get("text", "") for c in at.get("plotly_chart")]
+
+
+def test_monitor_follows_a_pipeline_and_new_stages_join(app, workbench_home):
+    store = db(workbench_home)
+    store.create_run("pipeline-x", "pipeline", {"preset": "quick", "stages": ["sft", "rm", "ppo"]}, "/nowhere")
+    store.set_run_status("pipeline-x", "running")
+    log_stage(store, "pipeline-x-sft", "sft", "done", {"sft_loss": [2.0, 1.5, 1.0]})
+    log_stage(store, "pipeline-x-rm", "rm", "running", {"rm_loss": [0.7, 0.5], "rm_accuracy": [0.6, 0.8]})
+    at = open_page(app, "monitor")
+    assert at.multiselect(key="monitor_runs").value == ["pipeline-x"]  # the running pipeline, whole
+    titles = chart_titles(at)
+    assert {"sft_loss", "rm_loss", "rm_accuracy"} <= set(titles)
+    timeline = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert [t["name"] for t in timeline["data"]] == ["sft: sft_loss", "rm: rm_loss", "rm: rm_accuracy"]
+    assert len(timeline["layout"]["shapes"]) >= 2  # shaded stages, a boundary between them
+    # PPO starts after the page opened: the next refresh shows it, the selection unchanged.
+    log_stage(store, "pipeline-x-ppo", "ppo", "running", {"reward": [0.1, 0.2, 0.3], "kl": [0.0, 0.1, 0.2],
+                                                          "heldout_gold": [0.8]})
+    at.run()
+    assert not at.exception, at.exception
+    assert {"reward", "kl"} <= set(chart_titles(at))
+    assert "heldout_gold" not in chart_titles(at)  # one point: a number, not a lone dot
+    assert {m.label: m.value for m in at.metric}["heldout_gold"] == "0.800"
+    # Smoothing: the raw curve stays faint behind the EMA.
+    at.slider(key="monitor_smoothing").set_value(0.6).run()
+    reward = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                  if json.loads(c.proto.spec)["layout"].get("title", {}).get("text") == "reward")
+    assert len(reward["data"]) == 2 and reward["data"][0]["opacity"] == 0.25
+
+
+def test_rollout_browser_shows_samples_as_escaped_text(app, workbench_home):
+    store = db(workbench_home)
+    log_stage(store, "ppo-r", "ppo", "done", {"reward": [0.1, 0.2]})
+    tokenizer = load_tokenizer("bundled")
+    prompts = [t.prompt for t in demo.train_tasks(8)]
+    recorder = rollouts.RolloutRecorder(store, "ppo-r", num_steps=2, tokenizer=tokenizer)
+    for step in (1, 2):
+        rollout = fake_rollout(8, 5, step, prompts, tokenizer)
+        rollout.texts[0] = ATTACK
+        rollout.response_ids[0, :3] = torch.tensor(tokenizer(" <img src=x>", add_special_tokens=False)["input_ids"][:3])
+        recorder.record(step, prompts, rollout)
+    at = open_page(app, "monitor")
+    assert at.selectbox(key="rollout_run").value == "ppo-r"
+    bodies = [h.proto.body for h in at.get("html")]
+    assert len(bodies) == 8  # the step's kept answers
+    assert all("<img" not in b for b in bodies) and any("&lt;" in b for b in bodies)
+    assert {"RM reward, step 2 (the whole batch)", "RM reward over training"} <= set(chart_titles(at))
+    at.toggle(key="rollout_follow").set_value(False).run()
+    at.select_slider(key="rollout_step_ppo-r").set_value(1).run()
+    assert "RM reward, step 1 (the whole batch)" in chart_titles(at)
+
+
+def test_chat_and_rank_show_model_text_as_text(app, workbench_home, monkeypatch):
+    import core.models.generate as generate
+
+    monkeypatch.setattr(generate, "stream", lambda *args, **kwargs: iter(["![x](http://evil.example", "/a.png)"]))
+    at = open_page(app, "chat")
+    at.chat_input[0].set_value("Show me a picture").run()
+    assert not at.exception, at.exception
+    shown = " ".join(m.value for m in at.chat_message[1].markdown)
+    assert "\\!\\[x\\]" in shown and "![x](" not in shown
+    assert at.session_state["chat_history"][-1]["content"] == "![x](http://evil.example/a.png)"
+
+    store = db(workbench_home)
+    store.add_prompt("What is 3 plus 4?")
+    at = open_page(at, "rank")
+    monkeypatch.setattr(generate, "sample", lambda *a, **k: type("S", (), {"texts": [ATTACK, "The answer is 7."]})())
+    next(b for b in at.button if b.label == "Sample answers").click().run()
+    assert not at.exception, at.exception
+    answers = [m.value for m in at.markdown if m.value.startswith("**A.**") or m.value.startswith("**B.**")]
+    assert len(answers) == 2 and all("![" not in a and "<img" not in a.replace("\\<img", "") for a in answers)
