@@ -7,16 +7,7 @@
 # TRL 1.12 and `datasets` come as wheels in .whl/ (pip download ... -d .whl, see benchmarks/RESULTS.md).
 # Every result line is JSON; the log goes to ${OUT:-/tmp}/gpu_check.log.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-LOG=${OUT:-/tmp}/gpu_check.log
-exec > >(tee "$LOG") 2>&1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh" gpu_check
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)"
 

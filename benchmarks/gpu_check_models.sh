@@ -5,16 +5,7 @@
 #   3. the memory planner against torch.cuda.max_memory_allocated at those shapes.
 # Wheels for packages the machine lacks go in .whl/ (see benchmarks/RESULTS.md).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-LOG=${OUT:-/tmp}/gpu_check_models.log
-exec > >(tee "$LOG") 2>&1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh" gpu_check_models
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 echo "== qwen2-0.5b full"; timeout 150 python3 -m benchmarks.gpu_shapes --shape qwen2-0.5b --steps 2 2>&1 | tail -n 1

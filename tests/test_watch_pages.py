@@ -8,22 +8,11 @@ import json
 import torch
 
 from core.data import demo, rollouts
-from core.data.store import Store
 from core.models.loading import load_tokenizer
+from tests.test_pages import db, open_page
 from tests.test_watch import fake_rollout, sample_report, write_pipeline_run
 
 ATTACK = '![x](http://evil.example/a.png) <img src="http://evil.example/b.png">'
-
-
-def open_page(at, name: str):
-    at.switch_page(f"../pages/{name}.py")
-    at.run()
-    assert not at.exception, at.exception
-    return at
-
-
-def db(home) -> Store:
-    return Store(home / "workbench.db")
 
 
 def test_home_results_card_shows_the_reports_numbers(app, workbench_home, tmp_path):
