@@ -37,3 +37,17 @@ def grouped(checkpoints: list[dict]) -> tuple[list[dict], list[dict]]:
     training = sorted((c for c in checkpoints if not is_final(c)),
                       key=lambda c: (training_label(c).split(" › ")[0], c["step"]))
     return finals, training
+
+
+def method_finals(checkpoints_by_kind: dict[str, list[dict]], pipeline_run: str | None) -> dict[str, dict]:
+    """Each method's (policy kind's) final model, to compare side by side: the one the pipeline run
+    `pipeline_run` made (its stage run '<pipeline>-<kind>', core/pipeline.py), else the newest final
+    model of that kind (`checkpoints_by_kind` oldest first, as the store lists them). Kinds with no
+    final model are left out."""
+    picked = {}
+    for kind, checkpoints in checkpoints_by_kind.items():
+        finals = final_models(checkpoints)
+        from_pipeline = [c for c in finals if pipeline_run and c.get("run_id") == f"{pipeline_run}-{kind}"]
+        if from_pipeline or finals:
+            picked[kind] = (from_pipeline or finals)[-1]
+    return picked

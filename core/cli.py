@@ -5,6 +5,7 @@
     rlhf ppo --preset quick --set sft_model=out/sft --set reward_model=out/rm --output out/ppo
     rlhf pipeline --demo --preset quick --output out
     rlhf chat --model out/ppo --prompt "What is 3 plus 4?"
+    rlhf eval --checkpoints bundled,out/sft,out/ppo --baseline out/sft --reward-model out/rm --output out/eval
     rlhf study overopt --demo --preset quick --output out/study
     rlhf bench sft|rm|ppo --against trl --json
     rlhf pretrain-demo
@@ -21,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+import typing
 from pathlib import Path
 
 import yaml
@@ -55,6 +57,47 @@ def _events(store, run_id):
     return Events(store, run_id, console=True)
 
 
+def _stage_events(store, run_id, dist):
+    """Rank 0 records and prints; the other ranks' Events only take part in reductions and stops. Run
+    by the job manager (a stop file in the environment), progress goes to stdout for it to read."""
+    import os
+
+    from core.events import Events
+    from core.launch import PROGRESS_PREFIX, STOP_FILE_ENV
+
+    stop_file = os.environ.get(STOP_FILE_ENV)
+    if not dist.is_main:
+        return Events(None, run_id, dist=dist, stop_file=stop_file)
+    if stop_file is None:
+        return Events(store, run_id, console=True, dist=dist)
+
+    def report(done: int, total: int, message: str) -> None:
+        print(PROGRESS_PREFIX + json.dumps([done, total, message]), flush=True)
+
+    return Events(store, run_id, on_progress=report, dist=dist, stop_file=stop_file)
+
+
+def _relaunch(stage: str, config, args) -> int | None:
+    """Under --processes/--accelerate-config: validate, then run this same command under `accelerate
+    launch` and return its exit status. None: run here (one process, or already a launched rank)."""
+    import os
+    import subprocess
+
+    from core import launch
+    from core.distributed import LAUNCHED_ENV
+
+    if os.environ.get(LAUNCHED_ENV) == "1":
+        return None
+    processes = 1 if args.processes is None else args.processes
+    if not launch.check(stage, config, processes, args.accelerate_config, Path(args.output)):
+        return None
+    from core.models.loading import pick_device
+
+    cpu = pick_device(config.device).type == "cpu"
+    argv = launch.command(processes, args.accelerate_config, cpu, launch.strip_launch_flags(args.argv))
+    return subprocess.call(argv, env=launch.environment())
+
+
 def cmd_stage(stage: str, args) -> int:
     config = stage_config(stage, args)  # validated before any heavy import or work
     if args.print_config:
@@ -66,30 +109,55 @@ def cmd_stage(stage: str, args) -> int:
 
     run_id = validate_name(args.name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
     check_models(stage, config)
+    if args.name is None and (args.processes is not None or args.accelerate_config):
+        args.argv = [*args.argv, "--name", run_id]  # every rank must name the same run
+    relaunched = _relaunch(stage, config, args)
+    if relaunched is not None:
+        return relaunched
+    import os
+
+    from core.distributed import Distributed
+    from core.launch import JOB_PARENT_ENV
+    from core.models.loading import pick_device
+
+    dist = Distributed.from_environment(cpu=pick_device(config.device).type == "cpu")
     # Absolute in the store: the app's server (another working directory) resumes this run from it.
     output = Path(args.output).resolve()
-    store = Store()
-    try:
-        previous = store.get_run(run_id)
-    except ValueError:
-        previous = None
-    if previous is not None and previous["status"] == "done":
-        raise ValueError(f"run {run_id!r} is already done (output {previous['output_dir']}); pick another name")
-    # A new run, or this name's interrupted/stopped/failed run resumed in place (same config, same output).
-    store.start_run(run_id, stage, config.to_dict(), str(output))
-    if previous is not None:
-        print(f"resuming run {run_id} in {output}", file=sys.stderr)
-    events = _events(store, run_id)
+    if dist.is_main:
+        store = Store()
+        try:
+            previous = store.get_run(run_id)
+        except ValueError:
+            previous = None
+        if previous is not None and previous["status"] == "done":
+            raise ValueError(f"run {run_id!r} is already done (output {previous['output_dir']}); pick another name")
+        # A new run, or this name's interrupted/stopped/failed run resumed in place (same config, same output);
+        # run by the job manager, the manager hands its queued run over to this process.
+        parent = os.environ.get(JOB_PARENT_ENV)
+        store.start_run(run_id, stage, config.to_dict(), str(output), handover_from=int(parent) if parent else None)
+        if previous is not None:
+            print(f"resuming run {run_id} in {output}", file=sys.stderr)
+    dist.barrier()  # the other ranks open the store once rank 0 has set it up
+    if not dist.is_main:
+        store = Store()  # read-only there: data comes from it, nothing is written to it
+    events = _stage_events(store, run_id, dist)
+
+    def record(status: str, error: str | None = None) -> None:
+        if dist.is_main:
+            store.set_run_status(run_id, status, error)
+
     try:
         get_stage(stage).runner(config, store, events, output)
     except KeyboardInterrupt:
-        store.set_run_status(run_id, "interrupted", "interrupted from the keyboard; run the same command to resume")
+        record("interrupted", "interrupted from the keyboard; run the same command to resume")
         raise
     except Exception as exc:
-        store.set_run_status(run_id, "failed", str(exc))
+        record("failed", str(exc))
         raise
-    store.set_run_status(run_id, "done")
-    print(f"{stage} finished: {output}")
+    record("stopped" if events.stopped else "done")
+    dist.close()
+    if dist.is_main:
+        print(f"{stage} {'stopped' if events.stopped else 'finished'}: {output}")
     return 0
 
 
@@ -130,6 +198,32 @@ def cmd_study(args) -> int:
     store = Store()
     study = run_study(config, args.output, store, _events(store, None), name=args.name)
     print(json.dumps({k: study.get(k) for k in ("name", "sft", "bon", "rl", "fits")}, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """rlhf eval: checkpoints side by side (core/eval_table.py), written to OUTPUT/eval.csv and eval.json."""
+    import dataclasses
+
+    from core.eval_table import RESULTS_CSV, EvalConfig, check_inputs, run
+
+    config = EvalConfig.from_dict({f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)
+                                   if getattr(args, f.name) is not None})
+    from core.data.store import Store
+    from core.paths import validate_name
+
+    store = Store()
+    check_inputs(config, store)  # before the run is recorded: a refused evaluation leaves nothing behind
+    run_id = validate_name(args.name or f"eval-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
+    output = Path(args.output).resolve()
+    store.start_run(run_id, "eval", config.to_dict(), str(output))
+    try:
+        run(config, store, _events(store, run_id), output)
+    except BaseException as exc:
+        store.set_run_status(run_id, "failed", str(exc))
+        raise
+    store.set_run_status(run_id, "done")
+    print((output / RESULTS_CSV).read_text(), end="")
     return 0
 
 
@@ -205,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--name", help="run name in the store (default: stage + timestamp); the name of an "
                                       "interrupted, stopped or failed run resumes it in place")
         p.add_argument("--print-config", action="store_true", help="print the validated config as YAML and exit")
+        p.add_argument("--processes", type=int, default=None, metavar="N",
+                       help="run on N processes (one per GPU, or CPU processes) under `accelerate launch`; "
+                            "batch sizes stay global (sft, rm, ppo)")
+        p.add_argument("--accelerate-config", metavar="FILE",
+                       help="accelerate config for the launch, e.g. configs/accelerate/zero2.yaml")
         p.set_defaults(func=lambda a, s=stage.name: cmd_stage(s, a))
 
     p = sub.add_parser("pipeline", help="run sft -> rm -> ppo on the demo task and write report.json")
@@ -242,6 +341,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="run name in the store (default: the study's earlier name in OUTPUT, else "
                                   "study + timestamp)")
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("eval", help="checkpoints side by side: RM score, gold, KL, length, win rate; as CSV",
+                       description="Sample one answer per prompt from every checkpoint (one seed for all) and tabulate "
+                                   "the mean RM score, gold (demo prompts only), KL to a reference, answer length and "
+                                   "the win rate against a baseline judged by the RM (ties count half); writes "
+                                   "OUTPUT/eval.csv and OUTPUT/eval.json and prints the CSV.")
+    from core.eval_table import EvalConfig  # a dataclass of plain values: no torch
+
+    for name, text in field_help(EvalConfig).items():
+        kind = typing.get_type_hints(EvalConfig)[name]
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text,
+                       required=name in ("checkpoints", "reward_model"))
+    p.add_argument("--output", required=True, help="directory for eval.csv and eval.json")
+    p.add_argument("--name", help="run name in the store (default: eval + timestamp)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("chat", help="chat with a checkpoint (streamed)")
     p.add_argument("--model", default="bundled")
@@ -289,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # re-run as is under `accelerate launch`
     try:
         return args.func(args)
     except ValueError as exc:

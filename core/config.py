@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from core.sinks import check_report_to
+
 
 def option(default, help: str):
     """A config field with its help text as metadata (TRL's `field(metadata={"help": ...})`): the CLI's
@@ -143,8 +145,14 @@ class NetworkConfig(ConfigMixin):
     lora_dropout: float = option(0.05, "dropout on the LoRA path")
     lora_target_modules: str = option("all-linear", "comma-separated module names to adapt, or 'all-linear'")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, more time")
+    report_to: str = option("none", "metrics also to 'tensorboard' (DATA/tensorboard/<run>) or 'trackio' (its local "
+                                    "database), besides the store; needs pip install 'rlhf-workbench[sinks]'")
 
     _bounds = {"lora_r": (0, 4096, True), "lora_alpha": (1, None, True), "lora_dropout": (0, 0.9, True)}
+
+    def validate(self) -> None:
+        super().validate()
+        check_report_to(self.report_to)  # a known sink, installed, and local (core/sinks.py)
 
     @property
     def lora(self) -> bool:
@@ -283,7 +291,7 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "
 
 
 @dataclass
-class DPOConfig(ConfigMixin):
+class DPOConfig(NetworkConfig):
     """Stage 3, alternative: DPO (Rafailov et al. 2023) on preference pairs, no reward model and no sampling
     while training; run by TRL's DPOTrainer."""
 
@@ -311,6 +319,7 @@ class DPOConfig(ConfigMixin):
     device: str = option("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'")
 
     _bounds = {
+        **NetworkConfig._bounds,
         "epochs": (1, 1000, True), "max_steps": _NONNEG, "learning_rate": _POS, "warmup_ratio": _UNIT,
         "batch_size": (1, None, True), "beta": _POS, "label_smoothing": (0, 0.5, True), "max_length": (8, None, True),
         "k": (2, 9, True), "n_prompts": (1, None, True), "sample_temperature": _POS, "labeler_temperature": _NONNEG,
@@ -320,7 +329,7 @@ class DPOConfig(ConfigMixin):
 
 
 @dataclass
-class GroupRLConfig(ConfigMixin):
+class GroupRLConfig(NetworkConfig):
     """Fields GRPO and RLOO share: answers sampled in groups per prompt, rewarded by the RM, no value model."""
 
     sft_model: str = option("", "the policy and the frozen reference start here")
@@ -344,6 +353,7 @@ class GroupRLConfig(ConfigMixin):
     device: str = option("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'")
 
     _bounds = {
+        **NetworkConfig._bounds,
         "total_episodes": (1, None, True), "batch_size": (2, None, True), "num_generations": (2, None, True),
         "learning_rate": _POS, "max_completion_length": (1, 1024, True), "temperature": _POS, "beta": _NONNEG,
         "epsilon": _POS, "num_iterations": (1, None, True), "missing_eos_penalty": _NONNEG, "max_grad_norm": _POS,

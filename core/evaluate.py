@@ -12,6 +12,11 @@ from core.data import demo
 from core.models.generate import sample
 
 
+def all_demo(prompts: list[str]) -> bool:
+    """Every prompt is one of the demo's, so its labeler can score the answers: gold applies."""
+    return bool(prompts) and all(demo.expected_answer(p) is not None for p in prompts)
+
+
 @torch.no_grad()
 def gold_eval(
     model, tokenizer, tasks: list[demo.Task], temperature: float = 1.0, max_new_tokens: int = 24,
@@ -46,7 +51,7 @@ def kl_to_reference(
     from pi at `temperature`, EOS included (k1 summed over the answer: a Monte-Carlo estimate of the
     KL). Log-probs are those of the temperature-scaled distributions, the ones sampled from, as in
     PPO's `kl` metric."""
-    from core.stages.rl import gather_logprobs, positions_from_mask, response_logits
+    from core.stages.rl import positions_from_mask, response_logprobs
 
     if temperature <= 0:
         raise ValueError("the KL is measured on sampled answers: temperature must be > 0")
@@ -61,9 +66,8 @@ def kl_to_reference(
         mask = torch.cat([out.prompt_mask, out.response_mask], 1)
         positions = positions_from_mask(mask)
         P = out.prompt_ids.shape[1]
-        logp = gather_logprobs(response_logits(model, ids, mask, positions, P, temperature), out.response_ids)
-        ref_logp = gather_logprobs(response_logits(reference.to(ids.device), ids, mask, positions, P, temperature),
-                                   out.response_ids)
+        logp, _ = response_logprobs(model, ids, mask, positions, P, temperature)
+        ref_logp, _ = response_logprobs(reference.to(ids.device), ids, mask, positions, P, temperature)
         total += float(((logp - ref_logp) * out.response_mask).sum())
         n += len(chunk)
     model.train(was_training[0])
@@ -100,6 +104,27 @@ def answer_rm_scores(reward_model, samples) -> torch.Tensor:
 
 
 @torch.no_grad()
+def score_answers(
+    model, tokenizer, prompts: list[str], reward_model, temperature: float = 1.0, max_new_tokens: int = 24,
+    seed: int = 1234, batch_size: int = 64,
+) -> dict[str, list | None]:
+    """One answer per prompt sampled from `model`, and per answer: the raw RM score (`rm`), the gold
+    score (`gold`, None unless every prompt is one of the demo's) and the length in tokens, EOS
+    included (`length`). Sampled with the seed and batching of `kl_to_reference`, so a KL measured
+    with the same arguments is measured on these very answers."""
+    gold_applies = all_demo(prompts)
+    rm, gold, lengths = [], [], []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        out = sample(model, tokenizer, chunk, max_new_tokens, temperature, seed=seed + i)
+        rm += answer_rm_scores(reward_model, out).tolist()
+        lengths += out.response_mask.sum(1).tolist()
+        if gold_applies:
+            gold += [demo.gold_score(p, text) for p, text in zip(chunk, out.texts)]
+    return {"rm": rm, "gold": gold if gold_applies else None, "length": lengths}
+
+
+@torch.no_grad()
 def policy_eval(
     model, reference, reward_model, tokenizer, tasks: list[demo.Task], temperature: float = 1.0,
     max_new_tokens: int = 24, seed: int = 1234, batch_size: int = 64,
@@ -107,15 +132,9 @@ def policy_eval(
     """Held-out gold, RM score and KL to `reference` of answers sampled from `model` at `temperature`,
     one per task (the over-optimisation study's measurement, core/study.py): mean `gold`
     (demo.gold_score), mean raw `rm` score, and `kl` = `kl_to_reference` (the mean per-answer sum of
-    log pi - log pi_ref). `kl_to_reference` samples with the same seed and batching, so all three are
-    measured on the same answers."""
-    gold, rm = [], []
-    for i in range(0, len(tasks), batch_size):
-        chunk = tasks[i : i + batch_size]
-        out = sample(model, tokenizer, [t.prompt for t in chunk], max_new_tokens, temperature, seed=seed + i)
-        gold += [demo.gold_score(t.prompt, text) for t, text in zip(chunk, out.texts)]
-        rm += answer_rm_scores(reward_model, out).tolist()
-    kl = kl_to_reference(model, reference, tokenizer, [t.prompt for t in tasks], temperature, max_new_tokens,
-                         seed, batch_size)
+    log pi - log pi_ref), all three on the same answers (`score_answers`)."""
+    prompts = [t.prompt for t in tasks]
+    answers = score_answers(model, tokenizer, prompts, reward_model, temperature, max_new_tokens, seed, batch_size)
+    kl = kl_to_reference(model, reference, tokenizer, prompts, temperature, max_new_tokens, seed, batch_size)
     n = max(1, len(tasks))
-    return {"gold": sum(gold) / n, "rm": sum(rm) / n, "kl": kl}
+    return {"gold": sum(answers["gold"] or []) / n, "rm": sum(answers["rm"]) / n, "kl": kl}

@@ -8,11 +8,19 @@ written there, and every active run carries its owner's process id and a heartbe
 process (a server restart) marks `interrupted` only the runs whose owner is gone, never one a
 live CLI process is writing, and can resume them in place — the same run name, stage, config
 and output directory; the runners pick up from their last checkpoint.
+
+A job on several processes (`processes > 1` or an accelerate config) cannot be a thread: it runs as
+`rlhf <stage> --processes N` in a subprocess (core/launch.py), tracked the same way. The manager
+hands the run over to the subprocess's rank 0, whose heartbeat keeps it live (a server restart leaves
+it running); progress comes back on the subprocess's stdout; Stop creates a stop file that every
+rank acts on at the same step.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import os
+import subprocess
 import threading
 import time
 import traceback
@@ -30,8 +38,8 @@ from core.events import Events
 from core.paths import checkpoints_dir, data_home, validate_name
 from core.stages import RECIPE, STAGES, check_models, get_stage
 
-JOB_STAGES = (*STAGES, "pipeline", "study")
-DICT_CONFIG_JOBS = ("pipeline", "study")  # jobs whose config is a plain dict, not a stage config
+JOB_STAGES = (*STAGES, "pipeline", "study", "eval")
+DICT_CONFIG_JOBS = ("pipeline", "study", "eval")  # jobs whose config is a plain dict, not a stage config
 PIPELINE_STAGES = tuple(STAGES)
 RESUMABLE = ("interrupted", "stopped", "failed")
 
@@ -42,6 +50,10 @@ def default_runner(stage: str) -> Runner:
     """Stage runners from the registry; the pipeline is adapted to the same call shape."""
     if stage == "study":
         return run_study_job
+    if stage == "eval":  # the Evaluate page's table (core/eval_table.py)
+        from core.eval_table import run as run_eval
+
+        return run_eval
     if stage != "pipeline":
         return get_stage(stage).runner
 
@@ -113,6 +125,8 @@ class Job:
     traceback: str | None = None
     result: str | None = None  # the final model directory, once done
     owned: bool = False  # queued or running in this manager (a pipeline's stage runs are not)
+    processes: int = 1  # > 1 (or an accelerate config): run under `accelerate launch` in a subprocess
+    accelerate_config: str | None = None
     stop_flag: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -173,7 +187,8 @@ class JobManager:
     # -- public API --------------------------------------------------------------------------------
 
     def submit(self, stage: str, config: dict | ConfigMixin | None = None, run_id: str | None = None,
-               output_dir: str | Path | None = None) -> str:
+               output_dir: str | Path | None = None, processes: int = 1,
+               accelerate_config: str | Path | None = None) -> str:
         """Validate, record the run as queued, and start it when the device is free. Returns the run id.
 
         For stage jobs `config` is the full stage config (dict or config object); for the
@@ -183,9 +198,16 @@ class JobManager:
         config_dict = self._check_config(stage, config)
         run_id = validate_name(run_id, "run name") if run_id else new_run_id(stage)
         output_dir = str(output_dir) if output_dir else str(self.runs_dir / run_id / "model")
+        if processes != 1 or accelerate_config:
+            if stage in DICT_CONFIG_JOBS:
+                raise ValueError(f"a {stage} job runs on one process; several processes apply to its stages' own runs")
+            from core.launch import check
+
+            check(stage, STAGES[stage].config_class.from_dict(config_dict), processes, accelerate_config, output_dir)
         self.store.create_run(run_id, stage, config_dict, output_dir)
         with self._lock:
-            self._jobs[run_id] = Job(run_id, stage, config_dict, output_dir, "queued")
+            self._jobs[run_id] = Job(run_id, stage, config_dict, output_dir, "queued", processes=processes,
+                                     accelerate_config=str(accelerate_config) if accelerate_config else None)
             self._queue.append(run_id)
             self._dispatch()
         return run_id
@@ -205,6 +227,8 @@ class JobManager:
                 self._set_status(job, "stopped")
             elif job.status == "running":
                 job.stop_flag.set()
+                if self._in_subprocess(job):
+                    self._stop_file(job).touch()
                 self._set_status(job, "stopping")
             elif job.status == "stopping":
                 pass  # already asked; the stage stops at its next step
@@ -278,8 +302,7 @@ class JobManager:
         job.status, job.error = run["status"], run["error"]
         return job
 
-    @staticmethod
-    def _check_config(stage: str, config) -> dict:
+    def _check_config(self, stage: str, config) -> dict:
         if stage not in JOB_STAGES:
             raise ValueError(f"unknown stage {stage!r}: choose one of {', '.join(JOB_STAGES)}")
         if stage == "pipeline":
@@ -292,6 +315,12 @@ class JobManager:
             config = study_config_from_dict(config)
             check_study_models(config)  # reused SFT/RM checkpoints: refused now, not as a failed job later
             return config
+        if stage == "eval":
+            from core.eval_table import EvalConfig, check_inputs
+
+            config = config if isinstance(config, EvalConfig) else EvalConfig.from_dict(config)
+            check_inputs(config, self.store)  # missing checkpoints, another tokenizer, no prompts: refused now
+            return config.to_dict()
         if isinstance(config, ConfigMixin):
             if not isinstance(config, STAGES[stage].config_class):
                 raise ValueError(f"a {type(config).__name__} is not a config for stage {stage!r}")
@@ -322,6 +351,45 @@ class JobManager:
                 "no longer exists (deleted?). Launch a new run instead."
             )
 
+    @staticmethod
+    def _in_subprocess(job: Job) -> bool:
+        return job.processes != 1 or job.accelerate_config is not None
+
+    def _stop_file(self, job: Job) -> Path:
+        return self.runs_dir / job.run_id / "stop"
+
+    def _run_subprocess(self, job: Job, on_progress: Callable[[int, int, str], None]) -> str:
+        """`rlhf <stage> --processes N` on the job's config; returns the final model directory. The
+        subprocess records metrics, checkpoints and its status in the store like a thread job."""
+        import json
+
+        from core.launch import JOB_PARENT_ENV, PROGRESS_PREFIX, STOP_FILE_ENV, command, environment
+        from core.models.loading import pick_device
+
+        control = self._stop_file(job).parent
+        control.mkdir(parents=True, exist_ok=True)
+        self._stop_file(job).unlink(missing_ok=True)  # a resumed run's earlier Stop is spent
+        config_file = control / "config.yaml"
+        config = STAGES[job.stage].config_class.from_dict(job.config)
+        config_file.write_text(config.to_yaml())
+        cpu = pick_device(config.device).type == "cpu"
+        argv = command(job.processes, job.accelerate_config, cpu,
+                       [job.stage, "--config", str(config_file), "--output", job.output_dir, "--name", job.run_id])
+        env = environment({STOP_FILE_ENV: str(self._stop_file(job)), JOB_PARENT_ENV: str(os.getpid()),
+                           "RLHF_WORKBENCH_HOME": str(self.store.path.parent)})
+        tail: deque[str] = deque(maxlen=30)  # the last lines, for the error of a failed job
+        with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
+            for line in child.stdout:
+                if line.startswith(PROGRESS_PREFIX):
+                    on_progress(*json.loads(line[len(PROGRESS_PREFIX):]))
+                else:
+                    tail.append(line.rstrip())
+        if child.returncode != 0:
+            errors = [line for line in tail if "rlhf: error:" in line or ("Error" in line and "ChildFailed" not in line)]
+            raise RuntimeError(f"the {job.processes}-process run exited with status {child.returncode}: "
+                               + (errors[-1] if errors else "\n".join(list(tail)[-5:])))
+        return job.output_dir
+
     def _set_status(self, job: Job, status: str, error: str | None = None) -> None:
         job.status, job.error = status, error
         self.store.set_run_status(job.run_id, status, job.error)
@@ -345,9 +413,12 @@ class JobManager:
         events = Events(self.store, job.run_id, stop_flag=job.stop_flag, on_progress=on_progress)
         status, error, tb, result = "done", None, None, None
         try:
-            run = self.runner(job.stage)
-            config = job.config if job.stage in DICT_CONFIG_JOBS else STAGES[job.stage].config_class.from_dict(job.config)
-            result = run(config, self.store, events, Path(job.output_dir))
+            if self._in_subprocess(job):
+                result = self._run_subprocess(job, on_progress)
+            else:
+                run = self.runner(job.stage)
+                config = job.config if job.stage in DICT_CONFIG_JOBS else STAGES[job.stage].config_class.from_dict(job.config)
+                result = run(config, self.store, events, Path(job.output_dir))
             if job.stop_flag.is_set():
                 status = "stopped"
         except Exception as exc:  # the job fails, the server lives on; the page shows why

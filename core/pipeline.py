@@ -17,6 +17,7 @@ from core.events import Events
 from core.models.loading import load_policy, load_tokenizer, pick_device
 from core.models.pretrain import heldout_lm_loss, pack
 from core.paths import atomic_write_text
+from core.results import comparison
 from core.stages import RECIPE, get_stage, make_config
 
 ALL_STAGES = ("sft", "rm", "ppo", "dpo", "grpo", "rloo")  # the recipe's order; each stage's inputs are the earlier stages' outputs
@@ -36,25 +37,6 @@ def evaluate_checkpoint(model_ref: str | Path, device: str = "auto", n_prompts: 
         "template": sampled["template"], "concise": sampled["concise"], "length": sampled["length"], "eos_rate": sampled["eos_rate"],
         "pretrain_loss": heldout_lm_loss(model, blocks, dev),
     }
-
-
-COMPARED = ("sft", "ppo", "ppo_no_ptx", "dpo", "grpo", "rloo")
-
-
-def comparison(report: dict) -> list[dict]:
-    """One row per method in the report: gold and its parts, KL to SFT, alignment tax, wall time (and
-    relative to PPO-ptx's)."""
-    rows = []
-    for key in COMPARED:
-        if key not in report:
-            continue
-        r = report[key]
-        row = {"method": key, **{k: r.get(k) for k in ("gold", "correct", "template", "concise", "pretrain_loss")},
-               "kl_to_sft": 0.0 if key == "sft" else r.get("kl_to_sft"), "wall_s": report["timings_s"].get(key)}
-        if key != "sft" and report["timings_s"].get("ppo") and row["wall_s"] is not None:
-            row["time_vs_ppo"] = row["wall_s"] / report["timings_s"]["ppo"]
-        rows.append(row)
-    return rows
 
 
 def correlation(xs: list[float], ys: list[float]) -> float | None:

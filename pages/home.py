@@ -50,22 +50,37 @@ if latest is not None:
             tiles[3].metric("Alignment tax (pretraining loss)", f"{models['ppo']['held-out pretraining loss']:.2f}",
                             f"{models['ppo']['held-out pretraining loss'] - models['sft']['held-out pretraining loss']:+.2f}"
                             " vs SFT", delta_color="inverse")
-        table = pd.DataFrame(shown["models"]).drop(columns="key").set_index("model").astype(float)  # None -> blank
-        st.dataframe(table.style.format(precision=2, na_rep="—"), width="stretch", key="results_models")
-        left, right = st.columns(2)
+        st.markdown("**Methods compared** on the same SFT model, rankings and reward model: KL to SFT measured the "
+                    "same way for every method, wall time of the stage's training run")
+        # st.table: every row on screen at once, and "—" where a method has no number (the base model's KL).
+        table = pd.DataFrame(shown["models"]).drop(columns="key").set_index("model").astype(float)  # None -> NaN
+        st.table(table.style.format(precision=2, na_rep="—").format("{:.0f}", subset=["wall time (s)"], na_rep="—"))
+        gold, rm_kinds, tax = st.columns(3)
+        layout = dict(height=300, margin=dict(l=10, r=10, t=30, b=10), yaxis=dict(autorange="reversed"))
+        split = go.Figure([go.Bar(name=part, y=list(shares), x=list(shares.values()), orientation="h",
+                                  text=[f"{v:.2f}" for v in shares.values()], textposition="inside")
+                           for part, shares in shown["gold_split"].items()])
+        split.update_layout(**layout, barmode="stack", xaxis=dict(range=[0, 1]),
+                            legend=dict(orientation="h", y=-0.12, traceorder="normal"),
+                            title=dict(text="Gold and its parts (weight × share)", font=dict(size=14)))
+        gold.plotly_chart(split, key="results_gold", width="stretch")
         if shown["reward_model"]:
-            left.markdown("**Reward model**: held-out pairwise accuracy by preference kind")
-            left.dataframe(pd.DataFrame(shown["reward_model"]).set_index("preference"), width="stretch",
-                           column_config={"accuracy": st.column_config.NumberColumn(format="%.2f")},
-                           key="results_rm")
+            kinds = go.Figure(go.Bar(y=[r["preference"] for r in shown["reward_model"]],
+                                     x=[r["accuracy"] for r in shown["reward_model"]], orientation="h",
+                                     text=[f"{r['accuracy']:.2f} (n={r['pairs']})" for r in shown["reward_model"]],
+                                     textposition="outside", cliponaxis=False, marker_color="#2ca02c"))
+            # Room right of 1.0 for the label: an accuracy of 0 (no bar) still shows its number.
+            kinds.update_layout(**layout, xaxis=dict(range=[0, 1.5], tickvals=[0, 0.5, 1]),
+                                title=dict(text="RM held-out accuracy (n pairs)", font=dict(size=14)))
+            kinds.add_vline(x=0.5, line_dash="dot", annotation_text="chance", annotation_position="bottom right")
+            rm_kinds.plotly_chart(kinds, key="results_rm", width="stretch")
         if shown["alignment_tax"]:
-            right.markdown("**Alignment tax**: held-out pretraining loss (lower is better)")
-            tax = go.Figure(go.Bar(x=list(shown["alignment_tax"].values()), y=list(shown["alignment_tax"]),
-                                   orientation="h", marker_color="#1f77b4",
-                                   text=[f"{v:.2f}" for v in shown["alignment_tax"].values()], textposition="auto"))
-            tax.update_layout(height=200, margin=dict(l=10, r=10, t=10, b=10), yaxis=dict(autorange="reversed"),
-                              xaxis_title="held-out pretraining loss")
-            right.plotly_chart(tax, key="results_tax", width="stretch")
+            bars = go.Figure(go.Bar(x=list(shown["alignment_tax"].values()), y=list(shown["alignment_tax"]),
+                                    orientation="h", marker_color="#1f77b4",
+                                    text=[f"{v:.2f}" for v in shown["alignment_tax"].values()], textposition="auto"))
+            bars.update_layout(**layout,
+                               title=dict(text="Alignment tax: held-out pretraining loss", font=dict(size=14)))
+            tax.plotly_chart(bars, key="results_tax", width="stretch")
         if "ppo_no_ptx" not in models and "ppo" in models:
             st.caption("This pipeline ran without the PPO-without-ptx comparison; the CLI's "
                        "`rlhf pipeline --demo` and the app's demo run it.")

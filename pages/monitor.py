@@ -13,6 +13,7 @@ import streamlit as st
 from core import monitor
 from core.data import rollouts
 from core.textsafe import escape_html
+from core.token_kl import token_html
 from workbench import resources
 
 store = resources.store()
@@ -147,18 +148,6 @@ def curves() -> None:
                                                  help=f"{r['run_id']}, step {r['step']}")
     if refresh and not monitor.any_active(runs_now, selected):
         st.rerun()  # everything shown finished: redraw once with the timer off
-
-
-def token_html(tokens: list[tuple[str, float]]) -> str:
-    """Each token on a colour for log pi - log pi_ref: red where the policy likes it more than the SFT
-    reference, blue where less. Every token's text is HTML-escaped (model text is never markup)."""
-    spans = []
-    for text, k in tokens:
-        alpha = min(1.0, abs(k) / 2.0) * 0.85
-        rgb = "220,50,47" if k > 0 else "38,139,210"
-        spans.append(f'<span title="log π − log π_ref = {k:+.3f}" style="background: rgba({rgb},{alpha:.2f});'
-                     f' border-radius: 3px; padding: 1px 0">{escape_html(text)}</span>')
-    return "".join(spans)
 
 
 def sample_html(sample: dict) -> str:

@@ -11,7 +11,6 @@ import streamlit as st
 
 from core import study
 from core.config import PRESETS
-from core.jobs import new_run_id
 from workbench import resources
 
 store = resources.store()
@@ -48,9 +47,7 @@ with st.expander("New study", expanded=not any(j.stage == "study" for j in jobs.
         try:
             config = study.study_config(preset, kl_coefs, [2 ** k for k in range(n_max.bit_length())], int(episodes),
                                         sft_model=sft_model, reward_model=reward_model)
-            run_id = new_run_id("study")
-            jobs.submit("study", config, run_id=run_id, output_dir=jobs.runs_dir / run_id)
-            st.session_state["study_notice"] = f"Queued **{run_id}**"
+            resources.queue_job("study", config, "study_notice")
             st.rerun()
         except ValueError as exc:
             st.error(str(exc))

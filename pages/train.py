@@ -12,6 +12,7 @@ import yaml
 
 from core.config import PRESETS, field_help
 from core.jobs import pipeline_config
+from core.launch import CONFIGS_DIR
 from core.models.memory import PLANNED_STAGES, plan
 from core.stages import STAGES, make_config
 from workbench import resources
@@ -109,9 +110,15 @@ pickers = {
     "sft_model": ("SFT checkpoint", resources.checkpoint_choices(store, "sft")),
     "reward_model": ("Reward model", resources.checkpoint_choices(store, "rm")),
 }
+# GRPO/RLOO with reward 'gold' (the demo's labeler itself, cheating on the proxy) need no reward model; the
+# reward widget is drawn below, so its value is read from the session here.
+reward = st.session_state.get(prefix + "reward", base.get("reward"))
+optional = make_config(stage, preset, {"reward": reward}).optional_models() if reward else ()
 for name in spec.model_fields:
     label, options = pickers[name]
-    if options:
+    if name in optional:
+        st.caption(f"{label}: not needed, the reward is 'gold': the demo's labeler itself (cheating on the proxy)")
+    elif options:
         values[name] = options[st.selectbox(label, list(options), key=f"pick_{stage}_{name}")]
     else:
         st.error(f"{label}: none yet. Train the earlier stage first (or run the demo pipeline).")
@@ -184,9 +191,21 @@ if config is not None and stage in PLANNED_STAGES:
 
 run_name = st.text_input("Run name (optional)", key="train_run_name",
                          help="letters, digits, '.', '_' or '-'; empty picks a name with the date")
+# Several processes (GPUs, or CPU processes) run the stage under `accelerate launch` in a subprocess.
+launch_cols = st.columns(2)
+processes = launch_cols[0].number_input("Processes", min_value=1, value=1, step=1, key="train_processes",
+                                        help="1: a background thread, as always. More: one process per GPU "
+                                             "(or CPU processes); batch sizes stay global (SFT, RM, PPO)")
+accelerate_configs = {"default (DDP)": None, **{p.name: str(p) for p in sorted(CONFIGS_DIR.glob("*.yaml"))}}
+accelerate_config = accelerate_configs[launch_cols[1].selectbox(
+    "Accelerate config", list(accelerate_configs), key="train_accelerate_config", disabled=processes == 1,
+    help="configs/accelerate/: ddp, zero2 and zero3 (DeepSpeed, an optional extra), fsdp2")]
+if processes == 1:
+    accelerate_config = None
 if st.button("Launch", type="primary", disabled=config is None, icon=":material/rocket_launch:"):
     try:
-        run_id = jobs.submit(stage, config, run_id=run_name.strip() or None)
+        run_id = jobs.submit(stage, config, run_id=run_name.strip() or None, processes=int(processes),
+                             accelerate_config=accelerate_config)
         st.session_state["last_launch"] = run_id
         st.session_state["launch_notice"] = f"Launched **{run_id}**" + (
             " (queued behind the running job)" if jobs.get(run_id).status == "queued" else "")
@@ -200,7 +219,9 @@ if config is not None:
     config_yaml = config.to_yaml()
     with st.expander("Equivalent command and YAML", expanded=bool(st.session_state.get("last_launch"))):
         name = run_name.strip() or "<run-name>"
-        st.code(f"rlhf {stage} --config {stage}.yaml --name {name} --output {jobs.runs_dir / name / 'model'}",
+        launch = f" --processes {processes}" if processes > 1 else ""
+        launch += f" --accelerate-config {accelerate_config}" if accelerate_config else ""
+        st.code(f"rlhf {stage} --config {stage}.yaml --name {name} --output {jobs.runs_dir / name / 'model'}{launch}",
                 language="bash")
         st.code(config_yaml, language="yaml")
         st.download_button("Save config", config_yaml, file_name=f"{stage}.yaml", mime="application/yaml")

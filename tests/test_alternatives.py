@@ -8,6 +8,7 @@ here asserts wall-clock times.
 from __future__ import annotations
 
 import json
+import math
 import threading
 
 import pytest
@@ -106,6 +107,36 @@ def test_dpo_learns_its_preferences_and_leaves_an_hf_model(inputs, tok, store, t
     assert _weights_equal(load_policy(sft, CPU), ref)
 
 
+def test_dpo_loss_matches_a_hand_computed_example(inputs, tok, tmp_path):
+    """The loss of the trainer our stage builds (beta 0.5, loss 'sigmoid'), on per-token log-probs set by
+    hand: one pair, a 3-token chosen and a 2-token rejected answer after a 2-token prompt.
+    log pi(y_w) = -1.75, log pi(y_l) = -3.5; reference -2.0 and -3.0, so the log-ratio margin is
+    0.25 - (-0.5) = 0.75 and the loss is -log sigmoid(0.5 * 0.75) = log(1 + e^-0.375)."""
+    from types import SimpleNamespace
+
+    sft, _, rankings = inputs
+    config = DPOConfig(sft_model=str(sft), data=str(rankings), beta=0.5, loss_type="sigmoid", device="cpu")
+    pairs = trl_bridge.preference_pairs(load_rankings(str(rankings), None))
+    trainer, _ = dpo.make_trainer(config, pairs, tok, CPU, Events(), tmp_path / "dpo")
+    completion_mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 0]])  # rows: [chosen, rejected]
+    # Log-probs of tokens 1..4 (each predicted from the one before), 0 off the answer as TRL's fused head gives.
+    token_logps = torch.tensor([[0.0, -0.5, -1.0, -0.25], [0.0, -2.0, -1.5, 0.0]], requires_grad=True)
+    policy = lambda **_: SimpleNamespace(  # noqa: E731  (the policy's forward, its outputs set by hand)
+        log_probs=token_logps, entropy=torch.zeros(2, 4), mean_logits=torch.zeros(2, 4),
+        is_top1=torch.zeros(2, 4, dtype=torch.bool))
+    trainer.precompute_ref_logps = True  # the reference's sequence log-probs come with the batch: set by hand
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9], [5, 6, 10, 11, 0]]), "attention_mask": torch.ones(2, 5),
+             "completion_mask": completion_mask, "ref_chosen_logps": torch.tensor([-2.0]),
+             "ref_rejected_logps": torch.tensor([-3.0])}
+    loss = trainer._compute_loss(policy, batch, return_outputs=False)
+    assert float(loss.detach()) == pytest.approx(math.log1p(math.exp(-0.375)), abs=1e-6)
+    # the implicit reward margin beta * 0.75 is what our `reward_margin` metric receives
+    metrics = trainer._metrics["train" if trainer.model.training else "eval"]
+    assert metrics["rewards/margins"][-1] == pytest.approx(0.375)
+    loss.backward()  # d loss / d log pi(y_w) = -beta * sigmoid(-0.375) on each chosen token
+    assert float(token_logps.grad[0, 1]) == pytest.approx(-0.5 / (1 + math.exp(0.375)), abs=1e-6)
+
+
 def test_dpo_bad_input_fails_before_any_work(inputs, store, tmp_path):
     sft, _, rankings = inputs
     run = get_stage("dpo").runner
@@ -181,6 +212,55 @@ def test_rloo_with_the_gold_labeler_as_reward(inputs, store, tmp_path):
     assert _steps(store, "rloo-run", "heldout_gold") == [3]
 
 
+def test_grpo_group_normalised_advantages_on_a_hand_example(inputs, tok, tmp_path):
+    """The advantages of the trainer our GRPO stage builds (scale_rewards 'group'), from rewards set by
+    hand for 2 prompts x 4 answers: group 1 scores [1, 0, 0, 0] (mean 0.25, std 0.5 with Bessel's
+    correction), so (r - 0.25) / 0.5 = [1.5, -0.5, -0.5, -0.5]; group 2 all score 2, so every
+    advantage is 0 (no signal where the group agrees)."""
+    sft, rm, _ = inputs
+    config = _group_config(GRPOConfig, sft, rm, scale_rewards="group")
+    prompts = [t.prompt for t in demo.train_tasks(2)]
+    trainer, _ = trl_bridge.group_trainer("grpo", config, tok, prompts, CPU, Events(), tmp_path / "grpo",
+                                          loss_type=config.loss_type, scale_rewards=config.scale_rewards)
+    rewards = [1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0]
+
+    def by_hand(prompts, completions, **_):
+        return rewards
+
+    trainer.reward_funcs = [by_hand]
+    batch = [row for row in trl_bridge.prompt_rows(prompts) for _ in range(config.num_generations)]
+    advantages = trainer._generate_and_score_completions(batch)["advantages"]
+    expected = torch.tensor([1.5, -0.5, -0.5, -0.5, 0.0, 0.0, 0.0, 0.0]) * (0.5 / (0.5 + 1e-4))  # TRL's eps
+    assert torch.allclose(advantages.flatten(), expected, atol=1e-6), advantages
+
+
+def test_lora_leaves_the_base_weights_and_saves_a_merged_model(inputs, store, tmp_path):
+    """lora_r > 0 on a TRL stage: one step trains the adapter only (the SFT weights under it are
+    untouched, so the reference, the policy with its adapter off, is the SFT model); the final output
+    is merged, reloads with plain transformers, differs from SFT and keeps its adapter beside it."""
+    from peft import PeftModel
+
+    from core.models.lora import ADAPTER_DIR
+
+    sft, rm, _ = inputs
+    config = _group_config(RLOOConfig, sft, rm, total_episodes=8, lora_r=4, learning_rate=1e-2)
+    trainer, callback = trl_bridge.group_trainer("rloo", config, load_tokenizer(sft), [t.prompt for t in
+                                                 demo.train_tasks(4)], CPU, Events(), tmp_path / "rloo")
+    policy = trainer.model
+    assert isinstance(policy, PeftModel)
+    base_before = {k: v.clone() for k, v in policy.get_base_model().state_dict().items() if "lora_" not in k}
+    trl_bridge.train(trainer, callback, tmp_path / "rloo", Events(), "RLOO")
+    base_after = {k: v for k, v in policy.get_base_model().state_dict().items() if "lora_" not in k}
+    assert base_before.keys() == base_after.keys()
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
+    assert any(float(v.abs().sum()) > 0 for k, v in policy.state_dict().items() if "lora_B" in k)  # it learned
+
+    out = get_stage("rloo").runner(config, store, Events(), tmp_path / "rloo-run")
+    merged = AutoModelForCausalLM.from_pretrained(out)  # plain transformers: no PEFT needed
+    assert not _weights_equal(merged, load_policy(sft, CPU))
+    assert (out / ADAPTER_DIR / "adapter_config.json").is_file()
+
+
 def test_group_stages_bad_input_fails_before_any_work(inputs, store, tmp_path):
     sft, rm, _ = inputs
     with pytest.raises(ValueError, match="num_generations must be >= 2"):
@@ -228,10 +308,11 @@ def test_kl_to_reference_is_zero_for_the_same_model_and_positive_after_training(
     policy = load_policy(sft, CPU)
     prompts = [t.prompt for t in demo.heldout_tasks(16)]
     assert kl_to_reference(policy, load_policy(sft, CPU), tok, prompts, max_new_tokens=8) == pytest.approx(0.0, abs=1e-5)
-    # A policy pushed away from the reference (its final-layer bias on the EOS token raised) has a positive KL.
+    # A policy pushed away from the reference (its final layer norm's scale doubled: sharper logits) has a
+    # positive KL.
     moved = load_policy(sft, CPU)
     with torch.no_grad():
-        moved.transformer.ln_f.bias.add_(0.5)
+        moved.transformer.ln_f.weight.mul_(2.0)
     assert kl_to_reference(moved, policy, tok, prompts, max_new_tokens=8) > 0.05
     with pytest.raises(ValueError, match="temperature"):
         kl_to_reference(moved, policy, tok, prompts, temperature=0.0)
@@ -257,6 +338,9 @@ def test_train_page_offers_the_alternatives_with_their_inputs_and_fields(app, in
     picker().set_value("grpo").run()
     assert "SFT checkpoint: none yet" in errors() and "Reward model: none yet" in errors()
     assert app.selectbox(key="cfg_grpo_quick_reward").options == ["rm", "gold"]
+    app.selectbox(key="cfg_grpo_quick_reward").set_value("gold").run()  # the labeler itself: no RM to pick
+    assert "SFT checkpoint: none yet" in errors() and "Reward model" not in errors()
+    assert "cheating on the proxy" in " | ".join(str(c.value) for c in app.caption)
 
     store = Store(workbench_home / "workbench.db")
     store.add_checkpoint("my-sft", "sft", sft)

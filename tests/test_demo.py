@@ -1,13 +1,45 @@
 """The demo task and its simulated labeler."""
 
 from core.data import demo
+from core.models.loading import load_policy, load_tokenizer, pick_device
+from core.models.pretrain import heldout_lm_loss, pack
 
 
 def test_every_task_kind_recomputes_its_answer_from_the_prompt():
     tasks = demo.tasks(300, seed=5)
-    assert {t.kind for t in tasks} == {"add", "next", "larger", "repeat", "reverse", "last"}
+    assert {t.kind for t in tasks} == {"repeat", "reverse", "copy", "first", "last", "second", "commas", "dashes", "count",
+                                        "add"}
     for t in tasks:
         assert demo.expected_answer(t.prompt) == t.answer
+    assert demo.expected_answer("List the words cat dog sun with commas.") == "cat, dog, sun"
+    assert demo.expected_answer("How many words are in: cat dog sun red?") == "4"
+    assert demo.expected_answer("What is 7 plus 8?") == "15"
+    assert demo.expected_answer("Join the words cat dog with dashes.") == "cat-dog"
+    assert demo.expected_answer("How many words are in?") is None
+
+
+def test_most_prompts_are_readable_and_some_need_arithmetic():
+    """The RM can check most answers against the prompt; a share needs arithmetic it cannot do, the
+    part of gold the over-optimisation study needs the proxy to miss."""
+    kinds = {k.name: k for k in demo.KINDS}
+    readable = [kinds[t.kind].readable for t in demo.heldout_tasks()]
+    assert 0.85 < sum(readable) / len(readable) < 0.95  # one kind in ten needs arithmetic
+
+
+def test_preference_kind_separates_format_readable_correctness_and_arithmetic():
+    copy, add = "Copy the words: cat dog.", "What is 3 plus 4?"
+    assert demo.preference_kind(copy, "The answer is cat dog.", "The answer is cat dog. I hope this helps.") == "format"
+    assert demo.preference_kind(copy, "The answer is cat dog.", "The answer is dog cat.") == "correctness"
+    assert demo.preference_kind(add, "The answer is 7.", "The answer is 8.") == "arithmetic"
+    assert demo.preference_kind(add, "The answer is 8.", "The answer is 8. I hope this helps.") == "format"
+
+
+def test_pretraining_corpus_is_the_one_the_bundled_model_learned():
+    """The base's held-out pretraining loss stays low on it: were the corpus' draws changed without
+    re-running `rlhf pretrain-demo`, the base would read it as new text (loss above 5 nats)."""
+    tokenizer, model = load_tokenizer("bundled"), load_policy("bundled")
+    blocks = pack(tokenizer, demo.heldout_corpus(60), 128)
+    assert heldout_lm_loss(model, blocks, pick_device("cpu")) < 1.5
 
 
 def test_heldout_prompts_are_disjoint_from_training_prompts():

@@ -214,12 +214,17 @@ def test_watch_the_demo_pipeline_without_reloading(page, server):
 
     page.get_by_role("tab", name="Curves").click()
     page.get_by_text(re.compile(r"^Pipeline pipeline-.* · done$")).wait_for(timeout=900_000)
-    plot_titled(page, "reward").wait_for()
+    idle(page)  # the last refresh may still hold the previous draw of the charts beside the new one
+    plot_titled(page, "reward").first.wait_for()
     shot(page, "10-monitor-pipeline-done")
 
     go(page, "Home")
     page.get_by_text("Gold: SFT → PPO-ptx").wait_for()
     page.get_by_text("Alignment tax (pretraining loss)").wait_for()
+    # Wait for the card's table and charts to be drawn: a shot taken earlier showed their loading frames.
+    page.get_by_test_id("stTable").get_by_text("PPO without ptx", exact=True).wait_for()
+    page.locator(".js-plotly-plot .bars path").first.wait_for(state="attached")
+    idle(page)
     shot(page, "11-home-results")
     go(page, "Prompts")  # the demo's data is in the store, for the user to see and extend
     shot(page, "12-prompts-demo-data")

@@ -79,12 +79,9 @@ def test_lora_ppo_keeps_the_base_and_the_reference(lora_sft, tmp_path):
     assert all(torch.equal(after[k], v) for k, v in base_before.items())
     batch = result.rollout
     with torch.no_grad():
-        ref = rl.gather_logprobs(rl.response_logits(sft_model, batch.ids, batch.mask, batch.positions, batch.prompt_len,
-                                                    config.temperature), batch.response_ids)
-        ours = rl.gather_logprobs(rl.response_logits(models.reference_policy, batch.ids, batch.mask, batch.positions,
-                                                     batch.prompt_len, config.temperature), batch.response_ids)
-        policy_now = rl.gather_logprobs(rl.response_logits(models.policy, batch.ids, batch.mask, batch.positions,
-                                                           batch.prompt_len, config.temperature), batch.response_ids)
+        ref, ours, policy_now = (
+            rl.response_logprobs(m, batch.ids, batch.mask, batch.positions, batch.prompt_len, config.temperature)[0]
+            for m in (sft_model, models.reference_policy, models.policy))
     m = batch.response_mask.bool()
     torch.testing.assert_close(ours[m], ref[m], atol=1e-5, rtol=1e-5)
     assert (policy_now[m] - ref[m]).abs().max() > 1e-3  # the policy itself moved
@@ -104,7 +101,9 @@ def test_lora_reward_model_checkpoints_load_centred(lora_sft, tmp_path):
     epoch_dir = checkpoints_dir(out) / "epoch-1"
     assert is_adapter_dir(epoch_dir)
     tok = load_tokenizer(out)
-    pairs = reward.demonstrations_for_bias(config, None, [reward.Ranking(**r) for r in demo.synthetic_rankings(64, 4)])
+    # The stage centres on its training split's top answers (10 % of a rankings file is held out).
+    train, _ = reward.split_heldout([reward.Ranking(**r) for r in demo.synthetic_rankings(64, 4)], config.seed)
+    pairs = reward.demonstrations_for_bias(config, None, train)
     seqs = [reward.encode_answers(tok, p, [c], 128)[0] for p, c in pairs]
     for model in (AutoModelForSequenceClassification.from_pretrained(out), load_scalar_model(epoch_dir, tok.pad_token_id, CPU)):
         assert model.config.reward_bias != 0

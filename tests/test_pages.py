@@ -291,7 +291,7 @@ def test_chat_streams_and_side_by_side_vote_becomes_a_ranking(app, workbench_hom
     at.multiselect(key="sbs_models").set_value(["bundled (base)"]).run()
     at.text_area(key="sbs_prompt").input("What is 3 plus 4?")
     button(at, "Generate").click().run()
-    assert "Pick between 2 and 4 checkpoints" in texts(at.error)
+    assert "Pick between 2 and 5 checkpoints" in texts(at.error)
 
     at.multiselect(key="sbs_models").set_value(["bundled (base)", "base-copy (base)"])
     at.number_input(key="chat_seed").set_value(1)

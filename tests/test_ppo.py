@@ -27,7 +27,9 @@ from core.paths import checkpoints_dir
 
 CPU = pick_device("cpu")
 RIDGE = 30.0
-PROMPTS = [t.prompt for t in demo.train_tasks(64)]
+# The SFT policy here is the bundled base itself: prompts of the kinds its pretraining corpus holds
+# (docs/ARCHITECTURE.md, "The demo task"), which it answers in a familiar shape.
+PROMPTS = [t.prompt for t in demo.train_tasks(400) if t.kind in ("add", "repeat", "reverse", "last")][:64]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -350,3 +352,83 @@ def test_a_step_checkpoint_is_written_whole_with_its_ema(inputs, tok, tmp_path, 
     ppo.save_step_checkpoint(models, path, state, sampler, ema)
     assert resume.latest_checkpoint(tmp_path / "ppo", "step") == path
     assert (path / ppo.EMA_DIR / "model.safetensors").is_file()
+
+
+def test_response_logprobs_in_chunks_equal_the_models_own_logits(tok):
+    """`rl.response_logprobs` (backbone once, LM head + log-softmax in chunks of 3 tokens under
+    checkpointing) against log-softmax of the model's own logits over left-padded prompt + response:
+    the same log-probs and entropies, and the same gradient in every parameter."""
+    torch.manual_seed(0)
+    policy = load_policy("bundled", CPU, dropout=0.0)
+    vocab = policy.get_output_embeddings().weight.shape[0]
+    prompt_ids, prompt_mask = _prompt_batch(tok, n=3)
+    response_ids = torch.randint(vocab, (3, 6))
+    ids = torch.cat([prompt_ids, response_ids], 1)
+    mask = torch.cat([prompt_mask, torch.ones_like(response_ids)], 1)
+    positions, P, temperature = rl.positions_from_mask(mask), prompt_ids.shape[1], 0.7
+    assert (prompt_mask == 0).any()  # left padding, read through the position ids
+    weights = torch.randn(3, 6)
+    results = []
+    for chunked in (False, True):
+        policy.zero_grad()
+        if chunked:
+            logprobs, entropy = rl.response_logprobs(policy, ids, mask, positions, P, temperature, with_entropy=True,
+                                                     max_chunk_logits=3 * vocab)
+        else:
+            logits = policy(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, P - 1 : -1]
+            logits = logits.float() / temperature
+            logprobs, entropy = rl.gather_logprobs(logits, response_ids), rl.entropy_from_logits(logits.detach())
+        (weights * logprobs).sum().backward()
+        results.append((logprobs.detach(), entropy, {n: p.grad.clone() for n, p in policy.named_parameters()}))
+    (full_lp, full_ent, full_grads), (lp, ent, grads) = results
+    torch.testing.assert_close(lp, full_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, full_ent, atol=1e-5, rtol=1e-5)
+    assert full_grads.keys() == grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert max(g.abs().max() for g in full_grads.values()) > 1e-3  # real gradients on both sides
+
+
+def test_logit_transforms_are_refused(tok):
+    policy = load_policy("bundled", CPU, dropout=0.0)
+    policy.config.final_logit_softcapping = 30.0  # as Gemma 2 computes its logits
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(ValueError, match="transform their logits"):
+        rl.response_logprobs(policy, ids, torch.ones_like(ids), rl.positions_from_mask(torch.ones_like(ids)), 2, 1.0)
+
+
+def test_reusing_the_first_epochs_forward_gives_the_same_step(inputs, tok, monkeypatch):
+    """pi_old and V_old taken from the update's first forward (one minibatch) equal a separate
+    scoring forward: the same rollout, log-probs, losses, statistics and updated weights."""
+    config = _config(inputs, ptx_coef=1.0)
+    assert ppo.reuses_first_forward(config)
+    prompt_ids, prompt_mask = _prompt_batch(tok)
+    blocks = ppo.pack(tok, demo.pretraining_corpus(40, seed=9), 64)[:4]
+    runs = {}
+    for reuse in (True, False):
+        monkeypatch.setattr(ppo, "reuses_first_forward", lambda _config, reuse=reuse: reuse)
+        torch.manual_seed(3)
+        models = _models(config, tok)
+        steps = [ppo.ppo_step(models, prompt_ids, prompt_mask, config, config.kl_coef, iter([blocks] * 8))
+                 for _ in range(2)]
+        runs[reuse] = steps, _snapshot(models.policy), _snapshot(models.value_model)
+    (reused, policy_a, value_a), (separate, policy_b, value_b) = runs[True], runs[False]
+    for a, b in zip(reused, separate):
+        assert torch.equal(a.rollout.response_ids, b.rollout.response_ids)
+        assert torch.allclose(a.rollout.logprobs, b.rollout.logprobs, atol=1e-5)
+        assert torch.allclose(a.rollout.values, b.rollout.values, atol=1e-5)
+        assert a.rollout.logprobs.abs().sum() > 1  # real log-probs, not zeros on both sides
+        for key in ("kl", "policy_loss", "value_loss", "ptx_loss", "approx_kl", "entropy", "clip_frac"):
+            assert a.metrics[key] == pytest.approx(b.metrics[key], rel=1e-3, abs=1e-5), key
+    assert _max_diff(policy_a, policy_b) < 1e-4 and _max_diff(value_a, value_b) < 1e-4
+    # The first step's policy equals the reference: the KL read from the reused forward is 0.
+    assert abs(reused[0].metrics["kl"]) < 1e-4
+
+
+def test_first_forward_is_refused_with_several_minibatches(inputs, tok):
+    config = _config(inputs, num_minibatches=2)
+    models = _models(config, tok)
+    batch = ppo.score_responses(models, ppo.generate_responses(models, *_prompt_batch(tok, n=4), config), config)
+    with pytest.raises(ValueError, match="whole batch"):
+        ppo.ppo_update(models, batch, torch.zeros_like(batch.values), batch.values, config, None,
+                       first_forward=(batch.values,))

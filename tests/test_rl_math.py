@@ -11,6 +11,7 @@ clip bound, a mask or a discount that goes wrong fails here rather than as a sli
 - `gae`: GAE over response tokens, an episode ending at its last real token;
 - `kl_penalty` (k1) vs `k3` as a *reward*: exact score-function gradients on a small categorical
   distribution show why PPO puts k1 in the reward (and why `kl_estimator` is no longer an option).
+- `optim.adamw`: the fused AdamW every stage trains with takes AdamW's own steps.
 """
 
 from __future__ import annotations
@@ -318,3 +319,97 @@ def test_k3_reward_gradient_is_biased_and_vanishes_near_the_reference():
 def test_kl_estimator_option_was_removed():
     with pytest.raises(ValueError, match="kl_estimator"):
         PPOConfig.from_dict({"kl_estimator": "k3"})
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_reference_loop():
+    """`optim.adamw` (fused kernel, what PPO, SFT and the RM train with) against AdamW's plain
+    per-tensor loop: the same weights after a few steps on the same gradients."""
+    from core.stages import optim
+
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32), torch.randn(32)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(5)]
+    results = []
+    for make in (lambda ps: optim.adamw(ps, 1e-2, eps=1e-5, weight_decay=0.1),
+                 lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-5, weight_decay=0.1, foreach=False)):
+        params = [p.clone().requires_grad_() for p in start]
+        opt = make(params)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        results.append(params)
+    (fused, reference) = results
+    assert fused[0].detach().sub(start[0]).abs().max() > 1e-2  # the steps moved the weights
+    for a, b in zip(fused, reference):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked log-probs: the response logits are never held whole
+# ---------------------------------------------------------------------------------------------
+
+
+def _saved_logit_elements(fn, vocab: int) -> int:
+    """Elements of the tensors with a vocabulary-sized last dimension that autograd saves while `fn` runs
+    (the ones held until the backward pass)."""
+    saved = []
+
+    def pack(t):
+        if t.dim() and t.shape[-1] == vocab:
+            saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(saved)
+
+
+def test_chunked_logprobs_equal_the_full_logits_values_and_gradients():
+    """`chunked_logprobs` in chunks of 4 tokens (15 tokens: chunks cut across rows, the last one short)
+    against log-softmax of the whole logits: the same log-probs and entropies, the same gradients w.r.t.
+    the hidden states and the LM head, and no vocabulary-sized tensor kept for the backward pass."""
+    from core.stages.rl import chunked_logprobs, entropy_from_logits, gather_logprobs
+
+    torch.manual_seed(0)
+    vocab, width, temperature = 50, 16, 0.7
+    lm_head = torch.nn.Linear(width, vocab)
+    hidden = torch.randn(3, 5, width, requires_grad=True)
+    tokens = torch.randint(vocab, (3, 5))
+    weights = torch.randn(3, 5)  # a loss that weighs every token differently, as advantages do
+
+    def full():
+        logits = lm_head(hidden).float() / temperature
+        return gather_logprobs(logits, tokens), entropy_from_logits(logits.detach())
+
+    results = {}
+    for name, fn in (("full", full),
+                     ("chunked", lambda: chunked_logprobs(hidden, lm_head, tokens, temperature, with_entropy=True,
+                                                          max_chunk_logits=4 * vocab + 7))):
+        (logprobs, entropy), saved = _saved_logit_elements(fn, vocab)
+        hidden.grad = None
+        lm_head.zero_grad()
+        (weights * logprobs).sum().backward()
+        results[name] = (logprobs.detach(), entropy, hidden.grad.clone(), lm_head.weight.grad.clone(),
+                         lm_head.bias.grad.clone(), saved)
+    full_out, chunked_out = results["full"], results["chunked"]
+    for a, b in zip(full_out[:5], chunked_out[:5]):
+        assert a.shape == b.shape
+        assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert full_out[0].max() < 0 and full_out[1].min() > 0  # real log-probs and entropies
+    assert full_out[5] >= 15 * vocab  # the full path keeps its log-softmax for the backward...
+    assert chunked_out[5] == 0  # ...the chunked one recomputes each chunk's logits instead
+    assert not chunked_out[1].requires_grad  # the entropy is a statistic
+
+
+def test_chunked_logprobs_without_gradients_or_entropy():
+    from core.stages.rl import chunked_logprobs, gather_logprobs
+
+    torch.manual_seed(1)
+    lm_head = torch.nn.Linear(8, 30, bias=False)
+    hidden, tokens = torch.randn(2, 7, 8), torch.randint(30, (2, 7))
+    with torch.no_grad():
+        logprobs, entropy = chunked_logprobs(hidden, lm_head, tokens, 1.3, max_chunk_logits=1)  # a token a chunk
+        expected = gather_logprobs(lm_head(hidden) / 1.3, tokens)
+    assert entropy is None
+    assert_close(logprobs, expected, atol=1e-6, rtol=1e-6)

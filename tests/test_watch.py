@@ -111,7 +111,9 @@ def sample_report() -> dict:
     return {"preset": "quick", "base": model(0.21, 0.80), "sft": model(0.71, 3.0),
             "rm": {"accuracy": 0.86, "accuracy_format": 1.0, "accuracy_correctness": 0.5, "pairs_all": 600,
                    "pairs_format": 500, "pairs_correctness": 100, "heldout_accuracy": 0.86},
-            "ppo": {**model(0.85, 0.89), "kl": 1.3}, "ppo_no_ptx": {**model(0.81, 3.73), "kl": 1.6}}
+            "ppo": {**model(0.85, 0.89), "kl": 1.3, "kl_to_sft": 1.25},
+            "ppo_no_ptx": {**model(0.81, 3.73), "kl": 1.6, "kl_to_sft": 1.5},
+            "timings_s": {"base_eval": 5.0, "sft": 40.0, "rm": 20.0, "ppo": 100.0, "ppo_no_ptx": 90.0}}
 
 
 def write_pipeline_run(store, tmp_path, report: dict, run_id: str = "pipeline-a") -> None:
@@ -133,7 +135,8 @@ def test_results_card_is_the_reports_numbers(store, tmp_path):
         source = report[row["key"]]
         assert (row["gold"], row["correct"], row["format"], row["concise"]) == \
             (source["gold"], source["correct"], source["template"], source["concise"])
-        assert row["held-out pretraining loss"] == source["pretrain_loss"] and row["KL to SFT"] == source.get("kl")
+        assert row["held-out pretraining loss"] == source["pretrain_loss"]
+        assert row["KL to SFT"] == (0.0 if row["key"] == "sft" else source.get("kl_to_sft"))
     assert [m["model"] for m in shown["models"]] == ["Base", "SFT", "PPO-ptx", "PPO without ptx"]
     assert shown["reward_model"] == [
         {"preference": "all pairs", "accuracy": 0.86, "pairs": 600},

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
+from core import results
 from core.data import demo, rollouts
+from core.data.store import Store
 from core.models.loading import load_tokenizer
 from tests.test_pages import db, open_page
 from tests.test_watch import fake_rollout, sample_report, write_pipeline_run
@@ -15,9 +18,28 @@ from tests.test_watch import fake_rollout, sample_report, write_pipeline_run
 ATTACK = '![x](http://evil.example/a.png) <img src="http://evil.example/b.png">'
 
 
+def full_report() -> dict:
+    """sample_report with the alternative third stages, each model with its own correctness, and each gold
+    the labeler's weighted sum of its parts (as gold_eval measures it), so the stacked gold chart must add
+    up to it."""
+    report = sample_report()
+    for i, key in enumerate(("dpo", "grpo", "rloo")):
+        report[key] = {**report["sft"], "kl_to_sft": 0.4 + 0.1 * i, "pretrain_loss": 1.1 + 0.2 * i}
+        report["timings_s"][key] = 60.0 + 10 * i
+    for i, key in enumerate(("base", *results.COMPARED)):
+        report[key]["correct"] = 0.1 * (i + 1)
+        report[key]["gold"] = sum(weight * report[key][part] for part, _, weight in results.GOLD_PARTS)
+    return report
+
+
+def figure(at, key: str) -> dict:
+    """The plotly figure of the chart with this widget key."""
+    return json.loads(next(c for c in at.get("plotly_chart") if c.proto.id.endswith(key)).proto.spec)
+
+
 def test_home_results_card_shows_the_reports_numbers(app, workbench_home, tmp_path):
     store = db(workbench_home)
-    report = sample_report()
+    report = full_report()
     write_pipeline_run(store, tmp_path, report)
     store.create_run("pipeline-a-sft", "sft", {})
     for name in ("pipeline-a-sft-epoch-1", "pipeline-a-sft"):
@@ -27,15 +49,32 @@ def test_home_results_card_shows_the_reports_numbers(app, workbench_home, tmp_pa
     assert not app.exception, app.exception
     metrics = {m.label: m.value for m in app.metric}
     assert metrics["SFT models"] == "1"  # the final model, not its epoch checkpoint
-    assert metrics["Gold: SFT → PPO-ptx"] == "0.85" and metrics["RM held-out accuracy"] == "0.86"
-    assert metrics["KL to SFT (nats/answer)"] == "1.30"
-    table, rm = (d.value for d in app.dataframe)
-    for key, label in (("base", "Base"), ("sft", "SFT"), ("ppo", "PPO-ptx"), ("ppo_no_ptx", "PPO without ptx")):
+    assert metrics["Gold: SFT → PPO-ptx"] == f"{report['ppo']['gold']:.2f}"
+    assert metrics["RM held-out accuracy"] == "0.86"
+    assert metrics["KL to SFT (nats/answer)"] == "1.25"  # the one KL measurement, not PPO's training-time kl
+    # The comparison table: a row per method, each cell the report's number.
+    (table,) = (t.value for t in app.table)
+    labels = dict(results.MODELS)
+    assert list(table.index) == [labels[k] for k in ("base", "sft", "ppo", "ppo_no_ptx", "dpo", "grpo", "rloo")]
+    for key, label in labels.items():
         row = table.loc[label]
         assert (row["gold"], row["correct"], row["format"], row["concise"], row["held-out pretraining loss"]) == (
             report[key]["gold"], report[key]["correct"], report[key]["template"], report[key]["concise"],
             report[key]["pretrain_loss"])
-    assert rm.loc["correctness differs", "accuracy"] == 0.5 and rm.loc["format differs", "accuracy"] == 1.0
+        if key not in ("base", "sft"):
+            assert row["KL to SFT"] == report[key]["kl_to_sft"] and row["wall time (s)"] == report["timings_s"][key]
+            assert row["time vs PPO-ptx"] == report["timings_s"][key] / report["timings_s"]["ppo"]
+    assert table.loc["SFT", "KL to SFT"] == 0.0
+    # The charts have bars with the report's numbers: an empty frame (no traces, no points) fails here.
+    split = figure(app, "results_gold")
+    assert [t["name"] for t in split["data"]] == ["correct", "format", "concise"]
+    for i, (key, label) in enumerate(labels.items()):
+        assert all(t["y"][i] == label for t in split["data"])
+        assert sum(t["x"][i] for t in split["data"]) == pytest.approx(report[key]["gold"])
+    rm = figure(app, "results_rm")["data"][0]
+    assert rm["y"] == ["all pairs", "format differs", "correctness differs"] and rm["x"] == [0.86, 1.0, 0.5]
+    tax = figure(app, "results_tax")["data"][0]
+    assert tax["y"] == list(labels.values()) and tax["x"] == [report[k]["pretrain_loss"] for k in labels]
 
 
 def log_stage(store: Store, run_id: str, stage: str, status: str, metrics: dict[str, list[float]]) -> None:

@@ -27,6 +27,7 @@ navigation = st.navigation([
     st.Page(PAGES / "labeling.py", title="Labeling", icon=":material/groups:"),
     st.Page(PAGES / "train.py", title="Train", icon=":material/model_training:"),
     st.Page(PAGES / "monitor.py", title="Monitor", icon=":material/monitoring:"),
+    st.Page(PAGES / "evaluate.py", title="Evaluate", icon=":material/leaderboard:"),
     st.Page(PAGES / "study.py", title="Study", icon=":material/query_stats:"),
     st.Page(PAGES / "chat.py", title="Chat", icon=":material/chat:"),
 ])

@@ -14,7 +14,7 @@ from pathlib import Path
 import streamlit as st
 
 from core import catalog
-from core.jobs import JobManager
+from core.jobs import JobManager, new_run_id
 from core.stages import STAGES
 from core.paths import data_home
 from core.data.store import Store
@@ -121,6 +121,16 @@ def checkpoint_choices(db: Store, kind: str) -> dict[str, str]:
     choices = {f"{c['name']} (step {c['step']})": c["path"] for c in reversed(finals)}
     choices.update({f"{catalog.training_label(c)} (step {c['step']})": c["path"] for c in reversed(steps)})
     return choices
+
+
+def queue_job(kind: str, config, notice_key: str) -> str:
+    """Submit a background job under a fresh run id, leaving its "Queued" notice in `notice_key` for
+    the page to show after its rerun."""
+    manager = jobs()
+    run_id = new_run_id(kind)
+    manager.submit(kind, config, run_id=run_id, output_dir=manager.runs_dir / run_id)
+    st.session_state[notice_key] = f"Queued **{run_id}**"
+    return run_id
 
 
 def active_job_banner() -> None:

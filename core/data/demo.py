@@ -1,12 +1,13 @@
 """The built-in demo task: tiny instructions with answers a program can check.
 
 Why this domain (see docs/ARCHITECTURE.md, "The demo task"): a 2M-parameter reward model
-cannot learn arithmetic it cannot compute, but it perceives format, clean stopping and
-rambling very well. So the simulated labeler scores correctness first (0.5) and format second
-(0.5: the "The answer is X." template and stopping right after it), the demonstrations are
-partly noisy (some ramble after the answer) so SFT leaves format errors that PPO can win back,
-and the tasks mix ones a small model can check by copying (repeat, reverse, last word) with
-ones it cannot (addition).
+cannot learn arithmetic it cannot compute, but it perceives format, clean stopping, rambling and
+whether an answer copies the prompt's words. So the simulated labeler scores correctness first
+(0.5) and format second (0.5: the "The answer is X." template and stopping right after it), the
+demonstrations are partly noisy (some ramble after the answer) so SFT leaves format errors that
+PPO can win back, and most task kinds are *readable*: their answer can be checked against the
+prompt (copy, order, count, list with commas). One kind needs arithmetic (add): the part of
+gold the reward model cannot see, which the over-optimisation study needs.
 
 Everything is generated deterministically from a seed.
 """
@@ -17,6 +18,7 @@ import math
 import random
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 PROMPT_TEMPLATE = "User: {prompt}\nAssistant:"
 ANSWER_TEMPLATE = "The answer is {answer}."
@@ -54,24 +56,64 @@ class Task:
     answer: str
 
 
+def _words(rng: random.Random, low: int, high: int) -> tuple[str]:
+    return (" ".join(rng.sample(WORDS, rng.randint(low, high))),)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of instruction: how its prompt is drawn, read back and answered. `readable`: a wrong
+    answer can be seen by comparing it with the prompt (copy, order, count, format); otherwise seeing
+    it needs arithmetic, which a tiny reward model cannot do (docs/ARCHITECTURE.md, "The demo task")."""
+
+    name: str
+    template: str  # the prompt, with the arguments as {0}, {1}
+    pattern: str  # reads the arguments back from a prompt
+    draw: Callable[[random.Random], tuple]
+    solve: Callable[..., str]  # the answer from the arguments (as strings)
+    readable: bool
+
+
+_LIST = r"(\w+(?: \w+)*)"
+KINDS = (
+    Kind("repeat", "Repeat the word {0} {1} times.", r"Repeat the word (\w+) (\d+) times\.",
+         lambda rng: (rng.choice(WORDS), rng.randint(2, 4)), lambda w, n: " ".join([w] * int(n)), True),
+    Kind("reverse", "Reverse the words: {0}.", rf"Reverse the words: {_LIST}\.", lambda rng: _words(rng, 3, 3),
+         lambda ws: " ".join(reversed(ws.split())), True),
+    Kind("copy", "Copy the words: {0}.", rf"Copy the words: {_LIST}\.", lambda rng: _words(rng, 2, 3),
+         lambda ws: ws, True),
+    Kind("first", "What is the first word of: {0}?", rf"What is the first word of: {_LIST}\?",
+         lambda rng: _words(rng, 3, 4), lambda ws: ws.split()[0], True),
+    Kind("last", "What is the last word of: {0}?", rf"What is the last word of: {_LIST}\?",
+         lambda rng: _words(rng, 3, 4), lambda ws: ws.split()[-1], True),
+    Kind("second", "What is the second word of: {0}?", rf"What is the second word of: {_LIST}\?",
+         lambda rng: _words(rng, 3, 4), lambda ws: ws.split()[1], True),
+    Kind("commas", "List the words {0} with commas.", rf"List the words {_LIST} with commas\.",
+         lambda rng: _words(rng, 2, 4), lambda ws: ", ".join(ws.split()), True),
+    Kind("dashes", "Join the words {0} with dashes.", rf"Join the words {_LIST} with dashes\.",
+         lambda rng: _words(rng, 2, 3), lambda ws: "-".join(ws.split()), True),
+    Kind("count", "How many words are in: {0}?", rf"How many words are in: {_LIST}\?",
+         lambda rng: _words(rng, 2, 5), lambda ws: str(len(ws.split())), True),
+    # The component the reward model cannot see: checking the answer needs arithmetic. One kind in
+    # ten: wrong sums make many more ranked pairs per prompt than the readable kinds do.
+    Kind("add", "What is {0} plus {1}?", r"What is (\d+) plus (\d+)\?",
+         lambda rng: (rng.randrange(10), rng.randrange(10)), lambda a, b: str(int(a) + int(b)), False),
+)
+
+
+def task_kind(prompt: str) -> tuple[Kind, tuple[str, ...]] | None:
+    """The kind of a demo prompt and its arguments; None for a prompt outside the demo task."""
+    for kind in KINDS:
+        m = re.fullmatch(kind.pattern, prompt.strip())
+        if m:
+            return kind, m.groups()
+    return None
+
+
 def _make_task(rng: random.Random) -> Task:
-    kind = rng.choice(("add", "next", "larger", "repeat", "reverse", "last"))
-    if kind == "add":
-        a, b = rng.randrange(10), rng.randrange(10)
-        return Task(kind, f"What is {a} plus {b}?", str(a + b))
-    if kind == "next":
-        n = rng.randrange(99)
-        return Task(kind, f"What number comes after {n}?", str(n + 1))
-    if kind == "larger":
-        a, b = rng.sample(range(100), 2)
-        return Task(kind, f"Which is larger, {a} or {b}?", str(max(a, b)))
-    if kind == "repeat":
-        w, n = rng.choice(WORDS), rng.randint(2, 4)
-        return Task(kind, f"Repeat the word {w} {n} times.", " ".join([w] * n))
-    words = rng.sample(WORDS, 3)
-    if kind == "reverse":
-        return Task(kind, f"Reverse the words: {' '.join(words)}.", " ".join(reversed(words)))
-    return Task(kind, f"What is the last word of: {' '.join(words)}?", words[-1])
+    kind = rng.choice(KINDS)
+    args = kind.draw(rng)
+    return Task(kind.name, kind.template.format(*args), kind.solve(*(str(a) for a in args)))
 
 
 def tasks(n: int, seed: int) -> list[Task]:
@@ -128,19 +170,8 @@ def demonstrations(tasks_: list[Task], ramble_rate: float = 0.4, seed: int = 3) 
 
 def expected_answer(prompt: str) -> str | None:
     """Recompute the answer from a demo prompt; None for a prompt outside the demo task."""
-    patterns = (
-        (r"What is (\d+) plus (\d+)\?", lambda m: str(int(m[1]) + int(m[2]))),
-        (r"What number comes after (\d+)\?", lambda m: str(int(m[1]) + 1)),
-        (r"Which is larger, (\d+) or (\d+)\?", lambda m: str(max(int(m[1]), int(m[2])))),
-        (r"Repeat the word (\w+) (\d+) times\.", lambda m: " ".join([m[1]] * int(m[2]))),
-        (r"Reverse the words: (\w+) (\w+) (\w+)\.", lambda m: f"{m[3]} {m[2]} {m[1]}"),
-        (r"What is the last word of: (\w+) (\w+) (\w+)\?", lambda m: m[3]),
-    )
-    for pattern, answer in patterns:
-        m = re.fullmatch(pattern, prompt.strip())
-        if m:
-            return answer(m)
-    return None
+    found = task_kind(prompt)
+    return found[0].solve(*found[1]) if found else None
 
 
 def is_demo_task(prompts) -> bool:
@@ -188,9 +219,13 @@ def gold_score(prompt: str, response: str) -> float:
 
 
 def preference_kind(prompt: str, better: str, worse: str) -> str:
-    """Why one answer beats another: 'correctness' if they differ in it, else 'format'."""
-    a, b = gold_parts(prompt, better), gold_parts(prompt, worse)
-    return "correctness" if a.correct != b.correct else "format"
+    """Why one answer beats another: 'format' when both are equally correct; otherwise 'correctness'
+    when the wrong answer can be seen against the prompt (a readable kind), 'arithmetic' when seeing
+    it needs arithmetic: the part of the labeler's preferences the reward model cannot learn."""
+    if gold_parts(prompt, better).correct == gold_parts(prompt, worse).correct:
+        return "format"
+    found = task_kind(prompt)
+    return "correctness" if found is not None and found[0].readable else "arithmetic"
 
 
 def rank(
@@ -232,6 +267,32 @@ def synthetic_rankings(n: int, k: int) -> list[dict]:
     return out
 
 
+# The corpus is the one the bundled model (assets/) was pretrained on, drawn exactly as then: facts
+# and loose dialogues of the first demo's six instruction kinds (add, next number, larger of two,
+# repeat, reverse, last word). Changing a draw here changes every document after it, so the bundled
+# base and its held-out pretraining loss (the alignment tax) would no longer match until
+# `rlhf pretrain-demo` is run again (docs/ARCHITECTURE.md, "The demo task").
+def _corpus_task(rng: random.Random) -> tuple[str, str, str]:
+    """(kind, prompt, answer) of one of the corpus' instruction kinds."""
+    kind = rng.choice(("add", "next", "larger", "repeat", "reverse", "last"))
+    if kind == "add":
+        a, b = rng.randrange(10), rng.randrange(10)
+        return kind, f"What is {a} plus {b}?", str(a + b)
+    if kind == "next":
+        n = rng.randrange(99)
+        return kind, f"What number comes after {n}?", str(n + 1)
+    if kind == "larger":
+        a, b = rng.sample(range(100), 2)
+        return kind, f"Which is larger, {a} or {b}?", str(max(a, b))
+    if kind == "repeat":
+        w, n = rng.choice(WORDS), rng.randint(2, 4)
+        return kind, f"Repeat the word {w} {n} times.", " ".join([w] * n)
+    words = rng.sample(WORDS, 3)
+    if kind == "reverse":
+        return kind, f"Reverse the words: {' '.join(words)}.", " ".join(reversed(words))
+    return kind, f"What is the last word of: {' '.join(words)}?", words[-1]
+
+
 def _fact(rng: random.Random) -> str:
     kind = rng.randrange(6)
     if kind == 0:
@@ -254,17 +315,17 @@ def _fact(rng: random.Random) -> str:
 
 def _dialogue(rng: random.Random) -> str:
     """A loosely formatted exchange: the base model learns the chat shape, not the house style."""
-    task = _make_task(rng)
+    _, prompt, answer = _corpus_task(rng)
     style = rng.randrange(4)
     if style == 0:
-        answer = task.answer
+        reply = answer
     elif style == 1:
-        answer = f"It is {task.answer}, I think."
+        reply = f"It is {answer}, I think."
     elif style == 2:
-        answer = ANSWER_TEMPLATE.format(answer=task.answer) + " " + " ".join(rng.sample(RAMBLES, 2))
+        reply = ANSWER_TEMPLATE.format(answer=answer) + " " + " ".join(rng.sample(RAMBLES, 2))
     else:
-        answer = " ".join(rng.sample(RAMBLES, 2))
-    return format_prompt(task.prompt) + " " + answer
+        reply = " ".join(rng.sample(RAMBLES, 2))
+    return format_prompt(prompt) + " " + reply
 
 
 def pretraining_corpus(n_documents: int = 20000, seed: int = 0) -> list[str]:

@@ -19,10 +19,10 @@ import math
 
 from core.data import demo
 from core.data.store import Store
+from core.token_kl import token_text
 
 SAMPLES_PER_STEP = 8
 MAX_STEPS = 200
-EOS_TEXT = "⟨eos⟩"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollout_steps (
@@ -81,11 +81,6 @@ class RolloutRecorder:
         if self.store is not None:
             ensure_schema(self.store)
 
-    def _token_text(self, token_id: int) -> str:
-        if token_id == self.tokenizer.eos_token_id:
-            return EOS_TEXT
-        return self.tokenizer.decode([token_id])
-
     def record(self, step: int, prompts: list[str], rollout) -> None:
         """`rollout` is ppo.Rollout: response_ids, response_mask, logprobs, ref_logprobs, rm_scores, texts."""
         if self.store is None or not recorded(step, self.num_steps, self.max_steps):
@@ -99,7 +94,7 @@ class RolloutRecorder:
         rows = []
         for i in range(n):
             length = int(mask[i].sum())
-            tokens = [[self._token_text(t), round(k, 5)] for t, k in zip(ids[i][:length], kl[i][:length])]
+            tokens = [[token_text(self.tokenizer, t), round(k, 5)] for t, k in zip(ids[i][:length], kl[i][:length])]
             prompt, text = prompts[i], rollout.texts[i]
             gold = demo.gold_score(prompt, text) if demo.expected_answer(prompt) is not None else None
             rows.append((self.run_id, step, i, prompt, text, rewards[i], gold, sum(k for _, k in tokens), length,

@@ -413,7 +413,8 @@ class Store:
                 (status, error, time.time(), run_id),
             )
 
-    def start_run(self, run_id: str, stage: str, config_dict: dict, output_dir: str | None) -> None:
+    def start_run(self, run_id: str, stage: str, config_dict: dict, output_dir: str | None,
+                  handover_from: int | None = None) -> None:
         """Create the run, or take over the same run again (a resume in place: same name, same curves).
 
         Taking over is refused for a run another live process is writing, or one whose config differs
@@ -433,13 +434,15 @@ class Store:
         if output_dir and run["output_dir"] and os.path.abspath(run["output_dir"]) != os.path.abspath(output_dir):
             raise ValueError(f"run {run_id!r} writes to {run['output_dir']}; resume it with that output directory "
                              "or pick another name")
-        self.claim_run(run_id)
+        self.claim_run(run_id, handover_from=handover_from)
 
-    def claim_run(self, run_id: str, status: str = "running") -> None:
+    def claim_run(self, run_id: str, status: str = "running", handover_from: int | None = None) -> None:
         """This process takes over a run (a resume): it becomes the owner whose heartbeat keeps the
-        run live. Refused while another live process owns it: two writers on one output directory."""
+        run live. Refused while another live process owns it: two writers on one output directory.
+        `handover_from`: the pid of the job manager that launched this process for this run."""
         run = self.get_run(run_id)
-        if run["status"] in ACTIVE_STATUSES and run["owner_pid"] != os.getpid() and self.owner_alive(run):
+        if (run["status"] in ACTIVE_STATUSES and run["owner_pid"] not in (os.getpid(), handover_from)
+                and self.owner_alive(run)):
             raise ValueError(f"run {run_id!r} is {run['status']} in another live process (pid {run['owner_pid']}); "
                              "stop it there first")
         now = time.time()

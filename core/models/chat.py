@@ -46,6 +46,13 @@ def template_of(tokenizer) -> str:
     return getattr(tokenizer, "chat_template", None) or PLAIN_CHAT_TEMPLATE
 
 
+def holds_conversations(tokenizer) -> bool:
+    """Does the model carry a chat template of its own? Then it reads earlier turns as a conversation
+    (the Chat page sends them all); under the plain template (the demo's models, trained on single
+    questions) each message is answered on its own."""
+    return template_of(tokenizer) != PLAIN_CHAT_TEMPLATE
+
+
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     try:
         return tokenizer.apply_chat_template(messages, chat_template=template_of(tokenizer), tokenize=False,

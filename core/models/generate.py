@@ -110,9 +110,10 @@ def decode_answer(tokenizer, ids: list[int], eos_id: int) -> str:
 
 
 def stream(model, tokenizer, prompt: str | list[dict], max_new_tokens: int = 64, temperature: float = 1.0,
-           top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:
+           top_p: float = 1.0, seed: int | None = None, sampled: list[int] | None = None) -> Iterator[str]:
     """Yield the answer's text as it grows, token by token (the Chat page); `prompt` is one user turn
-    or a whole conversation."""
+    or a whole conversation. `sampled`, when given, receives the answer's token ids, EOS included when
+    it stopped (the Chat page's token view scores those very tokens, as PPO scores its rollouts)."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [prompt], device=device)
     model.eval()
@@ -121,6 +122,8 @@ def stream(model, tokenizer, prompt: str | list[dict], max_new_tokens: int = 64,
     shown = ""
     for token in _decode_steps(model, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, eos,
                                tokenizer.pad_token_id, _generator(seed, device)):
+        if sampled is not None:
+            sampled.append(int(token[0]))
         if int(token[0]) == eos:
             return
         ids.append(int(token[0]))

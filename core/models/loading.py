@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.activations import ACT2FN, NewGELUActivation
 
 from core.models.chat import template_of
 from core.models.lora import (
@@ -189,6 +190,18 @@ def load_scalar_model(
     return model.to(device.torch)
 
 
+def fuse_gelu(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap GPT-2's "gelu_new" (written out as ~6 elementwise ops, each with its own backward) for
+    torch's tanh-approximate GELU: the same function (max difference ~1e-7) in one fused kernel.
+    Profiling the PPO update on CPU put those elementwise ops at ~30% of the time; an SFT step
+    runs ~20% faster with the swap (benchmarks/RESULTS.md, CPU section)."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
+    return model
+
+
 def token_scores(model: PreTrainedModel, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
     """Scalar head applied at every position: shape (batch, seq).
 
@@ -197,14 +210,30 @@ def token_scores(model: PreTrainedModel, input_ids, attention_mask, position_ids
     Left-padded batches (PPO rollouts) pass `position_ids` so each row's positions start at 0,
     as they did when the reward model was trained.
     """
-    if isinstance(model, AdapterOff):  # PPO's reward model under LoRA: the value model without its adapter
+    with hf_model(model) as model:
+        return model.score(last_hidden_state(model, input_ids, attention_mask, position_ids)).squeeze(-1) \
+            + reward_bias(model)
+
+
+@contextmanager
+def hf_model(model):
+    """The plain HF model (backbone + head) that `model` runs, for code that calls its backbone and head
+    apart: the model itself; under LoRA the HF model inside PEFT's wrapper (its layers carry the adapter;
+    PEFT's own wrappers shadow names like `model` that the backbone lookup needs); for `AdapterOff`
+    (PPO's reference policy or reward model under LoRA) that model with the adapter off while the block runs."""
+    if isinstance(model, AdapterOff):
         with model.peft_model.disable_adapter():
-            return token_scores(model.peft_model, input_ids, attention_mask, position_ids)
-    if is_lora(model):  # the HF model inside (its layers carry the adapter): PEFT's own wrappers
-        model = model.get_base_model()  # shadow names like `model` that the backbone lookup needs
+            yield model.peft_model.get_base_model()
+    else:
+        yield model.get_base_model() if is_lora(model) else model
+
+
+def last_hidden_state(model: PreTrainedModel, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    """The backbone's final hidden states (after its last norm), the input of the LM or score head. One pass
+    over the whole sequence: no KV cache is kept (it would hold every layer's keys and values to the end)."""
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    return model.score(hidden).squeeze(-1) + reward_bias(model)
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False).last_hidden_state
 
 
 def reward_bias(model: PreTrainedModel) -> float:

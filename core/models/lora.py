@@ -59,22 +59,28 @@ def prepare_for_training(model, config, task: str, resume_from: str | Path | Non
         model.config.use_cache = False
     if not config.lora:
         return model
-    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+    from peft import PeftModel, get_peft_model
 
     if resume_from is not None:
         model = PeftModel.from_pretrained(model, safetensors_adapter(resume_from), is_trainable=True)
         _apply_overrides(model, resume_from)
         return model
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=_targets(config.lora_target_modules),
-                      task_type=TaskType.CAUSAL_LM if task == "causal" else TaskType.SEQ_CLS)
     try:
-        return get_peft_model(model, lora)
+        return get_peft_model(model, lora_config(config, task))
     except ValueError as exc:  # PEFT's "Target modules {...} not found in the base model"
         linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                          if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"})
         raise ValueError(f"lora_target_modules {config.lora_target_modules!r} matches no layer of this "
                          f"{model.config.model_type} model; its linear layers are: {', '.join(linear)}") from exc
+
+
+def lora_config(config, task: str):
+    """PEFT's LoraConfig from a stage config's lora_* fields (also handed to TRL's trainers as `peft_config`)."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=_targets(config.lora_target_modules),
+                      task_type=TaskType.CAUSAL_LM if task == "causal" else TaskType.SEQ_CLS)
 
 
 def safetensors_adapter(path: str | Path) -> str:

@@ -25,12 +25,13 @@ What it counts, and where each number comes from:
   checks the formula against the hooks). With attention dropout on CPU, SDPA falls back to the math
   path, which stores the attention probabilities (the `5as/h` term). Gradient checkpointing keeps
   one hidden state per layer and recomputes one layer at a time in the backward pass.
-- **Logits**, in fp32 (our code upcasts: `core/stages/rl.response_logits`; HF's causal-LM loss upcasts
+- **Logits**, in fp32 (our code upcasts: `core/stages/rl.chunked_logprobs`; HF's causal-LM loss upcasts
   too): the tensors alive at the start of the backward pass (log-softmax output, its gradient and
-  the logits' gradient; PPO also keeps the tempered logits for the entropy).
+  the logits' gradient). PPO's log-probs and entropies (update and scoring) run the LM head in chunks
+  of at most `MAX_CHUNK_LOGITS` logits, recomputed in the backward pass: one chunk's copies, not the batch's.
 - **The rollout** (PPO): the KV cache, batch x (prompt + response) x layers x 2 x kv_heads x head_dim
   in the weights' dtype (sampling runs without autocast), plus the prefill's logits; or the scoring
-  pass's logits over the whole batch, whichever is larger.
+  pass's logits of one chunk, whichever is larger.
 - **Peak** = what persists through a step (weights, optimizer, EMA) + the largest phase: the update
   (activations + logits (+ autocast's bf16 weight copies on CUDA)), the optimizer step (gradients,
   which are freed before each backward pass, + AdamW's foreach temporaries), or PPO's rollout.
@@ -52,6 +53,7 @@ PLANNED_STAGES = ("sft", "rm", "ppo")
 # Mirrors of constants in the stages (not imported: that would import the whole stage).
 PTX_BLOCK_SIZE = 128  # core/stages/ppo.PTX_BLOCK_SIZE: tokens per pretraining block
 MAX_PROMPT_TOKENS = 96  # core/models/generate.encode_prompts: prompts keep at most this many tokens
+MAX_CHUNK_LOGITS = 2**26  # core/stages/rl.MAX_CHUNK_LOGITS: the most logits PPO's log-prob chunks hold
 # core/stages/ppo.load_models: on CUDA without LoRA, the frozen reference and reward model load in
 # bf16 (on CPU in fp32). `plan(..., frozen_bf16=...)` overrides it to see what either choice costs.
 PPO_FROZEN_BF16_ON_CUDA = True
@@ -451,10 +453,15 @@ def activation_bytes(net: _Net, tokens: int, seq: int, device: str, checkpointin
 
 
 # Logits alive at the start of the backward pass, in fp32 copies of tokens x vocab: the log-softmax
-# output (saved), its gradient and the logits' gradient; PPO's policy also keeps the tempered logits
-# for the entropy statistic (`ppo_update`'s `logits`).
+# output (saved), its gradient and the logits' gradient. PPO's policy holds, for one chunk at a time,
+# the recomputed logits, their log-softmax and the two gradients (`core/stages/rl.chunked_logprobs`).
 LOSS_LOGIT_COPIES = 3
 PPO_LOGIT_COPIES = 4
+
+
+def chunk_tokens(tokens: int, vocab: int) -> int:
+    """Tokens whose logits PPO holds at once: a chunk of `core/stages/rl.chunked_logprobs`, or all of them."""
+    return min(tokens, max(1, MAX_CHUNK_LOGITS // vocab))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,9 +577,10 @@ def _plan_ppo(config, budget: DeviceBudget, prompt_length: int, frozen_bf16: boo
     parts.append(Part("policy", "activations", activation_bytes(policy, minibatch * seq, seq, **kw), "update",
                       f"minibatch {minibatch} x (prompt {prompt_length} + response {config.response_length})"
                       + (", gradient checkpointing" if gc else "")))
-    parts.append(Part("policy", "logits", PPO_LOGIT_COPIES * minibatch * config.response_length * policy.arch.vocab * 4,
-                      "update", f"fp32, {PPO_LOGIT_COPIES} copies of {minibatch} x {config.response_length} x vocab "
-                                f"{policy.arch.vocab:,}"))
+    chunk = chunk_tokens(minibatch * config.response_length, policy.arch.vocab)
+    parts.append(Part("policy", "logits", PPO_LOGIT_COPIES * chunk * policy.arch.vocab * 4, "update",
+                      f"fp32, {PPO_LOGIT_COPIES} copies of a chunk of {chunk} of the {minibatch} x "
+                      f"{config.response_length} response tokens x vocab {policy.arch.vocab:,}"))
     if ptx:
         ptx_tokens = config.ptx_batch_size * PTX_BLOCK_SIZE
         parts.append(Part("policy", "ptx_activations", activation_bytes(policy, ptx_tokens, PTX_BLOCK_SIZE, **kw),
@@ -588,7 +596,8 @@ def _plan_ppo(config, budget: DeviceBudget, prompt_length: int, frozen_bf16: boo
     arch = policy.arch
     kv = config.batch_size * seq * arch.layers * 2 * arch.kv_heads * arch.head_dim * arch.weight_bytes
     prefill = config.batch_size * prompt_length * arch.vocab * arch.weight_bytes
-    scoring = 3 * config.batch_size * (config.response_length + 1) * arch.vocab * 4
+    scoring_chunk = chunk_tokens(config.batch_size * config.response_length, arch.vocab)
+    scoring = 3 * scoring_chunk * arch.vocab * 4
     if kv + prefill >= scoring:
         parts.append(Part("rollout", "kv_cache", kv, "rollout",
                           f"{config.batch_size} x {seq} tokens x {arch.layers} layers x 2 x {arch.kv_heads} kv heads "
@@ -596,7 +605,7 @@ def _plan_ppo(config, budget: DeviceBudget, prompt_length: int, frozen_bf16: boo
         parts.append(Part("rollout", "prefill_logits", prefill, "rollout", "the prompt's logits at the first step"))
     else:
         parts.append(Part("rollout", "scoring_logits", scoring, "rollout",
-                          f"fp32 logits of the whole batch ({config.batch_size}) while scoring"))
+                          f"fp32 logits of a chunk of {scoring_chunk} tokens while scoring"))
     return Plan("ppo", budget, parts, networks, {
         "prompt_length": prompt_length, "sequence": seq, "minibatch": minibatch,
         "frozen_bf16": bool(frozen_bf16), "lora_shares_base": lora})

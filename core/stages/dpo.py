@@ -26,6 +26,7 @@ from core.config import DPOConfig
 from core.data import demo
 from core.data.sources import Ranking, load_rankings
 from core.data.store import Store
+from core.evaluate import all_demo
 from core.events import Events
 from core.models.loading import Device, load_policy, load_tokenizer, pick_device, resolve_model
 from core.stages import trl_bridge
@@ -98,21 +99,14 @@ def implicit_rewards(policy, reference, tokenizer, pairs: list[dict], beta: floa
     return {"margin": float(margin.mean()), "accuracy": float((margin > 0).float().mean())}
 
 
-def run(config: DPOConfig, store: Store | None, events: Events, output_dir: str | Path) -> Path:
-    """Train the policy with DPO from `config.sft_model`. Returns `output_dir` (the final policy, an HF
-    directory), or the stop step's checkpoint when stopped. Re-running with the same `output_dir` resumes."""
-    output_dir = Path(output_dir)
-    tokenizer, rankings = check_inputs(config, store)
+def make_trainer(config: DPOConfig, pairs: list[dict], tokenizer, device: Device, events: Events, output_dir: Path):
+    """(TRL's DPOTrainer for a workbench run, our callback): policy and reference start at the SFT model."""
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    trl_bridge.quiet()
-    device = pick_device(config.device)
-    torch.manual_seed(config.seed)
-    pairs = trl_bridge.data_once(output_dir, lambda: gather_pairs(config, rankings, tokenizer, device, events))
-    events.log(f"DPO: {len(pairs)} preference pairs")
     policy = load_policy(config.sft_model, device, dropout=0.0)
-    reference = load_policy(config.sft_model, device, dropout=0.0)
+    # Under LoRA the reference is the policy with its adapter off (TRL's PEFT path): no second copy.
+    reference = None if config.lora else load_policy(config.sft_model, device, dropout=0.0)
     args = trl_bridge.training_args(
         TRLDPOConfig, config, output_dir, device, num_train_epochs=config.epochs,
         max_steps=config.max_steps or -1, per_device_train_batch_size=config.batch_size,
@@ -120,8 +114,23 @@ def run(config: DPOConfig, store: Store | None, events: Events, output_dir: str 
         label_smoothing=config.label_smoothing, max_length=config.max_length,
     )
     callback = trl_bridge.make_callback("dpo", "dpo", events, trl_bridge.DPO_METRICS)
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=trl_bridge.dataset(pairs, drop=("raw_prompt",)),
-                         processing_class=tokenizer, callbacks=[callback])
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args,
+                         train_dataset=trl_bridge.dataset(pairs, drop=("raw_prompt",)), processing_class=tokenizer,
+                         callbacks=[callback], peft_config=trl_bridge.peft_config(config))
+    return trainer, callback
+
+
+def run(config: DPOConfig, store: Store | None, events: Events, output_dir: str | Path) -> Path:
+    """Train the policy with DPO from `config.sft_model`. Returns `output_dir` (the final policy, an HF
+    directory), or the stop step's checkpoint when stopped. Re-running with the same `output_dir` resumes."""
+    output_dir = Path(output_dir)
+    tokenizer, rankings = check_inputs(config, store)
+    trl_bridge.quiet()
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    pairs = trl_bridge.data_once(output_dir, lambda: gather_pairs(config, rankings, tokenizer, device, events))
+    events.log(f"DPO: {len(pairs)} preference pairs")
+    trainer, callback = make_trainer(config, pairs, tokenizer, device, events, output_dir)
     trl_bridge.train(trainer, callback, output_dir, events, "DPO")
 
     summary: dict = {"pairs": len(pairs)}
@@ -133,7 +142,7 @@ def run(config: DPOConfig, store: Store | None, events: Events, output_dir: str 
         summary.update(train_pair_accuracy=implicit["accuracy"], train_pair_margin=implicit["margin"])
     evaluate = None
     # Gold applies on the demo's prompts, also through the store or a file (the RM stage's rankings).
-    if config.data == "demo" or trl_bridge.all_demo([p["raw_prompt"] for p in pairs]):
+    if config.data == "demo" or all_demo([p["raw_prompt"] for p in pairs]):
         evaluate = dict(n_prompts=config.eval_prompts, temperature=config.eval_temperature, max_new_tokens=24)
     return trl_bridge.finish(trainer, callback, "dpo", "dpo", config, tokenizer, events, output_dir, summary, evaluate)
 

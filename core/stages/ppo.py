@@ -28,23 +28,25 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers.activations import ACT2FN, NewGELUActivation
 
 from core.config import PPOConfig
 from core.data import demo
 from core.data.rollouts import RolloutRecorder
 from core.data.sources import load_prompts, load_ptx_texts
 from core.data.store import Store
+from core.distributed import Distributed
 from core.evaluate import gold_eval
 from core.events import Events
+from core.launch import global_batch_sizes
 from core.models.generate import Samples, encode_prompts, sample
 from core.models.loading import (
     Device,
     check_same_tokenizer,
+    fuse_gelu,
     load_policy,
     load_scalar_model,
     load_tokenizer,
@@ -55,16 +57,16 @@ from core.models.loading import (
 )
 from core.models.lora import AdapterOff, prepare_for_training
 from core.models.pretrain import heldout_lm_loss, lm_loss, pack
+from core.stages import optim
 from core.stages.resume import checkpoint_path, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from core.stages.rl import (
+    AllReduceSum,
     PromptSampler,
-    entropy_from_logits,
-    gather_logprobs,
     k3,
     kl_penalty,
     masked_mean,
     positions_from_mask,
-    response_logits,
+    response_logprobs,
     whiten,
 )
 
@@ -80,7 +82,9 @@ PTX_BLOCK_SIZE = 128  # tokens per pretraining block, as for the held-out pretra
 
 @dataclass
 class PPOModels:
-    """policy (trained), reference_policy (frozen SFT), value_model (trained), reward_model (frozen)."""
+    """policy (trained), reference_policy (frozen SFT), value_model (trained), reward_model (frozen).
+    `trained`: policy and value model as one module (`PolicyAndValue`), which the update's forwards run
+    through; under several processes (`dist`) its prepared (DDP) wrapper."""
 
     policy: torch.nn.Module
     reference_policy: torch.nn.Module
@@ -89,10 +93,30 @@ class PPOModels:
     tokenizer: object
     optimizer: torch.optim.Optimizer
     device: Device
+    trained: torch.nn.Module
+    dist: Distributed = field(default_factory=Distributed)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Every weight of policy and value, or only their adapters (and the value head) under LoRA."""
         return [p for m in (self.policy, self.value_model) for p in m.parameters() if p.requires_grad]
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The two trained networks in one forward: (response log-probs, entropies, V at every position). accelerate
+    prepares one module with the one optimizer, and DDP averages the gradients of each backward only
+    after a forward of the module it wraps: one such forward per optimisation step covers both networks
+    (the ptx term, computed on the plain policy in the same graph, is averaged with them;
+    docs/ARCHITECTURE.md, "Several processes")."""
+
+    def __init__(self, policy: torch.nn.Module, value_model: torch.nn.Module):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, prompt_len: int,
+                temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logprobs, entropy = response_logprobs(self.policy, ids, mask, positions, prompt_len, temperature,
+                                              with_entropy=True)
+        return logprobs, entropy, token_scores(self.value_model, ids, mask, positions)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -105,18 +129,7 @@ def make_optimizer(policy, value_model, learning_rate: float) -> torch.optim.Opt
     # One AdamW over policy and value (the loss is pg + vf_coef * vf); eps=1e-5 is the PPO
     # implementation detail from openai/baselines (CleanRL detail #3), not PyTorch's 1e-8.
     params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=learning_rate, eps=1e-5, weight_decay=0.0, foreach=True)
-
-
-def fuse_gelu(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap GPT-2's "gelu_new" (written out as ~6 elementwise ops, each with its own backward) for
-    torch's tanh-approximate GELU: the same function (max difference ~1e-7) in one fused kernel.
-    Profiling the PPO update on CPU put those elementwise ops at ~30% of the time."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, NewGELUActivation):
-                setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
-    return model
+    return optim.adamw(params, learning_rate, eps=1e-5, weight_decay=0.0)
 
 
 def assemble(policy, reference_policy, value_model, reward_model, tokenizer, config: PPOConfig,
@@ -134,7 +147,8 @@ def assemble(policy, reference_policy, value_model, reward_model, tokenizer, con
     freeze(reference_policy)
     freeze(reward_model)
     return PPOModels(policy, reference_policy, value_model, reward_model, tokenizer,
-                     make_optimizer(policy, value_model, config.learning_rate), device)
+                     make_optimizer(policy, value_model, config.learning_rate), device,
+                     PolicyAndValue(policy, value_model))
 
 
 def load_models(config: PPOConfig, tokenizer, device: Device, policy_from: str | Path | None = None) -> PPOModels:
@@ -144,7 +158,7 @@ def load_models(config: PPOConfig, tokenizer, device: Device, policy_from: str |
     With LoRA (`lora_r > 0`) two base networks serve all four: the reference policy is the policy
     with its adapter off, the reward model is the value model with its adapter off (and the RM's
     own head). Without LoRA the frozen networks load in bf16 on a GPU (their matmuls run in bf16
-    under autocast anyway), halving their memory; log-prob arithmetic stays fp32 (`response_logits`)."""
+    under autocast anyway), halving their memory; log-prob arithmetic stays fp32 (`response_logprobs`)."""
     pad = tokenizer.pad_token_id
     if config.lora:
         policy = prepare_for_training(load_policy(config.sft_model, device, dropout=0.0), config, "causal",
@@ -186,9 +200,9 @@ class Rollout:
     response_mask: torch.Tensor  # (B, T) float: 1 up to and including EOS
     finished: torch.Tensor  # (B,) bool: emitted EOS
     texts: list[str]
-    logprobs: torch.Tensor  # (B, T) log pi_old(y_t), the behaviour policy
+    logprobs: torch.Tensor | None  # (B, T) log pi_old(y_t), the behaviour policy (None until `ppo_step` fills it)
     ref_logprobs: torch.Tensor  # (B, T) log pi_SFT(y_t)
-    values: torch.Tensor  # (B, T) V_old(s_t), the state *before* y_t
+    values: torch.Tensor | None  # (B, T) V_old(s_t), the state *before* y_t (as `logprobs`)
     scores: torch.Tensor  # (B,) RM score at the last response token (minus missing-EOS penalty)
     rm_scores: torch.Tensor  # (B,) raw RM score, for the `reward` metric
 
@@ -200,9 +214,24 @@ def generate_responses(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask:
                   temperature=config.temperature, prompt_ids=prompt_ids, prompt_mask=prompt_mask)
 
 
-@torch.inference_mode()
-def score_responses(models: PPOModels, samples: Samples, config: PPOConfig) -> Rollout:
-    """One batched forward per frozen/old network over prompt+response (teacher forcing)."""
+def policy_value_forward(models: PPOModels, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                         prompt_len: int, config: PPOConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The trained networks over prompt + response: (the policy's log-probs of the response tokens, V(s_t),
+    the policy's entropy at each response position, detached). V(s_t) is read at the position that predicts
+    y_t, like the policy's log-probs."""
+    with models.device.autocast():
+        logprobs, entropy, values = models.trained(ids, mask, positions, prompt_len, config.temperature)
+        values = values[:, prompt_len - 1 : -1].float()
+    return logprobs, values, entropy
+
+
+# no_grad rather than inference_mode: `ppo_step` runs the update's first forward, with gradients, on
+# these tensors, and inference tensors cannot be saved for backward.
+@torch.no_grad()
+def score_responses(models: PPOModels, samples: Samples, config: PPOConfig, old_policy: bool = True) -> Rollout:
+    """One batched forward per frozen network over prompt+response (teacher forcing), and with
+    `old_policy` one of the policy and the value model (pi_old, V_old); without it `logprobs` and
+    `values` stay None for the caller to fill (`ppo_step` takes them from the update's first forward)."""
     prompt_ids, prompt_mask = samples.prompt_ids, samples.prompt_mask
     response_ids = samples.response_ids
     response_mask = samples.response_mask.float()
@@ -210,15 +239,14 @@ def score_responses(models: PPOModels, samples: Samples, config: PPOConfig) -> R
     mask = torch.cat([prompt_mask, samples.response_mask], 1)
     positions = positions_from_mask(mask)
     P = prompt_ids.shape[1]
-    with models.device.autocast():
+    logprobs = values = None
+    if old_policy:
         # pi_old is recomputed here rather than kept from the sampling loop, so old and new
         # log-probs come from the same computation (ratio = 1 at the first minibatch).
-        logprobs = gather_logprobs(response_logits(models.policy, ids, mask, positions, P, config.temperature),
-                                   response_ids)
-        ref_logprobs = gather_logprobs(
-            response_logits(models.reference_policy, ids, mask, positions, P, config.temperature), response_ids)
-        # V(s_t) is read at the position that predicts y_t, like the policy's logits.
-        values = token_scores(models.value_model, ids, mask, positions)[:, P - 1 : -1].float()
+        logprobs, values, _ = policy_value_forward(models, ids, mask, positions, P, config)
+        logprobs, values = logprobs * response_mask, values * response_mask
+    with models.device.autocast():
+        ref_logprobs, _ = response_logprobs(models.reference_policy, ids, mask, positions, P, config.temperature)
         # The RM scores the whole answer at its last response token: the EOS when it stopped,
         # else the last sampled token (the answer was cut at response_length).
         last = (response_mask.sum(1).long() - 1).clamp(min=0)
@@ -229,10 +257,8 @@ def score_responses(models: PPOModels, samples: Samples, config: PPOConfig) -> R
         # Huang et al. detail: answers truncated without EOS are penalised, so the policy learns
         # to stop instead of rambling until the length limit.
         scores = torch.where(samples.finished, scores, scores - config.missing_eos_penalty)
-    values = values * response_mask
-    logprobs, ref_logprobs = logprobs * response_mask, ref_logprobs * response_mask
     return Rollout(ids, mask, positions, P, response_ids, response_mask, samples.finished, samples.texts,
-                   logprobs, ref_logprobs, values, scores, rm_scores)
+                   logprobs, ref_logprobs * response_mask, values, scores, rm_scores)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +267,7 @@ def score_responses(models: PPOModels, samples: Samples, config: PPOConfig) -> R
 
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float,
-                  whiten_rewards: bool = False) -> torch.Tensor:
+                  whiten_rewards: bool = False, all_reduce_sum: AllReduceSum | None = None) -> torch.Tensor:
     """r_t = -beta * KL_t on every response token, plus the RM score on the last one (InstructGPT eq. 2;
     Ziegler et al. 2019 put the KL penalty in the reward rather than in the loss)."""
     rewards = -kl_coef * kl * response_mask
@@ -249,7 +275,7 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.T
     rewards = rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
     if whiten_rewards:
         # Optional (Ziegler et al. normalise the reward); keep the mean so the KL/score balance holds.
-        rewards = whiten(rewards, response_mask, shift_mean=False)
+        rewards = whiten(rewards, response_mask, shift_mean=False, all_reduce_sum=all_reduce_sum)
     return rewards
 
 
@@ -316,9 +342,14 @@ def ptx_loss_fn(policy, blocks: torch.Tensor, device: Device) -> torch.Tensor:
 
 
 def ppo_update(models: PPOModels, batch: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
-               config: PPOConfig, ptx_batches: Iterator[torch.Tensor] | None) -> dict[str, float]:
-    """`ppo_epochs` passes over the rollout in `num_minibatches` shuffled minibatches."""
-    policy, value_model, device = models.policy, models.value_model, models.device
+               config: PPOConfig, ptx_batches: Iterator[torch.Tensor] | None,
+               first_forward: tuple[torch.Tensor, ...] | None = None) -> dict[str, float]:
+    """`ppo_epochs` passes over the rollout in `num_minibatches` shuffled minibatches. `first_forward`:
+    `policy_value_forward` over the whole batch with the rollout's weights, taken as the first
+    minibatch's forward (only with one minibatch: later minibatches see updated weights)."""
+    if first_forward is not None and config.num_minibatches != 1:
+        raise ValueError("first_forward stands for the first minibatch's forward only when it is the whole batch")
+    policy, device = models.policy, models.device
     B, P = batch.ids.shape[0], batch.prompt_len
     minibatch = B // config.num_minibatches
     params = models.trainable_parameters()
@@ -332,10 +363,11 @@ def ppo_update(models: PPOModels, batch: Rollout, advantages: torch.Tensor, retu
             response_mask = batch.response_mask[idx]
             adv, ret = advantages[idx], returns[idx]
             old_logprobs, old_values = batch.logprobs[idx], batch.values[idx]
-            with device.autocast():
-                logits = response_logits(policy, ids, mask, pos, P, config.temperature)
-                new_values = token_scores(value_model, ids, mask, pos)[:, P - 1 : -1].float()
-            new_logprobs = gather_logprobs(logits, batch.response_ids[idx])
+            if first_forward is not None:
+                new_logprobs, new_values, entropy = (t[idx] for t in first_forward)
+                first_forward = None
+            else:
+                new_logprobs, new_values, entropy = policy_value_forward(models, ids, mask, pos, P, config)
 
             policy_loss, ratio = clipped_policy_loss(new_logprobs, old_logprobs, adv, response_mask, config.cliprange)
             value_loss, value_clip_frac = clipped_value_loss(new_values, old_values, ret, response_mask,
@@ -349,8 +381,8 @@ def ppo_update(models: PPOModels, batch: Rollout, advantages: torch.Tensor, retu
                 stats["ptx_loss"].append(ptx_loss.detach())
 
             models.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm, foreach=True)
+            models.dist.backward(loss)  # through accelerate: gradients averaged over the ranks
+            models.dist.clip_grad_norm_(params, config.max_grad_norm)
             models.optimizer.step()
 
             with torch.no_grad():
@@ -361,7 +393,7 @@ def ppo_update(models: PPOModels, batch: Rollout, advantages: torch.Tensor, retu
                 # KL(pi_old || pi_new) by k3 on tokens sampled from pi_old (a value, not a reward): a
                 # health check on the step size.
                 stats["approx_kl"].append(masked_mean(k3(old_logprobs, new_logprobs.detach()), response_mask))
-                stats["entropy"].append(masked_mean(entropy_from_logits(logits.detach()), response_mask))
+                stats["entropy"].append(masked_mean(entropy, response_mask))
     # One device sync for all statistics instead of one per minibatch.
     return {k: float(torch.stack(v).mean()) for k, v in stats.items() if v}
 
@@ -383,25 +415,43 @@ def _sync(device: Device) -> None:
         torch.cuda.synchronize()
 
 
+def reuses_first_forward(config: PPOConfig) -> bool:
+    """With one minibatch the first PPO epoch's forward runs on the rollout's own weights, so its
+    log-probs and values are pi_old and V_old: taken from it, with gradients kept for the update,
+    they save the policy's and the value model's scoring forwards (docs/ARCHITECTURE.md, "Stage 3: PPO-ptx")."""
+    return config.num_minibatches == 1
+
+
 def ppo_step(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config: PPOConfig,
              kl_coef: float, ptx_batches: Iterator[torch.Tensor] | None = None) -> StepResult:
     t0 = time.perf_counter()
-    samples = generate_responses(models, prompt_ids, prompt_mask, config)
+    with models.dist.full_weights(models.policy):
+        samples = generate_responses(models, prompt_ids, prompt_mask, config)
     _sync(models.device)
     t_gen = time.perf_counter()
-    batch = score_responses(models, samples, config)
+    reuse_first_forward = reuses_first_forward(config)
+    batch = score_responses(models, samples, config, old_policy=not reuse_first_forward)
     _sync(models.device)
     t1 = time.perf_counter()
+    first_forward = None
+    if reuse_first_forward:
+        first_forward = policy_value_forward(models, batch.ids, batch.mask, batch.positions, batch.prompt_len, config)
+        batch.logprobs = first_forward[0].detach() * batch.response_mask
+        batch.values = first_forward[1].detach() * batch.response_mask
+    _sync(models.device)
+    t_first = time.perf_counter()
 
     with torch.no_grad():
         kl = kl_penalty(batch.logprobs, batch.ref_logprobs) * batch.response_mask
-        rewards = token_rewards(batch.scores, kl, batch.response_mask, kl_coef, config.whiten_rewards)
+        rewards = token_rewards(batch.scores, kl, batch.response_mask, kl_coef, config.whiten_rewards,
+                                models.dist.all_reduce_sum)
         advantages, returns = gae(rewards, batch.values, batch.response_mask, config.gamma, config.lam)
-        # Advantage whitening over the whole batch (Huang et al. detail; CleanRL normalises per batch).
-        advantages = whiten(advantages, batch.response_mask)
+        # Advantage whitening over the whole batch (Huang et al. detail; CleanRL normalises per batch),
+        # the global batch under several processes.
+        advantages = whiten(advantages, batch.response_mask, all_reduce_sum=models.dist.all_reduce_sum)
     t2 = time.perf_counter()
 
-    update_stats = ppo_update(models, batch, advantages, returns, config, ptx_batches)
+    update_stats = ppo_update(models, batch, advantages, returns, config, ptx_batches, first_forward)
     _sync(models.device)
     t3 = time.perf_counter()
 
@@ -416,7 +466,8 @@ def ppo_step(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
         **update_stats,
         "episodes_per_s": prompt_ids.shape[0] / (t3 - t0),
     }
-    timings = {"generation": t_gen - t0, "scoring": t1 - t_gen, "advantages": t2 - t1, "update": t3 - t2}
+    timings = {"generation": t_gen - t0, "scoring": t1 - t_gen, "advantages": t2 - t_first,
+               "update": t3 - t2 + t_first - t1}
     return StepResult(metrics, batch, timings)
 
 
@@ -487,7 +538,8 @@ def heldout_reward(models: PPOModels, tokenizer, prompts: list[str], config: PPO
     for i in range(0, len(prompts), config.batch_size):
         prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts[i : i + config.batch_size],
                                                  device=models.device.torch)
-        rollout = score_responses(models, generate_responses(models, prompt_ids, prompt_mask, config), config)
+        rollout = score_responses(models, generate_responses(models, prompt_ids, prompt_mask, config), config,
+                                  old_policy=False)  # only the RM score is read
         scores += rollout.rm_scores.tolist()
     models.policy.train()
     return sum(scores) / len(scores)
@@ -519,6 +571,9 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     the last step checkpoint when stopped early. Re-running with the same `output_dir` resumes."""
     output_dir = Path(output_dir)
     tokenizer, prompts, ptx_texts = check_inputs(config, store)
+    dist = events.dist  # one process, or this rank of several (core/distributed.py)
+    for field_name, size in global_batch_sizes("ppo", config):
+        dist.check_divides(size, field_name)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
     resume_from = latest_checkpoint(output_dir, "step")
@@ -545,6 +600,10 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
         sampler.load(training["prompts"])
         kl_ctl.value = state["kl_coef"]
         events.log(f"resuming PPO after step {state['step']} from {resume_from}")
+    # `policy` and `value_model` stay the plain modules (sampling, scoring, saving); the update's
+    # forwards run through the prepared `models.trained`.
+    models.trained, models.optimizer = dist.prepare(models.trained, models.optimizer)
+    models.dist = dist
 
     ema = None
     if config.ema_decay is not None:
@@ -557,23 +616,30 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
         ptx_generator = torch.Generator().manual_seed(config.seed + 1)
         blocks = pack(tokenizer, ptx_texts, PTX_BLOCK_SIZE)
         blocks, heldout_blocks = (blocks, None) if gold_prompts else split_blocks(blocks)
-        # Resume at the same place in the pretraining stream (cheap: it only draws indices).
-        ptx_batches = ptx_batch_stream(blocks, config.ptx_batch_size, ptx_generator,
-                                       skip=state["step"] * opt_steps_per_ppo_step)
+        # Resume at the same place in the pretraining stream (cheap: it only draws indices). Every rank
+        # draws the same global batches and trains on its share of each.
+        ptx_batches = map(dist.shard, ptx_batch_stream(blocks, config.ptx_batch_size, ptx_generator,
+                                                       skip=state["step"] * opt_steps_per_ppo_step))
 
     prefix = events.run_id or "ppo"
-    rollout_log = RolloutRecorder(store, events.run_id, num_steps, tokenizer)
+    rollout_log = RolloutRecorder(store if dist.is_main else None, events.run_id, num_steps, tokenizer)
 
     def checkpoint(step: int) -> Path:
-        path = save_step_checkpoint(models, checkpoint_path(output_dir, "step", step), state, sampler, ema)
-        events.checkpoint(f"{prefix}-step-{step}", "ppo", path, step)
+        state["processes"] = dist.world_size  # a sharded optimizer state resumes only on as many
+        path = checkpoint_path(output_dir, "step", step)
+        with dist.full_weights(policy):
+            if dist.is_main:  # the one checkpoint writer
+                path = save_step_checkpoint(models, path, state, sampler, ema)
+                events.checkpoint(f"{prefix}-step-{step}", "ppo", path, step)
+        dist.barrier()  # every rank returns once the checkpoint is whole
         return path
 
     def evaluate_heldout(step: int) -> float | None:
         if not heldout:
             return None
-        gold = gold_eval(policy, tokenizer, heldout, temperature=config.temperature,
-                         max_new_tokens=config.response_length, seed=config.seed)["gold"]
+        with dist.full_weights(policy):  # every rank evaluates the same prompts with the same seed
+            gold = gold_eval(policy, tokenizer, heldout, temperature=config.temperature,
+                             max_new_tokens=config.response_length, seed=config.seed)["gold"]
         policy.train()
         events.metrics(step, {"heldout_gold": gold})
         return gold
@@ -589,20 +655,23 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
         # a resumed run continues the same schedule).
         for group in models.optimizer.param_groups:
             group["lr"] = config.learning_rate * (1.0 - (step - 1) / num_steps)
-        idx = sampler.next()
-        batch_prompts = [prompts[i] for i in idx]
+        idx = sampler.next()  # the global batch, the same on every rank; each samples its share
+        batch_prompts = [prompts[i] for i in dist.shard(idx)]
         prompt_ids, prompt_mask = encode_prompts(tokenizer, batch_prompts, device=device.torch)
         result = ppo_step(models, prompt_ids, prompt_mask, config, kl_ctl.value, ptx_batches)
         rollout_log.record(step, batch_prompts, result.rollout)  # a bounded sample for the rollout browser
         metrics = result.metrics
         if gold_prompts:
-            metrics["gold"] = sum(demo.gold_score(p, t) for p, t in zip(batch_prompts, result.rollout.texts)) / len(idx)
+            metrics["gold"] = (sum(demo.gold_score(p, t) for p, t in zip(batch_prompts, result.rollout.texts))
+                               / len(batch_prompts))
+        # The global batch's means, for the KL controller (every rank keeps the same kl_coef) and the summary.
+        global_means = dist.reduce_metrics({k: metrics.get(k) for k in ("reward", "kl", "ptx_loss")})
         if config.adaptive_kl:
-            kl_ctl.update(metrics["kl"], config.batch_size)
+            kl_ctl.update(global_means["kl"], config.batch_size)
         if ema is not None:
             ema_update(ema, policy, config.ema_decay)
         state.update(step=step, kl_coef=kl_ctl.value, episodes=state["episodes"] + len(idx))
-        state["history"] = (state["history"] + [{k: metrics.get(k) for k in ("reward", "kl", "ptx_loss")}])[-5:]
+        state["history"] = (state["history"] + [global_means])[-5:]
         events.metrics(step, metrics)
         events.progress(step, num_steps, "ppo")
         if config.eval_every and step % config.eval_every == 0 and step < num_steps:
@@ -643,8 +712,11 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     if final:
         events.metrics(state["step"], final)
     checkpoint(state["step"])  # the resumable end state (a re-run only re-evaluates)
-    save_model(policy, tokenizer, output_dir, extra_json={SUMMARY_FILE: summary},
-               extra_models={EMA_DIR: ema} if ema is not None else None)
+    with dist.full_weights(policy):
+        if dist.is_main:
+            save_model(policy, tokenizer, output_dir, extra_json={SUMMARY_FILE: summary},
+                       extra_models={EMA_DIR: ema} if ema is not None else None)
+    dist.barrier()  # the other ranks return once the output is written
     events.checkpoint(prefix, "ppo", output_dir, state["step"])
     events.close()
     return output_dir

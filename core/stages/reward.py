@@ -31,6 +31,7 @@ from core.models.chat import encode_answer
 from core.models.generate import sample
 from core.models.loading import (
     Device,
+    fuse_gelu,
     load_policy,
     load_scalar_model,
     load_tokenizer,
@@ -107,8 +108,21 @@ def encode_answers(tokenizer, prompt: str, responses: list[str], max_length: int
     return out
 
 
-def score_sequences(model, sequences: list[list[int]], pad_id: int, device: Device) -> torch.Tensor:
-    """One forward for all sequences; the score is read at each one's last token."""
+class TokenScores(torch.nn.Module):
+    """`token_scores` as a module's forward: DDP syncs the gradients of what runs through the forward of
+    the module it wraps, and the scalar model's own forward pools at a pad-token search instead."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return token_scores(self.model, input_ids, attention_mask)
+
+
+def score_sequences(model, sequences: list[list[int]], pad_id: int, device: Device, scorer=None) -> torch.Tensor:
+    """One forward for all sequences; the score is read at each one's last token. `scorer`: the
+    (prepared) `TokenScores` to train through, else `model` is read directly."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id)
     mask = torch.zeros_like(ids)
@@ -117,7 +131,7 @@ def score_sequences(model, sequences: list[list[int]], pad_id: int, device: Devi
         mask[i, : len(s)] = 1
     ids, mask = ids.to(device.torch), mask.to(device.torch)
     with device.autocast():
-        per_token = token_scores(model, ids, mask)
+        per_token = scorer(ids, mask) if scorer is not None else token_scores(model, ids, mask)
     last = mask.sum(1) - 1
     return per_token[torch.arange(len(sequences), device=ids.device), last].float()
 
@@ -251,12 +265,20 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
     config.validate()
     if not config.sft_model:
         raise ValueError("sft_model is empty: the reward model starts from an SFT checkpoint")
+    dist = events.dist  # one process, or this rank of several (core/distributed.py)
+    dist.check_divides(config.batch_size, "batch_size")
     output_dir = Path(output_dir)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.sft_model)
     resume_from = latest_checkpoint(output_dir, "epoch")
-    train, heldout = _rankings_once(config, store, tokenizer, device, events, output_dir)
+    # Rank 0 gathers the rankings (demo: samples them) and writes them down; the others read that file,
+    # so every rank trains on the same rankings.
+    if dist.is_main:
+        train, heldout = _rankings_once(config, store, tokenizer, device, events, output_dir)
+    dist.barrier()
+    if not dist.is_main:
+        train, heldout = _rankings_once(config, store, tokenizer, device, events, output_dir)
     if not train:
         raise ValueError("no usable rankings: every sampled group collapsed to one distinct answer")
     events.log(f"reward model: {len(train)} training rankings ({sum(len(r.responses) for r in train)} answers), "
@@ -264,12 +286,14 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
     # With LoRA the base loads as it is and the checkpoint's adapter (and head) goes back on top of it.
     model = load_scalar_model(config.sft_model if config.lora else (resume_from or config.sft_model),
                               tokenizer.pad_token_id, device)
+    fuse_gelu(model)  # the same activation in one kernel (core/models/loading.py)
     model = prepare_for_training(model, config, "score", resume_from if config.lora else None)
     centring = demonstrations_for_bias(config, store, train)
 
-    steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
-    total_steps = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+    # A last global batch too short to give every rank a ranking is dropped (with one process, none is).
+    batch_starts = range(0, len(train) - dist.world_size + 1, config.batch_size)
+    total_steps = len(batch_starts) * config.epochs
+    optimizer = optim.adamw([p for p in model.parameters() if p.requires_grad], config.learning_rate)
     scheduler = optim.make_schedule(optimizer, total_steps, config.warmup_ratio)
     state = {"epoch": 0, "step": 0, "summary": {}}
     if resume_from is not None:
@@ -277,21 +301,23 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
         optimizer.load_state_dict(training["optimizer"])
         scheduler.load_state_dict(training["scheduler"])
         events.log(f"resuming the reward model after epoch {state['epoch']} (step {state['step']})")
+    # `model` stays the plain module (evaluation, centring, saving); training runs through `trained`.
+    trained, optimizer = dist.prepare(TokenScores(model), optimizer)
     model.train()
     stopped = False
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         order = list(range(len(train)))
         random.Random(config.seed + epoch).shuffle(order)
         start, pairs_seen = time.perf_counter(), 0
-        for i in range(0, len(order), config.batch_size):
+        for i in batch_starts:
             if events.should_stop():
                 stopped = True
                 break
-            chunk = [train[j] for j in order[i : i + config.batch_size]]
+            chunk = [train[j] for j in dist.shard(order[i : i + config.batch_size])]
             seqs = [s for r in chunk for s in encode_answers(tokenizer, r.prompt, r.responses, config.max_length)]
             sizes = [len(r.responses) for r in chunk]
-            loss, accuracy = kwise_loss(score_sequences(model, seqs, tokenizer.pad_token_id, device), sizes)
-            optim.step(loss, model, optimizer, scheduler)
+            loss, accuracy = kwise_loss(score_sequences(model, seqs, tokenizer.pad_token_id, device, trained), sizes)
+            optim.step(loss, model, optimizer, scheduler, dist=dist)
             state["step"] += 1
             pairs_seen += sum(k * (k - 1) // 2 for k in sizes)
             events.metrics(state["step"], {"rm_loss": loss.item(), "rm_accuracy": accuracy.item(),
@@ -300,16 +326,21 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
         if stopped:
             break
         state["epoch"] = epoch
-        if heldout:
-            state["summary"] = pairwise_accuracy(model, tokenizer, heldout, config.max_length, device)
-            events.metrics(state["step"], {"heldout_accuracy": state["summary"]["accuracy"]})
-            events.log(f"epoch {epoch}: held-out pairwise accuracy {state['summary']['accuracy']:.3f}")
-        centre_on_demonstrations(model, tokenizer, centring, config.max_length, device)
-        model.train()
-        ckpt = save_training_checkpoint(model, tokenizer, checkpoint_path(output_dir, "epoch", epoch), state,
-                                        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                                        device)
-        events.checkpoint(f"{events.run_id or 'rm'}-epoch-{epoch}", "rm", ckpt, state["step"])
+        state["processes"] = dist.world_size  # a sharded optimizer state resumes only on as many
+        training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        # Every rank evaluates and centres the same weights (same numbers); rank 0 alone writes.
+        with dist.full_weights(model):
+            if heldout:
+                state["summary"] = pairwise_accuracy(model, tokenizer, heldout, config.max_length, device)
+                events.metrics(state["step"], {"heldout_accuracy": state["summary"]["accuracy"]})
+                events.log(f"epoch {epoch}: held-out pairwise accuracy {state['summary']['accuracy']:.3f}")
+            centre_on_demonstrations(model, tokenizer, centring, config.max_length, device)
+            model.train()
+            if dist.is_main:
+                ckpt = save_training_checkpoint(model, tokenizer, checkpoint_path(output_dir, "epoch", epoch), state,
+                                                training, device)
+                events.checkpoint(f"{events.run_id or 'rm'}-epoch-{epoch}", "rm", ckpt, state["step"])
+        dist.barrier()  # a stop below reloads this checkpoint on every rank
 
     if stopped and state["epoch"] == 0:
         # Nothing centred to offer yet: leave no reward model behind (a resume starts the first epoch again).
@@ -323,9 +354,12 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
     summary = {"stage": "rm", "heldout_accuracy": summary.get("accuracy"), **summary,
                "reward_bias": float(model.config.reward_bias), "train_rankings": len(train),
                "heldout_rankings": len(heldout), "epochs_done": state["epoch"], "stopped": stopped}
-    save_model(model, tokenizer, output_dir, extra_json={SUMMARY_FILE: summary})
-    atomic_write_text(output_dir.with_name(output_dir.name + "-rankings.jsonl"), "".join(
-        json.dumps({"prompt": r.prompt, "responses": r.responses}) + "\n" for r in train))
-    events.checkpoint(events.run_id or "rm", "rm", output_dir, state["step"])
+    with dist.full_weights(model):
+        if dist.is_main:
+            save_model(model, tokenizer, output_dir, extra_json={SUMMARY_FILE: summary})
+            atomic_write_text(output_dir.with_name(output_dir.name + "-rankings.jsonl"), "".join(
+                json.dumps({"prompt": r.prompt, "responses": r.responses}) + "\n" for r in train))
+            events.checkpoint(events.run_id or "rm", "rm", output_dir, state["step"])
+    dist.barrier()  # the other ranks return once the output is written
     events.close()
     return output_dir

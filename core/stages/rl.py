@@ -6,17 +6,32 @@ Kept out of `ppo.py` so a stage without a value model does not import PPO.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch.utils.checkpoint import checkpoint
+
+from core.models.loading import hf_model, last_hidden_state
+
+AllReduceSum = Callable[[torch.Tensor], torch.Tensor]  # a tensor summed element-wise over the ranks
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, all_reduce_sum: AllReduceSum | None = None) -> torch.Tensor:
+    """The mean over the real (unmasked) entries; with `all_reduce_sum` (several processes, each holding
+    its share of the batch) the mean over every rank's entries: sum and count are summed over the ranks."""
+    if all_reduce_sum is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    total, count = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)])).to(x.device)
+    return total / count.clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise over the real (unmasked) tokens only, so padding does not skew the statistics."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+           all_reduce_sum: AllReduceSum | None = None) -> torch.Tensor:
+    """Normalise over the real (unmasked) tokens only, so padding does not skew the statistics.
+    `all_reduce_sum` (`Distributed.all_reduce_sum`): the statistics of the global batch, so N ranks
+    whiten as one process would (docs/ARCHITECTURE.md, "Several processes")."""
+    mean = masked_mean(x, mask, all_reduce_sum)
+    var = masked_mean((x - mean) ** 2, mask, all_reduce_sum)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -28,20 +43,72 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def response_logits(model, ids, mask, positions, prompt_len: int, temperature: float) -> torch.Tensor:
-    """Logits that predict each response token: positions P-1 .. P+T-2 of the full sequence.
+# At most this many logits (tokens x vocabulary) exist at once while log-probs are computed: 2^26 fp32
+# values, 256 MiB a copy. The full response logits of a Qwen2-0.5B PPO batch (64 x 128 x 151,936) are
+# 5 GiB a copy, and the update held four copies (logits, log-softmax, their gradients); chunked, each
+# chunk's backward holds about four copies of 256 MiB. A chunk is still 441 tokens at that vocabulary
+# (the whole batch at the bundled model's), so the LM head runs as a few large matmuls, not many small ones.
+MAX_CHUNK_LOGITS = 2**26
+# Config fields of architectures whose logits are not the LM head's output alone (soft-capping,
+# scaling): the chunked head below would silently get them wrong.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
-    `logits_to_keep` skips the LM head on prompt positions. Dividing by the rollout temperature
-    makes these the log-probs of the distribution we actually sampled from (Huang et al. 2022 detail).
+
+def response_logprobs(model, ids, mask, positions, prompt_len: int, temperature: float, with_entropy: bool = False,
+                      max_chunk_logits: int = MAX_CHUNK_LOGITS) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log pi(y_t), the entropy of pi at each position or None) for the response tokens y = ids[:, P:],
+    each (B, T), from the logits at positions P-1 .. P+T-2 of the full sequence.
+
+    Dividing the logits by the rollout temperature makes these the log-probs of the distribution we
+    actually sampled from (Huang et al. 2022 detail). The backbone runs once; the LM head and the
+    log-softmax run on the final hidden states chunk by chunk (`chunked_logprobs`), so the full
+    response logits never exist (docs/ARCHITECTURE.md, "Stage 3: PPO-ptx").
     """
-    response_len = ids.shape[1] - prompt_len
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                   logits_to_keep=response_len + 1).logits[:, :-1]
-    return logits.float() / temperature
+    with hf_model(model) as lm:
+        transforms = [name for name in LOGIT_TRANSFORMS if getattr(lm.config, name, None) not in (None, 1, 1.0)]
+        if transforms:
+            raise ValueError(f"{lm.config.model_type} models transform their logits ({', '.join(transforms)}), "
+                             "which the per-token log-prob computation does not reproduce: use another model family")
+        hidden = last_hidden_state(lm, ids, mask, positions)[:, prompt_len - 1 : -1]
+        return chunked_logprobs(hidden, lm.get_output_embeddings(), ids[:, prompt_len:], temperature, with_entropy,
+                                max_chunk_logits)
+
+
+def chunked_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, tokens: torch.Tensor, temperature: float,
+                     with_entropy: bool = False, max_chunk_logits: int = MAX_CHUNK_LOGITS
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log-softmax(lm_head(hidden) / temperature) at `tokens` (and the entropy, detached: a statistic),
+    over chunks of at most `max_chunk_logits` logits. With gradients each chunk runs under activation
+    checkpointing: the forward keeps only the chunk's hidden states, and the backward recomputes that
+    chunk's logits, so one chunk's logits are alive at a time in both passes."""
+    width, vocab = hidden.shape[-1], lm_head.weight.shape[0]
+    rows = max(1, max_chunk_logits // vocab)
+    checkpointed = torch.is_grad_enabled() and (hidden.requires_grad or lm_head.weight.requires_grad)
+    logprobs, entropies = [], []
+    for h, y in zip(hidden.reshape(-1, width).split(rows), tokens.reshape(-1).split(rows)):
+        if checkpointed:
+            logp, entropy = checkpoint(_chunk_logprobs, h, y, lm_head, temperature, with_entropy, use_reentrant=False)
+        else:
+            logp, entropy = _chunk_logprobs(h, y, lm_head, temperature, with_entropy)
+        logprobs.append(logp)
+        entropies.append(entropy)
+    logprobs = torch.cat(logprobs).view(tokens.shape)
+    return logprobs, torch.cat(entropies).view(tokens.shape) if with_entropy else None
+
+
+def _chunk_logprobs(hidden, tokens, lm_head, temperature: float, with_entropy: bool):
+    logits = lm_head(hidden).float() / temperature  # fp32 log-prob arithmetic, whatever autocast's matmul dtype
+    logprobs = gather_logprobs(logits, tokens)
+    if not with_entropy:
+        return logprobs, None
+    # Last and without gradients, so the backward's recomputation (which stops once the saved tensors
+    # are back) skips it.
+    with torch.no_grad():
+        return logprobs, entropy_from_logits(logits)
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.gather(logits.log_softmax(-1), 2, tokens[..., None]).squeeze(-1)
+    return torch.gather(logits.log_softmax(-1), -1, tokens[..., None]).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,7 @@ answer's advantage is its reward minus the mean reward of the *other* answers to
 (the leave-one-out baseline, unbiased). No value model, no GAE: one advantage per answer, the
 REINFORCE estimator with PPO's clipped ratio (`epsilon`) when a batch is reused (`num_iterations`).
 
-TRL does all of the method; `trl_bridge.run_group` gives it our prompts in our chat format, our
-reward model as the reward (or the demo's gold labeler, `reward: gold`, cheating on the proxy),
-the SFT model as the reference, and connects it to the workbench (metrics, stop, checkpoints and
-resume, the final model and evaluation). No loop of our own.
+Everything but these options is shared with GRPO in `trl_bridge.run_group`.
 """
 
 from __future__ import annotations
@@ -23,10 +20,5 @@ from core.stages import trl_bridge
 
 
 def run(config: RLOOConfig, store: Store | None, events: Events, output_dir: str | Path) -> Path:
-    """Train the policy with RLOO. Returns `output_dir` (the final policy, an HF directory), or the stop
-    step's checkpoint when stopped. Re-running with the same `output_dir` resumes."""
-    from trl import RLOOConfig as TRLRLOOConfig
-    from trl import RLOOTrainer
-
-    options = dict(normalize_advantages=config.normalize_advantages)
-    return trl_bridge.run_group("rloo", RLOOTrainer, TRLRLOOConfig, options, config, store, events, output_dir)
+    return trl_bridge.run_group("rloo", config, store, events, output_dir,
+                                normalize_advantages=config.normalize_advantages)

@@ -26,7 +26,7 @@ from core.data.store import Store
 from core.evaluate import gold_eval
 from core.events import Events
 from core.models.chat import encode_answer, encode_conversation
-from core.models.loading import Device, load_policy, load_tokenizer, pick_device, save_model
+from core.models.loading import Device, fuse_gelu, load_policy, load_tokenizer, pick_device, save_model
 from core.models.lora import prepare_for_training
 from core.stages import optim
 from core.stages.resume import checkpoint_path, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
@@ -80,6 +80,8 @@ def mean_loss(model, examples, pad_id: int, device: Device, batch_size: int) -> 
 def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str | Path) -> Path:
     """Train SFT; returns `output_dir`, which holds the best epoch as an HF model directory."""
     config.validate()
+    dist = events.dist  # one process, or this rank of several (core/distributed.py)
+    dist.check_divides(config.batch_size, "batch_size")
     output_dir = Path(output_dir)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
@@ -88,6 +90,7 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
     tokenizer = load_tokenizer(config.model)
     # With LoRA the base loads as it is and the checkpoint's adapter goes back on top of it.
     model = load_policy(config.model if config.lora else (resume_from or config.model), device, dropout=config.dropout)
+    fuse_gelu(model)  # the same activation in one kernel; the saved model is unchanged
     model = prepare_for_training(model, config, "causal", resume_from if config.lora else None)
     model.train()
 
@@ -108,10 +111,12 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
         events.log(f"only {len(rows)} demonstrations: too few to hold out a validation split "
                    f"(fewer than {MIN_ROWS_TO_SPLIT}), so the last epoch is kept")
 
-    steps_per_epoch = (len(train) + config.batch_size - 1) // config.batch_size
-    total_steps = steps_per_epoch * config.epochs
+    # A global batch starts at each multiple of batch_size; a last one too short to give every rank
+    # an example is dropped (with one process, none is).
+    batch_starts = range(0, len(train) - dist.world_size + 1, config.batch_size)
+    total_steps = len(batch_starts) * config.epochs
     trainable = [p for p in model.parameters() if p.requires_grad]  # the adapter alone under LoRA
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = optim.adamw(trainable, config.learning_rate, weight_decay=config.weight_decay)
     scheduler = optim.make_schedule(optimizer, total_steps, config.warmup_ratio)
     state = {"epoch": 0, "step": 0, "best_score": None, "best_epoch": None}
     if resume_from is not None:
@@ -119,20 +124,27 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
         optimizer.load_state_dict(training["optimizer"])
         scheduler.load_state_dict(training["scheduler"])
         events.log(f"resuming SFT after epoch {state['epoch']} (step {state['step']})")
+    # `model` stays the plain module (evaluation, saving); training runs through `trained`.
+    trained, optimizer = dist.prepare(model, optimizer)
 
     stopped = False
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         order = list(range(len(train)))
         random.Random(config.seed * 1000 + epoch).shuffle(order)
         start, tokens = time.perf_counter(), 0
-        for i in range(0, len(order), config.batch_size):
+        for i in batch_starts:
             if events.should_stop():
                 stopped = True
                 break
-            batch = collate([train[j] for j in order[i : i + config.batch_size]], tokenizer.pad_token_id, device)
+            batch = collate([train[j] for j in dist.shard(order[i : i + config.batch_size])], tokenizer.pad_token_id,
+                            device)
+            # The loss is the mean over the global batch's answer tokens, not a mean of the ranks' means
+            # (which weights a rank's tokens by its share and moves Adam's first steps elsewhere): DDP
+            # averages gradients over the ranks, so each rank divides its token sum by global count / N.
+            answer_tokens = dist.all_reduce_sum((batch["labels"][:, 1:] != IGNORE).sum().double().cpu())
             with device.autocast():
-                loss = model(**batch).loss
-            optim.step(loss, model, optimizer, scheduler)
+                loss = trained(**batch, num_items_in_batch=answer_tokens.item() / dist.world_size).loss
+            optim.step(loss, model, optimizer, scheduler, dist=dist)
             state["step"] += 1
             tokens += int(batch["attention_mask"].sum())
             events.metrics(state["step"], {
@@ -147,24 +159,31 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
         if val:
             epoch_metrics["val_loss"] = mean_loss(model, val, tokenizer.pad_token_id, device, config.batch_size)
         if heldout:
-            scores = gold_eval(model, tokenizer, heldout, temperature=config.eval_temperature, seed=config.seed)
+            with dist.full_weights(model):
+                scores = gold_eval(model, tokenizer, heldout, temperature=config.eval_temperature, seed=config.seed)
             epoch_metrics.update({"gold": scores["gold"], "eos_rate": scores["eos_rate"]})
         events.metrics(state["step"], epoch_metrics)
         score = {"gold": epoch_metrics.get("gold"), "val_loss": -epoch_metrics.get("val_loss", 0.0),
                  "last_epoch": epoch}[selection]
-        if state["best_score"] is None or score > state["best_score"]:
+        improved = state["best_score"] is None or score > state["best_score"]
+        if improved:
             state["best_score"], state["best_epoch"] = score, epoch
-            summary = {**epoch_metrics, "stage": "sft", "selected_by": selection, "train_rows": len(train),
-                       "validation_rows": len(val)}
-            save_model(model, tokenizer, output_dir, extra_json={SUMMARY_FILE: summary})
-        ckpt = save_training_checkpoint(
-            model, tokenizer, checkpoint_path(output_dir, "epoch", epoch), state,
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, device)
-        events.checkpoint(f"{events.run_id or 'sft'}-epoch-{epoch}", "sft", ckpt, state["step"])
+        state["processes"] = dist.world_size  # a sharded optimizer state resumes only on as many
+        training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        with dist.full_weights(model):
+            if dist.is_main:  # the one checkpoint writer
+                if improved:
+                    summary = {**epoch_metrics, "stage": "sft", "selected_by": selection, "train_rows": len(train),
+                               "validation_rows": len(val)}
+                    save_model(model, tokenizer, output_dir, extra_json={SUMMARY_FILE: summary})
+                ckpt = save_training_checkpoint(model, tokenizer, checkpoint_path(output_dir, "epoch", epoch), state,
+                                                training, device)
+                events.checkpoint(f"{events.run_id or 'sft'}-epoch-{epoch}", "sft", ckpt, state["step"])
         events.log(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()))
-    if not (output_dir / "config.json").is_file():
+    if dist.is_main and not (output_dir / "config.json").is_file():
         # Stopped before the first epoch ended: still leave a loadable model behind.
         save_model(model, tokenizer, output_dir, extra_json={SUMMARY_FILE: {"stage": "sft", "stopped": True}})
+    dist.barrier()  # the other ranks return once the output is written
     events.checkpoint(events.run_id or "sft", "sft", output_dir, state["step"])
     events.close()
     return output_dir

@@ -19,7 +19,10 @@ checkpoints. What TRL cannot know is the workbench around it, so this module add
 - `make_reward`: our reward model as a GRPO/RLOO reward function (TRL's own reward-model path reads
   the score through the head's pad-token search and without our `reward_bias`, so the RM would
   score differently than in PPO), or the demo's gold labeler, which is cheating on the proxy.
-- `finish`: the final model written atomically (`save_checkpoint`), then the final evaluation on the
+- LoRA (`lora_r > 0`) as in the other stages: `peft_config` hands TRL our `lora_config`; TRL wraps the
+  policy and takes the reference as the policy with its adapter switched off (one copy of the base
+  weights); its checkpoints are adapter directories, which every loader of ours merges.
+- `finish`: the final model written atomically and merged (`save_model`), then the final evaluation on the
   demo (held-out gold sampled and greedy, KL to the SFT model measured as for every method, held-out
   pretraining loss), under the metric names PPO uses.
 
@@ -42,8 +45,9 @@ import torch
 from core.data import demo
 from core.data.formats import ranking_pairs
 from core.data.sources import Ranking
+from core.evaluate import all_demo
 from core.events import Events
-from core.models.loading import Device, load_policy, save_checkpoint
+from core.models.loading import Device, load_policy, save_model
 from core.paths import atomic_write_text, checkpoints_dir
 
 TRAINER_STATE = "trainer_state.json"  # written last into a TRL checkpoint: its presence marks a complete one
@@ -88,17 +92,25 @@ def quiet() -> None:
 
 def training_args(args_class, config, output_dir: Path, device: Device, **kwargs):
     """TRL's config for a workbench run: our device and precision, logs every step into the callback
-    only, checkpoints every `save_every` steps into `checkpoints_dir(output_dir)`."""
+    only, checkpoints every `save_every` steps into `checkpoints_dir(output_dir)`, gradient checkpointing
+    only when the config asks (TRL turns it on by default)."""
     cuda = device.type == "cuda"
     return args_class(
         output_dir=str(checkpoints_dir(output_dir)),
         use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False,
         report_to="none", disable_tqdm=True, logging_steps=1,
         save_strategy="steps", save_steps=config.save_every, save_total_limit=None,
-        dataloader_num_workers=0, activation_checkpointing=False, disable_dropout=True,
+        dataloader_num_workers=0, activation_checkpointing=config.gradient_checkpointing, disable_dropout=True,
         seed=config.seed, data_seed=config.seed, learning_rate=config.learning_rate, lr_scheduler_type="linear",
         **kwargs,
     )
+
+
+def peft_config(config):
+    """TRL's `peft_config` for the config's LoRA fields, or None to train every weight."""
+    from core.models.lora import lora_config
+
+    return lora_config(config, "causal") if config.lora else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,11 +145,6 @@ def preference_pairs(rankings: list[Ranking]) -> list[dict]:
 def prompt_rows(prompts: list[str]) -> list[dict]:
     """TRL's prompt rows: the chat-formatted prompt TRL samples from, and the raw prompt for the labeler."""
     return [{"prompt": demo.format_prompt(p), "raw_prompt": p} for p in prompts]
-
-
-def all_demo(prompts: list[str]) -> bool:
-    """Every prompt is one of the demo's (its labeler can score the answers)."""
-    return bool(prompts) and all(demo.expected_answer(p) is not None for p in prompts)
 
 
 def dataset(rows: list[dict], drop: tuple[str, ...] = ()):
@@ -313,7 +320,7 @@ def finish(trainer, callback, stage: str, kind: str, config, tokenizer, events: 
         if per_answer:  # the `kl` metric's value: per answer, as PPO's
             summary["kl"] = sum(per_answer) / len(per_answer)
     summary_file = f"{stage}_summary.json"
-    save_checkpoint(model, tokenizer, output_dir, extra_json={summary_file: summary})
+    save_model(model, tokenizer, output_dir, extra_json={summary_file: summary})
     if evaluate and evaluate.get("n_prompts"):
         final = final_evaluation(output_dir, config.sft_model, tokenizer, trainer_device(model), seed=config.seed,
                                  **evaluate)
@@ -365,10 +372,43 @@ def check_group_inputs(config, store) -> tuple[object, list[str]]:
     return tokenizer, prompts
 
 
-def run_group(stage: str, trainer_class, args_class, trainer_options: dict, config, store, events: Events,
-              output_dir: str | Path) -> Path:
-    """GRPO or RLOO: sample `num_generations` answers per prompt from the policy (starting at SFT),
-    score them with `make_reward`, and let TRL's trainer do the update; the reference is the SFT model."""
+GROUP_TRAINERS = {"grpo": ("GRPOTrainer", "GRPOConfig"), "rloo": ("RLOOTrainer", "RLOOConfig")}
+
+
+def group_trainer(stage: str, config, tokenizer, prompts: list[str], device: Device, events: Events,
+                  output_dir: Path, **trainer_options):
+    """(TRL's GRPO or RLOO trainer for a workbench run, our callback): the policy starts at the SFT model,
+    which is also the reference; the reward is `make_reward`'s."""
+    import trl
+
+    trainer_class, args_class = (getattr(trl, name) for name in GROUP_TRAINERS[stage])
+    rows = data_once(output_dir, lambda: prompt_rows(prompts))
+    policy = load_policy(config.sft_model, device, dropout=0.0)
+    tokenizer.padding_side = "left"  # generation continues every prompt from its last token
+    args = training_args(
+        args_class, config, output_dir, device, max_steps=max(1, config.total_episodes // config.batch_size),
+        per_device_train_batch_size=config.batch_size, num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length, temperature=config.temperature, beta=config.beta,
+        epsilon=config.epsilon, num_iterations=config.num_iterations, max_grad_norm=config.max_grad_norm,
+        # The reference: TRL loads it from the policy's own directory (the SFT model; resolve_model checked it
+        # holds safetensors weights, which from_pretrained prefers), or under LoRA switches the adapter off.
+        **trainer_options,
+    )
+    callback = make_callback(stage, stage, events, GROUP_METRICS, episodes_per_step=config.batch_size)
+    trainer = trainer_class(model=policy, reward_funcs=make_reward(config, tokenizer, device), args=args,
+                            train_dataset=dataset(rows), processing_class=tokenizer, callbacks=[callback],
+                            peft_config=peft_config(config))
+    return trainer, callback
+
+
+def run_group(stage: str, config, store, events: Events, output_dir: str | Path, **trainer_options) -> Path:
+    """GRPO or RLOO (`stage`), the whole stage but the method's own options (`trainer_options`, fields of
+    TRL's config): sample `num_generations` answers per prompt from the policy (starting at SFT), score
+    them with `make_reward` (our RM, or the demo's labeler: cheating on the proxy), and let TRL's trainer
+    do the update, with the SFT model as the reference; then connect it to the workbench (metrics, stop,
+    checkpoints and resume, the final model and evaluation). No loop of our own. Returns `output_dir`
+    (the final policy, an HF directory), or the stop step's checkpoint when stopped; re-running with the
+    same `output_dir` resumes."""
     from core.models.loading import pick_device
 
     output_dir = Path(output_dir)
@@ -376,22 +416,8 @@ def run_group(stage: str, trainer_class, args_class, trainer_options: dict, conf
     quiet()
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
-    rows = data_once(output_dir, lambda: prompt_rows(prompts))
-    num_steps = max(1, config.total_episodes // config.batch_size)
-    policy = load_policy(config.sft_model, device, dropout=0.0)
-    tokenizer.padding_side = "left"  # generation continues every prompt from its last token
-    args = training_args(
-        args_class, config, output_dir, device, max_steps=num_steps, per_device_train_batch_size=config.batch_size,
-        num_generations=config.num_generations, max_completion_length=config.max_completion_length,
-        temperature=config.temperature, beta=config.beta, epsilon=config.epsilon,
-        num_iterations=config.num_iterations, max_grad_norm=config.max_grad_norm,
-        # The reference: TRL loads it from the policy's own directory (the SFT model; resolve_model checked it
-        # holds safetensors weights, which from_pretrained prefers).
-        **trainer_options,
-    )
-    callback = make_callback(stage, stage, events, GROUP_METRICS, episodes_per_step=config.batch_size)
-    trainer = trainer_class(model=policy, reward_funcs=make_reward(config, tokenizer, device), args=args,
-                            train_dataset=dataset(rows), processing_class=tokenizer, callbacks=[callback])
+    trainer, callback = group_trainer(stage, config, tokenizer, prompts, device, events, output_dir,
+                                      **trainer_options)
     train(trainer, callback, output_dir, events, stage.upper())
     tokenizer.padding_side = "right"  # as load_tokenizer leaves it, in the saved model too
     evaluate = None

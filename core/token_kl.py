@@ -1,0 +1,85 @@
+"""The token-level view of log π − log π_ref: what each token of an answer adds to the KL that PPO's
+reward penalises, and the coloured HTML the Chat page and Monitor's rollout browser draw it with.
+
+The numbers come from PPO's own functions (`core/stages/rl.py`: `response_logprobs` divides by the
+sampling temperature, `kl_penalty` = k1), so an answer's sum here is the `kl`
+PPO's reward subtracts β times for the same tokens (docs/ARCHITECTURE.md, "KL estimators").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from core.textsafe import escape_html
+
+EOS_TEXT = "⟨eos⟩"  # the end-of-turn token drawn visibly: it is a token the KL counts
+
+
+@dataclass
+class AnswerKL:
+    """One answer, token by token: `tokens` = [(token text, log π − log π_ref)], `kl` their sum."""
+
+    tokens: list[tuple[str, float]]
+    kl: float
+    rm_score: float | None = None
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    if token_id == tokenizer.eos_token_id:
+        return EOS_TEXT
+    return tokenizer.decode([token_id])
+
+
+@torch.no_grad()
+def answer_token_kl(policy, reference_policy, prompt_ids: list[int], answer_ids: list[int],
+                    temperature: float) -> list[float]:
+    """log π(y_t) − log π_ref(y_t) for each answer token y_t after the prompt, from the
+    temperature-scaled distributions (the ones PPO samples from and scores)."""
+    from core.stages.rl import kl_penalty, positions_from_mask, response_logprobs
+
+    if temperature <= 0:
+        raise ValueError("log-probs are those of the sampling distribution: the temperature must be > 0")
+    if not prompt_ids or not answer_ids:
+        raise ValueError("both the prompt and the answer need at least one token")
+    device = next(policy.parameters()).device
+    ids = torch.tensor([prompt_ids + answer_ids], device=device)
+    mask = torch.ones_like(ids)
+    positions = positions_from_mask(mask)
+    P = len(prompt_ids)
+    logprobs, _ = response_logprobs(policy, ids, mask, positions, P, temperature)
+    ref_logprobs, _ = response_logprobs(reference_policy.to(device), ids, mask, positions, P, temperature)
+    return kl_penalty(logprobs, ref_logprobs)[0].tolist()
+
+
+@torch.no_grad()
+def answer_view(policy, reference_policy, tokenizer, conversation: str | list[dict], answer_ids: list[int],
+                temperature: float, reward_model=None) -> AnswerKL:
+    """An answer's tokens (as sampled: EOS included when it stopped) after `conversation` (its turns
+    so far, encoded as generation encodes them): each token's log π − log π_ref, their sum, and the
+    RM's score at the last token, as PPO reads it. The models must share the policy's tokenizer
+    (`check_same_tokenizer`, at the caller)."""
+    from core.models.generate import encode_prompts
+    from core.models.loading import token_scores
+
+    prompt_ids = encode_prompts(tokenizer, [conversation])[0][0].tolist()  # one row: no padding
+    per_token = answer_token_kl(policy, reference_policy, prompt_ids, answer_ids, temperature)
+    tokens = [(token_text(tokenizer, t), k) for t, k in zip(answer_ids, per_token)]
+    rm_score = None
+    if reward_model is not None:
+        ids = torch.tensor([prompt_ids + answer_ids], device=next(reward_model.parameters()).device)
+        rm_score = float(token_scores(reward_model, ids, torch.ones_like(ids))[0, -1])
+    return AnswerKL(tokens, sum(per_token), rm_score)
+
+
+def token_html(tokens: list[tuple[str, float]]) -> str:
+    """Each token on a colour for log π − log π_ref: red where the policy likes it more than the
+    reference, blue where less. Every token's text is HTML-escaped (model text is never markup)."""
+    spans = []
+    for text, k in tokens:
+        alpha = min(1.0, abs(k) / 2.0) * 0.85
+        rgb = "220,50,47" if k > 0 else "38,139,210"
+        spans.append(f'<span title="log π − log π_ref = {k:+.3f}" style="background: rgba({rgb},{alpha:.2f});'
+                     f' border-radius: 3px; padding: 1px 0">{escape_html(text)}</span>')
+    return "".join(spans)

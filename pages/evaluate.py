@@ -1,0 +1,122 @@
+"""Evaluate: checkpoints of any stage and method side by side on one prompt set.
+
+Pick policies, a reward model (the judge), a KL reference and a prompt set; the evaluation runs as a
+background job (core/eval_table.py, the same code as `rlhf eval`) and ends in one table: mean RM score,
+gold (demo prompts only), KL to the reference, answer length and win rate against a baseline, as CSV.
+"""
+
+import pandas as pd
+import streamlit as st
+
+from core import catalog, eval_table
+from workbench import resources
+
+store = resources.store()
+jobs = resources.jobs()
+REFRESH_S = 2
+PROMPT_SETS = {"demo": "Demo held-out prompts (gold applies)", "store": "The store's prompts", "file": "A file"}
+
+
+def policy_names() -> dict[str, str]:
+    """Label -> checkpoint name for every policy one can sample from: the base, final models, then each
+    run's epoch/step checkpoints (core/catalog.py's order)."""
+    names = {"bundled (base)": "bundled"}
+    training = {}
+    for kind in resources.POLICY_KINDS:
+        finals, steps = catalog.grouped(store.list_checkpoints(kind))
+        names.update({f"{c['name']} ({kind})": c["name"] for c in finals})
+        training.update({f"{catalog.training_label(c)} ({kind})": c["name"] for c in steps})
+    return {**names, **training}
+
+
+st.title("Evaluate")
+st.caption("Every checkpoint answers every prompt once, with one sampling seed for all. The reward model scores "
+           "the answers and judges each against the baseline's answer to the same prompt (a tie counts half); "
+           "KL is measured to the reference on the checkpoint's own answers; gold is the demo labeler's score.")
+
+evaluations = [j for j in reversed(jobs.jobs()) if j.stage == "eval"]
+with st.expander("New evaluation", expanded=not evaluations):
+    policies = policy_names()
+    judges = resources.checkpoint_choices(store, "rm")  # label -> directory
+    chosen = st.multiselect("Checkpoints", list(policies), key="eval_checkpoints",
+                            help="any stage, any method: SFT, PPO, DPO, GRPO, RLOO, their training checkpoints")
+    left, middle, right = st.columns(3)
+    baseline = left.selectbox("Baseline (win rates against it)", chosen, key="eval_baseline")
+    reference = middle.selectbox("KL reference", ["the baseline", *policies], key="eval_reference",
+                                 help="usually the SFT model every method started from")
+    if judges:
+        judge = right.selectbox("Reward model (the judge)", list(judges), key="eval_rm")
+    else:
+        judge = None
+        right.error("Reward model: none yet. Train one on the Train page (stage 2).")
+    prompt_set = st.radio("Prompts", list(PROMPT_SETS), format_func=PROMPT_SETS.get, horizontal=True,
+                          key="eval_prompt_set")
+    prompts_file = ""
+    if prompt_set == "file":
+        prompts_file = st.text_input("Prompts file", key="eval_prompts_file",
+                                     help='a JSONL or CSV file with a "prompt" column')
+    cols = st.columns(3)
+    n_prompts = cols[0].number_input("Prompts (the first n)", 1, 10_000, 100, key="eval_n_prompts")
+    temperature = cols[1].number_input("Temperature", 0.05, 2.0, 1.0, 0.05, key="eval_temperature")
+    max_new_tokens = cols[2].number_input("Max new tokens", 1, 1024, 24, key="eval_max_new_tokens")
+    if st.button("Evaluate", type="primary", icon=":material/play_arrow:", disabled=judge is None):
+        try:
+            config = eval_table.EvalConfig.from_dict(dict(
+                checkpoints=",".join(policies[c] for c in chosen),
+                baseline=policies[baseline] if baseline else "", reward_model=judges[judge],
+                reference="" if reference == "the baseline" else policies[reference],
+                prompts=prompts_file.strip() if prompt_set == "file" else prompt_set, n_prompts=int(n_prompts),
+                temperature=float(temperature), max_new_tokens=int(max_new_tokens)))
+            st.session_state["eval_run"] = resources.queue_job("eval", config, "eval_notice")
+            st.rerun()
+        except ValueError as exc:
+            st.error(str(exc))
+    if notice := st.session_state.pop("eval_notice", None):
+        st.success(notice)
+    st.caption("Same from a terminal: `rlhf eval --checkpoints my-sft,my-ppo --reward-model my-rm --output out/eval`")
+
+if not evaluations:
+    st.info("No evaluation yet: pick checkpoints and a reward model above.")
+    st.stop()
+labels = {j.run_id: f"{j.run_id} ({j.status})" for j in evaluations}
+if st.session_state.get("eval_run") not in labels:
+    st.session_state.pop("eval_run", None)
+run_id = st.selectbox("Evaluation", list(labels), format_func=labels.get, key="eval_run")
+REFRESHING = jobs.busy
+
+
+@st.fragment(run_every=REFRESH_S if REFRESHING else None)
+def show_evaluation(run_id: str) -> None:
+    job = jobs.get(run_id)
+    if job.status in ("queued", "running", "stopping"):
+        st.progress(job.fraction, text=job.message or job.status)
+        if job.owned and job.status != "stopping" and st.button("Stop", key="eval_stop"):
+            jobs.stop(run_id)
+            st.rerun()
+    elif job.error:
+        st.error(job.error)
+    results = eval_table.load_results(job.output_dir) if job.output_dir else None
+    if results:
+        config = results["config"]
+        st.caption(f"{results['rows'][0]['prompts'] if results['rows'] else 0} prompts from `{config['prompts']}` · "
+                   f"judge `{config['reward_model']}` · baseline `{results['baseline']}` · "
+                   f"KL to `{results['reference']}`" + ("" if results["gold_applies"] else
+                                                        " · no gold: not the demo's prompts"))
+        table = pd.DataFrame(results["rows"]).drop(columns=["path"])
+        if not results["gold_applies"]:
+            table = table.drop(columns=["gold"])
+        st.dataframe(table, hide_index=True, column_config={
+            "rm_score": st.column_config.NumberColumn("RM score", format="%.3f"),
+            "gold": st.column_config.NumberColumn("gold", format="%.3f"),
+            "kl": st.column_config.NumberColumn("KL (nats)", format="%.4f"),
+            "length": st.column_config.NumberColumn("length (tokens)", format="%.1f"),
+            "win_rate": st.column_config.NumberColumn("win rate", format="%.3f")})
+        st.download_button("Download CSV", eval_table.table_csv(results["rows"]), file_name=f"{run_id}.csv",
+                           mime="text/csv", icon=":material/download:", key="eval_csv")
+    elif job.status == "done":
+        st.warning(f"no {eval_table.RESULTS_JSON} in {job.output_dir}")
+    if REFRESHING and not jobs.busy:
+        st.rerun()  # the job just finished: redraw once with the timer off
+
+
+show_evaluation(run_id)
