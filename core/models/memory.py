@@ -28,7 +28,8 @@ What it counts, and where each number comes from:
 - **Logits**, in fp32 (our code upcasts: `core/stages/rl.chunked_logprobs`; HF's causal-LM loss upcasts
   too): the tensors alive at the start of the backward pass (log-softmax output, its gradient and
   the logits' gradient). PPO's log-probs and entropies (update and scoring) run the LM head in chunks
-  of at most `MAX_CHUNK_LOGITS` logits, recomputed in the backward pass: one chunk's copies, not the batch's.
+  of at most `MAX_CHUNK_LOGITS` logits, recomputed in the backward pass: one chunk's copies, not the
+  batch's; the ptx term's logits are freed before the chunks recompute theirs, so the larger counts.
 - **The rollout** (PPO): the KV cache, batch x (prompt + response) x layers x 2 x kv_heads x head_dim
   in the weights' dtype (sampling runs without autocast), plus the prefill's logits; or the scoring
   pass's logits of one chunk, whichever is larger.
@@ -454,7 +455,8 @@ def activation_bytes(net: _Net, tokens: int, seq: int, device: str, checkpointin
 
 # Logits alive at the start of the backward pass, in fp32 copies of tokens x vocab: the log-softmax
 # output (saved), its gradient and the logits' gradient. PPO's policy holds, for one chunk at a time,
-# the recomputed logits, their log-softmax and the two gradients (`core/stages/rl.chunked_logprobs`).
+# the recomputed logits, their log-softmax and the two gradients (`core/stages/rl.chunked_logprobs`;
+# in the forward pass, the entropy's softmax and products instead of the gradients).
 LOSS_LOGIT_COPIES = 3
 PPO_LOGIT_COPIES = 4
 
@@ -578,15 +580,20 @@ def _plan_ppo(config, budget: DeviceBudget, prompt_length: int, frozen_bf16: boo
                       f"minibatch {minibatch} x (prompt {prompt_length} + response {config.response_length})"
                       + (", gradient checkpointing" if gc else "")))
     chunk = chunk_tokens(minibatch * config.response_length, policy.arch.vocab)
-    parts.append(Part("policy", "logits", PPO_LOGIT_COPIES * chunk * policy.arch.vocab * 4, "update",
-                      f"fp32, {PPO_LOGIT_COPIES} copies of a chunk of {chunk} of the {minibatch} x "
-                      f"{config.response_length} response tokens x vocab {policy.arch.vocab:,}"))
+    logits = PPO_LOGIT_COPIES * chunk * policy.arch.vocab * 4
+    logits_note = (f"fp32, {PPO_LOGIT_COPIES} copies of a chunk of {chunk} of the {minibatch} x "
+                   f"{config.response_length} response tokens x vocab {policy.arch.vocab:,}")
     if ptx:
         ptx_tokens = config.ptx_batch_size * PTX_BLOCK_SIZE
         parts.append(Part("policy", "ptx_activations", activation_bytes(policy, ptx_tokens, PTX_BLOCK_SIZE, **kw),
                           "update", f"{config.ptx_batch_size} blocks x {PTX_BLOCK_SIZE} tokens"))
-        parts.append(Part("policy", "ptx_logits", LOSS_LOGIT_COPIES * ptx_tokens * policy.arch.vocab * 4, "update",
-                          f"fp32, {LOSS_LOGIT_COPIES} copies of tokens x vocab"))
+        # The policy saves no logits for the backward pass (its chunks recompute theirs), and the ptx term,
+        # computed last, is differentiated first: its logits are freed before any chunk's are recomputed.
+        ptx_logits = LOSS_LOGIT_COPIES * ptx_tokens * policy.arch.vocab * 4
+        if ptx_logits > logits:
+            logits, logits_note = ptx_logits, (f"fp32, {LOSS_LOGIT_COPIES} copies of the ptx term's {ptx_tokens} tokens"
+                                               f" x vocab (more than the response's chunk; never both at once)")
+    parts.append(Part("policy", "logits", logits, "update", logits_note))
     parts.append(Part("value_model", "activations", activation_bytes(value, minibatch * seq, seq, **kw), "update",
                       f"minibatch {minibatch} x {seq} tokens" + (", gradient checkpointing" if gc else "")))
     _autocast_copies("policy", policy, budget.kind, 2 if ptx else 1, parts)
