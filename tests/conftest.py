@@ -24,6 +24,14 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """The bundled tokenizer, loaded once per test module."""
+    from core.models.loading import load_tokenizer
+
+    return load_tokenizer("bundled")
+
+
 @pytest.fixture
 def workbench_home(tmp_path, monkeypatch):
     """A fresh RLHF_WORKBENCH_HOME (and offline hub) for one test."""

@@ -31,11 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("bundled")
-
-
-@pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tok):
     """(sft_dir, rm_dir, rankings file: 12 demo prompts, K=3 clean > rambling > wrong)."""
     root = tmp_path_factory.mktemp("alt-inputs")

@@ -27,11 +27,6 @@ TEMPERATURE = 0.7  # not 1, so a sum that forgot the temperature scaling would d
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("bundled")
-
-
-@pytest.fixture(scope="module")
 def policies(tmp_path_factory, tok):
     """(policy, reference_policy, rm): a perturbed copy of the bundled model against the bundled model
     (so log π − log π_ref is far from 0), and a reward model with a random head, all assembled as PPO

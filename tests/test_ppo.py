@@ -20,7 +20,7 @@ from core.events import Events
 from core.models.generate import Samples, encode_prompts
 from core.models.chat import render_prompt
 from core.models.loading import (
-    load_policy, load_scalar_model, load_tokenizer, pick_device, save_checkpoint, token_scores,
+    load_policy, load_scalar_model, pick_device, save_checkpoint, token_scores,
 )
 from core.models.pretrain import lm_loss
 from core.paths import checkpoints_dir
@@ -33,11 +33,6 @@ PROMPTS = [t.prompt for t in demo.train_tasks(400) if t.kind in ("add", "repeat"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("bundled")
 
 
 @pytest.fixture(scope="module")
