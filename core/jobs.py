@@ -19,6 +19,7 @@ rank acts on at the same step.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import subprocess
 import threading
@@ -87,9 +88,6 @@ def pipeline_test_options() -> dict:
     """For tests only (the browser test): the app's pipeline job reads per-stage config overrides from
     the environment, e.g. RLHF_WORKBENCH_PIPELINE_OVERRIDES='{"sft": {"epochs": 1}, "eval_prompts": 16}',
     so a real server runs a tiny demo pipeline. Unset (always, in normal use) it changes nothing."""
-    import json
-    import os
-
     raw = os.environ.get(PIPELINE_OVERRIDES_ENV)
     if not raw:
         return {}
