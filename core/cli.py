@@ -89,7 +89,7 @@ def _relaunch(stage: str, config, args) -> int | None:
     if os.environ.get(LAUNCHED_ENV) == "1":
         return None
     processes = 1 if args.processes is None else args.processes
-    if not launch.check(stage, config, processes, args.accelerate_config, Path(args.output)):
+    if not launch.check(stage, config, processes, args.accelerate_config):
         return None
     from core.models.loading import pick_device
 

@@ -79,6 +79,15 @@ class Distributed:
 
     # -- training --------------------------------------------------------------------------------
 
+    def loss_denominator(self, local_count: torch.Tensor) -> torch.Tensor:
+        """What a rank divides its summed token losses by so that the ranks' averaged gradients (DDP
+        averages them) are the gradient of the mean over the global batch's tokens: the global count
+        over the number of ranks (a collective). One process: its own count (at least 1)."""
+        if self.accelerator is None:
+            return local_count.clamp(min=1).float()
+        total = self.all_reduce_sum(local_count.detach().double().cpu().reshape(1))
+        return (total.clamp(min=1) / self.world_size).float().to(local_count.device).squeeze(0)  # a fraction: not the count's int dtype
+
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """(model to train through, optimizer). The plain `model` stays usable for evaluation and
         saving under DDP; under ZeRO-3/FSDP2 read it inside `full_weights`."""

@@ -12,8 +12,13 @@ and output directory; the runners pick up from their last checkpoint.
 A job on several processes (`processes > 1` or an accelerate config) cannot be a thread: it runs as
 `rlhf <stage> --processes N` in a subprocess (core/launch.py), tracked the same way. The manager
 hands the run over to the subprocess's rank 0, whose heartbeat keeps it live (a server restart leaves
-it running); progress comes back on the subprocess's stdout; Stop creates a stop file that every
-rank acts on at the same step.
+it running); progress comes back through the subprocess's output, written to a file (a pipe would
+break when the server goes, and the run with it); Stop creates a stop file that every rank acts on
+at the same step. The launch request (processes, accelerate config, and the stop file once
+launched) is recorded with the run, so a restarted server resumes the run on as many processes with
+the same config, and can stop a subprocess run that the previous server launched and that still
+runs: it creates the recorded stop file and the run's rank 0 records `stopped` itself. A run another
+live process runs in-process (a CLI run, a pipeline's stage) has no stop file and is stopped there.
 """
 
 from __future__ import annotations
@@ -179,8 +184,12 @@ class JobManager:
         return status, error
 
     def _job_from_run(self, run: dict, status: str, error: str | None) -> Job:
-        config = self.store.get_run(run["id"])["config"]
-        return Job(run["id"], run["stage"], config, run["output_dir"] or "", status, error=error)
+        """A Job from the store's record, with its launch request (several processes, an accelerate
+        config) when it was a subprocess job; runs recorded without one run on one process."""
+        record = self.store.get_run(run["id"])
+        launch = record.get("launch") or {}
+        return Job(run["id"], run["stage"], record["config"], run["output_dir"] or "", status, error=error,
+                   processes=int(launch.get("processes", 1)), accelerate_config=launch.get("accelerate_config"))
 
     # -- public API --------------------------------------------------------------------------------
 
@@ -196,25 +205,35 @@ class JobManager:
         config_dict = self._check_config(stage, config)
         run_id = validate_name(run_id, "run name") if run_id else new_run_id(stage)
         output_dir = str(output_dir) if output_dir else str(self.runs_dir / run_id / "model")
+        launch = None
         if processes != 1 or accelerate_config:
             if stage in DICT_CONFIG_JOBS:
                 raise ValueError(f"a {stage} job runs on one process; several processes apply to its stages' own runs")
             from core.launch import check
 
-            check(stage, STAGES[stage].config_class.from_dict(config_dict), processes, accelerate_config, output_dir)
-        self.store.create_run(run_id, stage, config_dict, output_dir)
+            check(stage, STAGES[stage].config_class.from_dict(config_dict), processes, accelerate_config)
+            # Absolute: a restarted server (another working directory) relaunches the run with it.
+            accelerate_config = str(Path(accelerate_config).resolve()) if accelerate_config else None
+            launch = {"processes": processes, "accelerate_config": accelerate_config}
+        self.store.create_run(run_id, stage, config_dict, output_dir, launch=launch)
         with self._lock:
             self._jobs[run_id] = Job(run_id, stage, config_dict, output_dir, "queued", processes=processes,
-                                     accelerate_config=str(accelerate_config) if accelerate_config else None)
+                                     accelerate_config=accelerate_config)
             self._queue.append(run_id)
             self._dispatch()
         return run_id
 
     def stop(self, run_id: str) -> None:
-        """Ask a job to stop. A queued job is dropped from the queue; a running one stops at its next step."""
+        """Ask a job to stop. A queued job is dropped from the queue; a running one stops at its next step.
+
+        A running subprocess job that another job manager launched (the server before a restart) is
+        stopped through the stop file recorded with the run; any other run this manager does not own
+        is refused."""
         with self._lock:
             job = self._get(run_id)
             if job.status in ACTIVE and not self._owns(run_id):
+                if job.status in ("running", "stopping") and self._stop_foreign(job):
+                    return
                 raise ValueError(
                     f"run {run_id!r} is not run by this app's job manager (a stage of a pipeline run, or a "
                     "CLI run): stop the pipeline run or the CLI process instead"
@@ -356,10 +375,24 @@ class JobManager:
     def _stop_file(self, job: Job) -> Path:
         return self.runs_dir / job.run_id / "stop"
 
+    def _stop_foreign(self, job: Job) -> bool:
+        """Stop a subprocess run launched by another job manager through the stop file its ranks poll
+        (recorded at launch; `Store.start_run` drops it when the run is resumed outside a job manager).
+        Its rank 0 records `stopped` once they stop. False where the run records no stop file."""
+        stop_file = ((self.store.get_run(job.run_id).get("launch") or {}).get("stop_file"))
+        if not stop_file:
+            return False
+        Path(stop_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(stop_file).touch()
+        # Only over `running`: a run that ended meanwhile keeps its final status.
+        if self.store.set_run_status(job.run_id, "stopping", only_from=("running",)):
+            job.status = "stopping"
+        return True
+
     def _run_subprocess(self, job: Job, on_progress: Callable[[int, int, str], None]) -> str:
         """`rlhf <stage> --processes N` on the job's config; returns the final model directory. The
-        subprocess records metrics, checkpoints and its status in the store like a thread job."""
-        import json
+        subprocess records metrics, checkpoints and its status in the store like a thread job; its
+        output goes to `<runs_dir>/<run>/output.log`, which this thread follows for progress lines."""
 
         from core.launch import JOB_PARENT_ENV, PROGRESS_PREFIX, STOP_FILE_ENV, command, environment
         from core.models.loading import pick_device
@@ -367,6 +400,9 @@ class JobManager:
         control = self._stop_file(job).parent
         control.mkdir(parents=True, exist_ok=True)
         self._stop_file(job).unlink(missing_ok=True)  # a resumed run's earlier Stop is spent
+        # Recorded with the run: a restarted server relaunches it the same way and can stop it (`_stop_foreign`).
+        self.store.set_run_launch(job.run_id, {"processes": job.processes, "accelerate_config": job.accelerate_config,
+                                               "stop_file": str(self._stop_file(job))})
         config_file = control / "config.yaml"
         config = STAGES[job.stage].config_class.from_dict(job.config)
         config_file.write_text(config.to_yaml())
@@ -376,12 +412,33 @@ class JobManager:
         env = environment({STOP_FILE_ENV: str(self._stop_file(job)), JOB_PARENT_ENV: str(os.getpid()),
                            "RLHF_WORKBENCH_HOME": str(self.store.path.parent)})
         tail: deque[str] = deque(maxlen=30)  # the last lines, for the error of a failed job
-        with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as child:
-            for line in child.stdout:
+
+        def read(line: str) -> None:
+            try:
                 if line.startswith(PROGRESS_PREFIX):
-                    on_progress(*json.loads(line[len(PROGRESS_PREFIX):]))
-                else:
-                    tail.append(line.rstrip())
+                    return on_progress(*json.loads(line[len(PROGRESS_PREFIX):]))
+            except (ValueError, TypeError):
+                pass  # a garbled progress line: kept as output, the child runs on
+            tail.append(line.rstrip())
+
+        # The child writes to a file, not a pipe: once this server is gone (a restart) a write to a pipe
+        # would fail (BrokenPipeError at its next progress line) and take the run down with it.
+        output = control / "output.log"
+        with open(output, "wb") as sink, open(output, "rb") as source:
+            child = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT)
+            pending = b""
+            while True:
+                exited = child.poll() is not None  # then what it wrote is all in the file: read it to the end
+                pending += source.read()
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    read(line.decode(errors="replace"))
+                if exited:
+                    break
+                if not lines:
+                    time.sleep(0.2)
+            if pending:
+                read(pending.decode(errors="replace"))
         if child.returncode != 0:
             errors = [line for line in tail if "rlhf: error:" in line or ("Error" in line and "ChildFailed" not in line)]
             raise RuntimeError(f"the {job.processes}-process run exited with status {child.returncode}: "
@@ -413,6 +470,8 @@ class JobManager:
         try:
             if self._in_subprocess(job):
                 result = self._run_subprocess(job, on_progress)
+                if self._stop_file(job).exists():  # Stop from another job manager (`_stop_foreign`)
+                    job.stop_flag.set()
             else:
                 run = self.runner(job.stage)
                 config = job.config if job.stage in DICT_CONFIG_JOBS else STAGES[job.stage].config_class.from_dict(job.config)

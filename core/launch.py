@@ -2,16 +2,15 @@
 
 Everything a user can get wrong is checked here, before a process starts or the store is touched:
 more processes than GPUs, a missing or malformed accelerate config, a DeepSpeed config without
-DeepSpeed installed, a global batch that does not divide over the processes, PPO on a config that
-shards parameters (ZeRO-3, FSDP2), and a resume on another number of processes from a sharded
-(DeepSpeed/FSDP) checkpoint. The child processes run `core.cli`
+DeepSpeed installed, a DeepSpeed or FSDP config for a run on the CPU, a global batch that does not
+divide over the processes, and PPO on a config that shards parameters (ZeRO-3, FSDP2). The child
+processes run `core.cli`
 as usual; `LAUNCHED_ENV` tells them to join the process group (core/distributed.py).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -55,7 +54,7 @@ def shipped_configs() -> list[str]:
     return sorted(p.name for p in CONFIGS_DIR.glob("*.yaml"))
 
 
-def check(stage: str, config, processes: int, accelerate_config: str | Path | None, output_dir: str | Path) -> bool:
+def check(stage: str, config, processes: int, accelerate_config: str | Path | None) -> bool:
     """Validate a launch request; True when the stage must run under `accelerate launch`
     (False: the plain single-process path, unchanged). Raises ValueError, having written nothing."""
     if processes < 1:
@@ -68,7 +67,13 @@ def check(stage: str, config, processes: int, accelerate_config: str | Path | No
     accelerate = read_accelerate_config(accelerate_config) if accelerate_config else {}
     from core.models.loading import pick_device
 
-    if pick_device(config.device).type == "cuda":
+    device_type = pick_device(config.device).type
+    if device_type == "cpu" and accelerate.get("distributed_type") in ("DEEPSPEED", "FSDP"):
+        # accelerate would quietly run plain DDP instead (its CPU path ignores both plugins).
+        raise ValueError(f"{accelerate_config} asks for {accelerate['distributed_type']}, which accelerate applies on "
+                         f"GPUs only: on the CPU the stage would run as plain DDP; use {CONFIGS_DIR / 'ddp.yaml'} "
+                         "or no config")
+    if device_type == "cuda":
         import torch
 
         if processes > torch.cuda.device_count():
@@ -80,7 +85,6 @@ def check(stage: str, config, processes: int, accelerate_config: str | Path | No
         raise ValueError(f"ppo runs on DDP or ZeRO-2 for now, not {accelerate_config} (ZeRO-3/FSDP2): its scoring "
                          "and ptx forwards read the policy outside the prepared module, which holds only a shard "
                          "there; use configs/accelerate/ddp.yaml or zero2.yaml")
-    check_resume(output_dir, processes, accelerate.get("distributed_type") in ("DEEPSPEED", "FSDP"))
     return True
 
 
@@ -99,21 +103,6 @@ def sharded_weights(accelerate: dict) -> bool:
     """The config shards parameters (ZeRO-3, FSDP), not only optimizer state."""
     zero_stage = (accelerate.get("deepspeed_config") or {}).get("zero_stage")
     return accelerate.get("distributed_type") == "FSDP" or zero_stage == 3
-
-
-def check_resume(output_dir: str | Path, processes: int, sharded: bool) -> None:
-    """A DDP checkpoint holds whole optimizer states and resumes on any number of processes; a sharded
-    one (DeepSpeed, FSDP) only on the number that wrote it."""
-    from core.paths import checkpoints_dir
-    from core.stages.resume import STATE_FILE
-
-    states = sorted(checkpoints_dir(output_dir).glob(f"*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
-    if not states or not sharded:
-        return
-    before = json.loads(states[-1].read_text()).get("processes", 1)
-    if before != processes:
-        raise ValueError(f"{output_dir} holds a checkpoint written by {before} process(es) with sharded optimizer "
-                         f"state: resume it with --processes {before}, or use the DDP config (resumes on any number)")
 
 
 def command(processes: int, accelerate_config: str | Path | None, cpu: bool, cli_args: list[str],

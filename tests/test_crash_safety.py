@@ -29,7 +29,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from core.stages import ppo, resume
+from core.stages import resume
 from core.jobs import JobManager
 from core.paths import checkpoints_dir
 

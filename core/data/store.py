@@ -162,7 +162,9 @@ class Store:
     def _migrate(self) -> None:
         """Columns added after the first release, added in place to an older database file."""
         have = {row[1] for row in self._conn().execute("PRAGMA table_info(runs)")}
-        for column, kind in (("owner_pid", "INTEGER"), ("owner_host", "TEXT"), ("heartbeat", "REAL")):
+        # `launch`: a job manager's subprocess job's launch request (JSON, see `create_run`); NULL for the rest.
+        for column, kind in (("owner_pid", "INTEGER"), ("owner_host", "TEXT"), ("heartbeat", "REAL"),
+                             ("launch", "TEXT")):
             if column not in have:
                 self._conn().execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
         # A multi-turn demonstration keeps the turns before its last exchange (JSON list of {role, content}).
@@ -388,8 +390,13 @@ class Store:
 
     # -- runs, metrics, checkpoints ------------------------------------------------------------
 
-    def create_run(self, run_id: str, stage: str, config: dict, output_dir: str | None = None) -> str:
-        """Record a new run, queued and owned by this process (see `claim_run`)."""
+    def create_run(self, run_id: str, stage: str, config: dict, output_dir: str | None = None,
+                   launch: dict | None = None) -> str:
+        """Record a new run, queued and owned by this process (see `claim_run`).
+
+        `launch`: how a job manager runs it in a subprocess, `{"processes": N, "accelerate_config": path or
+        None}`, plus `"stop_file"` once launched (`set_run_launch`); None for a run in the owner's process.
+        A restarted server resumes and stops the run from it (core/jobs.py)."""
         validate_name(run_id, "run name")
         now = time.time()
         with self._tx() as db:
@@ -397,21 +404,30 @@ class Store:
                 raise ValueError(f"a run named {run_id!r} already exists; pick another name")
             db.execute(
                 """INSERT INTO runs(id, stage, status, config, output_dir, created_at, updated_at,
-                                    owner_pid, owner_host, heartbeat) VALUES (?,?,?,?,?,?,?,?,?,?)""",
+                                    owner_pid, owner_host, heartbeat, launch) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
                 (run_id, stage, "queued", json.dumps(config), output_dir, now, now, os.getpid(),
-                 socket.gethostname(), now),
+                 socket.gethostname(), now, json.dumps(launch) if launch else None),
             )
         self._start_heartbeat()
         return run_id
 
-    def set_run_status(self, run_id: str, status: str, error: str | None = None) -> None:
+    def set_run_status(self, run_id: str, status: str, error: str | None = None,
+                       only_from: tuple[str, ...] | None = None) -> bool:
+        """Set a run's status; with `only_from`, only if its status is one of those (in the same
+        transaction: a run that ended meanwhile keeps its final status). True if the row changed."""
         if status not in RUN_STATUSES:
             raise ValueError(f"unknown run status {status!r}")
+        sql, args = "UPDATE runs SET status = ?, error = ?, updated_at = ? WHERE id = ?", [status, error, time.time(), run_id]
+        if only_from is not None:
+            sql += f" AND status IN ({','.join('?' * len(only_from))})"
+            args += list(only_from)
         with self._tx() as db:
-            db.execute(
-                "UPDATE runs SET status = ?, error = ?, updated_at = ? WHERE id = ?",
-                (status, error, time.time(), run_id),
-            )
+            return db.execute(sql, args).rowcount > 0
+
+    def set_run_launch(self, run_id: str, launch: dict | None) -> None:
+        """Replace a run's launch request (see `create_run`)."""
+        with self._tx() as db:
+            db.execute("UPDATE runs SET launch = ? WHERE id = ?", (json.dumps(launch) if launch else None, run_id))
 
     def start_run(self, run_id: str, stage: str, config_dict: dict, output_dir: str | None,
                   handover_from: int | None = None) -> None:
@@ -435,6 +451,10 @@ class Store:
             raise ValueError(f"run {run_id!r} writes to {run['output_dir']}; resume it with that output directory "
                              "or pick another name")
         self.claim_run(run_id, handover_from=handover_from)
+        if handover_from is None and (run["launch"] or {}).get("stop_file"):
+            # Resumed outside a job manager (`rlhf <stage> --name <run>` in a terminal): this process polls
+            # no stop file, so a job manager must not offer to stop it through one.
+            self.set_run_launch(run_id, {k: v for k, v in run["launch"].items() if k != "stop_file"})
 
     def claim_run(self, run_id: str, status: str = "running", handover_from: int | None = None) -> None:
         """This process takes over a run (a resume): it becomes the owner whose heartbeat keeps the
@@ -495,6 +515,7 @@ class Store:
             raise ValueError(f"no run named {run_id!r}")
         run = rows[0]
         run["config"] = json.loads(run["config"])
+        run["launch"] = json.loads(run["launch"]) if run.get("launch") else None
         return run
 
     def list_runs(self) -> list[dict]:

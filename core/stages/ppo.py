@@ -58,7 +58,14 @@ from core.models.loading import (
 from core.models.lora import AdapterOff, prepare_for_training
 from core.models.pretrain import heldout_lm_loss, lm_loss, pack
 from core.stages import optim
-from core.stages.resume import checkpoint_path, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from core.stages.resume import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_training_checkpoint,
+    optimizer_state,
+    restore_optimizer,
+    save_training_checkpoint,
+)
 from core.stages.rl import (
     AllReduceSum,
     PromptSampler,
@@ -316,22 +323,25 @@ class AdaptiveKLController:
 
 
 def clipped_policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        response_mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        response_mask: torch.Tensor, cliprange: float,
+                        count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped surrogate objective (Schulman et al. 2017, eq. 7) per token, masked: returns
-    (loss, ratio). The max of the two negated terms is the pessimistic bound of the objective."""
+    (loss, ratio). The max of the two negated terms is the pessimistic bound of the objective.
+    `count`: the token count to divide by (`Distributed.loss_denominator`; default: this batch's)."""
     ratio = ((new_logprobs - old_logprobs) * response_mask).exp()
     pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
-    return masked_mean(pg_losses, response_mask), ratio
+    return masked_mean(pg_losses, response_mask, count=count), ratio
 
 
 def clipped_value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       response_mask: torch.Tensor, cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       response_mask: torch.Tensor, cliprange_value: float,
+                       count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss (openai/baselines; Huang et al. detail): the new value may move at most
     cliprange_value from the rollout's value. Returns (0.5 * masked mean of the max squared error,
-    the fraction of tokens where the clipped error was the larger)."""
+    the fraction of tokens where the clipped error was the larger). `count`: as `clipped_policy_loss`."""
     v_clipped = old_values + (new_values - old_values).clamp(-cliprange_value, cliprange_value)
     unclipped, clipped = (new_values - returns) ** 2, (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(unclipped, clipped), response_mask)
+    loss = 0.5 * masked_mean(torch.max(unclipped, clipped), response_mask, count=count)
     return loss, masked_mean((clipped > unclipped).float(), response_mask)
 
 
@@ -369,9 +379,13 @@ def ppo_update(models: PPOModels, batch: Rollout, advantages: torch.Tensor, retu
             else:
                 new_logprobs, new_values, entropy = policy_value_forward(models, ids, mask, pos, P, config)
 
-            policy_loss, ratio = clipped_policy_loss(new_logprobs, old_logprobs, adv, response_mask, config.cliprange)
+            # Token means over the global minibatch, not a mean of the ranks' means (which would weight a
+            # rank's tokens by how few answer tokens it drew): one process divides by its own count.
+            count = models.dist.loss_denominator(response_mask.sum())
+            policy_loss, ratio = clipped_policy_loss(new_logprobs, old_logprobs, adv, response_mask, config.cliprange,
+                                                     count)
             value_loss, value_clip_frac = clipped_value_loss(new_values, old_values, ret, response_mask,
-                                                             config.cliprange_value)
+                                                             config.cliprange_value, count)
 
             loss = policy_loss + config.vf_coef * value_loss
             if config.ptx_coef > 0 and ptx_batches is not None:  # ptx_coef = 0: plain PPO, no ptx forward
@@ -423,10 +437,14 @@ def reuses_first_forward(config: PPOConfig) -> bool:
 
 
 def ppo_step(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config: PPOConfig,
-             kl_coef: float, ptx_batches: Iterator[torch.Tensor] | None = None) -> StepResult:
+             kl_coef: float, ptx_batches: Iterator[torch.Tensor] | None = None,
+             samples: Samples | None = None) -> StepResult:
+    """`samples`: answers to these prompts sampled beforehand (from the current policy), instead of sampling
+    them here."""
     t0 = time.perf_counter()
-    with models.dist.full_weights(models.policy):
-        samples = generate_responses(models, prompt_ids, prompt_mask, config)
+    if samples is None:
+        with models.dist.full_weights(models.policy):
+            samples = generate_responses(models, prompt_ids, prompt_mask, config)
     _sync(models.device)
     t_gen = time.perf_counter()
     reuse_first_forward = reuses_first_forward(config)
@@ -503,7 +521,7 @@ def save_step_checkpoint(models: PPOModels, path: Path, state: dict, sampler: Pr
     # in the same atomic directory: a crash cannot leave a step without its EMA.
     return save_training_checkpoint(
         models.policy, models.tokenizer, path, state,
-        {"optimizer": models.optimizer.state_dict(), "value_model": trainable_state(models.value_model),
+        {**optimizer_state(models.optimizer, models.dist.sharded), "value_model": trainable_state(models.value_model),
          "prompts": sampler.state()},
         models.device, extra_models={EMA_DIR: ema} if ema is not None else None)
 
@@ -553,11 +571,11 @@ def heldout_reward(models: PPOModels, tokenizer, prompts: list[str], config: PPO
 def check_inputs(config: PPOConfig, store: Store | None):
     """Every check a user can fail, before loading a model: returns (tokenizer, prompts, ptx_texts)."""
     config.validate()
-    for field, what in (("sft_model", "SFT checkpoint"), ("reward_model", "reward model checkpoint")):
+    for name, what in (("sft_model", "SFT checkpoint"), ("reward_model", "reward model checkpoint")):
         try:
-            resolve_model(getattr(config, field))
+            resolve_model(getattr(config, name))
         except ValueError as exc:
-            raise ValueError(f"{field} ({what}): {exc}") from exc
+            raise ValueError(f"{name} ({what}): {exc}") from exc
     tokenizer = load_tokenizer(config.sft_model)
     check_same_tokenizer(tokenizer, load_tokenizer(config.reward_model),
                          f"reward_model {config.reward_model} does not match sft_model {config.sft_model}")
@@ -596,7 +614,7 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     if resume_from is not None:
         state, training = load_training_checkpoint(resume_from, device)
         load_trainable_state(value_model, training["value_model"])
-        models.optimizer.load_state_dict(training["optimizer"])
+        restore_optimizer(models.optimizer, training, events.log)
         sampler.load(training["prompts"])
         kl_ctl.value = state["kl_coef"]
         events.log(f"resuming PPO after step {state['step']} from {resume_from}")
@@ -625,7 +643,7 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     rollout_log = RolloutRecorder(store if dist.is_main else None, events.run_id, num_steps, tokenizer)
 
     def checkpoint(step: int) -> Path:
-        state["processes"] = dist.world_size  # a sharded optimizer state resumes only on as many
+        state["processes"] = dist.world_size  # who wrote it (a record: every checkpoint resumes on any number)
         path = checkpoint_path(output_dir, "step", step)
         with dist.full_weights(policy):
             if dist.is_main:  # the one checkpoint writer

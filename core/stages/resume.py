@@ -6,6 +6,11 @@ write, `trainer_state.json` (plain values: counters, best score, history) and `t
 (optimizer, LR schedule, RNG states, anything else with tensors). Re-running a stage with the same
 output directory continues after the newest complete checkpoint, under the same run name, so its
 metrics (keyed by step) continue the same curves.
+
+Under DeepSpeed or FSDP the optimizer state is sharded over the ranks and rank 0, the one writer, holds
+only its own shard: such checkpoints leave the optimizer state out, and a resume restores the weights,
+counters, schedule and data position while the optimizer's moments start afresh (said in the run's log).
+So every checkpoint resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -60,3 +65,18 @@ def load_training_checkpoint(path: Path, device: Device) -> tuple[dict, dict]:
     training = torch.load(path / TRAINING_FILE, weights_only=True, map_location="cpu")
     restore_rng(training["rng"], device)
     return state, training
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, sharded: bool) -> dict:
+    """The optimizer's entry of a training checkpoint: {"optimizer": state}, or {} where the state is
+    sharded over the ranks (`Distributed.sharded`)."""
+    return {} if sharded else {"optimizer": optimizer.state_dict()}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, training: dict, log) -> None:
+    """Load a checkpoint's optimizer state; `log` says so when it holds none (written sharded)."""
+    if "optimizer" in training:
+        optimizer.load_state_dict(training["optimizer"])
+    else:
+        log("this checkpoint was written with optimizer state sharded over the ranks (DeepSpeed/FSDP), which is "
+            "not saved: weights, step, schedule and data position resume; the optimizer's moments start afresh")

@@ -42,7 +42,14 @@ from core.models.loading import (
 from core.models.lora import prepare_for_training
 from core.paths import atomic_write_text, checkpoints_dir
 from core.stages import optim
-from core.stages.resume import checkpoint_path, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from core.stages.resume import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_training_checkpoint,
+    optimizer_state,
+    restore_optimizer,
+    save_training_checkpoint,
+)
 
 SUMMARY_FILE = "rm_summary.json"
 RANKINGS_FILE = "rankings.json"  # the run's train/held-out rankings, kept so a resume trains on the same ones
@@ -298,7 +305,7 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
     state = {"epoch": 0, "step": 0, "summary": {}}
     if resume_from is not None:
         state, training = load_training_checkpoint(resume_from, device)
-        optimizer.load_state_dict(training["optimizer"])
+        restore_optimizer(optimizer, training, events.log)
         scheduler.load_state_dict(training["scheduler"])
         events.log(f"resuming the reward model after epoch {state['epoch']} (step {state['step']})")
     # `model` stays the plain module (evaluation, centring, saving); training runs through `trained`.
@@ -326,8 +333,8 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
         if stopped:
             break
         state["epoch"] = epoch
-        state["processes"] = dist.world_size  # a sharded optimizer state resumes only on as many
-        training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        state["processes"] = dist.world_size  # who wrote it (a record: every checkpoint resumes on any number)
+        training = {**optimizer_state(optimizer, dist.sharded), "scheduler": scheduler.state_dict()}
         # Every rank evaluates and centres the same weights (same numbers); rank 0 alone writes.
         with dist.full_weights(model):
             if heldout:

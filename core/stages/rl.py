@@ -16,9 +16,14 @@ from core.models.loading import hf_model, last_hidden_state
 AllReduceSum = Callable[[torch.Tensor], torch.Tensor]  # a tensor summed element-wise over the ranks
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, all_reduce_sum: AllReduceSum | None = None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, all_reduce_sum: AllReduceSum | None = None,
+                count: torch.Tensor | None = None) -> torch.Tensor:
     """The mean over the real (unmasked) entries; with `all_reduce_sum` (several processes, each holding
-    its share of the batch) the mean over every rank's entries: sum and count are summed over the ranks."""
+    its share of the batch) the mean over every rank's entries: sum and count are summed over the ranks
+    (a statistic: no gradient flows through the reduction). `count`: divide this rank's sum by it instead
+    of its own count (a loss under several processes: `Distributed.loss_denominator`)."""
+    if count is not None:
+        return (x * mask).sum() / count
     if all_reduce_sum is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
     total, count = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)])).to(x.device)

@@ -29,7 +29,14 @@ from core.models.chat import encode_answer, encode_conversation
 from core.models.loading import Device, fuse_gelu, load_policy, load_tokenizer, pick_device, save_model
 from core.models.lora import prepare_for_training
 from core.stages import optim
-from core.stages.resume import checkpoint_path, latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from core.stages.resume import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_training_checkpoint,
+    optimizer_state,
+    restore_optimizer,
+    save_training_checkpoint,
+)
 
 IGNORE = -100
 SUMMARY_FILE = "sft_summary.json"
@@ -121,7 +128,7 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
     state = {"epoch": 0, "step": 0, "best_score": None, "best_epoch": None}
     if resume_from is not None:
         state, training = load_training_checkpoint(resume_from, device)
-        optimizer.load_state_dict(training["optimizer"])
+        restore_optimizer(optimizer, training, events.log)
         scheduler.load_state_dict(training["scheduler"])
         events.log(f"resuming SFT after epoch {state['epoch']} (step {state['step']})")
     # `model` stays the plain module (evaluation, saving); training runs through `trained`.
@@ -141,9 +148,9 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
             # The loss is the mean over the global batch's answer tokens, not a mean of the ranks' means
             # (which weights a rank's tokens by its share and moves Adam's first steps elsewhere): DDP
             # averages gradients over the ranks, so each rank divides its token sum by global count / N.
-            answer_tokens = dist.all_reduce_sum((batch["labels"][:, 1:] != IGNORE).sum().double().cpu())
+            answer_tokens = dist.loss_denominator((batch["labels"][:, 1:] != IGNORE).sum())
             with device.autocast():
-                loss = trained(**batch, num_items_in_batch=answer_tokens.item() / dist.world_size).loss
+                loss = trained(**batch, num_items_in_batch=answer_tokens.item()).loss
             optim.step(loss, model, optimizer, scheduler, dist=dist)
             state["step"] += 1
             tokens += int(batch["attention_mask"].sum())
@@ -168,8 +175,8 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
         improved = state["best_score"] is None or score > state["best_score"]
         if improved:
             state["best_score"], state["best_epoch"] = score, epoch
-        state["processes"] = dist.world_size  # a sharded optimizer state resumes only on as many
-        training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        state["processes"] = dist.world_size  # who wrote it (a record: every checkpoint resumes on any number)
+        training = {**optimizer_state(optimizer, dist.sharded), "scheduler": scheduler.state_dict()}
         with dist.full_weights(model):
             if dist.is_main:  # the one checkpoint writer
                 if improved:
