@@ -51,12 +51,12 @@ def bench_sft(args) -> dict:
         ours = events.last["tokens_per_s"]
     result = {"bench": "sft", "examples": args.examples, "batch_size": 32, "ours_tokens_per_s": ours}
     if args.against == "trl":
-        result["trl_tokens_per_s"] = _trl_sft(rows, args.device)
+        result["trl_tokens_per_s"] = _trl_sft(rows, args.device, config.group_by_length)
         result["ratio"] = ours / result["trl_tokens_per_s"]
     return result
 
 
-def _trl_sft(rows: list[dict], device: str) -> float:
+def _trl_sft(rows: list[dict], device: str, group_by_length: bool) -> float:
     from datasets import Dataset
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
@@ -68,7 +68,10 @@ def _trl_sft(rows: list[dict], device: str) -> float:
     # Same text as our encode(): chat-formatted prompt, " " + answer, EOS (TRL appends it).
     data = Dataset.from_list([{"prompt": render_prompt(tokenizer, r["prompt"]), "completion": " " + r["completion"]} for r in rows])
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = SFTTrainer(model=model, args=TRLSFTConfig(**_trl_common(tmp, 32, device), completion_only_loss=True),
+        # Batches of similar length on both sides when ours groups them (transformers' LengthGroupedSampler).
+        trainer = SFTTrainer(model=model, args=TRLSFTConfig(
+            **_trl_common(tmp, 32, device), completion_only_loss=True,
+            train_sampling_strategy="group_by_length" if group_by_length else "random"),
                              train_dataset=data, processing_class=tokenizer)
         tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
         start = time.perf_counter()

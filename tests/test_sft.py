@@ -78,3 +78,44 @@ def test_demonstrations_from_a_file(tmp_path):
     path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(ValueError, match="does not hold demonstrations"):
         load_demonstrations(config.data, None)
+
+
+def test_length_grouping_cuts_padding_and_keeps_every_example_once(tok):
+    import random
+
+    rows = demo.demonstrations(demo.train_tasks(640), ramble_rate=0.5)
+    lengths = [len(sft.encode(tok, r["prompt"], r["completion"], 128)[0]) for r in rows]
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)
+    grouped = sft.length_grouped(order, [lengths[i] for i in order], 32, random.Random(1))
+    assert sorted(grouped) == list(range(len(rows)))  # a permutation: nothing dropped or repeated
+
+    def real_share(o):  # real tokens over the padded batches' tokens
+        batches = [o[b : b + 32] for b in range(0, len(o), 32)]
+        return sum(lengths[i] for i in o) / sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    assert real_share(order) < 0.75 < 0.9 < real_share(grouped)
+    # The batches' order stays random: not sorted by length from long to short across the epoch.
+    longest = [max(lengths[i] for i in grouped[b : b + 32]) for b in range(0, len(grouped), 32)]
+    assert longest != sorted(longest, reverse=True)
+    # A partial last batch stays last, where the training loop drops it.
+    odd = sft.length_grouped(order[:70], [lengths[i] for i in order[:70]], 32, random.Random(1))
+    assert sorted(odd[64:]) == sorted(sft.length_grouped(order[:70], [lengths[i] for i in order[:70]], 32,
+                                                          random.Random(2))[64:])
+
+
+def test_group_by_length_regroups_every_epoch(tmp_path, monkeypatch):
+    calls = []
+
+    def spy(order, lengths, batch_size, rng):
+        calls.append((len(order), batch_size))
+        return order[::-1]
+
+    monkeypatch.setattr(sft, "length_grouped", spy)
+    config = make_config("sft", "quick", dict(epochs=2, n_demonstrations=40, batch_size=8, eval_prompts=0,
+                                              device="cpu", group_by_length=True))
+    sft.run(config, None, Events(), tmp_path / "out")
+    assert calls == [(38, 8), (38, 8)]  # each epoch's 38 training rows (2 held out), in batches of 8
+    calls.clear()
+    sft.run(config.replace(group_by_length=False, epochs=3), None, Events(), tmp_path / "out")  # resumes epoch 3
+    assert calls == []
