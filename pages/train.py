@@ -6,6 +6,7 @@ appears under the field. Launching shows the equivalent `rlhf` command and YAML.
 
 import dataclasses
 import typing
+from pathlib import Path
 
 import streamlit as st
 import yaml
@@ -46,7 +47,10 @@ def jobs_table() -> None:
     for i, job in enumerate(all_jobs):
         with (st.container(border=True) if i < RECENT_JOBS else older):
             name_col, bar_col, action_col = st.columns([2, 4, 1])
-            name_col.markdown(f"**{job.run_id}**  \n{job.stage} · `{job.status}`")
+            several = job.processes != 1 or job.accelerate_config  # a subprocess job under `accelerate launch`
+            launch = f" · {job.processes} processes" + (f" ({Path(job.accelerate_config).name})"
+                                                        if job.accelerate_config else "") if several else ""
+            name_col.markdown(f"**{job.run_id}**  \n{job.stage} · `{job.status}`{launch}")
             if job.status in ("running", "stopping"):
                 bar_col.progress(job.fraction, text=f"{job.done}/{job.total} {job.message}" if job.total else "starting")
             elif job.error:
@@ -61,7 +65,9 @@ def jobs_table() -> None:
                 with bar_col.expander(f"Log ({len(log)} latest)"):
                     st.code("\n".join(line["message"] for line in log), language=None)
             try:
-                if job.owned and job.status in ("queued", "running") and action_col.button("Stop", key=f"stop_{job.run_id}"):
+                # A subprocess job launched before a server restart is stopped through its stop file.
+                stoppable = job.owned or (several and job.status == "running")
+                if stoppable and job.status in ("queued", "running") and action_col.button("Stop", key=f"stop_{job.run_id}"):
                     jobs.stop(job.run_id)
                     st.rerun()
                 if job.output_dir and job.status in ("interrupted", "stopped", "failed") and action_col.button(
@@ -199,7 +205,7 @@ processes = launch_cols[0].number_input("Processes", min_value=1, value=1, step=
 accelerate_configs = {"default (DDP)": None, **{p.name: str(p) for p in sorted(CONFIGS_DIR.glob("*.yaml"))}}
 accelerate_config = accelerate_configs[launch_cols[1].selectbox(
     "Accelerate config", list(accelerate_configs), key="train_accelerate_config", disabled=processes == 1,
-    help="configs/accelerate/: ddp, zero2 and zero3 (DeepSpeed, an optional extra), fsdp2")]
+    help="configs/accelerate/: ddp (GPUs or CPU processes); zero2, zero3 (DeepSpeed, an optional extra) and fsdp2 on GPUs only")]
 if processes == 1:
     accelerate_config = None
 if st.button("Launch", type="primary", disabled=config is None, icon=":material/rocket_launch:"):
