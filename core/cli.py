@@ -95,7 +95,8 @@ def _relaunch(stage: str, config, args) -> int | None:
 
     cpu = pick_device(config.device).type == "cpu"
     argv = launch.command(processes, args.accelerate_config, cpu, launch.strip_launch_flags(args.argv))
-    return subprocess.call(argv, env=launch.environment())
+    config_file = str(Path(args.accelerate_config).resolve()) if args.accelerate_config else None
+    return subprocess.call(argv, env=launch.environment({launch.CONFIG_ENV: config_file} if config_file else None))
 
 
 def cmd_stage(stage: str, args) -> int:
@@ -117,7 +118,7 @@ def cmd_stage(stage: str, args) -> int:
     import os
 
     from core.distributed import Distributed
-    from core.launch import JOB_PARENT_ENV
+    from core.launch import CONFIG_ENV, JOB_PARENT_ENV
     from core.models.loading import pick_device
 
     dist = Distributed.from_environment(cpu=pick_device(config.device).type == "cpu")
@@ -135,6 +136,11 @@ def cmd_stage(stage: str, args) -> int:
         # run by the job manager, the manager hands its queued run over to this process.
         parent = os.environ.get(JOB_PARENT_ENV)
         store.start_run(run_id, stage, config.to_dict(), str(output), handover_from=int(parent) if parent else None)
+        accelerate_config = os.environ.get(CONFIG_ENV)
+        if parent is None and (dist.world_size > 1 or accelerate_config):
+            # Launched from a terminal: recorded like a job's launch request, so the app resumes it the same way
+            # (no stop file: this command stops with Ctrl-C, not through the app).
+            store.set_run_launch(run_id, {"processes": dist.world_size, "accelerate_config": accelerate_config})
         if previous is not None:
             print(f"resuming run {run_id} in {output}", file=sys.stderr)
     dist.barrier()  # the other ranks open the store once rank 0 has set it up

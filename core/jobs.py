@@ -48,6 +48,7 @@ JOB_STAGES = (*STAGES, "pipeline", "study", "eval")
 DICT_CONFIG_JOBS = ("pipeline", "study", "eval")  # jobs whose config is a plain dict, not a stage config
 PIPELINE_STAGES = tuple(STAGES)
 RESUMABLE = ("interrupted", "stopped", "failed")
+OUTPUT_FILE = "output.log"  # a subprocess job's output, beside its stop file (`_run_subprocess`)
 
 Runner = Callable[..., Path]
 
@@ -280,9 +281,11 @@ class JobManager:
             for run in self.store.list_runs():
                 job = self._jobs.get(run["id"])
                 if job is None:
-                    self._jobs[run["id"]] = self._job_from_run(run, *self._settle(run))
+                    job = self._jobs[run["id"]] = self._job_from_run(run, *self._settle(run))
                 elif not self._owns(run["id"]):
                     job.status, job.error = self._settle(run)
+                if not self._owns(run["id"]) and job.status in ("running", "stopping"):
+                    self._follow_output(job, self.store.get_run(run["id"]))
             return [self._snapshot(j) for j in self._jobs.values()]
 
     @property
@@ -317,7 +320,31 @@ class JobManager:
             raise ValueError(f"no run named {run_id!r}") from None
         job = self._jobs.setdefault(run_id, self._job_from_run(run, run["status"], run["error"]))
         job.status, job.error = run["status"], run["error"]
+        self._follow_output(job, run)
         return job
+
+    @staticmethod
+    def _follow_output(job: Job, run: dict) -> None:
+        """Progress of a running subprocess run this manager does not own (launched by the server before a
+        restart): the last progress line of the output file beside its recorded stop file."""
+        stop_file = (run.get("launch") or {}).get("stop_file")
+        if job.status not in ("running", "stopping") or not stop_file:
+            return
+        from core.launch import PROGRESS_PREFIX
+
+        try:
+            with open(Path(stop_file).parent / OUTPUT_FILE, "rb") as output:
+                output.seek(max(0, output.seek(0, os.SEEK_END) - 4096))  # the tail holds the latest line
+                tail = output.read().decode(errors="replace")
+        except OSError:
+            return
+        for line in reversed(tail.splitlines()):
+            if line.startswith(PROGRESS_PREFIX):
+                try:
+                    job.done, job.total, job.message = json.loads(line[len(PROGRESS_PREFIX):])
+                except (ValueError, TypeError):
+                    pass  # a line cut by the tail's start: no progress shown rather than a wrong one
+                return
 
     def _check_config(self, stage: str, config) -> dict:
         if stage not in JOB_STAGES:
@@ -423,7 +450,7 @@ class JobManager:
 
         # The child writes to a file, not a pipe: once this server is gone (a restart) a write to a pipe
         # would fail (BrokenPipeError at its next progress line) and take the run down with it.
-        output = control / "output.log"
+        output = control / OUTPUT_FILE
         with open(output, "wb") as sink, open(output, "rb") as source:
             child = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT)
             pending = b""

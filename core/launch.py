@@ -27,6 +27,7 @@ KNOWN_TYPES = ("NO", "MULTI_GPU", "DEEPSPEED", "FSDP")
 STOP_FILE_ENV = "RLHF_WORKBENCH_STOP_FILE"  # a job's stop flag (core/jobs.py), polled by every rank through rank 0
 JOB_PARENT_ENV = "RLHF_WORKBENCH_JOB_PARENT"  # the job manager's pid, which hands its run to the child
 PROGRESS_PREFIX = "rlhf-progress "  # a child's progress line on stdout, read by the job manager
+CONFIG_ENV = "RLHF_WORKBENCH_ACCELERATE_CONFIG"  # the launch's accelerate config, which rank 0 records with its run
 
 
 def read_accelerate_config(path: str | Path) -> dict:
@@ -148,4 +149,4 @@ def strip_launch_flags(argv: list[str]) -> list[str]:
 
 
 __all__ = ["check", "command", "global_batch_sizes", "environment", "strip_launch_flags", "read_accelerate_config", "DISTRIBUTED_STAGES",
-           "STOP_FILE_ENV", "JOB_PARENT_ENV", "PROGRESS_PREFIX"]
+           "STOP_FILE_ENV", "JOB_PARENT_ENV", "PROGRESS_PREFIX", "CONFIG_ENV"]

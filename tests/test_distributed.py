@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from core.cli import main
+from core.data.store import Store
 from core.distributed import Distributed
 from core.events import Events
 from core.jobs import JobManager
@@ -64,6 +65,9 @@ def test_sft_on_two_processes_matches_one(home, tmp_path):
     assert val_two == pytest.approx(val_one, rel=1e-3)
     assert checkpoint_rows(db, "two") == ["two-epoch-1", "two"]  # one writer, not one per rank
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "two") is not None
+    # Launched from a terminal, the launch is on record (the app resumes it on 2 processes); one process has none.
+    assert Store(db).get_run("two")["launch"] == {"processes": 2, "accelerate_config": None}
+    assert Store(db).get_run("one")["launch"] is None
     with sqlite3.connect(db) as db_conn:
         assert db_conn.execute("SELECT status FROM runs WHERE id = 'two'").fetchone() == ("done",)
 
@@ -183,7 +187,9 @@ def test_stop_from_the_job_manager_ends_both_ranks_within_a_step(home, store, tm
         assert manager.get(run_id).status == "running", manager.get(run_id).error
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    assert manager.get(run_id).done >= 1  # progress came back from the subprocess
+    while manager.get(run_id).done < 1:  # progress comes back from the subprocess's output file, polled
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
     manager.stop(run_id)
     asked_at = store.last_step(run_id)
     job = manager.wait(run_id, timeout=300)

@@ -102,6 +102,10 @@ def test_a_restarted_server_leaves_a_two_process_job_running_stops_it_and_resume
     assert store.get_run(run_id)["status"] == "running"
     assert store.get_run(run_id)["owner_pid"] != os.getpid()  # its rank 0, a process of its own, owns it
     assert (job.processes, job.accelerate_config) == (2, str(accelerate.resolve()))
+    # Its progress, read from the output file the first server's subprocess writes: past the first epoch.
+    assert job.total == 2 * SFT_STEPS_PER_EPOCH and SFT_STEPS_PER_EPOCH < job.done <= job.total
+    listed = next(j for j in restarted.jobs() if j.run_id == run_id)
+    assert listed.total == job.total and listed.done >= job.done
     restarted.stop(run_id)
     asked_at = store.last_step(run_id)
     assert restarted.get(run_id).status in ("stopping", "stopped")
