@@ -1,7 +1,8 @@
 """One PPO-ptx step on 2 CPU ranks (run by tests/test_distributed.py under `accelerate launch`): a global
 batch of 8 answers is sampled once (the same seed on every rank), each rank learns from its own 4 answers and
-ptx blocks, and rank 0 also trains a one-process copy on the whole batch. Prints on rank 0 the largest gap
-between the ranks' weights, between the ranks and the one-process copy, and the largest change of a weight.
+ptx blocks, and rank 0 also trains a one-process copy on the whole batch (LoRA adapters only, given a rank).
+Prints on rank 0 the largest gap between the ranks' weights, between the ranks and the one-process copy,
+and the largest change of a weight.
 
 DDP averages only the gradients of a backward that follows a forward of the module it wraps (a network or
 term trained outside it leaves the ranks apart), and a loss that is a mean of the ranks' means weights a
@@ -9,6 +10,7 @@ rank's tokens by how few it drew (the ranks' answers differ in length): either s
 (docs/ARCHITECTURE.md, "Several processes"). Run as `python -m tests.distributed_ppo_step`."""
 
 import dataclasses
+import sys
 
 import torch
 
@@ -20,8 +22,10 @@ from core.models.pretrain import pack
 from core.stages import make_config, ppo
 
 dist = Distributed.from_environment(cpu=True)
+# `python -m tests.distributed_ppo_step [LORA_R]`: with a rank, the policy and value model train LoRA adapters.
+lora_r = int(sys.argv[1]) if len(sys.argv) > 1 else 0
 config = make_config("ppo", "quick", dict(sft_model="bundled", reward_model="bundled", batch_size=8,
-                                          response_length=8, ptx_batch_size=4, device="cpu"))
+                                          response_length=8, ptx_batch_size=4, device="cpu", lora_r=lora_r))
 device = pick_device("cpu")
 tokenizer = load_tokenizer("bundled")
 blocks = pack(tokenizer, demo.pretraining_corpus(40, seed=3), ppo.PTX_BLOCK_SIZE)

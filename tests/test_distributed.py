@@ -111,14 +111,15 @@ def test_ppo_on_two_processes_logs_once_writes_once_and_resumes(home, tmp_path):
     assert (state["step"], state["episodes"]) == (5, 40)
 
 
-def test_ppo_ranks_hold_the_same_weights_after_a_step_on_different_prompts(home):
+@pytest.mark.parametrize("lora_r", [0, 8])
+def test_ppo_ranks_hold_the_same_weights_after_a_step_on_different_prompts(home, lora_r):
     import re
     import subprocess
     from pathlib import Path
 
     from core import launch
 
-    argv = launch.command(2, None, cpu=True, cli_args=[], module="tests.distributed_ppo_step")
+    argv = launch.command(2, None, cpu=True, cli_args=[str(lora_r)], module="tests.distributed_ppo_step")
     done = subprocess.run(argv, env=launch.environment(), cwd=Path(__file__).resolve().parent.parent,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
