@@ -51,7 +51,7 @@ def kl_to_reference(
     from pi at `temperature`, EOS included (k1 summed over the answer: a Monte-Carlo estimate of the
     KL). Log-probs are those of the temperature-scaled distributions, the ones sampled from, as in
     PPO's `kl` metric."""
-    from core.stages.rl import positions_from_mask, response_logprobs
+    from core.stages.rl import token_kl
 
     if temperature <= 0:
         raise ValueError("the KL is measured on sampled answers: temperature must be > 0")
@@ -64,11 +64,8 @@ def kl_to_reference(
         out = sample(model, tokenizer, chunk, max_new_tokens, temperature, seed=seed + i)
         ids = torch.cat([out.prompt_ids, out.response_ids], 1)
         mask = torch.cat([out.prompt_mask, out.response_mask], 1)
-        positions = positions_from_mask(mask)
-        P = out.prompt_ids.shape[1]
-        logp, _ = response_logprobs(model, ids, mask, positions, P, temperature)
-        ref_logp, _ = response_logprobs(reference.to(ids.device), ids, mask, positions, P, temperature)
-        total += float(((logp - ref_logp) * out.response_mask).sum())
+        kl = token_kl(model, reference, ids, mask, out.prompt_ids.shape[1], temperature)
+        total += float((kl * out.response_mask).sum())
         n += len(chunk)
     model.train(was_training[0])
     reference.train(was_training[1])

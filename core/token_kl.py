@@ -37,7 +37,7 @@ def answer_token_kl(policy, reference_policy, prompt_ids: list[int], answer_ids:
                     temperature: float) -> list[float]:
     """log π(y_t) − log π_ref(y_t) for each answer token y_t after the prompt, from the
     temperature-scaled distributions (the ones PPO samples from and scores)."""
-    from core.stages.rl import kl_penalty, positions_from_mask, response_logprobs
+    from core.stages.rl import token_kl
 
     if temperature <= 0:
         raise ValueError("log-probs are those of the sampling distribution: the temperature must be > 0")
@@ -45,12 +45,7 @@ def answer_token_kl(policy, reference_policy, prompt_ids: list[int], answer_ids:
         raise ValueError("both the prompt and the answer need at least one token")
     device = next(policy.parameters()).device
     ids = torch.tensor([prompt_ids + answer_ids], device=device)
-    mask = torch.ones_like(ids)
-    positions = positions_from_mask(mask)
-    P = len(prompt_ids)
-    logprobs, _ = response_logprobs(policy, ids, mask, positions, P, temperature)
-    ref_logprobs, _ = response_logprobs(reference_policy.to(device), ids, mask, positions, P, temperature)
-    return kl_penalty(logprobs, ref_logprobs)[0].tolist()
+    return token_kl(policy, reference_policy, ids, torch.ones_like(ids), len(prompt_ids), temperature)[0].tolist()
 
 
 @torch.no_grad()
