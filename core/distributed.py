@@ -25,10 +25,25 @@ if TYPE_CHECKING:  # torch is imported where it is used: the CLI, the app's page
 LAUNCHED_ENV = "RLHF_WORKBENCH_ACCELERATE"
 
 
-def check_divides(global_size: int, processes: int, field: str) -> None:
-    if global_size % processes:
-        raise ValueError(f"{field}={global_size} is a global batch size: it must divide evenly over "
-                         f"{processes} processes")
+def global_batch_sizes(stage: str, config) -> list[tuple[str, int]]:
+    """(field, size) of every global batch a stage (sft, rm, ppo) splits over the ranks, each a whole share
+    per rank."""
+    sizes = [("batch_size", config.batch_size)]
+    if stage == "ppo":
+        # Each rank splits its share of the episodes into num_minibatches, and takes its share of each ptx batch.
+        sizes.append(("batch_size / num_minibatches", config.batch_size // config.num_minibatches))
+        if config.ptx_coef > 0:
+            sizes.append(("ptx_batch_size", config.ptx_batch_size))
+    return sizes
+
+
+def check_batches(stage: str, config, processes: int) -> None:
+    """Every global batch of `stage` divides evenly over `processes`; else ValueError naming the field.
+    The launcher checks before starting any process, each rank again before loading a model."""
+    for field, size in global_batch_sizes(stage, config):
+        if size % processes:
+            raise ValueError(f"{field}={size} is a global batch size: it must divide evenly over "
+                             f"{processes} processes")
 
 
 class Distributed:
@@ -68,8 +83,13 @@ class Distributed:
 
     # -- data ------------------------------------------------------------------------------------
 
-    def check_divides(self, global_size: int, field: str) -> None:
-        check_divides(global_size, self.world_size, field)
+    def check_batches(self, stage: str, config) -> None:
+        check_batches(stage, config, self.world_size)
+
+    def batch_starts(self, n: int, batch_size: int) -> range:
+        """Where each global batch of `batch_size` starts among `n` examples; a last batch too short to give
+        every rank an example is dropped (with one process, none is)."""
+        return range(0, n - self.world_size + 1, batch_size)
 
     def shard(self, items: Sequence):
         """This rank's share of a global batch: every world_size-th item, starting at its rank (a list;
@@ -172,4 +192,4 @@ class Distributed:
             self.accelerator.end_training()
 
 
-__all__ = ["Distributed", "LAUNCHED_ENV", "check_divides"]
+__all__ = ["Distributed", "LAUNCHED_ENV", "check_batches", "global_batch_sizes"]

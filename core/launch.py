@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from core.distributed import LAUNCHED_ENV, check_divides
+from core.distributed import LAUNCHED_ENV, check_batches
 
 # The hand-written loops wired for several processes (docs/ARCHITECTURE.md, "Several processes");
 # dpo/grpo/rloo go through TRL's trainers and are not wired yet.
@@ -80,24 +80,12 @@ def check(stage: str, config, processes: int, accelerate_config: str | Path | No
         if processes > torch.cuda.device_count():
             raise ValueError(f"--processes {processes} is more than the {torch.cuda.device_count()} GPU(s) here "
                              "(one process per GPU); on the CPU use --set device=cpu")
-    for field, size in global_batch_sizes(stage, config):
-        check_divides(size, processes, field)
+    check_batches(stage, config, processes)
     if stage == "ppo" and sharded_weights(accelerate):
         raise ValueError(f"ppo runs on DDP or ZeRO-2 for now, not {accelerate_config} (ZeRO-3/FSDP2): its scoring "
                          "and ptx forwards read the policy outside the prepared module, which holds only a shard "
                          "there; use configs/accelerate/ddp.yaml or zero2.yaml")
     return True
-
-
-def global_batch_sizes(stage: str, config) -> list[tuple[str, int]]:
-    """(field, size) of every global batch a stage splits over the ranks, each a whole share per rank."""
-    sizes = [("batch_size", config.batch_size)]
-    if stage == "ppo":
-        # Each rank splits its share of the episodes into num_minibatches, and takes its share of each ptx batch.
-        sizes.append(("batch_size / num_minibatches", config.batch_size // config.num_minibatches))
-        if config.ptx_coef > 0:
-            sizes.append(("ptx_batch_size", config.ptx_batch_size))
-    return sizes
 
 
 def sharded_weights(accelerate: dict) -> bool:
@@ -148,5 +136,5 @@ def strip_launch_flags(argv: list[str]) -> list[str]:
     return out
 
 
-__all__ = ["check", "command", "global_batch_sizes", "environment", "strip_launch_flags", "read_accelerate_config", "DISTRIBUTED_STAGES",
+__all__ = ["check", "command", "environment", "strip_launch_flags", "read_accelerate_config", "DISTRIBUTED_STAGES",
            "STOP_FILE_ENV", "JOB_PARENT_ENV", "PROGRESS_PREFIX", "CONFIG_ENV"]

@@ -41,7 +41,6 @@ from core.data.store import Store
 from core.distributed import Distributed
 from core.evaluate import gold_eval
 from core.events import Events
-from core.launch import global_batch_sizes
 from core.models.generate import Samples, encode_prompts, sample
 from core.models.loading import (
     Device,
@@ -590,8 +589,7 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     output_dir = Path(output_dir)
     tokenizer, prompts, ptx_texts = check_inputs(config, store)
     dist = events.dist  # one process, or this rank of several (core/distributed.py)
-    for field_name, size in global_batch_sizes("ppo", config):
-        dist.check_divides(size, field_name)
+    dist.check_batches("ppo", config)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
     resume_from = latest_checkpoint(output_dir, "step")

@@ -273,7 +273,7 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
     if not config.sft_model:
         raise ValueError("sft_model is empty: the reward model starts from an SFT checkpoint")
     dist = events.dist  # one process, or this rank of several (core/distributed.py)
-    dist.check_divides(config.batch_size, "batch_size")
+    dist.check_batches("rm", config)
     output_dir = Path(output_dir)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
@@ -297,8 +297,7 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
     model = prepare_for_training(model, config, "score", resume_from if config.lora else None)
     centring = demonstrations_for_bias(config, store, train)
 
-    # A last global batch too short to give every rank a ranking is dropped (with one process, none is).
-    batch_starts = range(0, len(train) - dist.world_size + 1, config.batch_size)
+    batch_starts = dist.batch_starts(len(train), config.batch_size)
     total_steps = len(batch_starts) * config.epochs
     optimizer = optim.adamw([p for p in model.parameters() if p.requires_grad], config.learning_rate)
     scheduler = optim.make_schedule(optimizer, total_steps, config.warmup_ratio)

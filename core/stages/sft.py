@@ -106,7 +106,7 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
     """Train SFT; returns `output_dir`, which holds the best epoch as an HF model directory."""
     config.validate()
     dist = events.dist  # one process, or this rank of several (core/distributed.py)
-    dist.check_divides(config.batch_size, "batch_size")
+    dist.check_batches("sft", config)
     output_dir = Path(output_dir)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
@@ -136,9 +136,7 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
         events.log(f"only {len(rows)} demonstrations: too few to hold out a validation split "
                    f"(fewer than {MIN_ROWS_TO_SPLIT}), so the last epoch is kept")
 
-    # A global batch starts at each multiple of batch_size; a last one too short to give every rank
-    # an example is dropped (with one process, none is).
-    batch_starts = range(0, len(train) - dist.world_size + 1, config.batch_size)
+    batch_starts = dist.batch_starts(len(train), config.batch_size)
     total_steps = len(batch_starts) * config.epochs
     trainable = [p for p in model.parameters() if p.requires_grad]  # the adapter alone under LoRA
     optimizer = optim.adamw(trainable, config.learning_rate, weight_decay=config.weight_decay)
