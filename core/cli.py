@@ -63,7 +63,7 @@ def _stage_events(store, run_id, dist):
     import os
 
     from core.events import Events
-    from core.launch import PROGRESS_PREFIX, STOP_FILE_ENV
+    from core.launch import STOP_FILE_ENV, progress_line
 
     stop_file = os.environ.get(STOP_FILE_ENV)
     if not dist.is_main:
@@ -72,7 +72,7 @@ def _stage_events(store, run_id, dist):
         return Events(store, run_id, console=True, dist=dist)
 
     def report(done: int, total: int, message: str) -> None:
-        print(PROGRESS_PREFIX + json.dumps([done, total, message]), flush=True)
+        print(progress_line(done, total, message), flush=True)
 
     return Events(store, run_id, on_progress=report, dist=dist, stop_file=stop_file)
 

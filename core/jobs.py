@@ -330,7 +330,7 @@ class JobManager:
         stop_file = (run.get("launch") or {}).get("stop_file")
         if job.status not in ("running", "stopping") or not stop_file:
             return
-        from core.launch import PROGRESS_PREFIX
+        from core.launch import PROGRESS_PREFIX, parse_progress
 
         try:
             with open(Path(stop_file).parent / OUTPUT_FILE, "rb") as output:
@@ -339,11 +339,9 @@ class JobManager:
         except OSError:
             return
         for line in reversed(tail.splitlines()):
-            if line.startswith(PROGRESS_PREFIX):
-                try:
-                    job.done, job.total, job.message = json.loads(line[len(PROGRESS_PREFIX):])
-                except (ValueError, TypeError):
-                    pass  # a line cut by the tail's start: no progress shown rather than a wrong one
+            if line.startswith(PROGRESS_PREFIX):  # the latest; one cut by the tail's start shows no progress
+                if (progress := parse_progress(line)) is not None:
+                    job.done, job.total, job.message = progress
                 return
 
     def _check_config(self, stage: str, config) -> dict:
@@ -421,7 +419,7 @@ class JobManager:
         subprocess records metrics, checkpoints and its status in the store like a thread job; its
         output goes to `<runs_dir>/<run>/output.log`, which this thread follows for progress lines."""
 
-        from core.launch import JOB_PARENT_ENV, PROGRESS_PREFIX, STOP_FILE_ENV, command, environment
+        from core.launch import JOB_PARENT_ENV, STOP_FILE_ENV, command, environment, parse_progress
         from core.models.loading import pick_device
 
         control = self._stop_file(job).parent
@@ -441,12 +439,9 @@ class JobManager:
         tail: deque[str] = deque(maxlen=30)  # the last lines, for the error of a failed job
 
         def read(line: str) -> None:
-            try:
-                if line.startswith(PROGRESS_PREFIX):
-                    return on_progress(*json.loads(line[len(PROGRESS_PREFIX):]))
-            except (ValueError, TypeError):
-                pass  # a garbled progress line: kept as output, the child runs on
-            tail.append(line.rstrip())
+            if (progress := parse_progress(line)) is not None:
+                return on_progress(*progress)
+            tail.append(line.rstrip())  # output, or a garbled progress line: kept, the child runs on
 
         # The child writes to a file, not a pipe: once this server is gone (a restart) a write to a pipe
         # would fail (BrokenPipeError at its next progress line) and take the run down with it.

@@ -11,6 +11,7 @@ as usual; `LAUNCHED_ENV` tells them to join the process group (core/distributed.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,22 @@ STOP_FILE_ENV = "RLHF_WORKBENCH_STOP_FILE"  # a job's stop flag (core/jobs.py), 
 JOB_PARENT_ENV = "RLHF_WORKBENCH_JOB_PARENT"  # the job manager's pid, which hands its run to the child
 PROGRESS_PREFIX = "rlhf-progress "  # a child's progress line on stdout, read by the job manager
 CONFIG_ENV = "RLHF_WORKBENCH_ACCELERATE_CONFIG"  # the launch's accelerate config, which rank 0 records with its run
+
+
+def progress_line(done: int, total: int, message: str) -> str:
+    """A child's progress as one line of its output, for the job manager (`parse_progress`)."""
+    return PROGRESS_PREFIX + json.dumps([done, total, message])
+
+
+def parse_progress(line: str) -> tuple[int, int, str] | None:
+    """(done, total, message) of a `progress_line`; None for any other line or a garbled one."""
+    if not line.startswith(PROGRESS_PREFIX):
+        return None
+    try:
+        done, total, message = json.loads(line[len(PROGRESS_PREFIX):])
+    except (ValueError, TypeError):
+        return None
+    return done, total, message
 
 
 def read_accelerate_config(path: str | Path) -> dict:
@@ -137,4 +154,4 @@ def strip_launch_flags(argv: list[str]) -> list[str]:
 
 
 __all__ = ["check", "command", "environment", "strip_launch_flags", "read_accelerate_config", "DISTRIBUTED_STAGES",
-           "STOP_FILE_ENV", "JOB_PARENT_ENV", "PROGRESS_PREFIX", "CONFIG_ENV"]
+           "STOP_FILE_ENV", "JOB_PARENT_ENV", "PROGRESS_PREFIX", "CONFIG_ENV", "progress_line", "parse_progress"]
