@@ -43,6 +43,11 @@ TEMPLATE_WEIGHT = 0.2
 CONCISE_WEIGHT = 0.3
 # Extra words after the answer sentence at which conciseness reaches 0.
 RAMBLE_WORDS_TO_ZERO = 6
+# Share of SFT demonstrations that ramble after the answer: the room SFT leaves for RL. At 0.5 the SFT
+# model is concise about half the time, so winning all of conciseness back is worth only ~0.15 of gold;
+# at 0.75 it is worth ~0.2 and the RM gets more format pairs to learn from (docs/ARCHITECTURE.md,
+# "The demo task").
+RAMBLE_RATE = 0.75
 
 _ANSWER_RE = re.compile(r"^The answer is (.+?)\.$")
 
@@ -157,7 +162,7 @@ def demonstration(task: Task, rng: random.Random, ramble_rate: float) -> str:
     return text
 
 
-def demonstrations(tasks_: list[Task], ramble_rate: float = 0.4, seed: int = 3) -> list[dict]:
+def demonstrations(tasks_: list[Task], ramble_rate: float = RAMBLE_RATE, seed: int = 3) -> list[dict]:
     """SFT rows in TRL's prompt/completion shape (prompt is the raw instruction)."""
     rng = random.Random(seed)
     return [{"prompt": t.prompt, "completion": demonstration(t, rng, ramble_rate)} for t in tasks_]

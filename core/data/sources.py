@@ -66,8 +66,8 @@ def _column(path: Path, column: str, what: str) -> list[str]:
     return texts
 
 
-def load_demonstrations(source: str, store: Store | None, n_demo: int = 2000, ramble_rate: float = 0.5,
-                        seed: int = 0) -> list[dict]:
+def load_demonstrations(source: str, store: Store | None, n_demo: int = 2000,
+                        ramble_rate: float = demo.RAMBLE_RATE, seed: int = 0) -> list[dict]:
     """Rows of {"prompt", "completion", "context"} (context: the earlier turns of a multi-turn
     demonstration, or None); `n_demo`, `ramble_rate` and `seed` shape the demo set only."""
     if source == "demo":

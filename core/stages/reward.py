@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from core.config import RewardConfig, SFTConfig
+from core.config import RewardConfig
 from core.data import demo
 from core.data.sources import Ranking, load_rankings, one_per_item
 from core.data.store import Store
@@ -195,7 +195,7 @@ def demonstrations_for_bias(config: RewardConfig, store: Store | None, train: li
     """What 'the SFT demonstrations' are for centring: the demo set, the store's, or (for a plain
     rankings file) the top-ranked answers."""
     if config.data == "demo":
-        rows = demo.demonstrations(demo.train_tasks(500), SFTConfig.ramble_rate)
+        rows = demo.demonstrations(demo.train_tasks(500))
         return [(r["prompt"], r["completion"]) for r in rows]
     if store is not None and store.list_demonstrations():
         return [(d["prompt"], d["output"]) for d in store.list_demonstrations()]
