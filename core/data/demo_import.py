@@ -33,8 +33,8 @@ def demo_rows(n_demonstrations: int, ramble_rate: float, seed: int) -> list[dict
     return [{"instruction": r["prompt"], "input": "", "output": r["completion"]} for r in rows]
 
 
-def import_demo_data(store: Store, n_demonstrations: int = 2000, ramble_rate: float = demo.RAMBLE_RATE, seed: int = 0,
-                     n_prompts: int = 2000) -> dict[str, int]:
+def import_demo_data(store: Store, n_demonstrations: int = 2000, ramble_rate: float = demo.RAMBLE_RATE,
+                     seed: int = 0, n_prompts: int = 2000) -> dict[str, int]:
     """Prompts (PPO's demo prompt set, `demo.train_tasks(n_prompts)`) and SFT demonstrations into the
     store, in the demo's order (so training on 'store' sees them as on 'demo'). Returns rows added."""
     before = store.counts()
