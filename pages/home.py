@@ -95,7 +95,7 @@ runs.metric("Runs", counts["runs"])
 st.subheader("Next step")
 if not any(checkpoints.values()):
     st.info("Nothing trained yet. The quickest start is the **demo pipeline** (SFT, RM and PPO on the built-in "
-            "task, about 10 minutes on a laptop CPU). Or add your own prompts and demonstrations first.")
+            "task, about 3 to 5 minutes on a 2-core laptop CPU). Or add your own prompts and demonstrations first.")
     st.page_link(resources.page("train"), label="Train: run the demo pipeline", icon=":material/play_arrow:")
     st.page_link(resources.page("prompts"), label="Prompts: add demonstrations", icon=":material/edit_note:")
 elif not checkpoints["rm"]:

@@ -27,8 +27,8 @@ st.title("Train")
 
 with st.container(border=True):
     st.markdown("**First time here?** Run the whole recipe on the built-in demo task: SFT, then a reward "
-                "model from simulated rankings, then PPO-ptx and PPO without ptx (quick preset, about 10 minutes on "
-                "a laptop CPU). The demo's prompts, demonstrations and rankings go into your store first, and "
+                "model from simulated rankings, then PPO-ptx and PPO without ptx (quick preset, 3 to 5 minutes on "
+                "a 2-core laptop CPU). The demo's prompts, demonstrations and rankings go into your store first, and "
                 "training reads them from there; watch it on the Monitor page, the results land on Home.")
     if st.button("Run demo pipeline", type="primary", icon=":material/play_arrow:"):
         st.session_state["pipeline_notice"] = f"Queued **{jobs.submit('pipeline', pipeline_config('quick'))}**"
