@@ -20,6 +20,7 @@ prompts never enter the store (PPO on prompts='store' would train on them).
 from __future__ import annotations
 
 from core.data import demo
+from core.data.sources import load_demonstrations
 from core.data.store import Store
 from core.events import Events
 
@@ -29,7 +30,7 @@ LABELER = "simulated"
 
 def demo_rows(n_demonstrations: int, ramble_rate: float, seed: int) -> list[dict]:
     """The SFT demonstrations of `sources.load_demonstrations('demo', ...)`, as store rows."""
-    rows = demo.demonstrations(demo.train_tasks(n_demonstrations), ramble_rate, seed=seed + 3)
+    rows = load_demonstrations("demo", None, n_demonstrations, ramble_rate, seed)
     return [{"instruction": r["prompt"], "input": "", "output": r["completion"]} for r in rows]
 
 
