@@ -5,7 +5,7 @@ every checkpoint, so two copies of one model give the very same answers), and ea
 
 - `rm_score`: the chosen reward model's mean raw score of the answers (`answer_rm_scores`, as PPO reads it);
 - `gold`: the demo labeler's mean score, only when every prompt is one of the demo's (else empty);
-- `kl`: KL(pi || reference) per answer (`kl_to_reference`, the one KL measurement of every method);
+- `kl`: KL(pi || reference) per answer (`core.evaluate.measure_answers`, the one KL measurement of every method, on the same answers);
 - `length`: mean answer tokens, EOS included;
 - `win_rate`: the share of prompts on which the RM scores this checkpoint's answer above the baseline's,
   ties counting half (the baseline against itself: exactly 0.5).
@@ -165,7 +165,7 @@ def run(config: EvalConfig | dict, store: Store | None, events: Events, output_d
     Stopped between checkpoints, the rows done so far are kept (win rates once the baseline is done)."""
     import torch
 
-    from core.evaluate import kl_to_reference, score_answers
+    from core.evaluate import score_answers
     from core.models.loading import load_policy, load_scalar_model, load_tokenizer, pick_device
 
     if not isinstance(config, EvalConfig):  # the job manager hands over the stored dict
@@ -185,14 +185,13 @@ def run(config: EvalConfig | dict, store: Store | None, events: Events, output_d
         events.progress(i, len(plan.paths), f"evaluating {name}")
         policy = load_policy(path, device, dropout=0.0)
         answers = score_answers(policy, tokenizer, plan.prompts, reward_model, config.temperature,
-                                config.max_new_tokens, config.seed)
+                                config.max_new_tokens, config.seed, reference=reference)
         scores[name] = answers["rm"]
         n = len(plan.prompts)
         rows.append({
             "checkpoint": name, "path": path, "prompts": n, "rm_score": sum(answers["rm"]) / n,
             "gold": sum(answers["gold"]) / n if plan.gold else None,
-            "kl": kl_to_reference(policy, reference, tokenizer, plan.prompts, config.temperature,
-                                  config.max_new_tokens, config.seed),
+            "kl": sum(answers["kl"]) / n,
             "length": sum(answers["length"]) / n,
         })
         events.log(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].items()

@@ -12,7 +12,7 @@ from pathlib import Path
 from core.data import demo
 from core.data.demo_import import import_demo_data, import_demo_rankings
 from core.data.store import Store
-from core.evaluate import checkpoint_kl, gold_eval
+from core.evaluate import gold_eval
 from core.events import Events
 from core.models.loading import load_policy, load_tokenizer, pick_device
 from core.models.pretrain import heldout_lm_loss, pack
@@ -23,20 +23,27 @@ from core.stages import RECIPE, get_stage, make_config
 ALL_STAGES = ("sft", "rm", "ppo", "dpo", "grpo", "rloo")  # the recipe's order; each stage's inputs are the earlier stages' outputs
 
 
-def evaluate_checkpoint(model_ref: str | Path, device: str = "auto", n_prompts: int = 200, temperature: float = 1.0) -> dict:
-    """Gold (sampled at the rollout temperature), gold greedy, and held-out pretraining loss."""
+def evaluate_checkpoint(model_ref: str | Path, device: str = "auto", n_prompts: int = 200, temperature: float = 1.0,
+                        reference: str | Path | None = None) -> dict:
+    """Gold (sampled at the rollout temperature), gold greedy, and held-out pretraining loss; with
+    `reference` (the SFT model), `kl_to_sft`: the KL to it of the very answers gold was measured on
+    (`core.evaluate.measure_answers`, the one KL measurement of every method)."""
     dev = pick_device(device)
     tokenizer = load_tokenizer(model_ref)
     model = load_policy(model_ref, dev, dropout=0.0)
+    ref = None if reference is None else load_policy(reference, dev, dropout=0.0)
     tasks = demo.heldout_tasks(n_prompts)
-    sampled = gold_eval(model, tokenizer, tasks, temperature=temperature)
+    sampled = gold_eval(model, tokenizer, tasks, temperature=temperature, reference=ref)
     greedy = gold_eval(model, tokenizer, tasks, temperature=0.0)
     blocks = pack(tokenizer, demo.heldout_corpus(), 128)
-    return {
+    result = {
         "gold": sampled["gold"], "gold_greedy": greedy["gold"], "correct": sampled["correct"],
         "template": sampled["template"], "concise": sampled["concise"], "length": sampled["length"], "eos_rate": sampled["eos_rate"],
         "pretrain_loss": heldout_lm_loss(model, blocks, dev),
     }
+    if ref is not None:
+        result["kl_to_sft"] = sampled["kl"]
+    return result
 
 
 def correlation(xs: list[float], ys: list[float]) -> float | None:
@@ -148,10 +155,13 @@ def _run_stages(preset: str, output_dir: Path, store: Store, events: Events, sta
             raise
         store.set_run_status(run_id, "stopped" if events.should_stop() else "done")
         report["timings_s"][key] = time.perf_counter() - t0
+        # Every method's KL to the SFT model, measured the same way (core/evaluate.measure_answers).
+        kl_to_sft = stage in ("ppo", "dpo", "grpo", "rloo") and (output_dir / "sft").is_dir()
         if stage == "rm":
             report["rm"] = json.loads((out / "rm_summary.json").read_text())
         else:
-            report[key] = evaluate_checkpoint(out, config.device, eval_prompts)
+            report[key] = evaluate_checkpoint(out, config.device, eval_prompts,
+                                              reference=output_dir / "sft" if kl_to_sft else None)
         if stage == "ppo":
             summary = out / "ppo_summary.json"
             if summary.is_file():
@@ -165,9 +175,7 @@ def _run_stages(preset: str, output_dir: Path, store: Store, events: Events, sta
                 report[key].update({k: alt[k] for k in ("kl", "reward", "train_pair_accuracy") if k in alt})
             if stage != "dpo":
                 report[key]["reward_gold_correlation"] = reward_gold_correlation(store, run_id)
-        if stage in ("ppo", "dpo", "grpo", "rloo") and (output_dir / "sft").is_dir():
-            # One KL measurement for every method (core/evaluate.kl_to_reference), and its wall time.
-            report[key]["kl_to_sft"] = checkpoint_kl(out, output_dir / "sft", config.device, eval_prompts)
+        if kl_to_sft:
             report[key]["wall_s"] = report["timings_s"][key]
         if "sft" in report and stage in ("ppo", "dpo", "grpo", "rloo"):
             report[key]["pretrain_drift"] = report[key]["pretrain_loss"] - report["sft"]["pretrain_loss"]

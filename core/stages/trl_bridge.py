@@ -278,19 +278,19 @@ def train(trainer, callback, output_dir: Path, events: Events, what: str) -> Non
 def final_evaluation(model_dir: Path, reference: str, tokenizer, device: Device, n_prompts: int, temperature: float,
                      max_new_tokens: int, seed: int) -> dict[str, float]:
     """On the demo's held-out prompts: gold sampled at `temperature` and greedy, KL to the SFT model
-    (`kl_to_reference`, the one KL measurement of every method), held-out pretraining loss."""
-    from core.evaluate import gold_eval, kl_to_reference
+    of the same sampled answers (`core.evaluate.measure_answers`, the one KL measurement of every method), held-out pretraining loss."""
+    from core.evaluate import gold_eval
     from core.models.pretrain import heldout_lm_loss, pack
 
     policy = load_policy(model_dir, device, dropout=0.0)
     ref = load_policy(reference, device, dropout=0.0)
     tasks = demo.heldout_tasks(n_prompts)
-    sampled = gold_eval(policy, tokenizer, tasks, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    sampled = gold_eval(policy, tokenizer, tasks, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                        reference=ref)
     greedy = gold_eval(policy, tokenizer, tasks, temperature=0.0, max_new_tokens=max_new_tokens)
     return {
         "heldout_gold": sampled["gold"], "heldout_gold_greedy": greedy["gold"],
-        "heldout_kl": kl_to_reference(policy, ref, tokenizer, [t.prompt for t in tasks], temperature, max_new_tokens,
-                                      seed=seed),
+        "heldout_kl": sampled["kl"],
         "pretrain_loss": heldout_lm_loss(policy, pack(tokenizer, demo.heldout_corpus(), 128), device),
     }
 
