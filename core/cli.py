@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain-demo", help="rebuild the bundled tiny base model in assets/")
     p.add_argument("--output", default=None)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_pretrain)
 

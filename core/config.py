@@ -414,7 +414,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         # RM's real signal (conciseness) is won within a few, and held-out gold peaks early; longer runs
         # trade correctness the RM cannot see for RM score (2048 episodes gave the same gold on two
         # seeds). ptx_coef 0.1 still brings most of SFT's alignment tax back (held-out pretraining loss
-        # 3.0 -> 1.4), where 1.0 pulled the policy so far towards the base that it forgot SFT's copying.
+        # 2.0 -> 1.2); on a base that had never seen the copy kinds, 1.0 pulled the policy so far towards
+        # it that it forgot SFT's copying (on today's base 1.0 and 0.1 end alike: gold 0.938 / 0.945).
         # kl_coef 1.0: conciseness is worth ~6 RM units, the RM's preferences among equally concise answers
         # (which it cannot judge) a few tenths, so a large beta keeps the first and prices out the second:
         # +0.04 correctness and +0.02 gold against 0.3 on two seeds; at 4 conciseness is no longer learned.

@@ -172,7 +172,7 @@ def test_one_step_changes_policy_and_value_not_reference_or_reward(inputs, tok):
 def _mean_late_kl(inputs, tok, kl_coef, steps=8):
     """Mean summed KL to the reference over the last half of a short run on the probe RM."""
     torch.manual_seed(0)
-    config = _config(inputs, kl_coef=kl_coef, learning_rate=1e-4, reward_model=str(inputs[2]))
+    config = _config(inputs, kl_coef=kl_coef, learning_rate=2e-4, reward_model=str(inputs[2]))
     models = _models(config, tok)
     kls = []
     for i in range(steps):
@@ -380,7 +380,10 @@ def test_response_logprobs_in_chunks_equal_the_models_own_logits(tok):
     torch.testing.assert_close(ent, full_ent, atol=1e-5, rtol=1e-5)
     assert full_grads.keys() == grads.keys()
     for name, grad in full_grads.items():
-        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        # fp32 sums in another order: the tolerance scales with the gradient (the tied embedding's
+        # reaches ~20, where 1e-5 absolute is a few ulps of its largest entries).
+        scale = max(1.0, float(grad.abs().max()))
+        torch.testing.assert_close(grads[name], grad, atol=1e-5 * scale, rtol=1e-4, msg=name)
     assert max(g.abs().max() for g in full_grads.values()) > 1e-3  # real gradients on both sides
 
 

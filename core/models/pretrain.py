@@ -85,7 +85,7 @@ def pretrain_demo(
     n_head: int = 4,
     block_size: int = 128,
     batch_size: int = 32,
-    epochs: int = 2,
+    epochs: int = 4,
     lr: float = 2e-3,
     seed: int = 0,
     device: str = "auto",
