@@ -57,7 +57,7 @@ with st.expander("New study", expanded=not any(j.stage == "study" for j in jobs.
 
 studies = [j for j in reversed(jobs.jobs()) if j.stage == "study"]
 if not studies:
-    st.info("No study yet: launch one above (about 10-20 minutes on a laptop CPU with the quick preset).")
+    st.info("No study yet: launch one above (about 5 minutes on a 2-core laptop CPU with the quick preset).")
     st.stop()
 labels = {j.run_id: f"{j.run_id} ({j.status})" for j in studies}
 chosen = st.selectbox("Study", list(labels), format_func=labels.get, key="study_run")
