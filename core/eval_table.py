@@ -5,7 +5,8 @@ every checkpoint, so two copies of one model give the very same answers), and ea
 
 - `rm_score`: the chosen reward model's mean raw score of the answers (`answer_rm_scores`, as PPO reads it);
 - `gold`: the demo labeler's mean score, only when every prompt is one of the demo's (else empty);
-- `kl`: KL(pi || reference) per answer (`core.evaluate.measure_answers`, the one KL measurement of every method, on the same answers);
+- `kl`: KL(pi || reference) per answer, on the same answers (`core.evaluate.measure_answers`, the one KL
+  measurement of every method);
 - `length`: mean answer tokens, EOS included;
 - `win_rate`: the share of prompts on which the RM scores this checkpoint's answer above the baseline's,
   ties counting half (the baseline against itself: exactly 0.5).

@@ -276,9 +276,9 @@ def synthetic_rankings(n: int, k: int) -> list[dict]:
 # instruction kind of the demo (`KINDS`) and two numeric kinds of the first demo (next number, larger
 # of two), as web text shows a base model every skill it is later asked for: a base that never saw a
 # kind learns it only in SFT, from a few hundred demonstrations, and the ptx term then pulls towards a
-# base that cannot do it (measured: SFT correctness 0.75 on a base pretrained on the first demo's six
+# base that cannot do it (measured: SFT correctness 0.73-0.78 on a base pretrained on the first demo's six
 # kinds, 0.92-0.96 on this one; joining words with dashes 0.00 and 0.90, because "-dog" is split into
-# word pieces the base had never seen; docs/ARCHITECTURE.md, "The demo task"). Changing a draw here
+# word pieces the base had never seen; docs/ARCHITECTURE.md, "The base has seen every kind"). Changing a draw here
 # changes every document after it, so the bundled base and its held-out pretraining loss (the alignment
 # tax) would no longer match until `rlhf pretrain-demo` is run again.
 def _corpus_task(rng: random.Random) -> tuple[str, str, str]:
