@@ -178,3 +178,35 @@ def test_evaluate_page_runs_an_evaluation_and_shows_the_table(app, models, workb
     assert list(table["checkpoint"]) == ["my-sft", "my-ppo"] and "gold" in table
     assert table["win_rate"][0] == 0.5 and table["kl"][0] == pytest.approx(0.0, abs=1e-6) and table["kl"][1] > 0
     assert app.get("download_button")
+
+
+def test_one_sampling_pass_gives_gold_rm_score_and_kl_of_the_same_answers(models, monkeypatch):
+    """`measure_answers` samples each chunk once and takes every measure from those answers: the sampler
+    runs once per chunk with everything asked for, each measure agrees with the functions that read it,
+    and the KL of a model to itself is 0 on every answer."""
+    import core.evaluate as evaluate
+
+    sft, moved, rm = models
+    tok = load_tokenizer(sft)
+    policy, reference = load_policy(moved, CPU, dropout=0.0), load_policy(sft, CPU, dropout=0.0)
+    reward_model = load_scalar_model(rm, tok.pad_token_id, CPU)
+    tasks = demo.heldout_tasks(20)
+    prompts = [t.prompt for t in tasks]
+    calls = []
+    sample = evaluate.sample
+    monkeypatch.setattr(evaluate, "sample", lambda *a, **kw: calls.append(1) or sample(*a, **kw))
+    measured = evaluate.measure_answers(policy, tok, prompts, max_new_tokens=8, batch_size=8,
+                                        reward_model=reward_model, reference=reference)
+    assert len(calls) == 3  # 20 prompts in chunks of 8
+    assert all(len(measured[k]) == 20 for k in ("parts", "length", "finished", "rm", "kl"))
+    assert sum(measured["kl"]) / 20 > 0.05  # a sharper copy: KL well above 0 (one answer's k1 sum may be < 0)
+
+    scored = evaluate.score_answers(policy, tok, prompts, reward_model, max_new_tokens=8, batch_size=8,
+                                    reference=reference)
+    assert scored["rm"] == pytest.approx(measured["rm"]) and scored["kl"] == pytest.approx(measured["kl"])
+    assert scored["gold"] == pytest.approx([p.score for p in measured["parts"]])
+    means = gold_eval(policy, tok, tasks, max_new_tokens=8, batch_size=8, reference=reference)
+    assert means["kl"] == pytest.approx(sum(measured["kl"]) / 20)
+    assert means["gold"] == pytest.approx(sum(scored["gold"]) / 20)
+    itself = evaluate.measure_answers(reference, tok, prompts, max_new_tokens=8, batch_size=8, reference=reference)
+    assert max(abs(k) for k in itself["kl"]) < 1e-4
