@@ -88,24 +88,13 @@ def gold_eval(
     return means
 
 
-def kl_to_reference(
-    model, reference, tokenizer, prompts: list[str], temperature: float = 1.0, max_new_tokens: int = 24,
-    seed: int = 1234, batch_size: int = 64,
-) -> float:
-    """KL(pi || pi_ref) per answer, measured the same way for every method (PPO, DPO, GRPO, RLOO): the mean
-    over `prompts` of `measure_answers`' `kl`, one answer per prompt sampled from pi at `temperature`."""
-    return _mean(measure_answers(model, tokenizer, prompts, temperature, max_new_tokens, seed, batch_size,
-                                 reference=reference)["kl"])
-
-
 @torch.no_grad()
 def answer_kl(model, reference, samples, temperature: float) -> torch.Tensor:
     """Per sampled answer (`core.models.generate.Samples`), sum_t log pi(y_t) - log pi_ref(y_t) over its
     tokens, EOS included (`core.stages.rl.token_kl`, masked)."""
     from core.stages.rl import token_kl
 
-    ids = torch.cat([samples.prompt_ids, samples.response_ids], 1)
-    mask = torch.cat([samples.prompt_mask, samples.response_mask], 1)
+    ids, mask = samples.sequences()
     kl = token_kl(model, reference, ids, mask, samples.prompt_ids.shape[1], temperature)
     return (kl * samples.response_mask).sum(1)
 
@@ -118,8 +107,7 @@ def answer_rm_scores(reward_model, samples) -> torch.Tensor:
     from core.models.loading import token_scores
     from core.stages.rl import positions_from_mask
 
-    ids = torch.cat([samples.prompt_ids, samples.response_ids], 1)
-    mask = torch.cat([samples.prompt_mask, samples.response_mask], 1)
+    ids, mask = samples.sequences()
     P = samples.prompt_ids.shape[1]
     last = (samples.response_mask.sum(1).long() - 1).clamp(min=0)
     scores = token_scores(reward_model, ids, mask, positions_from_mask(mask))[:, P:].float()

@@ -19,7 +19,7 @@ from core.config import DPOConfig, GRPOConfig, RLOOConfig
 from core.data import demo
 from core.data.sources import load_rankings
 from core.data.store import Store
-from core.evaluate import kl_to_reference
+from core.evaluate import gold_eval
 from core.events import Events
 from core.models.loading import load_policy, load_scalar_model, load_tokenizer, pick_device, save_checkpoint
 from core.stages import check_models, dpo, get_stage, trl_bridge
@@ -298,19 +298,21 @@ def _other_tokenizer_model(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_kl_to_reference_is_zero_for_the_same_model_and_positive_after_training(inputs, tok):
+def test_kl_to_the_reference_is_zero_for_the_same_model_and_positive_after_training(inputs, tok):
+    """The pipeline's KL to SFT (`gold_eval(..., reference=...)`, read from `measure_answers`)."""
     sft, _, _ = inputs
     policy = load_policy(sft, CPU)
-    prompts = [t.prompt for t in demo.heldout_tasks(16)]
-    assert kl_to_reference(policy, load_policy(sft, CPU), tok, prompts, max_new_tokens=8) == pytest.approx(0.0, abs=1e-5)
+    tasks = demo.heldout_tasks(16)
+    itself = gold_eval(policy, tok, tasks, max_new_tokens=8, reference=load_policy(sft, CPU))
+    assert itself["kl"] == pytest.approx(0.0, abs=1e-5)
     # A policy pushed away from the reference (its final layer norm's scale doubled: sharper logits) has a
     # positive KL.
     moved = load_policy(sft, CPU)
     with torch.no_grad():
         moved.transformer.ln_f.weight.mul_(2.0)
-    assert kl_to_reference(moved, policy, tok, prompts, max_new_tokens=8) > 0.05
+    assert gold_eval(moved, tok, tasks, max_new_tokens=8, reference=policy)["kl"] > 0.05
     with pytest.raises(ValueError, match="temperature"):
-        kl_to_reference(moved, policy, tok, prompts, temperature=0.0)
+        gold_eval(moved, tok, tasks, temperature=0.0, reference=policy)
 
 
 # ---------------------------------------------------------------------------------------------

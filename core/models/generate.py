@@ -26,6 +26,12 @@ class Samples:
     finished: torch.Tensor  # (B,) bool: the answer emitted EOS
     texts: list[str]  # decoded answers, EOS and padding removed
 
+    def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) of prompt + answer side by side: what a teacher-forced forward over the answers reads
+        (the answers start at column `prompt_ids.shape[1]`)."""
+        return (torch.cat([self.prompt_ids, self.response_ids], 1),
+                torch.cat([self.prompt_mask, self.response_mask], 1))
+
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int = 96, device=None):
     """Chat-formatted, left-padded prompt ids and mask (left so every row ends where generation starts).

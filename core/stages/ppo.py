@@ -238,13 +238,11 @@ def score_responses(models: PPOModels, samples: Samples, config: PPOConfig, old_
     """One batched forward per frozen network over prompt+response (teacher forcing), and with
     `old_policy` one of the policy and the value model (pi_old, V_old); without it `logprobs` and
     `values` stay None for the caller to fill (`ppo_step` takes them from the update's first forward)."""
-    prompt_ids, prompt_mask = samples.prompt_ids, samples.prompt_mask
     response_ids = samples.response_ids
     response_mask = samples.response_mask.float()
-    ids = torch.cat([prompt_ids, response_ids], 1)
-    mask = torch.cat([prompt_mask, samples.response_mask], 1)
+    ids, mask = samples.sequences()
     positions = positions_from_mask(mask)
-    P = prompt_ids.shape[1]
+    P = samples.prompt_ids.shape[1]
     logprobs = values = None
     if old_policy:
         # pi_old is recomputed here rather than kept from the sampling loop, so old and new
