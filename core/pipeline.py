@@ -15,7 +15,7 @@ from core.data.store import Store
 from core.evaluate import gold_eval
 from core.events import Events
 from core.models.loading import load_policy, load_tokenizer, pick_device
-from core.models.pretrain import heldout_lm_loss, pack
+from core.models.pretrain import demo_pretrain_loss
 from core.paths import atomic_write_text
 from core.results import comparison
 from core.stages import RECIPE, get_stage, make_config
@@ -35,11 +35,10 @@ def evaluate_checkpoint(model_ref: str | Path, device: str = "auto", n_prompts: 
     tasks = demo.heldout_tasks(n_prompts)
     sampled = gold_eval(model, tokenizer, tasks, temperature=temperature, reference=ref)
     greedy = gold_eval(model, tokenizer, tasks, temperature=0.0)
-    blocks = pack(tokenizer, demo.heldout_corpus(), 128)
     result = {
         "gold": sampled["gold"], "gold_greedy": greedy["gold"], "correct": sampled["correct"],
         "template": sampled["template"], "concise": sampled["concise"], "length": sampled["length"], "eos_rate": sampled["eos_rate"],
-        "pretrain_loss": heldout_lm_loss(model, blocks, dev),
+        "pretrain_loss": demo_pretrain_loss(model, tokenizer, dev),
     }
     if ref is not None:
         result["kl_to_sft"] = sampled["kl"]

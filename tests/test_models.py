@@ -79,3 +79,32 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp directory left behind
     load_policy(target)
+
+
+def test_packed_pretraining_text_is_cached_and_packed_again_when_anything_changes(tmp_path):
+    """PPO-ptx packs its corpus through `pack_cached`: the second run reads the blocks back; another
+    corpus, block size or tokenizer gets its own entry; an unreadable entry is packed again, not trusted."""
+    import copy
+
+    from core.data import demo
+    from core.models.pretrain import pack, pack_cached
+
+    tokenizer, docs = load_tokenizer("bundled"), demo.pretraining_corpus(40, seed=3)
+    blocks = pack_cached(tokenizer, docs, 64, cache_dir=tmp_path)
+    assert torch.equal(blocks, pack(tokenizer, docs, 64)) and blocks.dtype == torch.long
+    (entry,) = tmp_path.glob("*.pt")
+    # Read back, not packed again: a planted entry under the same key comes back as it is.
+    torch.save(torch.zeros_like(blocks, dtype=torch.int32), entry)
+    assert int(pack_cached(tokenizer, docs, 64, cache_dir=tmp_path).abs().sum()) == 0
+
+    other_docs = docs[:-1] + ["a document the corpus never had"]
+    assert torch.equal(pack_cached(tokenizer, other_docs, 64, cache_dir=tmp_path), pack(tokenizer, other_docs, 64))
+    assert pack_cached(tokenizer, docs, 32, cache_dir=tmp_path).shape[1] == 32
+    grown = copy.deepcopy(tokenizer)
+    grown.add_tokens(["zebra"])
+    assert torch.equal(pack_cached(grown, docs, 64, cache_dir=tmp_path), pack(grown, docs, 64))
+    assert len(list(tmp_path.glob("*.pt"))) == 4  # one entry per (tokenizer, corpus, block size)
+
+    entry.write_bytes(b"not a tensor")  # a damaged entry: packed again and rewritten
+    assert torch.equal(pack_cached(tokenizer, docs, 64, cache_dir=tmp_path), blocks)
+    assert torch.equal(torch.load(entry, weights_only=True).long(), blocks)

@@ -22,7 +22,7 @@ from core.models.chat import render_prompt
 from core.models.loading import (
     load_policy, load_scalar_model, pick_device, save_checkpoint, token_scores,
 )
-from core.models.pretrain import lm_loss
+from core.models.pretrain import lm_loss, pack
 from core.paths import checkpoints_dir
 
 CPU = pick_device("cpu")
@@ -191,7 +191,7 @@ def test_large_kl_coef_keeps_policy_near_reference(inputs, tok):
 
 
 def test_ptx_term_enters_the_loss_and_its_gradient(inputs, tok):
-    blocks = ppo.pack(tok, demo.pretraining_corpus(40, seed=9), 64)[:4]
+    blocks = pack(tok, demo.pretraining_corpus(40, seed=9), 64)[:4]
 
     def counting_stream(counter):
         while True:
@@ -401,7 +401,7 @@ def test_reusing_the_first_epochs_forward_gives_the_same_step(inputs, tok, monke
     config = _config(inputs, ptx_coef=1.0)
     assert ppo.reuses_first_forward(config)
     prompt_ids, prompt_mask = _prompt_batch(tok)
-    blocks = ppo.pack(tok, demo.pretraining_corpus(40, seed=9), 64)[:4]
+    blocks = pack(tok, demo.pretraining_corpus(40, seed=9), 64)[:4]
     runs = {}
     for reuse in (True, False):
         monkeypatch.setattr(ppo, "reuses_first_forward", lambda _config, reuse=reuse: reuse)

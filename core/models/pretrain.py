@@ -7,7 +7,9 @@ continues text and knows the chat shape loosely, but does not answer in the hous
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from core.data import demo
 from core.stages import optim
 from core.models.chat import PLAIN_CHAT_TEMPLATE
 from core.models.loading import Device, pick_device, save_checkpoint
-from core.paths import BUNDLED_MODEL_DIR
+from core.paths import BUNDLED_MODEL_DIR, data_home
 
 EOS = "<|endoftext|>"
 PAD = "<pad>"
@@ -59,6 +61,56 @@ def pack(tokenizer, docs: list[str], block_size: int) -> torch.Tensor:
     return torch.tensor(ids[: n * block_size]).view(n, block_size)
 
 
+# Tokens per block of the held-out pretraining loss (the alignment tax every stage reports).
+HELDOUT_BLOCK_SIZE = 128
+
+
+def _packing_key(tokenizer, docs: list[str], block_size: int) -> str | None:
+    """A digest of everything the packed blocks depend on: the tokenizer's full definition (vocabulary,
+    merges, normalisation), its EOS id, the block size and every document; None for a tokenizer that
+    cannot describe itself (a slow, Python-only one), which is then packed every time."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    digest = hashlib.sha256()
+    digest.update(backend.to_str().encode())
+    digest.update(f"\0{tokenizer.eos_token_id}\0{block_size}\0{len(docs)}".encode())
+    for doc in docs:  # length-prefixed, so no two document lists give the same byte stream
+        data = doc.encode("utf-8", errors="surrogatepass")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def pack_cached(tokenizer, docs: list[str], block_size: int, cache_dir: str | Path | None = None) -> torch.Tensor:
+    """`pack`, kept on disk under the data directory's `cache/packed/` and keyed by a digest of the
+    tokenizer, the documents and the block size (`_packing_key`), so a changed corpus or tokenizer is
+    packed again and an unchanged one is read back. Why: PPO-ptx tokenised its whole pretraining corpus
+    on every run (3 s of a 30 s quick-preset run on the demo's 20,000 documents; minutes on a user's
+    corpus), and the pipeline, the study and every job on the app pack the same text again and again.
+    An unreadable cache file (a crash mid-write on another file system, a disk error) is packed again
+    and replaced, never trusted; the files can be deleted at any time."""
+    key = _packing_key(tokenizer, docs, block_size)
+    if key is None:
+        return pack(tokenizer, docs, block_size)
+    path = Path(cache_dir or data_home() / "cache" / "packed") / f"{key}.pt"
+    if path.is_file():
+        try:
+            blocks = torch.load(path, weights_only=True)
+            if isinstance(blocks, torch.Tensor) and blocks.dim() == 2 and blocks.shape[1] == block_size:
+                return blocks.long()
+        except Exception:  # noqa: BLE001 - any unreadable file is a cache miss
+            pass
+    blocks = pack(tokenizer, docs, block_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside its final name and renamed, so a reader (another rank, another job) never sees half
+    # a file; int32 halves the file (token ids are far below 2^31).
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(blocks.to(torch.int32), tmp)
+    os.replace(tmp, path)
+    return blocks
+
+
 def lm_loss(model, blocks: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss on packed blocks (every token counts: this is pretraining text)."""
     return model(input_ids=blocks, labels=blocks).loss
@@ -75,6 +127,11 @@ def heldout_lm_loss(model, blocks: torch.Tensor, device: Device, batch_size: int
             losses.append(lm_loss(model, blocks[i : i + batch_size].to(device.torch)).item())
     model.train(was_training)
     return sum(losses) / len(losses)
+
+
+def demo_pretrain_loss(model, tokenizer, device: Device) -> float:
+    """The held-out pretraining loss on the demo corpus: what every stage reports as the alignment tax."""
+    return heldout_lm_loss(model, pack_cached(tokenizer, demo.heldout_corpus(), HELDOUT_BLOCK_SIZE), device)
 
 
 def pretrain_demo(

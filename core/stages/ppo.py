@@ -55,7 +55,7 @@ from core.models.loading import (
     token_scores,
 )
 from core.models.lora import AdapterOff, prepare_for_training
-from core.models.pretrain import heldout_lm_loss, lm_loss, pack
+from core.models.pretrain import HELDOUT_BLOCK_SIZE, demo_pretrain_loss, heldout_lm_loss, lm_loss, pack_cached
 from core.stages import optim
 from core.stages.resume import (
     checkpoint_path,
@@ -78,7 +78,7 @@ from core.stages.rl import (
 
 EMA_DIR = "ema"  # the EMA policy, an HF directory inside each checkpoint
 SUMMARY_FILE = "ppo_summary.json"
-PTX_BLOCK_SIZE = 128  # tokens per pretraining block, as for the held-out pretraining loss
+PTX_BLOCK_SIZE = HELDOUT_BLOCK_SIZE  # tokens per pretraining block, as for the held-out pretraining loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,7 +628,7 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     ptx_batches, heldout_blocks = None, None
     if ptx_texts is not None:
         ptx_generator = torch.Generator().manual_seed(config.seed + 1)
-        blocks = pack(tokenizer, ptx_texts, PTX_BLOCK_SIZE)
+        blocks = pack_cached(tokenizer, ptx_texts, PTX_BLOCK_SIZE)
         blocks, heldout_blocks = (blocks, None) if gold_prompts else split_blocks(blocks)
         # Resume at the same place in the pretraining stream (cheap: it only draws indices). Every rank
         # draws the same global batches and trains on its share of each.
@@ -701,7 +701,7 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
         final["heldout_gold_greedy"] = gold_eval(policy, tokenizer, heldout, temperature=0.0,
                                                  max_new_tokens=config.response_length)["gold"]
     if gold_prompts:
-        final["pretrain_loss"] = heldout_lm_loss(policy, pack(tokenizer, demo.heldout_corpus(), PTX_BLOCK_SIZE), device)
+        final["pretrain_loss"] = demo_pretrain_loss(policy, tokenizer, device)
     if heldout_prompts:
         final["heldout_reward"] = heldout_reward(models, tokenizer, heldout_prompts, config)
     if heldout_blocks is not None:

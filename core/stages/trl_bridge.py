@@ -280,7 +280,7 @@ def final_evaluation(model_dir: Path, reference: str, tokenizer, device: Device,
     """On the demo's held-out prompts: gold sampled at `temperature` and greedy, KL to the SFT model
     of the same sampled answers (`core.evaluate.measure_answers`, the one KL measurement of every method), held-out pretraining loss."""
     from core.evaluate import gold_eval
-    from core.models.pretrain import heldout_lm_loss, pack
+    from core.models.pretrain import demo_pretrain_loss
 
     policy = load_policy(model_dir, device, dropout=0.0)
     ref = load_policy(reference, device, dropout=0.0)
@@ -291,7 +291,7 @@ def final_evaluation(model_dir: Path, reference: str, tokenizer, device: Device,
     return {
         "heldout_gold": sampled["gold"], "heldout_gold_greedy": greedy["gold"],
         "heldout_kl": sampled["kl"],
-        "pretrain_loss": heldout_lm_loss(policy, pack(tokenizer, demo.heldout_corpus(), 128), device),
+        "pretrain_loss": demo_pretrain_loss(policy, tokenizer, device),
     }
 
 
