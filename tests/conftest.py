@@ -1,4 +1,5 @@
-"""Shared fixtures. Every test gets its own data directory, so no test sees another's store."""
+"""Shared fixtures. A test that asks for `workbench_home` gets its own data directory, so no test sees
+another's store; every other test shares the session's, never the user's."""
 
 from __future__ import annotations
 
@@ -9,6 +10,21 @@ import sys
 import pytest
 
 from core.data.store import Store
+
+
+@pytest.fixture(autouse=True, scope="session")
+def session_data_home(tmp_path_factory):
+    """Tests that do not ask for a data directory of their own (`workbench_home`) share one of the
+    session's, so nothing a test writes (the packed-text cache, a stage's store) lands in the user's."""
+    import os
+
+    before = os.environ.get("RLHF_WORKBENCH_HOME")
+    os.environ["RLHF_WORKBENCH_HOME"] = str(tmp_path_factory.mktemp("session-home"))
+    yield
+    if before is None:
+        os.environ.pop("RLHF_WORKBENCH_HOME", None)
+    else:
+        os.environ["RLHF_WORKBENCH_HOME"] = before
 
 
 @pytest.fixture(scope="module")
