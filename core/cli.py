@@ -31,7 +31,7 @@ from core.config import PRESETS, field_help, read_yaml
 from core.stages import RECIPE, STAGES, get_stage, make_config
 
 
-def _parse_sets(pairs: list[str]) -> dict:
+def parse_sets(pairs: list[str]) -> dict:
     """--set key=value, the value read as YAML (so 0.1 is a float, true a bool)."""
     out = {}
     for pair in pairs:
@@ -47,7 +47,7 @@ def _parse_sets(pairs: list[str]) -> dict:
 def stage_config(stage: str, args):
     """Preset, then the YAML file, then --set: later sources win; validated as a whole."""
     values = read_yaml(args.config) if args.config else {}
-    values.update(_parse_sets(args.set))
+    values.update(parse_sets(args.set))
     return make_config(stage, args.preset, values)
 
 
@@ -174,7 +174,7 @@ def cmd_pipeline(args) -> int:
     from core.pipeline import run_pipeline
     from core.data.store import Store
 
-    overrides = {s: _parse_sets([kv.split(":", 1)[1] for kv in args.set if kv.startswith(s + ":")]) for s in STAGES}
+    overrides = {s: parse_sets([kv.split(":", 1)[1] for kv in args.set if kv.startswith(s + ":")]) for s in STAGES}
     for kv in args.set:
         if kv.split(":", 1)[0] not in STAGES:
             raise ValueError(f"pipeline --set takes stage:key=value (stage {', '.join(STAGES)}), got {kv!r}")
@@ -196,7 +196,7 @@ def cmd_study(args) -> int:
         preset=args.preset, kl_coefs=args.kl_coefs or list(DEFAULT_KL_COEFS), ns=args.ns or list(DEFAULT_NS),
         episodes=args.episodes, eval_every=args.eval_every, eval_prompts=args.eval_prompts,
         bon_prompts=args.bon_prompts, sft_model=args.sft, reward_model=args.rm, ptx_coef=args.ptx_coef,
-        ppo=_parse_sets(args.set))  # validated before any heavy import or work
+        ppo=parse_sets(args.set))  # validated before any heavy import or work
     from core.data.store import Store
     from core.study import check_models, run_study
 

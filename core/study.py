@@ -271,11 +271,13 @@ def study_config_from_dict(values: dict | None) -> dict:
 
 def sweep_config(config: dict, sft_model: str, reward_model: str, kl_coef: float):
     """The PPO config of one sweep run: the preset's, a fixed beta, a step checkpoint every eval_every steps
-    (each one evaluated by the study), PPO's own held-out evaluation off (the study measures)."""
+    (each one evaluated by the study), PPO's own held-out evaluation off (the study measures). The KL is in
+    the reward only, as in the paper's RL (no exact KL term unless `ppo` sets one): the swept beta alone
+    decides how far the policy may go from SFT, down to the one that games the RM."""
     from core.stages import make_config
 
     return make_config("ppo", config["preset"], {
-        "total_episodes": config["episodes"], "ptx_coef": config["ptx_coef"], **config["ppo"],
+        "total_episodes": config["episodes"], "ptx_coef": config["ptx_coef"], "kl_loss_coef": 0.0, **config["ppo"],
         "sft_model": str(sft_model), "reward_model": str(reward_model), "kl_coef": kl_coef, "adaptive_kl": False,
         "save_every": config["eval_every"], "eval_every": 0, "eval_prompts": 0,
     })

@@ -22,7 +22,7 @@ MAX_POINTS = 400  # per run and metric: a 2,000-step PPO run stays quick to draw
 REFRESH_S = 2
 # The recipe's curves, in this order, are drawn by default; "All metrics" adds the rest (learning
 # rate, throughput...). Fewer charts also keep the page quick while a job trains.
-PREFERRED = ["reward", "gold", "heldout_gold", "kl", "kl_coef", "entropy", "policy_loss", "value_loss",
+PREFERRED = ["reward", "gold", "heldout_gold", "kl", "exact_kl", "kl_coef", "entropy", "policy_loss", "value_loss",
              "ptx_loss", "sft_loss", "val_loss", "rm_loss", "rm_accuracy", "heldout_accuracy", "clip_frac",
              "pretrain_loss", "heldout_gold_greedy", "response_length",
              "dpo_loss", "reward_margin", "reward_accuracy"]  # DPO's (GRPO/RLOO log under PPO's names)

@@ -68,10 +68,10 @@ def test_demo_pipeline_end_to_end(workbench_home, tmp_path, capsys):
 def test_set_and_yaml_read_numbers_as_people_type_them(tmp_path):
     """YAML 1.1 reads '2e-4' (no dot) as text: a float field takes it as the number, from --set and
     from a config file alike; text that is no number is still refused."""
-    from core.cli import _parse_sets
+    from core.cli import parse_sets
     from core.config import SFTConfig
 
-    values = _parse_sets(["learning_rate=2e-4", "epochs=3", "dropout=0", "model=out/sft"])
+    values = parse_sets(["learning_rate=2e-4", "epochs=3", "dropout=0", "model=out/sft"])
     config = SFTConfig.from_dict(values)
     assert (config.learning_rate, config.epochs, config.dropout, config.model) == (2e-4, 3, 0.0, "out/sft")
     path = tmp_path / "sft.yaml"

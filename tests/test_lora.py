@@ -58,7 +58,8 @@ def test_lora_sft_saves_a_merged_model_and_its_adapter(lora_sft):
 
 def test_lora_ppo_keeps_the_base_and_the_reference(lora_sft, tmp_path):
     """The policy's base weights stay bit-identical, and the reference log-probs (policy with its
-    adapter off) equal the SFT model's own, while the policy moves."""
+    adapter off) equal the SFT model's own, while the policy moves; so do those of the reference's
+    hidden states and head kept for the exact KL term (`kl_loss_coef`), read outside the adapter-off block."""
     _, sft_out = lora_sft
     tok = load_tokenizer(sft_out)
     rm_dir = tmp_path / "rm"
@@ -66,7 +67,7 @@ def test_lora_ppo_keeps_the_base_and_the_reference(lora_sft, tmp_path):
     rm.save_pretrained(rm_dir)
     tok.save_pretrained(rm_dir)
     config = PPOConfig(sft_model=str(sft_out), reward_model=str(rm_dir), batch_size=8, ppo_epochs=2,
-                       learning_rate=1e-2, response_length=8, ptx_coef=0.0, device="cpu", **LORA)
+                       learning_rate=1e-2, response_length=8, ptx_coef=0.0, kl_loss_coef=1.0, device="cpu", **LORA)
     models = ppo.load_models(config, tok, CPU)
     assert isinstance(models.reference_policy, AdapterOff) and isinstance(models.reward_model, AdapterOff)
     base_before = {k: v for k, v in _weights(models.policy).items() if "lora_" not in k}
@@ -84,6 +85,9 @@ def test_lora_ppo_keeps_the_base_and_the_reference(lora_sft, tmp_path):
             for m in (sft_model, models.reference_policy, models.policy))
     m = batch.response_mask.bool()
     torch.testing.assert_close(ours[m], ref[m], atol=1e-5, rtol=1e-5)
+    kept = rl.chunked_logprobs(batch.reference.hidden, batch.reference, batch.response_ids, config.temperature).logprobs
+    torch.testing.assert_close(kept[m], ref[m], atol=1e-5, rtol=1e-5)
+    assert result.metrics["exact_kl"] > 1e-4  # the term saw the policy move
     assert (policy_now[m] - ref[m]).abs().max() > 1e-3  # the policy itself moved
     # The trainable parameters are the adapters and the value head only.
     n_trainable = sum(p.numel() for p in models.trainable_parameters())

@@ -121,6 +121,22 @@ def test_ppo_logits_are_planned_one_chunk_at_a_time(qwen_half_b):
     assert lora.peak_bytes <= 0.6 * full.peak_bytes
 
 
+def test_the_exact_kl_term_is_planned(qwen_half_b):
+    """`kl_loss_coef` > 0 keeps the reference's hidden states over the rollout's answers and holds more
+    copies of a logits chunk (the reference's beside the policy's); without it neither is planned."""
+    from core.models import memory
+
+    config = PPOConfig(sft_model=qwen_half_b, reward_model=qwen_half_b, batch_size=64, response_length=128,
+                       ptx_coef=0.0, gradient_checkpointing=True)  # no ptx: its logits would outweigh the chunk's
+    gpu = DeviceBudget("cuda", "test GPU", 139 * GIB)
+    plain, exact = plan("ppo", config, gpu, prompt_length=64), plan("ppo", config.replace(kl_loss_coef=1.0), gpu,
+                                                                     prompt_length=64)
+    assert plain.total("kept_hidden") == 0
+    assert exact.total("kept_hidden") == 64 * 128 * 896 * 2  # bf16 hidden states of the frozen reference
+    assert exact.total("logits", "policy") == plain.total("logits", "policy") * memory.PPO_EXACT_KL_LOGIT_COPIES // 4
+    assert exact.peak_bytes > plain.peak_bytes
+
+
 def test_gradient_checkpointing_cuts_planned_activations(llama_dir, qwen_half_b):
     for path, layers in ((llama_dir, 2), (qwen_half_b, 24)):
         plain = plan("sft", SFTConfig(model=path, batch_size=8, max_length=256), CPU)

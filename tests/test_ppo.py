@@ -169,15 +169,15 @@ def test_one_step_changes_policy_and_value_not_reference_or_reward(inputs, tok):
         assert key in result.metrics
 
 
-def _mean_late_kl(inputs, tok, kl_coef, steps=8):
-    """Mean summed KL to the reference over the last half of a short run on the probe RM."""
+def _mean_late_kl(inputs, tok, kl_coef, steps=8, metric="kl", **kw):
+    """Mean summed KL to the reference (`metric`) over the last half of a short run on the probe RM."""
     torch.manual_seed(0)
-    config = _config(inputs, kl_coef=kl_coef, learning_rate=2e-4, reward_model=str(inputs[2]))
+    config = _config(inputs, kl_coef=kl_coef, learning_rate=2e-4, reward_model=str(inputs[2]), **kw)
     models = _models(config, tok)
     kls = []
     for i in range(steps):
         result = ppo.ppo_step(models, *_prompt_batch(tok, offset=16 * (i % 4)), config, config.kl_coef)
-        kls.append(result.metrics["kl"])
+        kls.append(result.metrics[metric])
     late = kls[steps // 2 :]
     return sum(late) / len(late)
 
@@ -188,6 +188,34 @@ def test_large_kl_coef_keeps_policy_near_reference(inputs, tok):
     assert free > 1.0, "without a KL penalty the policy should drift from the reference"
     # Summed over ~16 tokens: under 0.05 nats a token.
     assert tied < 0.8 and tied < 0.6 * free, (tied, free)
+
+
+def test_the_exact_kl_loss_keeps_the_policy_near_the_reference(inputs, tok):
+    """`kl_loss_coef`: with no KL in the reward at all, the exact KL term alone holds the policy, and the
+    `exact_kl` it logs agrees with the reward's sampled estimate of the same divergence."""
+    free = _mean_late_kl(inputs, tok, kl_coef=0.0)
+    held = _mean_late_kl(inputs, tok, kl_coef=0.0, kl_loss_coef=20.0)
+    assert free > 1.0
+    assert held < 0.5 * free, (held, free)
+    exact = _mean_late_kl(inputs, tok, kl_coef=0.0, kl_loss_coef=20.0, metric="exact_kl")
+    assert 0.3 * held < exact < 3 * held + 0.05, (exact, held)  # one divergence, two estimators
+
+
+def test_the_exact_kl_term_is_zero_and_pulls_nothing_while_the_policy_is_the_reference(inputs, tok):
+    """At the first optimisation step pi = pi_ref: the exact KL is 0 and so is its gradient, so the step
+    equals one without the term (within float noise: Adam scales the gradients' last bits up to 0.2 % of the step;
+    a term that pulled, such as k1 of the sampled tokens as a loss, would move the weights by the step itself)."""
+    weights, stats = [], []
+    for kl_loss_coef in (0.0, 5.0):
+        torch.manual_seed(0)
+        config = _config(inputs, ppo_epochs=1, kl_loss_coef=kl_loss_coef)
+        models = _models(config, tok)
+        start = _snapshot(models.policy)
+        stats.append(ppo.ppo_step(models, *_prompt_batch(tok), config, config.kl_coef).metrics)
+        weights.append(_snapshot(models.policy))
+    assert "exact_kl" not in stats[0] and abs(stats[1]["exact_kl"]) < 1e-4
+    step = _max_diff(start, weights[0])
+    assert step > 1e-4 and _max_diff(weights[0], weights[1]) < 1e-2 * step
 
 
 def test_ptx_term_enters_the_loss_and_its_gradient(inputs, tok):
@@ -367,12 +395,13 @@ def test_response_logprobs_in_chunks_equal_the_models_own_logits(tok):
     for chunked in (False, True):
         policy.zero_grad()
         if chunked:
-            logprobs, entropy = rl.response_logprobs(policy, ids, mask, positions, P, temperature, with_entropy=True,
-                                                     max_chunk_logits=3 * vocab)
+            logprobs, entropy, _ = rl.response_logprobs(policy, ids, mask, positions, P, temperature, with_entropy=True,
+                                                        max_chunk_logits=3 * vocab)
         else:
             logits = policy(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, P - 1 : -1]
             logits = logits.float() / temperature
-            logprobs, entropy = rl.gather_logprobs(logits, response_ids), rl.entropy_from_logits(logits.detach())
+            logprobs = torch.gather(logits.log_softmax(-1), -1, response_ids[..., None]).squeeze(-1)
+            entropy = rl.entropy_from_logits(logits.detach())
         (weights * logprobs).sum().backward()
         results.append((logprobs.detach(), entropy, {n: p.grad.clone() for n, p in policy.named_parameters()}))
     (full_lp, full_ent, full_grads), (lp, ent, grads) = results

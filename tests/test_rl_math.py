@@ -350,6 +350,11 @@ def test_fused_adamw_takes_the_same_steps_as_the_reference_loop():
 # ---------------------------------------------------------------------------------------------
 
 
+def logprobs_at(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log-softmax of whole logits at the tokens: the plain computation the chunked ones must equal."""
+    return torch.gather(logits.log_softmax(-1), -1, tokens[..., None]).squeeze(-1)
+
+
 def _saved_logit_elements(fn, vocab: int) -> int:
     """Elements of the tensors with a vocabulary-sized last dimension that autograd saves while `fn` runs
     (the ones held until the backward pass)."""
@@ -369,7 +374,7 @@ def test_chunked_logprobs_equal_the_full_logits_values_and_gradients():
     """`chunked_logprobs` in chunks of 4 tokens (15 tokens: chunks cut across rows, the last one short)
     against log-softmax of the whole logits: the same log-probs and entropies, the same gradients w.r.t.
     the hidden states and the LM head, and no vocabulary-sized tensor kept for the backward pass."""
-    from core.stages.rl import chunked_logprobs, entropy_from_logits, gather_logprobs
+    from core.stages.rl import chunked_logprobs, entropy_from_logits
 
     torch.manual_seed(0)
     vocab, width, temperature = 50, 16, 0.7
@@ -380,12 +385,12 @@ def test_chunked_logprobs_equal_the_full_logits_values_and_gradients():
 
     def full():
         logits = lm_head(hidden).float() / temperature
-        return gather_logprobs(logits, tokens), entropy_from_logits(logits.detach())
+        return logprobs_at(logits, tokens), entropy_from_logits(logits.detach())
 
     results = {}
     for name, fn in (("full", full),
                      ("chunked", lambda: chunked_logprobs(hidden, lm_head, tokens, temperature, with_entropy=True,
-                                                          max_chunk_logits=4 * vocab + 7))):
+                                                          max_chunk_logits=4 * vocab + 7)[:2])):
         (logprobs, entropy), saved = _saved_logit_elements(fn, vocab)
         hidden.grad = None
         lm_head.zero_grad()
@@ -402,14 +407,51 @@ def test_chunked_logprobs_equal_the_full_logits_values_and_gradients():
     assert not chunked_out[1].requires_grad  # the entropy is a statistic
 
 
+def test_the_chunked_exact_kl_equals_the_full_distributions_kl_and_its_gradient():
+    """`chunked_logprobs` with a `ReferenceHead`: per token, KL(pi || pi_ref) summed over the vocabulary
+    (against the full logits of both, in chunks that cut across rows), its gradient w.r.t. the policy's
+    hidden states and head, none into the reference; 0 with a zero gradient where pi = pi_ref."""
+    from core.stages.rl import ReferenceHead, chunked_logprobs
+
+    torch.manual_seed(2)
+    vocab, width, temperature = 40, 12, 0.8
+    lm_head = torch.nn.Linear(width, vocab, bias=False)
+    ref_weight = lm_head.weight.detach() + 0.3 * torch.randn(vocab, width)
+    hidden = torch.randn(3, 5, width, requires_grad=True)
+    ref_hidden = hidden.detach() + 0.2 * torch.randn(3, 5, width)
+    tokens = torch.randint(vocab, (3, 5))
+    weights = torch.rand(3, 5)
+
+    logp = (lm_head(hidden) / temperature).log_softmax(-1)
+    logq = (ref_hidden @ ref_weight.T / temperature).log_softmax(-1)
+    expected = (logp.exp() * (logp - logq)).sum(-1)
+    (weights * expected).sum().backward()
+    expected_grads = hidden.grad.clone(), lm_head.weight.grad.clone()
+
+    hidden.grad, lm_head.weight.grad = None, None
+    reference = ReferenceHead(ref_hidden, ref_weight, None)
+    kl = chunked_logprobs(hidden, lm_head, tokens, temperature, max_chunk_logits=4 * vocab, reference=reference).kl
+    (weights * kl).sum().backward()
+    assert_close(kl.detach(), expected.detach(), atol=1e-5, rtol=1e-5)
+    assert kl.min() > 0.01  # a real divergence, not a zero that would pass any comparison
+    assert_close(hidden.grad, expected_grads[0], atol=1e-5, rtol=1e-5)
+    assert_close(lm_head.weight.grad, expected_grads[1], atol=1e-5, rtol=1e-5)
+
+    hidden.grad, lm_head.weight.grad = None, None
+    same = ReferenceHead(hidden.detach(), lm_head.weight.detach(), None)
+    kl = chunked_logprobs(hidden, lm_head, tokens, temperature, reference=same).kl
+    kl.sum().backward()
+    assert kl.abs().max() < 1e-5 and hidden.grad.abs().max() < 1e-5  # the minimum: no pull at pi = pi_ref
+
+
 def test_chunked_logprobs_without_gradients_or_entropy():
-    from core.stages.rl import chunked_logprobs, gather_logprobs
+    from core.stages.rl import chunked_logprobs
 
     torch.manual_seed(1)
     lm_head = torch.nn.Linear(8, 30, bias=False)
     hidden, tokens = torch.randn(2, 7, 8), torch.randint(30, (2, 7))
     with torch.no_grad():
-        logprobs, entropy = chunked_logprobs(hidden, lm_head, tokens, 1.3, max_chunk_logits=1)  # a token a chunk
-        expected = gather_logprobs(lm_head(hidden) / 1.3, tokens)
-    assert entropy is None
+        logprobs, entropy, kl = chunked_logprobs(hidden, lm_head, tokens, 1.3, max_chunk_logits=1)  # a token a chunk
+        expected = logprobs_at(lm_head(hidden) / 1.3, tokens)
+    assert entropy is None and kl is None
     assert_close(logprobs, expected, atol=1e-6, rtol=1e-6)

@@ -76,6 +76,17 @@ def test_fits_and_curves_from_a_study_are_relative_to_the_sft_model():
     assert drawn["points"]["bon"][0]["gold_gain"] == 0.0  # n = 1 is the best-of-n baseline
 
 
+def test_the_sweep_puts_the_kl_in_the_reward_only():
+    """The paper's RL: whatever the preset's exact KL term, the swept beta alone holds the policy (a user's
+    `ppo` settings may still set one)."""
+    from core.config import PRESETS
+
+    assert PRESETS["quick"]["ppo"].get("kl_loss_coef", 0) > 0  # the preset's term, which the sweep turns off
+    config = study.study_config()
+    assert study.sweep_config(config, "sft", "rm", 0.01).kl_loss_coef == 0.0
+    assert study.sweep_config(study.study_config(ppo={"kl_loss_coef": 0.5}), "sft", "rm", 0.01).kl_loss_coef == 0.5
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: a clear ValueError before any work
 # ---------------------------------------------------------------------------------------------

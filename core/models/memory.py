@@ -459,6 +459,10 @@ def activation_bytes(net: _Net, tokens: int, seq: int, device: str, checkpointin
 # in the forward pass, the entropy's softmax and products instead of the gradients).
 LOSS_LOGIT_COPIES = 3
 PPO_LOGIT_COPIES = 4
+# With the exact KL term (`kl_loss_coef` > 0) a chunk also holds the reference's logits and log-softmax,
+# the policy's probabilities and the log-ratio, and the backward the product's and the ratio's gradients:
+# counted from `core/stages/rl._chunk_logprobs`, not measured.
+PPO_EXACT_KL_LOGIT_COPIES = 8
 
 
 def chunk_tokens(tokens: int, vocab: int) -> int:
@@ -580,9 +584,19 @@ def _plan_ppo(config, budget: DeviceBudget, prompt_length: int, frozen_bf16: boo
                       f"minibatch {minibatch} x (prompt {prompt_length} + response {config.response_length})"
                       + (", gradient checkpointing" if gc else "")))
     chunk = chunk_tokens(minibatch * config.response_length, policy.arch.vocab)
-    logits = PPO_LOGIT_COPIES * chunk * policy.arch.vocab * 4
-    logits_note = (f"fp32, {PPO_LOGIT_COPIES} copies of a chunk of {chunk} of the {minibatch} x "
-                   f"{config.response_length} response tokens x vocab {policy.arch.vocab:,}")
+    exact_kl = config.kl_loss_coef > 0
+    copies = PPO_EXACT_KL_LOGIT_COPIES if exact_kl else PPO_LOGIT_COPIES
+    logits = copies * chunk * policy.arch.vocab * 4
+    logits_note = (f"fp32, {copies} copies of a chunk of {chunk} of the {minibatch} x "
+                   f"{config.response_length} response tokens x vocab {policy.arch.vocab:,}"
+                   + (" (the exact KL term: the reference's too)" if exact_kl else ""))
+    if exact_kl:
+        # core/stages/rl.ReferenceHead: the reference's final hidden states over the rollout's answers.
+        wb = 2 if frozen_bf16 and not lora else policy.arch.weight_bytes
+        parts.append(Part("reference_policy", "kept_hidden", config.batch_size * config.response_length
+                          * policy.arch.hidden * wb, "update",
+                          f"{config.batch_size} x {config.response_length} x {policy.arch.hidden} hidden states "
+                          "for the exact KL term"))
     if ptx:
         ptx_tokens = config.ptx_batch_size * PTX_BLOCK_SIZE
         parts.append(Part("policy", "ptx_activations", activation_bytes(policy, ptx_tokens, PTX_BLOCK_SIZE, **kw),

@@ -15,6 +15,9 @@ The KL penalty is k1 = log pi - log pi_ref, per token, in the *reward* (`rl.kl_p
 reward differentiated through the score function, only k1 gives the gradient of KL(pi || pi_SFT).
 k3 (unbiased and non-negative as a *value*) would give grad KL(pi||ref) - grad KL(ref||pi), close
 to 0 near the reference, so it is not offered here (docs/ARCHITECTURE.md, "KL estimators").
+Optionally (`kl_loss_coef` > 0, the quick preset) the loss also gets the exact KL over the whole
+vocabulary at every answer token, which k1 on sampled tokens barely prices in the distribution's tail
+(docs/ARCHITECTURE.md, "The exact KL term" and "What PPO still loses").
 
 Known details of PPO for language models followed here (Huang et al. 2022, "The N+ implementation
 details of RLHF with PPO"; Ziegler et al. 2019; Stiennon et al. 2020), each cited where it is used:
@@ -68,10 +71,13 @@ from core.stages.resume import (
 from core.stages.rl import (
     AllReduceSum,
     PromptSampler,
+    ReferenceHead,
+    chunked_logprobs,
     k3,
     kl_penalty,
     masked_mean,
     positions_from_mask,
+    reference_head,
     response_logprobs,
     whiten,
 )
@@ -108,7 +114,8 @@ class PPOModels:
 
 
 class PolicyAndValue(torch.nn.Module):
-    """The two trained networks in one forward: (response log-probs, entropies, V at every position). accelerate
+    """The two trained networks in one forward: (response log-probs, entropies, V at every position, and with
+    a `ReferenceHead` the exact per-token KL to the reference policy). accelerate
     prepares one module with the one optimizer, and DDP averages the gradients of each backward only
     after a forward of the module it wraps: one such forward per optimisation step covers both networks
     (the ptx term, computed on the plain policy in the same graph, is averaged with them;
@@ -119,10 +126,11 @@ class PolicyAndValue(torch.nn.Module):
         self.policy, self.value_model = policy, value_model
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, prompt_len: int,
-                temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logprobs, entropy = response_logprobs(self.policy, ids, mask, positions, prompt_len, temperature,
-                                              with_entropy=True)
-        return logprobs, entropy, token_scores(self.value_model, ids, mask, positions)
+                temperature: float, reference: ReferenceHead | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        stats = response_logprobs(self.policy, ids, mask, positions, prompt_len, temperature, with_entropy=True,
+                                  reference=reference)
+        return stats.logprobs, stats.entropy, token_scores(self.value_model, ids, mask, positions), stats.kl
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -211,6 +219,7 @@ class Rollout:
     values: torch.Tensor | None  # (B, T) V_old(s_t), the state *before* y_t (as `logprobs`)
     scores: torch.Tensor  # (B,) RM score at the last response token (minus missing-EOS penalty)
     rm_scores: torch.Tensor  # (B,) raw RM score, for the `reward` metric
+    reference: ReferenceHead | None = None  # kept for the exact KL term (`kl_loss_coef` > 0)
 
 
 def generate_responses(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -221,14 +230,16 @@ def generate_responses(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask:
 
 
 def policy_value_forward(models: PPOModels, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                         prompt_len: int, config: PPOConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         prompt_len: int, config: PPOConfig, reference: ReferenceHead | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The trained networks over prompt + response: (the policy's log-probs of the response tokens, V(s_t),
-    the policy's entropy at each response position, detached). V(s_t) is read at the position that predicts
-    y_t, like the policy's log-probs."""
+    the policy's entropy at each response position, detached, and with `reference` the exact KL to the
+    reference policy at each, with gradients). V(s_t) is read at the position that predicts y_t, like the
+    policy's log-probs."""
     with models.device.autocast():
-        logprobs, entropy, values = models.trained(ids, mask, positions, prompt_len, config.temperature)
+        logprobs, entropy, values, kl = models.trained(ids, mask, positions, prompt_len, config.temperature, reference)
         values = values[:, prompt_len - 1 : -1].float()
-    return logprobs, values, entropy
+    return logprobs, values, entropy, kl
 
 
 # no_grad rather than inference_mode: `ppo_step` runs the update's first forward, with gradients, on
@@ -247,10 +258,17 @@ def score_responses(models: PPOModels, samples: Samples, config: PPOConfig, old_
     if old_policy:
         # pi_old is recomputed here rather than kept from the sampling loop, so old and new
         # log-probs come from the same computation (ratio = 1 at the first minibatch).
-        logprobs, values, _ = policy_value_forward(models, ids, mask, positions, P, config)
+        logprobs, values, _, _ = policy_value_forward(models, ids, mask, positions, P, config)
         logprobs, values = logprobs * response_mask, values * response_mask
+    reference = None
     with models.device.autocast():
-        ref_logprobs, _ = response_logprobs(models.reference_policy, ids, mask, positions, P, config.temperature)
+        if config.kl_loss_coef > 0:
+            # The reference's hidden states are kept for the update's exact KL term; its log-probs of the
+            # sampled tokens come from the same pass.
+            reference = reference_head(models.reference_policy, ids, mask, positions, P)
+            ref_logprobs = chunked_logprobs(reference.hidden, reference, response_ids, config.temperature).logprobs
+        else:
+            ref_logprobs = response_logprobs(models.reference_policy, ids, mask, positions, P, config.temperature).logprobs
         # The RM scores the whole answer at its last response token: the EOS when it stopped,
         # else the last sampled token (the answer was cut at response_length).
         last = (response_mask.sum(1).long() - 1).clamp(min=0)
@@ -262,7 +280,7 @@ def score_responses(models: PPOModels, samples: Samples, config: PPOConfig, old_
         # to stop instead of rambling until the length limit.
         scores = torch.where(samples.finished, scores, scores - config.missing_eos_penalty)
     return Rollout(ids, mask, positions, P, response_ids, response_mask, samples.finished, samples.texts,
-                   logprobs, ref_logprobs * response_mask, values, scores, rm_scores)
+                   logprobs, ref_logprobs * response_mask, values, scores, rm_scores, reference)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +379,7 @@ def ppo_update(models: PPOModels, batch: Rollout, advantages: torch.Tensor, retu
     minibatch = B // config.num_minibatches
     params = models.trainable_parameters()
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in (
-        "policy_loss", "value_loss", "ptx_loss", "clip_frac", "approx_kl", "entropy", "value_clip_frac")}
+        "policy_loss", "value_loss", "ptx_loss", "exact_kl", "clip_frac", "approx_kl", "entropy", "value_clip_frac")}
     for _ in range(config.ppo_epochs):
         order = torch.randperm(B, device=batch.ids.device)
         for start in range(0, B, minibatch):
@@ -371,10 +389,12 @@ def ppo_update(models: PPOModels, batch: Rollout, advantages: torch.Tensor, retu
             adv, ret = advantages[idx], returns[idx]
             old_logprobs, old_values = batch.logprobs[idx], batch.values[idx]
             if first_forward is not None:
-                new_logprobs, new_values, entropy = (t[idx] for t in first_forward)
+                new_logprobs, new_values, entropy, exact_kl = (None if t is None else t[idx] for t in first_forward)
                 first_forward = None
             else:
-                new_logprobs, new_values, entropy = policy_value_forward(models, ids, mask, pos, P, config)
+                reference = batch.reference.rows(idx) if batch.reference is not None else None
+                new_logprobs, new_values, entropy, exact_kl = policy_value_forward(models, ids, mask, pos, P, config,
+                                                                                   reference)
 
             # Token means over the global minibatch, not a mean of the ranks' means (which would weight a
             # rank's tokens by how few answer tokens it drew): one process divides by its own count.
@@ -385,6 +405,12 @@ def ppo_update(models: PPOModels, batch: Rollout, advantages: torch.Tensor, retu
                                                              config.cliprange_value, count)
 
             loss = policy_loss + config.vf_coef * value_loss
+            if exact_kl is not None:
+                # The exact KL over the vocabulary as a loss (`kl_loss_coef`): the reward's k1 penalty prices
+                # only the sampled token, so a drift of the tail (a wrong word's probability creeping up)
+                # costs almost nothing there; this term pulls every token's whole distribution back.
+                loss = loss + config.kl_loss_coef * masked_mean(exact_kl, response_mask, count=count)
+                stats["exact_kl"].append((exact_kl.detach() * response_mask).sum(1).mean())
             if config.ptx_coef > 0 and ptx_batches is not None:  # ptx_coef = 0: plain PPO, no ptx forward
                 # PPO-ptx: the pretraining LM loss joins the policy loss on every optimisation step.
                 ptx_loss = ptx_loss_fn(policy, next(ptx_batches), device)
@@ -450,7 +476,8 @@ def ppo_step(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     t1 = time.perf_counter()
     first_forward = None
     if reuse_first_forward:
-        first_forward = policy_value_forward(models, batch.ids, batch.mask, batch.positions, batch.prompt_len, config)
+        first_forward = policy_value_forward(models, batch.ids, batch.mask, batch.positions, batch.prompt_len, config,
+                                             batch.reference)
         batch.logprobs = first_forward[0].detach() * batch.response_mask
         batch.values = first_forward[1].detach() * batch.response_mask
     _sync(models.device)

@@ -1,5 +1,6 @@
 """Pieces every policy-gradient stage shares (PPO today; GRPO and RLOO next): log-probs of a
-sampled response, the KL penalty to the reference policy, masked statistics, prompt sampling.
+sampled response, the KL to the reference policy (the reward's penalty, and the exact per-token KL a loss
+can add), masked statistics, prompt sampling.
 
 Kept out of `ppo.py` so a stage without a value model does not import PPO.
 """
@@ -7,8 +8,11 @@ Kept out of `ppo.py` so a stage without a value model does not import PPO.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from core.models.loading import hf_model, last_hidden_state
@@ -59,10 +63,58 @@ MAX_CHUNK_LOGITS = 2**26
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
+class TokenStats(NamedTuple):
+    """Per response token, each (B, T): log pi(y_t); the entropy of pi (a detached statistic) when asked for;
+    the exact KL(pi || pi_ref) over the whole vocabulary, with gradients, when a `ReferenceHead` is given."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+
+
+@dataclass
+class ReferenceHead:
+    """What the exact per-token KL to the reference policy needs, kept from the rollout's scoring pass: the
+    reference's final hidden states at the positions that predict the answer tokens, and its LM head's
+    weights. The update recomputes the reference's logits chunk by chunk beside the policy's instead of
+    keeping them, (B, T, vocabulary), from the scoring pass: (B, T, width) is 170 times smaller at
+    Qwen2-0.5B's 152k-word vocabulary. The weights are taken as tensors, so under LoRA (where the
+    reference is the policy with its adapter off) they stay the reference's outside that context."""
+
+    hidden: torch.Tensor  # (B, T, width), detached
+    weight: torch.Tensor  # (vocabulary, width)
+    bias: torch.Tensor | None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight, self.bias)
+
+    def rows(self, index: torch.Tensor) -> ReferenceHead:
+        """The same head over a minibatch's rows."""
+        return ReferenceHead(self.hidden[index], self.weight, self.bias)
+
+
+def response_hidden(lm, ids, mask, positions, prompt_len: int) -> torch.Tensor:
+    """The final hidden states at positions P-1 .. P+T-2 of a plain HF causal LM (`hf_model`): the inputs
+    of the LM head that predict the response tokens ids[:, P:]."""
+    transforms = [name for name in LOGIT_TRANSFORMS if getattr(lm.config, name, None) not in (None, 1, 1.0)]
+    if transforms:
+        raise ValueError(f"{lm.config.model_type} models transform their logits ({', '.join(transforms)}), "
+                         "which the per-token log-prob computation does not reproduce: use another model family")
+    return last_hidden_state(lm, ids, mask, positions)[:, prompt_len - 1 : -1]
+
+
+def reference_head(model, ids, mask, positions, prompt_len: int) -> ReferenceHead:
+    """The reference policy's `ReferenceHead` over a batch (no gradients: the reference is frozen)."""
+    with torch.no_grad(), hf_model(model) as lm:
+        head = lm.get_output_embeddings()
+        return ReferenceHead(response_hidden(lm, ids, mask, positions, prompt_len).detach(), head.weight.detach(),
+                             None if getattr(head, "bias", None) is None else head.bias.detach())
+
+
 def response_logprobs(model, ids, mask, positions, prompt_len: int, temperature: float, with_entropy: bool = False,
-                      max_chunk_logits: int = MAX_CHUNK_LOGITS) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log pi(y_t), the entropy of pi at each position or None) for the response tokens y = ids[:, P:],
-    each (B, T), from the logits at positions P-1 .. P+T-2 of the full sequence.
+                      max_chunk_logits: int = MAX_CHUNK_LOGITS, reference: ReferenceHead | None = None) -> TokenStats:
+    """`TokenStats` of the response tokens y = ids[:, P:], from the logits at positions P-1 .. P+T-2 of the
+    full sequence; with `reference` (its rows those of `ids`) the exact KL to the reference policy too.
 
     Dividing the logits by the rollout temperature makes these the log-probs of the distribution we
     actually sampled from (Huang et al. 2022 detail). The backbone runs once; the LM head and the
@@ -70,50 +122,53 @@ def response_logprobs(model, ids, mask, positions, prompt_len: int, temperature:
     response logits never exist (docs/ARCHITECTURE.md, "Stage 3: PPO-ptx").
     """
     with hf_model(model) as lm:
-        transforms = [name for name in LOGIT_TRANSFORMS if getattr(lm.config, name, None) not in (None, 1, 1.0)]
-        if transforms:
-            raise ValueError(f"{lm.config.model_type} models transform their logits ({', '.join(transforms)}), "
-                             "which the per-token log-prob computation does not reproduce: use another model family")
-        hidden = last_hidden_state(lm, ids, mask, positions)[:, prompt_len - 1 : -1]
+        hidden = response_hidden(lm, ids, mask, positions, prompt_len)
         return chunked_logprobs(hidden, lm.get_output_embeddings(), ids[:, prompt_len:], temperature, with_entropy,
-                                max_chunk_logits)
+                                max_chunk_logits, reference)
 
 
 def chunked_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, tokens: torch.Tensor, temperature: float,
-                     with_entropy: bool = False, max_chunk_logits: int = MAX_CHUNK_LOGITS
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log-softmax(lm_head(hidden) / temperature) at `tokens` (and the entropy, detached: a statistic),
-    over chunks of at most `max_chunk_logits` logits. With gradients each chunk runs under activation
-    checkpointing: the forward keeps only the chunk's hidden states, and the backward recomputes that
-    chunk's logits, so one chunk's logits are alive at a time in both passes."""
+                     with_entropy: bool = False, max_chunk_logits: int = MAX_CHUNK_LOGITS,
+                     reference: ReferenceHead | None = None) -> TokenStats:
+    """log-softmax(lm_head(hidden) / temperature) at `tokens` (the entropy, detached: a statistic; with
+    `reference` the exact KL to it), over chunks of at most `max_chunk_logits` logits. With gradients each
+    chunk runs under activation checkpointing: the forward keeps only the chunk's hidden states, and the
+    backward recomputes that chunk's logits, so one chunk's logits are alive at a time in both passes."""
     width, vocab = hidden.shape[-1], lm_head.weight.shape[0]
     rows = max(1, max_chunk_logits // vocab)
     checkpointed = torch.is_grad_enabled() and (hidden.requires_grad or lm_head.weight.requires_grad)
-    logprobs, entropies = [], []
-    for h, y in zip(hidden.reshape(-1, width).split(rows), tokens.reshape(-1).split(rows)):
+    ref_chunks = (reference.hidden.reshape(-1, reference.hidden.shape[-1]).split(rows) if reference is not None
+                  else [None] * len(tokens.reshape(-1).split(rows)))
+    logprobs, entropies, kls = [], [], []
+    for h, y, ref_h in zip(hidden.reshape(-1, width).split(rows), tokens.reshape(-1).split(rows), ref_chunks):
         if checkpointed:
-            logp, entropy = checkpoint(_chunk_logprobs, h, y, lm_head, temperature, with_entropy, use_reentrant=False)
+            stats = checkpoint(_chunk_logprobs, h, y, lm_head, temperature, with_entropy, reference, ref_h,
+                               use_reentrant=False)
         else:
-            logp, entropy = _chunk_logprobs(h, y, lm_head, temperature, with_entropy)
-        logprobs.append(logp)
-        entropies.append(entropy)
-    logprobs = torch.cat(logprobs).view(tokens.shape)
-    return logprobs, torch.cat(entropies).view(tokens.shape) if with_entropy else None
+            stats = _chunk_logprobs(h, y, lm_head, temperature, with_entropy, reference, ref_h)
+        logprobs.append(stats.logprobs)
+        entropies.append(stats.entropy)
+        kls.append(stats.kl)
+    return TokenStats(torch.cat(logprobs).view(tokens.shape),
+                      torch.cat(entropies).view(tokens.shape) if with_entropy else None,
+                      torch.cat(kls).view(tokens.shape) if reference is not None else None)
 
 
-def _chunk_logprobs(hidden, tokens, lm_head, temperature: float, with_entropy: bool):
+def _chunk_logprobs(hidden, tokens, lm_head, temperature: float, with_entropy: bool, reference, ref_hidden) -> TokenStats:
     logits = lm_head(hidden).float() / temperature  # fp32 log-prob arithmetic, whatever autocast's matmul dtype
-    logprobs = gather_logprobs(logits, tokens)
+    all_logprobs = logits.log_softmax(-1)
+    logprobs = torch.gather(all_logprobs, -1, tokens[..., None]).squeeze(-1)
+    kl = None
+    if reference is not None:
+        with torch.no_grad():
+            ref_logprobs = (reference(ref_hidden).float() / temperature).log_softmax(-1)
+        kl = (all_logprobs.exp() * (all_logprobs - ref_logprobs)).sum(-1)
     if not with_entropy:
-        return logprobs, None
+        return TokenStats(logprobs, None, kl)
     # Last and without gradients, so the backward's recomputation (which stops once the saved tensors
     # are back) skips it.
     with torch.no_grad():
-        return logprobs, entropy_from_logits(logits)
-
-
-def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.gather(logits.log_softmax(-1), -1, tokens[..., None]).squeeze(-1)
+        return TokenStats(logprobs, entropy_from_logits(logits), kl)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -139,8 +194,8 @@ def token_kl(policy, reference_policy, ids: torch.Tensor, mask: torch.Tensor, pr
     under the temperature-scaled distributions (unmasked: the caller masks padding). The one measurement
     behind `evaluate.measure_answers` and the Chat page's token view (`core/token_kl.py`)."""
     positions = positions_from_mask(mask)
-    logprobs, _ = response_logprobs(policy, ids, mask, positions, prompt_len, temperature)
-    ref_logprobs, _ = response_logprobs(reference_policy.to(ids.device), ids, mask, positions, prompt_len, temperature)
+    logprobs = response_logprobs(policy, ids, mask, positions, prompt_len, temperature).logprobs
+    ref_logprobs = response_logprobs(reference_policy.to(ids.device), ids, mask, positions, prompt_len, temperature).logprobs
     return kl_penalty(logprobs, ref_logprobs)
 
 
