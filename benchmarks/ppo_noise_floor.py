@@ -26,12 +26,12 @@ import torch
 from core.cli import parse_sets
 from core.data import demo
 from core.events import Events
-from core.models.generate import sample
+from core.evaluate import measure_answers
 from core.models.loading import load_policy, load_tokenizer, pick_device
 from core.stages import make_config, ppo
 
 ANSWERS_PER_PROMPT = 5
-CHUNK = 100  # prompts sampled per call, each call with its own seed (its offset)
+CHUNK = 100  # prompts sampled per call, each call seeded with its offset (`measure_answers`)
 
 
 def replace_rewards(scale: float, tokenizer) -> None:
@@ -55,10 +55,7 @@ def score(model_dir: Path) -> dict[str, float]:
     tokenizer = load_tokenizer(model_dir)
     model = load_policy(model_dir, pick_device("cpu"), dropout=0.0)
     tasks = demo.heldout_tasks(200) * ANSWERS_PER_PROMPT
-    texts: list[str] = []
-    for start in range(0, len(tasks), CHUNK):
-        texts += sample(model, tokenizer, [t.prompt for t in tasks[start : start + CHUNK]], 24, 1.0, seed=start).texts
-    parts = [demo.gold_parts(t.prompt, x) for t, x in zip(tasks, texts)]
+    parts = measure_answers(model, tokenizer, [t.prompt for t in tasks], 1.0, 24, seed=0, batch_size=CHUNK)["parts"]
 
     def correct(kind: str | None = None) -> float:
         chosen = [p.correct for t, p in zip(tasks, parts) if kind is None or t.kind == kind]

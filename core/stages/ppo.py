@@ -260,15 +260,11 @@ def score_responses(models: PPOModels, samples: Samples, config: PPOConfig, old_
         # log-probs come from the same computation (ratio = 1 at the first minibatch).
         logprobs, values, _, _ = policy_value_forward(models, ids, mask, positions, P, config)
         logprobs, values = logprobs * response_mask, values * response_mask
-    reference = None
     with models.device.autocast():
-        if config.kl_loss_coef > 0:
-            # The reference's hidden states are kept for the update's exact KL term; its log-probs of the
-            # sampled tokens come from the same pass.
-            reference = reference_head(models.reference_policy, ids, mask, positions, P)
-            ref_logprobs = chunked_logprobs(reference.hidden, reference, response_ids, config.temperature).logprobs
-        else:
-            ref_logprobs = response_logprobs(models.reference_policy, ids, mask, positions, P, config.temperature).logprobs
+        # The reference's log-probs of the sampled tokens, from its hidden states, which the rollout keeps
+        # for the update's exact KL term when there is one.
+        reference = reference_head(models.reference_policy, ids, mask, positions, P)
+        ref_logprobs = chunked_logprobs(reference.hidden, reference, response_ids, config.temperature).logprobs
         # The RM scores the whole answer at its last response token: the EOS when it stopped,
         # else the last sampled token (the answer was cut at response_length).
         last = (response_mask.sum(1).long() - 1).clamp(min=0)
@@ -280,7 +276,8 @@ def score_responses(models: PPOModels, samples: Samples, config: PPOConfig, old_
         # to stop instead of rambling until the length limit.
         scores = torch.where(samples.finished, scores, scores - config.missing_eos_penalty)
     return Rollout(ids, mask, positions, P, response_ids, response_mask, samples.finished, samples.texts,
-                   logprobs, ref_logprobs * response_mask, values, scores, rm_scores, reference)
+                   logprobs, ref_logprobs * response_mask, values, scores, rm_scores,
+                   reference if config.kl_loss_coef > 0 else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Kept out of `ppo.py` so a stage without a value model does not import PPO.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -138,7 +139,7 @@ def chunked_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, tokens: tor
     rows = max(1, max_chunk_logits // vocab)
     checkpointed = torch.is_grad_enabled() and (hidden.requires_grad or lm_head.weight.requires_grad)
     ref_chunks = (reference.hidden.reshape(-1, reference.hidden.shape[-1]).split(rows) if reference is not None
-                  else [None] * len(tokens.reshape(-1).split(rows)))
+                  else itertools.repeat(None))
     logprobs, entropies, kls = [], [], []
     for h, y, ref_h in zip(hidden.reshape(-1, width).split(rows), tokens.reshape(-1).split(rows), ref_chunks):
         if checkpointed:
