@@ -452,6 +452,47 @@ def test_reusing_the_first_epochs_forward_gives_the_same_step(inputs, tok, monke
     assert abs(reused[0].metrics["kl"]) < 1e-4
 
 
+def test_rows_cut_by_length_give_the_whole_batchs_step(inputs, tok, monkeypatch):
+    """The update's forwards cut by length (one CPU process: each part without its all-padding columns) give
+    the step the whole padded batch gives: the same log-probs, values, exact KL, losses and weights.
+    Leaving a part's outputs in the order the parts ran, or shifting its columns, fails this."""
+    from core.stages import microbatch
+
+    config = _config(inputs, kl_loss_coef=1.0, ptx_coef=1.0)
+    prompt_ids, prompt_mask = _prompt_batch(tok)
+    blocks = pack(tok, demo.pretraining_corpus(40, seed=9), 64)[:4]
+    cuts = []
+    real = microbatch.length_buckets
+
+    def spy(lengths, call_tokens):
+        groups = real(lengths, call_tokens)
+        cuts.append(len(groups))
+        return groups
+
+    monkeypatch.setattr(microbatch, "length_buckets", spy)
+    runs = {}
+    for cut in (True, False):
+        # Cut at every distinct length (calls free), else never.
+        monkeypatch.setattr(microbatch, "call_tokens_for", lambda *a, cut=cut: 0 if cut else None)
+        torch.manual_seed(3)
+        models = _models(config, tok)
+        steps = [ppo.ppo_step(models, prompt_ids, prompt_mask, config, config.kl_coef, iter([blocks] * 8))
+                 for _ in range(2)]
+        runs[cut] = steps, _snapshot(models.policy), _snapshot(models.value_model), list(cuts)
+        cuts.clear()
+    (cut_steps, policy_a, value_a, cut_counts), (whole_steps, policy_b, value_b, whole_counts) = runs[True], runs[False]
+    assert max(cut_counts) > 1 and set(whole_counts) == {1}
+    for a, b in zip(cut_steps, whole_steps):
+        assert torch.equal(a.rollout.response_ids, b.rollout.response_ids)
+        assert (a.rollout.response_mask.sum(1) < a.rollout.response_mask.shape[1]).any()  # answers of mixed length
+        assert torch.allclose(a.rollout.logprobs, b.rollout.logprobs, atol=1e-5)
+        assert torch.allclose(a.rollout.values, b.rollout.values, atol=1e-5)
+        for key in ("kl", "exact_kl", "policy_loss", "value_loss", "ptx_loss", "approx_kl", "entropy", "clip_frac"):
+            assert a.metrics[key] == pytest.approx(b.metrics[key], rel=1e-3, abs=1e-5), key
+    assert cut_steps[1].metrics["exact_kl"] > 1e-3  # the second step's policy has moved: a KL to compare
+    assert _max_diff(policy_a, policy_b) < 1e-4 and _max_diff(value_a, value_b) < 1e-4
+
+
 def test_first_forward_is_refused_with_several_minibatches(inputs, tok):
     config = _config(inputs, num_minibatches=2)
     models = _models(config, tok)

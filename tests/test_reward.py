@@ -39,6 +39,31 @@ def test_each_answer_is_forwarded_once_per_step():
     assert rows == [12]  # 3 prompts x K=4 answers in one forward; 18 pairs scored from them
 
 
+def test_answers_cut_by_length_score_and_train_as_one_forward():
+    """`score_sequences` cut into forwards by length (the CPU default in training) gives each answer the score
+    and the gradient one padded forward gives, in the order the answers came."""
+    tok = load_tokenizer("bundled")
+    model = load_scalar_model("bundled", tok.pad_token_id)
+    rows = []
+    model.transformer.register_forward_hook(lambda m, i, o: rows.append(o.last_hidden_state.shape))
+    rankings = [Ranking(r["prompt"], r["responses"]) for r in demo.synthetic_rankings(8, 4)]
+    seqs = [s for r in rankings for s in reward.encode_answers(tok, r.prompt, r.responses, 128)]
+    seqs[5] = seqs[5] + seqs[5][-12:]  # one long answer among short ones: worth a forward of its own
+    grads = []
+    for call_tokens in (None, 0, 10_000):  # kept whole as given; cut by length; one forward, but sorted
+        model.zero_grad()
+        scores = reward.score_sequences(model, seqs, tok.pad_token_id, pick_device("cpu"), call_tokens=call_tokens)
+        reward.kwise_loss(scores, [4] * 8)[0].backward()
+        grads.append((scores.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    assert rows[0][0] == rows[-1][0] == 32 and len(rows) > 3  # one forward of all 32, several of fewer, one
+    assert sum(shape[0] * shape[1] for shape in rows[1:-1]) < rows[0][0] * rows[0][1]  # less padding computed
+    (whole, whole_grad), *others = grads
+    assert whole.std() > 0
+    for scores, grad in others:
+        assert torch.allclose(scores, whole, atol=1e-5)
+        assert torch.allclose(grad, whole_grad, atol=1e-6, rtol=1e-4)
+
+
 class Recorder(Events):
     """Events that keep what a stage reports, and ask it to stop after `stop_after` optimisation steps."""
 

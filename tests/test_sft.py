@@ -119,3 +119,62 @@ def test_group_by_length_regroups_every_epoch(tmp_path, monkeypatch):
     calls.clear()
     sft.run(config.replace(group_by_length=False, epochs=3), None, Events(), tmp_path / "out")  # resumes epoch 3
     assert calls == []
+
+
+def test_length_buckets_cover_the_batch_once_and_cut_only_where_padding_outweighs_a_call():
+    from core.stages.microbatch import length_buckets
+
+    lengths = [19, 45, 22, 44, 20, 21, 43, 19]
+    groups = length_buckets(lengths, call_tokens=64)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert [[lengths[i] for i in g] for g in groups] == [[45, 44, 43], [22, 21, 20, 19, 19]]  # longest first
+    assert len(length_buckets(lengths, call_tokens=10_000)) == 1  # a call dearer than any padding: one batch
+    assert len(length_buckets(lengths, call_tokens=0)) == 7  # calls free: one per distinct length
+    assert length_buckets(lengths, call_tokens=None) == [list(range(len(lengths)))]  # kept whole, as given
+    assert length_buckets([], call_tokens=64) == []
+
+
+def test_micro_batches_train_as_the_whole_batch(tmp_path, monkeypatch):
+    """One epoch on demonstrations of mixed lengths with batches cut by length (the CPU default) and kept
+    whole: the same losses step by step and the same weights, up to float rounding, so the cut changes the
+    padding computed and nothing else. Dividing each micro-batch by its own token count instead of the
+    batch's fails this (each step's loss would be the sum of the parts' means)."""
+    from core.stages import microbatch
+
+    class Losses(Events):
+        def __init__(self):
+            super().__init__()
+            self.losses = []
+
+        def metrics(self, step, values):
+            if "sft_loss" in values:
+                self.losses.append(values["sft_loss"])
+
+    cuts = []
+    real = microbatch.length_buckets
+
+    def spy(lengths, call_tokens):
+        groups = real(lengths, call_tokens)
+        cuts.append(len(groups))
+        return groups
+
+    monkeypatch.setattr(microbatch, "length_buckets", spy)
+    config = make_config("sft", "quick", dict(epochs=1, n_demonstrations=100, batch_size=32, eval_prompts=0,
+                                              device="cpu", ramble_rate=0.5))
+    cut_events, whole_events = Losses(), Losses()
+    cut = sft.run(config, None, cut_events, tmp_path / "cut")
+    assert min(cuts) > 1  # every batch of the demo's mixed lengths was cut
+    monkeypatch.setattr(microbatch, "call_tokens_for", lambda *a: None)
+    cuts.clear()
+    whole = sft.run(config, None, whole_events, tmp_path / "whole")
+    assert set(cuts) == {1}
+    assert len(cut_events.losses) == 3
+    assert cut_events.losses == pytest.approx(whole_events.losses, rel=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(cut).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(whole).state_dict()
+    base = load_policy("bundled").state_dict()
+    moved = sum((a[k] - base[k]).abs().sum().item() for k in a)
+    assert moved > 0  # it trained
+    # Adam divides by each gradient's own scale, so a weight whose gradient is rounding noise can move a
+    # step either way: compare the total movement, not the largest single difference.
+    assert sum((a[k] - b[k]).abs().sum().item() for k in a) < 0.01 * moved

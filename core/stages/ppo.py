@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from core.config import PPOConfig
 from core.data import demo
@@ -59,7 +60,7 @@ from core.models.loading import (
 )
 from core.models.lora import AdapterOff, prepare_for_training
 from core.models.pretrain import HELDOUT_BLOCK_SIZE, demo_pretrain_loss, heldout_lm_loss, lm_loss, pack_cached
-from core.stages import optim
+from core.stages import microbatch, optim
 from core.stages.resume import (
     checkpoint_path,
     latest_checkpoint,
@@ -235,7 +236,35 @@ def policy_value_forward(models: PPOModels, ids: torch.Tensor, mask: torch.Tenso
     """The trained networks over prompt + response: (the policy's log-probs of the response tokens, V(s_t),
     the policy's entropy at each response position, detached, and with `reference` the exact KL to the
     reference policy at each, with gradients). V(s_t) is read at the position that predicts y_t, like the
-    policy's log-probs."""
+    policy's log-probs.
+
+    On one CPU process the rows are cut by length into several forwards where that saves computing padding
+    (`core/stages/microbatch.py`): each forward drops the columns that are padding in all of its rows (the
+    left padding of its prompts, the right padding of its answers), and the outputs go back in place,
+    zero past each answer's end, as the masked whole batch reads them."""
+    call_tokens = microbatch.call_tokens_for(models.device.type, models.dist.world_size, models.dist.sharded)
+    buckets = microbatch.length_buckets(mask.sum(1).tolist(), call_tokens)
+    if len(buckets) == 1:
+        return _policy_value_forward(models, ids, mask, positions, prompt_len, config, reference)
+    answer_width = ids.shape[1] - prompt_len
+    parts = []
+    for rows in buckets:
+        index = torch.tensor(rows, device=ids.device)
+        part_mask = mask[index]
+        first = int(part_mask[:, :prompt_len].any(0).nonzero()[0])  # every prompt has a token
+        width = int(part_mask[:, prompt_len:].sum(1).max())  # the part's longest answer
+        columns = slice(first, prompt_len + width)
+        outputs = _policy_value_forward(
+            models, ids[index, columns], part_mask[:, columns], positions[index, columns], prompt_len - first, config,
+            None if reference is None else reference.rows(index, width))
+        parts.append([None if t is None else F.pad(t, (0, answer_width - width)) for t in outputs])
+    back = torch.argsort(torch.tensor([i for rows in buckets for i in rows], device=ids.device))
+    return tuple(None if column[0] is None else torch.cat(column)[back] for column in zip(*parts))
+
+
+def _policy_value_forward(models: PPOModels, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                          prompt_len: int, config: PPOConfig, reference: ReferenceHead | None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     with models.device.autocast():
         logprobs, entropy, values, kl = models.trained(ids, mask, positions, prompt_len, config.temperature, reference)
         values = values[:, prompt_len - 1 : -1].float()

@@ -41,7 +41,7 @@ from core.models.loading import (
 )
 from core.models.lora import prepare_for_training
 from core.paths import atomic_write_text, checkpoints_dir
-from core.stages import optim
+from core.stages import microbatch, optim
 from core.stages.resume import (
     checkpoint_path,
     latest_checkpoint,
@@ -127,9 +127,20 @@ class TokenScores(torch.nn.Module):
         return token_scores(self.model, input_ids, attention_mask)
 
 
-def score_sequences(model, sequences: list[list[int]], pad_id: int, device: Device, scorer=None) -> torch.Tensor:
-    """One forward for all sequences; the score is read at each one's last token. `scorer`: the
-    (prepared) `TokenScores` to train through, else `model` is read directly."""
+def score_sequences(model, sequences: list[list[int]], pad_id: int, device: Device, scorer=None,
+                    call_tokens: int | None = None) -> torch.Tensor:
+    """The score of each sequence, read at its last token. `scorer`: the (prepared) `TokenScores` to train
+    through, else `model` is read directly. `call_tokens`: cut the sequences by length into several
+    forwards, each padded only to its own longest (`core/stages/microbatch.py`; a sequence's score does
+    not depend on the others in its forward); None: one forward for all."""
+    buckets = microbatch.length_buckets([len(s) for s in sequences], call_tokens)
+    scores = torch.cat([_score_padded(model, [sequences[i] for i in bucket], pad_id, device, scorer)
+                        for bucket in buckets])
+    position = torch.tensor([i for bucket in buckets for i in bucket], device=scores.device)
+    return scores[torch.argsort(position)]  # back in the order given
+
+
+def _score_padded(model, sequences: list[list[int]], pad_id: int, device: Device, scorer) -> torch.Tensor:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id)
     mask = torch.zeros_like(ids)
@@ -309,6 +320,8 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
         events.log(f"resuming the reward model after epoch {state['epoch']} (step {state['step']})")
     # `model` stays the plain module (evaluation, centring, saving); training runs through `trained`.
     trained, optimizer = dist.prepare(TokenScores(model), optimizer)
+    # Answers cut by length where that saves computing padding (core/stages/microbatch.py).
+    call_tokens = microbatch.call_tokens_for(device.type, dist.world_size, dist.sharded)
     model.train()
     stopped = False
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
@@ -322,7 +335,8 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
             chunk = [train[j] for j in dist.shard(order[i : i + config.batch_size])]
             seqs = [s for r in chunk for s in encode_answers(tokenizer, r.prompt, r.responses, config.max_length)]
             sizes = [len(r.responses) for r in chunk]
-            loss, accuracy = kwise_loss(score_sequences(model, seqs, tokenizer.pad_token_id, device, trained), sizes)
+            loss, accuracy = kwise_loss(score_sequences(model, seqs, tokenizer.pad_token_id, device, trained,
+                                                        call_tokens), sizes)
             optim.step(loss, model, optimizer, scheduler, dist=dist)
             state["step"] += 1
             pairs_seen += sum(k * (k - 1) // 2 for k in sizes)

@@ -89,9 +89,9 @@ class ReferenceHead:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.weight, self.bias)
 
-    def rows(self, index: torch.Tensor) -> ReferenceHead:
-        """The same head over a minibatch's rows."""
-        return ReferenceHead(self.hidden[index], self.weight, self.bias)
+    def rows(self, index: torch.Tensor, answer_width: int | None = None) -> ReferenceHead:
+        """The same head over a minibatch's rows (and only their first `answer_width` answer positions)."""
+        return ReferenceHead(self.hidden[index, :answer_width], self.weight, self.bias)
 
 
 def response_hidden(lm, ids, mask, positions, prompt_len: int) -> torch.Tensor:

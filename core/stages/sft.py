@@ -28,7 +28,7 @@ from core.events import Events
 from core.models.chat import encode_answer, encode_conversation
 from core.models.loading import Device, fuse_gelu, load_policy, load_tokenizer, pick_device, save_model
 from core.models.lora import prepare_for_training
-from core.stages import optim
+from core.stages import microbatch, optim
 from core.stages.resume import (
     checkpoint_path,
     latest_checkpoint,
@@ -149,6 +149,8 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
         events.log(f"resuming SFT after epoch {state['epoch']} (step {state['step']})")
     # `model` stays the plain module (evaluation, saving); training runs through `trained`.
     trained, optimizer = dist.prepare(model, optimizer)
+    # Batches cut by length where that saves computing padding (core/stages/microbatch.py).
+    call_tokens = microbatch.call_tokens_for(device.type, dist.world_size, dist.sharded)
 
     stopped = False
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
@@ -162,17 +164,19 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
             if events.should_stop():
                 stopped = True
                 break
-            batch = collate([train[j] for j in dist.shard(order[i : i + config.batch_size])], tokenizer.pad_token_id,
-                            device)
+            examples = [train[j] for j in dist.shard(order[i : i + config.batch_size])]
+            parts = [collate([examples[k] for k in bucket], tokenizer.pad_token_id, device)
+                     for bucket in microbatch.length_buckets([len(ids) for ids, _ in examples], call_tokens)]
             # The loss is the mean over the global batch's answer tokens, not a mean of the ranks' means
             # (which weights a rank's tokens by its share and moves Adam's first steps elsewhere): DDP
             # averages gradients over the ranks, so each rank divides its token sum by global count / N.
-            answer_tokens = dist.loss_denominator((batch["labels"][:, 1:] != IGNORE).sum())
+            # Every micro-batch divides by the whole count, so their losses sum to the batch's.
+            answer_tokens = dist.loss_denominator(sum((part["labels"][:, 1:] != IGNORE).sum() for part in parts))
             with device.autocast():
-                loss = trained(**batch, num_items_in_batch=answer_tokens.item()).loss
+                loss = sum(trained(**part, num_items_in_batch=answer_tokens.item()).loss for part in parts)
             optim.step(loss, model, optimizer, scheduler, dist=dist)
             state["step"] += 1
-            tokens += int(batch["attention_mask"].sum())
+            tokens += sum(int(part["attention_mask"].sum()) for part in parts)
             events.metrics(state["step"], {
                 "sft_loss": loss.item(), "learning_rate": scheduler.get_last_lr()[0],
                 "tokens_per_s": tokens / (time.perf_counter() - start),
