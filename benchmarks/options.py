@@ -24,3 +24,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
+
+
+def parse(description: str) -> argparse.Namespace:
+    """The shape options from the command line, with torch's CPU threads set from `--threads`."""
+    parser = argparse.ArgumentParser(description=description)
+    add_args(parser)
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args

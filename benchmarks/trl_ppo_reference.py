@@ -7,7 +7,6 @@ data; this script only swaps in TRL's training loop. Prints one JSON object as i
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -18,16 +17,12 @@ from datasets import Dataset
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 
 from benchmarks.bench_ppo import synthetic_prompts
-from benchmarks.options import add_args
+from benchmarks.options import parse
 from core.models.tiny import make_models, make_tokenizer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_args(parser)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(__doc__.splitlines()[0])
     tokenizer = make_tokenizer(args.vocab)
     policy, reference_policy, value_model, reward_model = make_models(args.layers, args.embd, args.heads, args.vocab, args.seed)
     prompts = synthetic_prompts(args.episodes, args.prompt_length, args.vocab, args.seed)

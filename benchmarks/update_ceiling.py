@@ -14,14 +14,13 @@ highest ratio to TRL that shape allows.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 
 import torch
 
-from benchmarks.options import add_args
+from benchmarks.options import parse
 
 
 def gemm_seconds(m: int, k: int, n: int, repeats: int = 30) -> float:
@@ -60,11 +59,7 @@ def update_ceiling(layers: int, embd: int, vocab: int, batch: int, prompt_length
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_args(parser)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(__doc__.splitlines()[0])
     result = update_ceiling(args.layers, args.embd, args.vocab, args.batch, args.prompt_length, args.response_length,
                             args.ppo_epochs, args.num_minibatches)
     if not args.json:

@@ -49,6 +49,23 @@ def tok():
 
 
 @pytest.fixture
+def bucket_counts(monkeypatch) -> list[int]:
+    """How many micro-batches each call of `microbatch.length_buckets` (the stages' cut by length) made."""
+    from core.stages import microbatch
+
+    counts: list[int] = []
+    real = microbatch.length_buckets
+
+    def counting(lengths, call_tokens):
+        groups = real(lengths, call_tokens)
+        counts.append(len(groups))
+        return groups
+
+    monkeypatch.setattr(microbatch, "length_buckets", counting)
+    return counts
+
+
+@pytest.fixture
 def workbench_home(tmp_path, monkeypatch):
     """A fresh RLHF_WORKBENCH_HOME (and offline hub) for one test."""
     home = tmp_path / "home"

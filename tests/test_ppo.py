@@ -452,7 +452,7 @@ def test_reusing_the_first_epochs_forward_gives_the_same_step(inputs, tok, monke
     assert abs(reused[0].metrics["kl"]) < 1e-4
 
 
-def test_rows_cut_by_length_give_the_whole_batchs_step(inputs, tok, monkeypatch):
+def test_rows_cut_by_length_give_the_whole_batchs_step(inputs, tok, monkeypatch, bucket_counts):
     """The update's forwards cut by length (one CPU process: each part without its all-padding columns) give
     the step the whole padded batch gives: the same log-probs, values, exact KL, losses and weights.
     Leaving a part's outputs in the order the parts ran, or shifting its columns, fails this."""
@@ -461,15 +461,6 @@ def test_rows_cut_by_length_give_the_whole_batchs_step(inputs, tok, monkeypatch)
     config = _config(inputs, kl_loss_coef=1.0, ptx_coef=1.0)
     prompt_ids, prompt_mask = _prompt_batch(tok)
     blocks = pack(tok, demo.pretraining_corpus(40, seed=9), 64)[:4]
-    cuts = []
-    real = microbatch.length_buckets
-
-    def spy(lengths, call_tokens):
-        groups = real(lengths, call_tokens)
-        cuts.append(len(groups))
-        return groups
-
-    monkeypatch.setattr(microbatch, "length_buckets", spy)
     runs = {}
     for cut in (True, False):
         # Cut at every distinct length (calls free), else never.
@@ -478,8 +469,8 @@ def test_rows_cut_by_length_give_the_whole_batchs_step(inputs, tok, monkeypatch)
         models = _models(config, tok)
         steps = [ppo.ppo_step(models, prompt_ids, prompt_mask, config, config.kl_coef, iter([blocks] * 8))
                  for _ in range(2)]
-        runs[cut] = steps, _snapshot(models.policy), _snapshot(models.value_model), list(cuts)
-        cuts.clear()
+        runs[cut] = steps, _snapshot(models.policy), _snapshot(models.value_model), list(bucket_counts)
+        bucket_counts.clear()
     (cut_steps, policy_a, value_a, cut_counts), (whole_steps, policy_b, value_b, whole_counts) = runs[True], runs[False]
     assert max(cut_counts) > 1 and set(whole_counts) == {1}
     for a, b in zip(cut_steps, whole_steps):

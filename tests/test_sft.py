@@ -134,7 +134,7 @@ def test_length_buckets_cover_the_batch_once_and_cut_only_where_padding_outweigh
     assert length_buckets([], call_tokens=64) == []
 
 
-def test_micro_batches_train_as_the_whole_batch(tmp_path, monkeypatch):
+def test_micro_batches_train_as_the_whole_batch(tmp_path, monkeypatch, bucket_counts):
     """One epoch on demonstrations of mixed lengths with batches cut by length (the CPU default) and kept
     whole: the same losses step by step and the same weights, up to float rounding, so the cut changes the
     padding computed and nothing else. Dividing each micro-batch by its own token count instead of the
@@ -150,24 +150,15 @@ def test_micro_batches_train_as_the_whole_batch(tmp_path, monkeypatch):
             if "sft_loss" in values:
                 self.losses.append(values["sft_loss"])
 
-    cuts = []
-    real = microbatch.length_buckets
-
-    def spy(lengths, call_tokens):
-        groups = real(lengths, call_tokens)
-        cuts.append(len(groups))
-        return groups
-
-    monkeypatch.setattr(microbatch, "length_buckets", spy)
     config = make_config("sft", "quick", dict(epochs=1, n_demonstrations=100, batch_size=32, eval_prompts=0,
                                               device="cpu", ramble_rate=0.5))
     cut_events, whole_events = Losses(), Losses()
     cut = sft.run(config, None, cut_events, tmp_path / "cut")
-    assert min(cuts) > 1  # every batch of the demo's mixed lengths was cut
+    assert min(bucket_counts) > 1  # every batch of the demo's mixed lengths was cut
     monkeypatch.setattr(microbatch, "call_tokens_for", lambda *a: None)
-    cuts.clear()
+    bucket_counts.clear()
     whole = sft.run(config, None, whole_events, tmp_path / "whole")
-    assert set(cuts) == {1}
+    assert set(bucket_counts) == {1}
     assert len(cut_events.losses) == 3
     assert cut_events.losses == pytest.approx(whole_events.losses, rel=1e-5)
     a = AutoModelForCausalLM.from_pretrained(cut).state_dict()
