@@ -19,11 +19,11 @@ from workbench import resources
 store = resources.store()
 jobs = resources.jobs()
 MAX_POINTS = 400  # per run and metric: a 2,000-step PPO run stays quick to draw
-# Live refresh intervals. The page redraws in the server process, which also runs the training job, and
-# the redraws slowed the job far more than their own time (~0.25 s for the whole page with a pipeline's
-# charts): redrawing every 2 s made the quick demo pipeline take 229 s instead of 115 s while this page
-# was open (measured on 2 cores). Every 5 s (curves) and 10 s (rollouts, which change once per PPO step
-# anyway): 137 s, still live.
+# Live refresh intervals. The page redraws in the server process, which also runs the training job:
+# redrawing every 2 s made the quick demo pipeline take 229 s instead of 115 s while this page was open
+# (measured on 2 cores), 181 s once Streamlit's source watcher and post-run collection were off
+# (.streamlit/config.toml). Every 5 s (curves) and 10 s (rollouts, which change once per PPO step
+# anyway): ~140 s, still live.
 REFRESH_S = 5
 ROLLOUT_REFRESH_S = 10
 # The recipe's curves, in this order, are drawn by default; "All metrics" adds the rest (learning

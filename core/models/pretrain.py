@@ -8,8 +8,8 @@ continues text and knows the chat shape loosely, but does not answer in the hous
 from __future__ import annotations
 
 import hashlib
+import io
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -22,7 +22,7 @@ from core.data import demo
 from core.stages import optim
 from core.models.chat import PLAIN_CHAT_TEMPLATE
 from core.models.loading import Device, pick_device, save_checkpoint
-from core.paths import BUNDLED_MODEL_DIR, data_home
+from core.paths import BUNDLED_MODEL_DIR, atomic_write_bytes, data_home
 
 EOS = "<|endoftext|>"
 PAD = "<pad>"
@@ -102,12 +102,9 @@ def pack_cached(tokenizer, docs: list[str], block_size: int, cache_dir: str | Pa
         except Exception:  # noqa: BLE001 - any unreadable file is a cache miss
             pass
     blocks = pack(tokenizer, docs, block_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside its final name and renamed, so a reader (another rank, another job) never sees half
-    # a file; int32 halves the file (token ids are far below 2^31).
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(blocks.to(torch.int32), tmp)
-    os.replace(tmp, path)
+    data = io.BytesIO()
+    torch.save(blocks.to(torch.int32), data)  # int32 halves the file (token ids are far below 2^31)
+    atomic_write_bytes(path, data.getvalue())  # another rank or job never reads half a file
     return blocks
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 # The cost of one more forward + backward call, in tokens of computation (CPU; see the docstring).
 CPU_CALL_TOKENS = 64
 
@@ -48,6 +50,16 @@ def length_buckets(lengths: Sequence[int], call_tokens: int | None = CPU_CALL_TO
         groups.append(order[cuts[j] : cuts[k]])
         k = j
     return groups[::-1]
+
+
+def in_given_order(buckets: list[list[int]], parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The parts' rows (one tensor per bucket of `length_buckets`, rows in the bucket's order) concatenated
+    and put back in the order the batch was given."""
+    joined = torch.cat(list(parts))
+    position = [i for bucket in buckets for i in bucket]
+    if position == list(range(len(position))):
+        return joined
+    return joined[torch.argsort(torch.tensor(position, device=joined.device))]
 
 
 def call_tokens_for(device_type: str, processes: int, sharded: bool) -> int | None:

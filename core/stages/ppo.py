@@ -258,8 +258,7 @@ def policy_value_forward(models: PPOModels, ids: torch.Tensor, mask: torch.Tenso
             models, ids[index, columns], part_mask[:, columns], positions[index, columns], prompt_len - first, config,
             None if reference is None else reference.rows(index, width))
         parts.append([None if t is None else F.pad(t, (0, answer_width - width)) for t in outputs])
-    back = torch.argsort(torch.tensor([i for rows in buckets for i in rows], device=ids.device))
-    return tuple(None if column[0] is None else torch.cat(column)[back] for column in zip(*parts))
+    return tuple(None if column[0] is None else microbatch.in_given_order(buckets, column) for column in zip(*parts))
 
 
 def _policy_value_forward(models: PPOModels, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,

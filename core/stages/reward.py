@@ -134,10 +134,8 @@ def score_sequences(model, sequences: list[list[int]], pad_id: int, device: Devi
     forwards, each padded only to its own longest (`core/stages/microbatch.py`; a sequence's score does
     not depend on the others in its forward); None: one forward for all."""
     buckets = microbatch.length_buckets([len(s) for s in sequences], call_tokens)
-    scores = torch.cat([_score_padded(model, [sequences[i] for i in bucket], pad_id, device, scorer)
-                        for bucket in buckets])
-    position = torch.tensor([i for bucket in buckets for i in bucket], device=scores.device)
-    return scores[torch.argsort(position)]  # back in the order given
+    return microbatch.in_given_order(buckets, [_score_padded(model, [sequences[i] for i in bucket], pad_id, device,
+                                                             scorer) for bucket in buckets])
 
 
 def _score_padded(model, sequences: list[list[int]], pad_id: int, device: Device, scorer) -> torch.Tensor:
