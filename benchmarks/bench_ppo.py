@@ -29,13 +29,14 @@ def synthetic_prompts(n: int, prompt_length: int, vocab: int, seed: int = 0) -> 
 def bench_ppo(layers: int = 4, embd: int = 128, heads: int = 4, vocab: int = 512, batch: int = 16,
               response_length: int = 24, ppo_epochs: int = 4, episodes: int = 256, prompt_length: int = 16,
               num_minibatches: int = 1, ptx_coef: float = 0.0, device: str = "cpu", threads: int | None = None,
-              seed: int = 0) -> dict:
+              seed: int = 0, precision: str = "auto") -> dict:
     if threads:
         torch.set_num_threads(threads)
-    dev = pick_device(device)
+    dev = pick_device(device, precision)
     config = PPOConfig(batch_size=batch, num_minibatches=num_minibatches, ppo_epochs=ppo_epochs,
                        response_length=response_length, total_episodes=episodes, learning_rate=3e-6,
-                       kl_coef=0.05, ptx_coef=ptx_coef, missing_eos_penalty=None, temperature=1.0, device=device)
+                       kl_coef=0.05, ptx_coef=ptx_coef, missing_eos_penalty=None, temperature=1.0, device=device,
+                       precision=precision)
     tokenizer = make_tokenizer(vocab)
     parts = [m.to(dev.torch) for m in make_models(layers, embd, heads, vocab, seed)]
     models = assemble(*parts, tokenizer, config, dev)
@@ -77,7 +78,7 @@ def bench_ppo(layers: int = 4, embd: int = 128, heads: int = 4, vocab: int = 512
         "timings_share": {k: round(v / elapsed, 3) for k, v in timings.items()},
         "shape": dict(layers=layers, embd=embd, heads=heads, vocab=vocab, batch=batch, response_length=response_length,
                       ppo_epochs=ppo_epochs, prompt_length=prompt_length, num_minibatches=num_minibatches),
-        "threads": torch.get_num_threads(), "device": dev.type,
+        "threads": torch.get_num_threads(), "device": dev.type, "precision": dev.precision,
         "parameters_per_model": body + embeddings, "update_flops_per_step": update_flops,
         "update_s_per_step_median": steady, "update_tflops": update_flops / steady / 1e12,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
@@ -93,7 +94,7 @@ def main(args: argparse.Namespace) -> dict:
                        batch=opt["batch"], response_length=opt["response_length"], ppo_epochs=opt["ppo_epochs"],
                        episodes=opt["episodes"], prompt_length=opt["prompt_length"],
                        num_minibatches=opt["num_minibatches"], ptx_coef=opt["ptx_coef"], device=opt["device"],
-                       threads=opt["threads"], seed=opt["seed"])
+                       threads=opt["threads"], seed=opt["seed"], precision=opt["precision"])
     if not getattr(args, "json", False):
         shares = ", ".join(f"{k} {v:.0%}" for k, v in result["timings_share"].items())
         print(f"ours: {result['episodes_per_s']:.1f} episodes/s ({shares})")

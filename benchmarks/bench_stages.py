@@ -17,7 +17,7 @@ from core.data import demo
 from core.config import RewardConfig, SFTConfig
 from core.events import Events
 from core.models.chat import render_prompt
-from core.models.loading import pick_device
+from core.models.loading import Device, pick_device
 
 
 class _LastMetrics(Events):
@@ -31,11 +31,16 @@ class _LastMetrics(Events):
         self.last.update(values)
 
 
-def _trl_common(tmp: str, batch_size: int, device: str) -> dict:
+def _device(args) -> Device:
+    """The device and precision of both sides (`--device`, `--precision`)."""
+    return pick_device(args.device, getattr(args, "precision", "auto"))
+
+
+def _trl_common(tmp: str, batch_size: int, device: Device) -> dict:
     return dict(
         output_dir=tmp, per_device_train_batch_size=batch_size, num_train_epochs=1, learning_rate=1e-4,
         save_strategy="no", report_to="none", logging_steps=10_000, disable_tqdm=True,
-        use_cpu=pick_device(device).type == "cpu", bf16=pick_device(device).type == "cuda", dataloader_num_workers=0, max_length=128,
+        use_cpu=device.type == "cpu", bf16=device.precision == "bf16", dataloader_num_workers=0, max_length=128,
     )
 
 
@@ -44,19 +49,21 @@ def bench_sft(args) -> dict:
 
     rows = demo.demonstrations(demo.train_tasks(args.examples), ramble_rate=0.5)
     config = SFTConfig(model="bundled", data="demo", n_demonstrations=args.examples, ramble_rate=0.5, epochs=1,
-                       batch_size=32, learning_rate=1e-4, dropout=0.0, eval_prompts=0, device=args.device)
+                       batch_size=32, learning_rate=1e-4, dropout=0.0, eval_prompts=0, device=args.device,
+                       precision=_device(args).precision)
     with tempfile.TemporaryDirectory() as tmp:
         events = _LastMetrics()
         sft.run(config, None, events, Path(tmp) / "sft")
         ours = events.last["tokens_per_s"]
-    result = {"bench": "sft", "examples": args.examples, "batch_size": 32, "ours_tokens_per_s": ours}
+    result = {"bench": "sft", "examples": args.examples, "batch_size": 32, "precision": config.precision,
+              "ours_tokens_per_s": ours}
     if args.against == "trl":
-        result["trl_tokens_per_s"] = _trl_sft(rows, args.device, config.group_by_length)
+        result["trl_tokens_per_s"] = _trl_sft(rows, _device(args), config.group_by_length)
         result["ratio"] = ours / result["trl_tokens_per_s"]
     return result
 
 
-def _trl_sft(rows: list[dict], device: str, group_by_length: bool) -> float:
+def _trl_sft(rows: list[dict], device: Device, group_by_length: bool) -> float:
     from datasets import Dataset
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
@@ -64,7 +71,7 @@ def _trl_sft(rows: list[dict], device: str, group_by_length: bool) -> float:
     from core.models.loading import load_policy, load_tokenizer
 
     tokenizer = load_tokenizer("bundled")
-    model = load_policy("bundled", pick_device(device), dropout=0.0)
+    model = load_policy("bundled", device, dropout=0.0)
     # Same text as our encode(): chat-formatted prompt, " " + answer, EOS (TRL appends it).
     data = Dataset.from_list([{"prompt": render_prompt(tokenizer, r["prompt"]), "completion": " " + r["completion"]} for r in rows])
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,19 +95,19 @@ def bench_rm(args) -> dict:
         path = Path(tmp) / "rankings.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rankings))
         config = RewardConfig(sft_model="bundled", data=str(path), epochs=1, batch_size=8, learning_rate=1e-4,
-                              device=args.device)
+                              device=args.device, precision=_device(args).precision)
         events = _LastMetrics()
         reward.run(config, None, events, Path(tmp) / "rm")
         ours = events.last["pairs_per_s"]
     result = {"bench": "rm", "k": args.k, "rankings": len(rankings), "prompts_per_batch": 8,
-              "pairs_per_batch": 8 * pairs_per_ranking, "ours_pairs_per_s": ours}
+              "pairs_per_batch": 8 * pairs_per_ranking, "precision": config.precision, "ours_pairs_per_s": ours}
     if args.against == "trl":
-        result["trl_pairs_per_s"] = _trl_rm(rankings, 8 * pairs_per_ranking, args.device)
+        result["trl_pairs_per_s"] = _trl_rm(rankings, 8 * pairs_per_ranking, _device(args))
         result["ratio"] = ours / result["trl_pairs_per_s"]
     return result
 
 
-def _trl_rm(rankings: list[dict], pairs_per_batch: int, device: str) -> float:
+def _trl_rm(rankings: list[dict], pairs_per_batch: int, device: Device) -> float:
     from datasets import Dataset
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
@@ -109,7 +116,7 @@ def _trl_rm(rankings: list[dict], pairs_per_batch: int, device: str) -> float:
     from core.models.loading import load_scalar_model, load_tokenizer
 
     tokenizer = load_tokenizer("bundled")
-    model = load_scalar_model("bundled", tokenizer.pad_token_id, pick_device(device))
+    model = load_scalar_model("bundled", tokenizer.pad_token_id, device)
     # TRL's RewardTrainer is pairwise: each ranking becomes its C(K,2) chosen/rejected pairs.
     pairs = [{"prompt": render_prompt(tokenizer, r["prompt"]), "chosen": " " + chosen, "rejected": " " + rejected}
              for r in rankings for chosen, rejected in ranking_pairs(r["responses"])]

@@ -21,6 +21,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-minibatches", type=int, default=1)
     parser.add_argument("--ptx-coef", type=float, default=0.0)
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="both sides alike: 'auto' is bf16 autocast on a GPU with bf16, else fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print only the JSON result")

@@ -18,6 +18,7 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer
 
 from benchmarks.bench_ppo import synthetic_prompts
 from benchmarks.options import parse
+from core.models.loading import pick_device
 from core.models.tiny import make_models, make_tokenizer
 
 
@@ -35,7 +36,7 @@ def main() -> None:
             learning_rate=3e-6, kl_coef=0.05, temperature=1.0, stop_token="eos", missing_eos_penalty=None,
             num_sample_generations=0, report_to="none", save_strategy="no", logging_steps=10_000,
             disable_tqdm=True, use_cpu=args.device == "cpu", seed=args.seed, dataloader_num_workers=0,
-            bf16=args.device == "cuda",  # as ours: bf16 autocast on a GPU, fp32 on a CPU
+            bf16=pick_device(args.device, args.precision).precision == "bf16",  # as ours (bench_ppo)
         )
         trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference_policy,
                              reward_model=reward_model, value_model=value_model, train_dataset=dataset)
@@ -45,7 +46,8 @@ def main() -> None:
     steps = -(-args.episodes // args.batch)
     done = steps * args.batch
     print(json.dumps({"impl": f"trl-{trl.__version__}", "episodes": done, "seconds": elapsed,
-                      "episodes_per_s": done / elapsed, "threads": torch.get_num_threads()}))
+                      "episodes_per_s": done / elapsed, "threads": torch.get_num_threads(),
+                      "precision": "bf16" if config.bf16 else "fp32"}))
 
 
 if __name__ == "__main__":

@@ -134,6 +134,15 @@ _POS = (0, None, False)  # > 0
 _NONNEG = (0, None, True)  # >= 0
 _UNIT = (0, 1, True)  # in [0, 1]
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")  # what each means: core.models.loading.pick_device
+
+
+def resolved_precision(precision: str, kind: str, gpu_bf16: bool) -> str:
+    """'fp32' or 'bf16' for a `precision` field on a device kind ('cpu', 'cuda'): 'auto' is bf16 on a GPU that
+    has it (`gpu_bf16`), else fp32. One rule for the stages (`pick_device`) and the memory planner."""
+    if precision != "auto":
+        return precision
+    return "bf16" if kind == "cuda" and gpu_bf16 else "fp32"
 
 
 @dataclass
@@ -148,8 +157,12 @@ class NetworkConfig(ConfigMixin):
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, more time")
     report_to: str = option("none", "metrics also to 'tensorboard' (DATA/tensorboard/<run>) or 'trackio' (its local "
                                     "database), besides the store; needs pip install 'rlhf-workbench[sinks]'")
+    precision: str = option("auto", "'auto' (bf16 autocast on a GPU with bf16, else fp32), 'fp32', or 'bf16': "
+                                    "matmuls in bf16, weights fp32; on a CPU with bf16 instructions it pays "
+                                    "for wide layers only (docs)")
 
     _bounds = {"lora_r": (0, 4096, True), "lora_alpha": (1, None, True), "lora_dropout": (0, 0.9, True)}
+    _choices = {"precision": PRECISIONS}
 
     def validate(self) -> None:
         super().validate()
@@ -189,7 +202,7 @@ class SFTConfig(NetworkConfig):
         "eval_prompts": _NONNEG, "eval_temperature": _NONNEG, "n_demonstrations": (1, None, True),
         "ramble_rate": _UNIT,
     }
-    _choices = {"device": DEVICES}
+    _choices = {**NetworkConfig._choices, "device": DEVICES}
 
 
 @dataclass
@@ -222,7 +235,7 @@ class RewardConfig(NetworkConfig):
         "k": (2, 9, True), "n_prompts": (1, None, True), "labeler_temperature": _NONNEG,
         "sample_temperature": _POS, "max_length": (8, None, True), "heldout_prompts": _NONNEG,
     }
-    _choices = {"device": DEVICES, "heldout": ("auto", "demo")}
+    _choices = {**NetworkConfig._choices, "device": DEVICES, "heldout": ("auto", "demo")}
 
 
 @dataclass
@@ -275,7 +288,7 @@ class PPOConfig(NetworkConfig):
         "ema_decay": (0, 1, False), "save_every": (1, None, True), "eval_every": _NONNEG,
         "eval_prompts": _NONNEG, "max_grad_norm": _POS,
     }
-    _choices = {"device": DEVICES}
+    _choices = {**NetworkConfig._choices, "device": DEVICES}
     # k3 = (r - 1) - log r is an unbiased estimate of KL's *value*, but as a per-token reward its
     # score-function gradient is grad KL(pi||ref) - grad KL(ref||pi), close to 0 near the reference:
     # the penalty would barely pull the policy back (docs/ARCHITECTURE.md, "KL estimators").
@@ -332,7 +345,7 @@ class DPOConfig(NetworkConfig):
         "k": (2, 9, True), "n_prompts": (1, None, True), "sample_temperature": _POS, "labeler_temperature": _NONNEG,
         "save_every": (1, None, True), "eval_prompts": _NONNEG, "eval_temperature": _POS,
     }
-    _choices = {"device": DEVICES, "loss_type": DPO_LOSS_TYPES}
+    _choices = {**NetworkConfig._choices, "device": DEVICES, "loss_type": DPO_LOSS_TYPES}
 
 
 @dataclass
@@ -366,7 +379,7 @@ class GroupRLConfig(NetworkConfig):
         "epsilon": _POS, "num_iterations": (1, None, True), "missing_eos_penalty": _NONNEG, "max_grad_norm": _POS,
         "save_every": (1, None, True), "eval_prompts": _NONNEG,
     }
-    _choices = {"device": DEVICES, "reward": ("rm", "gold")}
+    _choices = {**NetworkConfig._choices, "device": DEVICES, "reward": ("rm", "gold")}
 
     def validate(self) -> None:
         super().validate()

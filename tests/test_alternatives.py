@@ -150,6 +150,16 @@ def test_dpo_bad_input_fails_before_any_work(inputs, store, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
+def test_trl_runs_in_the_configs_precision(tmp_path):
+    # TRL's trainers get bf16 autocast exactly when our own loops would use it (`precision`), on a CPU too.
+    from trl import DPOConfig as TRLDPOConfig
+
+    config = DPOConfig(sft_model="bundled")
+    for precision, bf16 in (("auto", False), ("fp32", False), ("bf16", True)):
+        args = trl_bridge.training_args(TRLDPOConfig, config, tmp_path, pick_device("cpu", precision))
+        assert (args.bf16, args.use_cpu) == (bf16, True)
+
+
 # ---------------------------------------------------------------------------------------------
 # GRPO and RLOO
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ def test_yaml_round_trip(tmp_path):
         ("ppo", {"batch_size": 10, "num_minibatches": 3}, "batch_size"),
         ("ppo", {"adaptive_kl": "yes"}, "adaptive_kl"),
         ("sft", {"device": "tpu"}, "device"),
+        ("ppo", {"precision": "fp16"}, "precision"),
+        ("grpo", {"precision": "half"}, "precision"),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_field(stage, values, field):

@@ -137,6 +137,24 @@ def test_the_exact_kl_term_is_planned(qwen_half_b):
     assert exact.peak_bytes > plain.peak_bytes
 
 
+def test_the_plan_follows_the_configs_precision(qwen_half_b):
+    """`precision` decides what the planner counts in bf16, as the stage runs it: on a GPU 'auto' is bf16
+    (frozen networks stored in bf16, matmul activations 2 bytes, autocast's weight copies), 'fp32' none of it;
+    on a CPU 'bf16' halves the matmul activations but keeps the frozen networks' fp32 weights."""
+    config = PPOConfig(sft_model=qwen_half_b, reward_model=qwen_half_b, batch_size=16, response_length=64,
+                       ptx_coef=0.0)
+    gpu = DeviceBudget("cuda", "test GPU", 139 * GIB)
+    auto, fp32 = plan("ppo", config, gpu, prompt_length=64), plan("ppo", config.replace(precision="fp32"), gpu,
+                                                                   prompt_length=64)
+    assert auto.total("weights", "reference_policy") * 2 == fp32.total("weights", "reference_policy")
+    assert auto.total("autocast_copies") > 0 == fp32.total("autocast_copies")
+    assert auto.total("activations", "policy") < 0.7 * fp32.total("activations", "policy")
+    cpu_fp32, cpu_bf16 = (plan("ppo", config.replace(precision=p), CPU, prompt_length=64) for p in ("auto", "bf16"))
+    assert cpu_bf16.total("weights", "reference_policy") == cpu_fp32.total("weights", "reference_policy")
+    assert cpu_bf16.total("activations", "policy") < 0.7 * cpu_fp32.total("activations", "policy")
+    assert cpu_bf16.total("autocast_copies") > 0 == cpu_fp32.total("autocast_copies")
+
+
 def test_gradient_checkpointing_cuts_planned_activations(llama_dir, qwen_half_b):
     for path, layers in ((llama_dir, 2), (qwen_half_b, 24)):
         plain = plan("sft", SFTConfig(model=path, batch_size=8, max_length=256), CPU)

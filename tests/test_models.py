@@ -51,6 +51,28 @@ def test_cuda_request_without_cuda_is_refused():
     assert pick_device("auto").type == "cpu"
 
 
+def test_precision_sets_autocast_and_the_frozen_networks_dtype(monkeypatch):
+    x = torch.randn(4, 8)
+    fp32, bf16 = pick_device("cpu"), pick_device("cpu", "bf16")
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")  # 'auto' on a CPU is fp32
+    with fp32.autocast():
+        assert (x @ x.T).dtype == torch.float32
+    with bf16.autocast():
+        assert (x @ x.T).dtype == torch.bfloat16
+    assert bf16.frozen_dtype == torch.float32  # on a CPU the frozen networks compute as the policy does
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, not 'fp16'"):
+        pick_device("cpu", "fp16")
+    # A GPU: bf16 where it has bf16 ('auto' picks it, frozen networks stored in it), refused where it has not.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert pick_device("auto").precision == "bf16" and pick_device("auto").frozen_dtype == torch.bfloat16
+    assert pick_device("cuda", "fp32").frozen_dtype == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert pick_device("cuda").precision == "fp32"
+    with pytest.raises(ValueError, match="this GPU has no bf16"):
+        pick_device("cuda", "bf16")
+
+
 @pytest.mark.parametrize("name", ["../evil", "a/b", "/abs", "..", "", "x" * 101, ".hidden"])
 def test_names_that_could_traverse_paths_are_rejected(name):
     with pytest.raises(ValueError, match="invalid"):

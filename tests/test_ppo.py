@@ -169,6 +169,26 @@ def test_one_step_changes_policy_and_value_not_reference_or_reward(inputs, tok):
         assert key in result.metrics
 
 
+def test_bf16_precision_on_a_cpu_computes_in_bf16_and_starts_at_zero_kl(inputs, tok):
+    # Sampling runs in fp32 either way, so both steps score the same answers: the RM's scores then differ by
+    # bf16 rounding only, and the policy, which computes exactly as the reference under autocast (both keep
+    # fp32 weights on a CPU), reads a KL of 0 to it.
+    config = _config(inputs)
+    prompt_ids, prompt_mask = _prompt_batch(tok)
+    steps = {}
+    for precision in ("fp32", "bf16"):
+        models = ppo.load_models(config, tok, pick_device("cpu", precision))
+        assert models.reference_policy.dtype == torch.float32
+        torch.manual_seed(0)
+        steps[precision] = ppo.ppo_step(models, prompt_ids, prompt_mask, config, config.kl_coef)
+    fp32, bf16 = steps["fp32"], steps["bf16"]
+    assert torch.equal(fp32.rollout.response_ids, bf16.rollout.response_ids)
+    score_gap = (fp32.rollout.rm_scores - bf16.rollout.rm_scores).abs()
+    assert 0 < score_gap.max() < 0.05  # computed in bf16 (not equal), yet the same scores to bf16's precision
+    assert bf16.metrics["kl"] == 0
+    assert all(torch.isfinite(torch.tensor(v)) for v in bf16.metrics.values())
+
+
 def _mean_late_kl(inputs, tok, kl_coef, steps=8, metric="kl", **kw):
     """Mean summed KL to the reference (`metric`) over the last half of a short run on the probe RM."""
     torch.manual_seed(0)
@@ -307,11 +327,13 @@ def test_stop_then_resume_continues_step_counter_and_optimizer(inputs, tok, tmp_
     assert "heldout_gold" in second.logged[3]
 
 
-def test_short_run_raises_reward(inputs, tok):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_short_run_raises_reward(inputs, tok, precision):
+    # bf16: every network's matmuls under CPU bf16 autocast (`precision: bf16`), weights fp32.
     torch.manual_seed(0)
     config = _config(inputs, reward_model=str(inputs[2]), kl_coef=0.02, learning_rate=1e-4, ppo_epochs=4,
-                     batch_size=32, total_episodes=32 * 10, response_length=20)
-    models = _models(config, tok)
+                     batch_size=32, total_episodes=32 * 10, response_length=20, precision=precision)
+    models = ppo.load_models(config, tok, pick_device("cpu", precision))
     sampler = rl.PromptSampler(len(PROMPTS), config.batch_size, seed=0)
     rewards = []
     for _ in range(10):

@@ -24,6 +24,7 @@ from transformers import (
 )
 from transformers.activations import ACT2FN, NewGELUActivation
 
+from core.config import DEVICES, PRECISIONS, resolved_precision
 from core.models.chat import template_of
 from core.models.lora import (
     ADAPTER_DIR,
@@ -43,29 +44,45 @@ BUNDLED_NAMES = ("bundled", "tiny", "tiny-gpt2")
 
 @dataclass(frozen=True)
 class Device:
-    """Where to run and in which precision: CUDA with bf16 autocast where available, else CPU fp32."""
+    """Where to run and in which precision. `precision` is resolved ('fp32' or 'bf16'): 'bf16' runs the
+    matmuls under bf16 autocast while weights, optimizer states and log-prob arithmetic stay fp32."""
 
     type: str
+    precision: str = "fp32"
 
     @property
     def torch(self) -> torch.device:
         return torch.device(self.type)
 
     def autocast(self):
-        # Weights stay fp32 (optimizer states too); matmuls run in bf16 on GPUs that have it.
-        if self.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.precision == "bf16":
+            return torch.autocast(self.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        """The weights' dtype of PPO's frozen networks (reference policy, reward model). bf16 on a GPU, where
+        memory is the limit and their matmuls run in bf16 under autocast anyway. On a CPU they keep fp32
+        weights even under bf16 autocast: they then compute exactly as the policy does, so the first
+        step's KL to the reference reads 0, not rounding noise, and RAM is rarely what runs out."""
+        return torch.bfloat16 if self.type == "cuda" and self.precision == "bf16" else torch.float32
 
-def pick_device(requested: str = "auto") -> Device:
-    if requested not in ("auto", "cpu", "cuda"):
+
+def pick_device(requested: str = "auto", precision: str = "auto") -> Device:
+    """`requested`: 'auto' (CUDA when present), 'cpu' or 'cuda'. `precision`: 'auto' (bf16 autocast on a GPU
+    that has bf16, else fp32), 'fp32', or 'bf16' (on a CPU it pays where the CPU has bf16 instructions
+    (AVX-512 BF16, AMX) and the layers are wide enough: docs/ARCHITECTURE.md, "Precision")."""
+    if requested not in DEVICES:
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {requested!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if requested == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but this machine has no CUDA GPU; use 'cpu' or 'auto'")
-    if requested == "auto":
-        return Device("cuda" if torch.cuda.is_available() else "cpu")
-    return Device(requested)
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if requested == "auto" else requested
+    gpu_bf16 = kind == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and kind == "cuda" and not gpu_bf16:
+        raise ValueError("precision 'bf16' was requested but this GPU has no bf16; use 'fp32' or 'auto'")
+    return Device(kind, resolved_precision(precision, kind, gpu_bf16))
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> str:

@@ -12,7 +12,7 @@ What it counts, and where each number comes from:
   modules whose name ends with one of the names). A reward/value model under LoRA also trains a copy
   of its `score` head (PEFT's `modules_to_save` for sequence classification).
 - **Weights, gradients, AdamW state.** Weights in fp32, as our loaders load every network whatever
-  the checkpoint's dtype (PPO's frozen networks in bf16 on CUDA); a gradient per trainable parameter;
+  the checkpoint's dtype (PPO's frozen networks in bf16 on CUDA under bf16 precision); a gradient per trainable parameter;
   two fp32 AdamW moments per trainable parameter.
 - **Activations** of the trained networks over batch x length, per token per layer, from the
   tensors autograd saves. The constant is Korthikanti et al. 2022 ("Reducing Activation
@@ -24,7 +24,8 @@ What it counts, and where each number comes from:
   `torch.autograd.graph.saved_tensors_hooks` on GPT-2, Llama, Qwen2 and GPT-NeoX (tests/test_memory.py
   checks the formula against the hooks). With attention dropout on CPU, SDPA falls back to the math
   path, which stores the attention probabilities (the `5as/h` term). Gradient checkpointing keeps
-  one hidden state per layer and recomputes one layer at a time in the backward pass.
+  one hidden state per layer and recomputes one layer at a time in the backward pass. Under bf16
+  autocast (`precision`, on a GPU by default) the matmul-side tensors count 2 bytes.
 - **Logits**, in fp32 (our code upcasts: `core/stages/rl.chunked_logprobs`; HF's causal-LM loss upcasts
   too): the tensors alive at the start of the backward pass (log-softmax output, its gradient and
   the logits' gradient). PPO's log-probs and entropies (update and scoring) run the LM head in chunks
@@ -34,7 +35,7 @@ What it counts, and where each number comes from:
   in the weights' dtype (sampling runs without autocast), plus the prefill's logits; or the scoring
   pass's logits of one chunk, whichever is larger.
 - **Peak** = what persists through a step (weights, optimizer, EMA) + the largest phase: the update
-  (activations + logits (+ autocast's bf16 weight copies on CUDA)), the optimizer step (gradients,
+  (activations + logits (+ bf16 autocast's weight copies)), the optimizer step (gradients,
   which are freed before each backward pass, + AdamW's foreach temporaries), or PPO's rollout.
 
 Validated against measurement (peak RSS on CPU, `torch.cuda.max_memory_allocated` on a GPU) by
@@ -49,15 +50,17 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.config import resolved_precision
+
 GIB = 2**30
 PLANNED_STAGES = ("sft", "rm", "ppo")
 # Mirrors of constants in the stages (not imported: that would import the whole stage).
 PTX_BLOCK_SIZE = 128  # core/stages/ppo.PTX_BLOCK_SIZE: tokens per pretraining block
 MAX_PROMPT_TOKENS = 96  # core/models/generate.encode_prompts: prompts keep at most this many tokens
 MAX_CHUNK_LOGITS = 2**26  # core/stages/rl.MAX_CHUNK_LOGITS: the most logits PPO's log-prob chunks hold
-# core/stages/ppo.load_models: on CUDA without LoRA, the frozen reference and reward model load in
-# bf16 (on CPU in fp32). `plan(..., frozen_bf16=...)` overrides it to see what either choice costs.
-PPO_FROZEN_BF16_ON_CUDA = True
+# core/stages/ppo.load_models: without LoRA, the frozen reference and reward model load in bf16 on CUDA
+# under bf16 precision (`Device.frozen_dtype`; on CPU in fp32). `plan(..., frozen_bf16=...)` overrides it
+# to see what either choice costs.
 LORA_SUGGESTED_R = 16
 CPU_ALLOCATOR_SLACK = 0.3  # see _finish
 TIGHT = 0.9  # a plan above this share of the available memory fits, but only just
@@ -256,7 +259,7 @@ def arch_of(config) -> Arch:
     mlp = "gated" if act in ("silu", "swish") else ("gelu_new" if act == "gelu_new" else "gelu")
     norm = "rms" if hasattr(config, "rms_norm_eps") else "layer"
     # core/models/loading loads every network in fp32 (`dtype=torch.float32`) whatever the checkpoint's
-    # dtype (hub checkpoints are mostly bf16); only PPO's frozen networks load in bf16 on CUDA.
+    # dtype (hub checkpoints are mostly bf16); only PPO's frozen networks load in bf16 (on CUDA, `_plan_ppo`).
     weight_bytes = _DTYPE_BYTES["float32"]
     dropout = float(_cfg(config, "attn_pdrop", "attention_dropout", default=0.0) or 0.0)
     # Measured with saved-tensor hooks, beyond the formula: GPT-2's split/merge of heads keeps two
@@ -408,18 +411,18 @@ def _inspect(path: str, stamp: int, scalar: bool, r: int, targets: str) -> _Net:
 
 
 def layer_activation_bytes(arch: Arch, seq: int, device: str, fuse_gelu: bool = False,
-                           dropout: float = 0.0) -> float:
+                           dropout: float = 0.0, bf16: bool = False) -> float:
     """Bytes autograd keeps per token for one decoder layer in training (SDPA attention).
 
     Elements per token: norms 2 x (2h LayerNorm | 3h RMSNorm); attention q (h) + k, v (2 x kv width)
     + output (h) + log-sum-exp (heads); MLP 2, 4 or 5 x intermediate. With attention dropout on CPU,
     SDPA takes its math path and also keeps the attention probabilities before and after dropout
     (2 x heads x seq) plus the dropout mask (1 byte) and a scaled copy of q, k, v (the `5as/h` term
-    of Korthikanti et al.). Residual dropout adds a 1-byte mask per site. On CUDA under bf16 autocast
+    of Korthikanti et al.). Residual dropout adds a 1-byte mask per site. Under bf16 autocast (`bf16`)
     the matmul-side tensors are bf16 and the norms' fp32."""
     h, kv = arch.hidden, arch.kv_heads * arch.head_dim
     wb = arch.weight_bytes
-    mm_bytes = 2 if device == "cuda" else wb  # autocast: matmul outputs in bf16
+    mm_bytes = 2 if bf16 else wb  # autocast: matmul outputs in bf16
     norm_elems = 2 * (3 * h if arch.norm == "rms" else 2 * h)
     mlp = {"gated": 4, "gelu": 2, "gelu_new": 2 if fuse_gelu else 5}[arch.mlp]
     mm_elems = h + 2 * kv + h + mlp * arch.intermediate + arch.extra_h * h
@@ -432,14 +435,15 @@ def layer_activation_bytes(arch: Arch, seq: int, device: str, fuse_gelu: bool = 
 
 
 def activation_bytes(net: _Net, tokens: int, seq: int, device: str, checkpointing: bool,
-                     fuse_gelu: bool = False, dropout: float = 0.0, lora_dropout: float = 0.0) -> int:
+                     fuse_gelu: bool = False, dropout: float = 0.0, lora_dropout: float = 0.0,
+                     bf16: bool = False) -> int:
     """Saved activations of one training forward over `tokens` tokens (sequences of `seq`), logits aside."""
     arch = net.arch
-    per_layer = layer_activation_bytes(arch, seq, device, fuse_gelu, dropout)
+    per_layer = layer_activation_bytes(arch, seq, device, fuse_gelu, dropout, bf16)
     if net.r:
         # LoRA: lora_A keeps its input (a dropped copy with a 1-byte mask when lora_dropout > 0) and
         # lora_B keeps lora_A's output (r wide).
-        mm_bytes = 2 if device == "cuda" else arch.weight_bytes
+        mm_bytes = 2 if bf16 else arch.weight_bytes
         per_layer_lora = sum((i * (mm_bytes + 1) if lora_dropout > 0 else 0) + net.r * mm_bytes
                              for _, i, _ in net.lora) / arch.layers
         per_layer += per_layer_lora
@@ -498,6 +502,15 @@ def plan(stage: str, config, device: str | DeviceBudget | None = None, prompt_le
     return result
 
 
+def _bf16(config, budget: DeviceBudget) -> bool:
+    """Whether the stage's matmuls run under bf16 autocast (its `precision` on this device, as the stage
+    resolves it; a GPU planned for without being there is taken to have bf16)."""
+    import torch
+
+    gpu_bf16 = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+    return resolved_precision(config.precision, budget.kind, gpu_bf16) == "bf16"
+
+
 def _trained_parts(name: str, net: _Net, parts: list[Part], note: str = "") -> None:
     wb = net.arch.weight_bytes
     lora = f"LoRA r={net.r}: {net.lora_params:,} adapter + {net.head_params:,} head" if net.r else "full"
@@ -509,11 +522,11 @@ def _trained_parts(name: str, net: _Net, parts: list[Part], note: str = "") -> N
     parts.append(Part(name, "optimizer", 2 * net.trainable * wb, "persistent", "AdamW: 2 moments per trainable param"))
 
 
-def _autocast_copies(name: str, net: _Net, device: str, forwards: int, parts: list[Part]) -> None:
-    """On CUDA, bf16 autocast keeps a bf16 copy of each fp32 matmul weight for the backward pass, per
-    forward with gradients (trainable weights are cached per autocast region; frozen ones are re-cast,
-    and the copy is saved for the input gradient)."""
-    if device == "cuda" and net.arch.weight_bytes == 4:
+def _autocast_copies(name: str, net: _Net, bf16: bool, forwards: int, parts: list[Part]) -> None:
+    """bf16 autocast keeps a bf16 copy of each fp32 matmul weight for the backward pass, per forward with
+    gradients (trainable weights are cached per autocast region; frozen ones are re-cast, and the copy is
+    saved for the input gradient)."""
+    if bf16 and net.arch.weight_bytes == 4:
         parts.append(Part(name, "autocast_copies", 2 * net.matmul_params * forwards, "update",
                           f"bf16 copies of the matmul weights, {forwards} forward(s)"))
 
@@ -525,11 +538,11 @@ def _plan_sft(config, budget: DeviceBudget) -> Plan:
     tokens, seq = config.batch_size * config.max_length, config.max_length
     parts.append(Part("policy", "activations", activation_bytes(
         net, tokens, seq, budget.kind, config.gradient_checkpointing, dropout=config.dropout,
-        lora_dropout=config.lora_dropout), "update",
+        lora_dropout=config.lora_dropout, bf16=_bf16(config, budget)), "update",
         f"{config.batch_size} x {seq} tokens" + (", gradient checkpointing" if config.gradient_checkpointing else "")))
     parts.append(Part("policy", "logits", LOSS_LOGIT_COPIES * tokens * net.arch.vocab * 4, "update",
                       f"fp32, {LOSS_LOGIT_COPIES} copies of tokens x vocab {net.arch.vocab:,}"))
-    _autocast_copies("policy", net, budget.kind, 1, parts)
+    _autocast_copies("policy", net, _bf16(config, budget), 1, parts)
     return Plan("sft", budget, parts, {"policy": _shape("policy", net)},
                 {"tokens_per_step": tokens, "sequence": "max_length (an upper bound: batches pad to their longest)"})
 
@@ -542,10 +555,10 @@ def _plan_rm(config, budget: DeviceBudget) -> Plan:
     parts.append(Part("reward_model", "activations", activation_bytes(
         net, sequences * seq, seq, budget.kind, config.gradient_checkpointing,
         dropout=net.arch.attention_dropout,  # the SFT checkpoint's own dropout (saved in its config)
-        lora_dropout=config.lora_dropout),
+        lora_dropout=config.lora_dropout, bf16=_bf16(config, budget)),
         "update", f"{config.batch_size} rankings x K={config.k} answers x {seq} tokens"
                   + (", gradient checkpointing" if config.gradient_checkpointing else "")))
-    _autocast_copies("reward_model", net, budget.kind, 1, parts)
+    _autocast_copies("reward_model", net, _bf16(config, budget), 1, parts)
     return Plan("rm", budget, parts, {"reward_model": _shape("reward_model", net)},
                 {"sequences_per_step": sequences, "sequence": "max_length (an upper bound)"})
 
@@ -553,8 +566,9 @@ def _plan_rm(config, budget: DeviceBudget) -> Plan:
 def _plan_ppo(config, budget: DeviceBudget, prompt_length: int, frozen_bf16: bool | None) -> Plan:
     policy = inspect_network(model_path(config.sft_model, "sft_model"), False, config)
     value = inspect_network(model_path(config.reward_model, "reward_model"), True, config)
+    bf16 = _bf16(config, budget)
     if frozen_bf16 is None:
-        frozen_bf16 = PPO_FROZEN_BF16_ON_CUDA and budget.kind == "cuda"
+        frozen_bf16 = bf16 and budget.kind == "cuda"
     parts: list[Part] = []
     networks: dict[str, NetworkShape] = {}
     lora = config.lora
@@ -578,7 +592,8 @@ def _plan_ppo(config, budget: DeviceBudget, prompt_length: int, frozen_bf16: boo
     seq = prompt_length + config.response_length
     minibatch = config.batch_size // config.num_minibatches
     gc = config.gradient_checkpointing
-    kw = dict(device=budget.kind, checkpointing=gc, fuse_gelu=True, lora_dropout=0.0)  # PPO zeroes every dropout
+    kw = dict(device=budget.kind, checkpointing=gc, fuse_gelu=True, lora_dropout=0.0,  # PPO zeroes every dropout
+              bf16=bf16)
     ptx = config.ptx_coef > 0
     parts.append(Part("policy", "activations", activation_bytes(policy, minibatch * seq, seq, **kw), "update",
                       f"minibatch {minibatch} x (prompt {prompt_length} + response {config.response_length})"
@@ -610,8 +625,8 @@ def _plan_ppo(config, budget: DeviceBudget, prompt_length: int, frozen_bf16: boo
     parts.append(Part("policy", "logits", logits, "update", logits_note))
     parts.append(Part("value_model", "activations", activation_bytes(value, minibatch * seq, seq, **kw), "update",
                       f"minibatch {minibatch} x {seq} tokens" + (", gradient checkpointing" if gc else "")))
-    _autocast_copies("policy", policy, budget.kind, 2 if ptx else 1, parts)
-    _autocast_copies("value_model", value, budget.kind, 1, parts)
+    _autocast_copies("policy", policy, bf16, 2 if ptx else 1, parts)
+    _autocast_copies("value_model", value, bf16, 1, parts)
 
     # The rollout: sampling with the KV cache (no autocast: the weights' dtype), then scoring the batch.
     arch = policy.arch

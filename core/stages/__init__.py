@@ -75,7 +75,7 @@ def check_models(stage: str, config) -> None:
     not there, or (PPO) the reward model reads other token ids than the policy."""
     from core.models.loading import check_same_tokenizer, load_tokenizer, pick_device, resolve_model
 
-    pick_device(config.device)
+    pick_device(config.device, config.precision)
     optional = config.optional_models() if hasattr(config, "optional_models") else ()
     fields = tuple(f for f in get_stage(stage).model_fields if f not in optional)
     for field in fields:

@@ -126,7 +126,7 @@ def run(config: DPOConfig, store: Store | None, events: Events, output_dir: str 
     output_dir = Path(output_dir)
     tokenizer, rankings = check_inputs(config, store)
     trl_bridge.quiet()
-    device = pick_device(config.device)
+    device = pick_device(config.device, config.precision)
     torch.manual_seed(config.seed)
     pairs = trl_bridge.data_once(output_dir, lambda: gather_pairs(config, rankings, tokenizer, device, events))
     events.log(f"DPO: {len(pairs)} preference pairs")

@@ -172,18 +172,17 @@ def load_models(config: PPOConfig, tokenizer, device: Device, policy_from: str |
 
     With LoRA (`lora_r > 0`) two base networks serve all four: the reference policy is the policy
     with its adapter off, the reward model is the value model with its adapter off (and the RM's
-    own head). Without LoRA the frozen networks load in bf16 on a GPU (their matmuls run in bf16
-    under autocast anyway), halving their memory; log-prob arithmetic stays fp32 (`response_logprobs`)."""
+    own head). Without LoRA the frozen networks load in `device.frozen_dtype`: bf16 on a GPU (their
+    matmuls run in bf16 under autocast anyway), halving their memory; log-prob arithmetic stays fp32 (`response_logprobs`)."""
     pad = tokenizer.pad_token_id
     if config.lora:
         policy = prepare_for_training(load_policy(config.sft_model, device, dropout=0.0), config, "causal",
                                       policy_from)
         value_model = prepare_for_training(load_scalar_model(config.reward_model, pad, device), config, "score")
         return assemble(policy, AdapterOff(policy), value_model, AdapterOff(value_model), tokenizer, config, device)
-    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     policy = prepare_for_training(load_policy(policy_from or config.sft_model, device, dropout=0.0), config, "causal")
-    reference_policy = load_policy(config.sft_model, device, dropout=0.0, dtype=frozen_dtype)
-    reward_model = load_scalar_model(config.reward_model, pad, device, dtype=frozen_dtype)
+    reference_policy = load_policy(config.sft_model, device, dropout=0.0, dtype=device.frozen_dtype)
+    reward_model = load_scalar_model(config.reward_model, pad, device, dtype=device.frozen_dtype)
     value_model = prepare_for_training(load_scalar_model(config.reward_model, pad, device), config, "score")
     return assemble(policy, reference_policy, value_model, reward_model, tokenizer, config, device)
 
@@ -640,7 +639,7 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     tokenizer, prompts, ptx_texts = check_inputs(config, store)
     dist = events.dist  # one process, or this rank of several (core/distributed.py)
     dist.check_batches("ppo", config)
-    device = pick_device(config.device)
+    device = pick_device(config.device, config.precision)
     torch.manual_seed(config.seed)
     resume_from = latest_checkpoint(output_dir, "step")
 

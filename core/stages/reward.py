@@ -284,7 +284,7 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
     dist = events.dist  # one process, or this rank of several (core/distributed.py)
     dist.check_batches("rm", config)
     output_dir = Path(output_dir)
-    device = pick_device(config.device)
+    device = pick_device(config.device, config.precision)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.sft_model)
     resume_from = latest_checkpoint(output_dir, "epoch")

@@ -108,7 +108,7 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
     dist = events.dist  # one process, or this rank of several (core/distributed.py)
     dist.check_batches("sft", config)
     output_dir = Path(output_dir)
-    device = pick_device(config.device)
+    device = pick_device(config.device, config.precision)
     torch.manual_seed(config.seed)
     rows = load_demonstrations(config.data, store, config.n_demonstrations, config.ramble_rate, config.seed)
     resume_from = latest_checkpoint(output_dir, "epoch")

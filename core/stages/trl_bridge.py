@@ -47,7 +47,7 @@ from core.data.formats import ranking_pairs
 from core.data.sources import Ranking
 from core.evaluate import all_demo
 from core.events import Events
-from core.models.loading import Device, load_policy, save_model
+from core.models.loading import Device, load_policy, pick_device, save_model
 from core.paths import atomic_write_text, checkpoints_dir
 
 TRAINER_STATE = "trainer_state.json"  # written last into a TRL checkpoint: its presence marks a complete one
@@ -94,10 +94,9 @@ def training_args(args_class, config, output_dir: Path, device: Device, **kwargs
     """TRL's config for a workbench run: our device and precision, logs every step into the callback
     only, checkpoints every `save_every` steps into `checkpoints_dir(output_dir)`, gradient checkpointing
     only when the config asks (TRL turns it on by default)."""
-    cuda = device.type == "cuda"
     return args_class(
         output_dir=str(checkpoints_dir(output_dir)),
-        use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False,
+        use_cpu=device.type != "cuda", bf16=device.precision == "bf16", fp16=False,
         report_to="none", disable_tqdm=True, logging_steps=1,
         save_strategy="steps", save_steps=config.save_every, save_total_limit=None,
         dataloader_num_workers=0, activation_checkpointing=config.gradient_checkpointing, disable_dropout=True,
@@ -322,8 +321,8 @@ def finish(trainer, callback, stage: str, kind: str, config, tokenizer, events: 
     summary_file = f"{stage}_summary.json"
     save_model(model, tokenizer, output_dir, extra_json={summary_file: summary})
     if evaluate and evaluate.get("n_prompts"):
-        final = final_evaluation(output_dir, config.sft_model, tokenizer, trainer_device(model), seed=config.seed,
-                                 **evaluate)
+        device = pick_device(next(model.parameters()).device.type, config.precision)
+        final = final_evaluation(output_dir, config.sft_model, tokenizer, device, seed=config.seed, **evaluate)
         events.metrics(step, final)
         summary.update(gold=final["heldout_gold"], gold_greedy=final["heldout_gold_greedy"],
                        heldout_kl=final["heldout_kl"], pretrain_loss=final["pretrain_loss"])
@@ -331,10 +330,6 @@ def finish(trainer, callback, stage: str, kind: str, config, tokenizer, events: 
     events.checkpoint(events.run_id or stage, kind, output_dir, step)
     events.close()
     return output_dir
-
-
-def trainer_device(model) -> Device:
-    return Device(next(model.parameters()).device.type)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,12 +404,10 @@ def run_group(stage: str, config, store, events: Events, output_dir: str | Path,
     checkpoints and resume, the final model and evaluation). No loop of our own. Returns `output_dir`
     (the final policy, an HF directory), or the stop step's checkpoint when stopped; re-running with the
     same `output_dir` resumes."""
-    from core.models.loading import pick_device
-
     output_dir = Path(output_dir)
     tokenizer, prompts = check_group_inputs(config, store)
     quiet()
-    device = pick_device(config.device)
+    device = pick_device(config.device, config.precision)
     torch.manual_seed(config.seed)
     trainer, callback = group_trainer(stage, config, tokenizer, prompts, device, events, output_dir,
                                       **trainer_options)
