@@ -146,6 +146,8 @@ def test_the_plan_follows_the_configs_precision(qwen_half_b):
     gpu = DeviceBudget("cuda", "test GPU", 139 * GIB)
     auto, fp32 = plan("ppo", config, gpu, prompt_length=64), plan("ppo", config.replace(precision="fp32"), gpu,
                                                                    prompt_length=64)
+    assert auto.format().startswith("memory plan: ppo on test GPU, bf16 autocast")
+    assert fp32.to_dict()["assumptions"]["precision"] == "fp32"
     assert auto.total("weights", "reference_policy") * 2 == fp32.total("weights", "reference_policy")
     assert auto.total("autocast_copies") > 0 == fp32.total("autocast_copies")
     assert auto.total("activations", "policy") < 0.7 * fp32.total("activations", "policy")

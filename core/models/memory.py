@@ -154,7 +154,7 @@ class Plan:
 
     def format(self) -> str:
         """A plain-text table and the verdict (the CLI's output)."""
-        lines = [f"memory plan: {self.stage} on {self.device.name}",
+        lines = [f"memory plan: {self.stage} on {self.device.name}, {self.assumptions.get('precision', 'fp32')}",
                  f"{'network':18s} {'part':16s} {'phase':10s} {'GiB':>9s}  note"]
         for p in self.parts:
             if p.bytes:
@@ -496,6 +496,7 @@ def plan(stage: str, config, device: str | DeviceBudget | None = None, prompt_le
     builder = {"sft": _plan_sft, "rm": _plan_rm, "ppo": _plan_ppo}[stage]
     kwargs = {"prompt_length": prompt_length, "frozen_bf16": frozen_bf16} if stage == "ppo" else {}
     result = builder(config, budget, **kwargs)
+    result.assumptions["precision"] = "bf16 autocast" if _bf16(config, budget) else "fp32"
     _finish(result)
     if suggest:
         _advise(result, config, kwargs)
