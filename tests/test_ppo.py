@@ -169,24 +169,29 @@ def test_one_step_changes_policy_and_value_not_reference_or_reward(inputs, tok):
         assert key in result.metrics
 
 
-def test_bf16_precision_on_a_cpu_computes_in_bf16_and_starts_at_zero_kl(inputs, tok):
-    # Sampling runs in fp32 either way, so both steps score the same answers: the RM's scores then differ by
-    # bf16 rounding only, and the policy, which computes exactly as the reference under autocast (both keep
-    # fp32 weights on a CPU), reads a KL of 0 to it.
+def test_bf16_precision_on_a_cpu_computes_in_bf16_and_starts_at_zero_kl(inputs, tok, monkeypatch):
+    # The same sampled answers scored in fp32 and in bf16: the RM's scores differ by bf16 rounding only, and the
+    # policy, which computes exactly as the reference under autocast (both keep fp32 weights on a CPU), reads
+    # the same log-probs. A whole step in bf16 samples under autocast too and starts at a KL of 0.
     config = _config(inputs)
     prompt_ids, prompt_mask = _prompt_batch(tok)
-    steps = {}
-    for precision in ("fp32", "bf16"):
-        models = ppo.load_models(config, tok, pick_device("cpu", precision))
-        assert models.reference_policy.dtype == torch.float32
-        torch.manual_seed(0)
-        steps[precision] = ppo.ppo_step(models, prompt_ids, prompt_mask, config, config.kl_coef)
-    fp32, bf16 = steps["fp32"], steps["bf16"]
-    assert torch.equal(fp32.rollout.response_ids, bf16.rollout.response_ids)
-    score_gap = (fp32.rollout.rm_scores - bf16.rollout.rm_scores).abs()
+    fp32_models = ppo.load_models(config, tok, pick_device("cpu", "fp32"))
+    samples = ppo.generate_responses(fp32_models, prompt_ids, prompt_mask, config)
+    bf16_models = ppo.load_models(config, tok, pick_device("cpu", "bf16"))
+    assert bf16_models.reference_policy.dtype == torch.float32
+    scored = {name: ppo.score_responses(m, samples, config) for name, m in (("fp32", fp32_models), ("bf16", bf16_models))}
+    score_gap = (scored["fp32"].rm_scores - scored["bf16"].rm_scores).abs()
     assert 0 < score_gap.max() < 0.05  # computed in bf16 (not equal), yet the same scores to bf16's precision
-    assert bf16.metrics["kl"] == 0
-    assert all(torch.isfinite(torch.tensor(v)) for v in bf16.metrics.values())
+    assert torch.equal(scored["bf16"].logprobs, scored["bf16"].ref_logprobs)
+
+    autocast_while_sampling = []
+    real_sample = ppo.sample
+    monkeypatch.setattr(ppo, "sample", lambda *a, **kw: (autocast_while_sampling.append(
+        torch.is_autocast_enabled("cpu")), real_sample(*a, **kw))[1])
+    result = ppo.ppo_step(bf16_models, prompt_ids, prompt_mask, config, config.kl_coef)
+    assert autocast_while_sampling == [True]
+    assert result.metrics["kl"] == 0
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.metrics.values())
 
 
 def _mean_late_kl(inputs, tok, kl_coef, steps=8, metric="kl", **kw):

@@ -32,7 +32,8 @@ What it counts, and where each number comes from:
   of at most `MAX_CHUNK_LOGITS` logits, recomputed in the backward pass: one chunk's copies, not the
   batch's; the ptx term's logits are freed before the chunks recompute theirs, so the larger counts.
 - **The rollout** (PPO): the KV cache, batch x (prompt + response) x layers x 2 x kv_heads x head_dim
-  in the weights' dtype (sampling runs without autocast), plus the prefill's logits; or the scoring
+  in the weights' dtype (bf16 under bf16 autocast, which also keeps bf16 copies of the policy's matmul
+  weights while sampling), plus the prefill's logits; or the scoring
   pass's logits of one chunk, whichever is larger.
 - **Peak** = what persists through a step (weights, optimizer, EMA) + the largest phase: the update
   (activations + logits (+ bf16 autocast's weight copies)), the optimizer step (gradients,
@@ -629,10 +630,15 @@ def _plan_ppo(config, budget: DeviceBudget, prompt_length: int, frozen_bf16: boo
     _autocast_copies("policy", policy, bf16, 2 if ptx else 1, parts)
     _autocast_copies("value_model", value, bf16, 1, parts)
 
-    # The rollout: sampling with the KV cache (no autocast: the weights' dtype), then scoring the batch.
+    # The rollout: sampling with the KV cache (in bf16 under bf16 autocast, else the weights' dtype), then
+    # scoring the batch.
     arch = policy.arch
-    kv = config.batch_size * seq * arch.layers * 2 * arch.kv_heads * arch.head_dim * arch.weight_bytes
-    prefill = config.batch_size * prompt_length * arch.vocab * arch.weight_bytes
+    sampled_bytes = 2 if bf16 else arch.weight_bytes
+    kv = config.batch_size * seq * arch.layers * 2 * arch.kv_heads * arch.head_dim * sampled_bytes
+    prefill = config.batch_size * prompt_length * arch.vocab * sampled_bytes
+    if bf16 and arch.weight_bytes == 4 and not lora:  # autocast caches copies of trainable weights only
+        parts.append(Part("policy", "autocast_copies", 2 * policy.matmul_params, "rollout",
+                          "bf16 copies of the matmul weights while sampling"))
     scoring_chunk = chunk_tokens(config.batch_size * config.response_length, arch.vocab)
     scoring = 3 * scoring_chunk * arch.vocab * 4
     if kv + prefill >= scoring:
