@@ -12,8 +12,8 @@ What it counts, and where each number comes from:
   modules whose name ends with one of the names). A reward/value model under LoRA also trains a copy
   of its `score` head (PEFT's `modules_to_save` for sequence classification).
 - **Weights, gradients, AdamW state.** Weights in fp32, as our loaders load every network whatever
-  the checkpoint's dtype (PPO's frozen networks in bf16 on CUDA under bf16 precision); a gradient per trainable parameter;
-  two fp32 AdamW moments per trainable parameter.
+  the checkpoint's dtype (PPO's frozen networks in bf16 on CUDA under bf16 precision); a gradient per
+  trainable parameter; two fp32 AdamW moments per trainable parameter.
 - **Activations** of the trained networks over batch x length, per token per layer, from the
   tensors autograd saves. The constant is Korthikanti et al. 2022 ("Reducing Activation
   Recomputation in Large Transformer Models", eq. 1: `sbh(34 + 5as/h)` bytes per layer for GPT-3
@@ -33,8 +33,8 @@ What it counts, and where each number comes from:
   batch's; the ptx term's logits are freed before the chunks recompute theirs, so the larger counts.
 - **The rollout** (PPO): the KV cache, batch x (prompt + response) x layers x 2 x kv_heads x head_dim
   in the weights' dtype (bf16 under bf16 autocast, which also keeps bf16 copies of the policy's matmul
-  weights while sampling), plus the prefill's logits; or the scoring
-  pass's logits of one chunk, whichever is larger.
+  weights while sampling), plus the prefill's logits; or the scoring pass's logits of one chunk,
+  whichever is larger.
 - **Peak** = what persists through a step (weights, optimizer, EMA) + the largest phase: the update
   (activations + logits (+ bf16 autocast's weight copies)), the optimizer step (gradients,
   which are freed before each backward pass, + AdamW's foreach temporaries), or PPO's rollout.
