@@ -16,8 +16,13 @@ hardly depends on its token count at these sizes, so batches stay whole there.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from core.distributed import Distributed
+    from core.models.loading import Device
 
 # The cost of one more forward + backward call, in tokens of computation (CPU; see the docstring).
 CPU_CALL_TOKENS = 64
@@ -62,8 +67,8 @@ def in_given_order(buckets: list[list[int]], parts: Sequence[torch.Tensor]) -> t
     return joined[torch.argsort(torch.tensor(position, device=joined.device))]
 
 
-def call_tokens_for(device_type: str, processes: int, sharded: bool) -> int | None:
-    """The per-call cost to cut batches with, or None to keep them whole: on a GPU (see the docstring), under
-    several processes (DDP expects one forward per backward of the module it wraps) and under DeepSpeed or
-    FSDP (`sharded`: their engines own the forward and backward)."""
-    return CPU_CALL_TOKENS if device_type == "cpu" and processes == 1 and not sharded else None
+def call_tokens_for(device: Device, dist: Distributed) -> int | None:
+    """The per-call cost to cut a stage's batches with, or None to keep them whole: on a GPU (see the
+    docstring), under several processes (DDP expects one forward per backward of the module it wraps) and
+    under DeepSpeed or FSDP (`dist.sharded`: their engines own the forward and backward)."""
+    return CPU_CALL_TOKENS if device.type == "cpu" and dist.world_size == 1 and not dist.sharded else None

@@ -173,7 +173,8 @@ def load_models(config: PPOConfig, tokenizer, device: Device, policy_from: str |
     With LoRA (`lora_r > 0`) two base networks serve all four: the reference policy is the policy
     with its adapter off, the reward model is the value model with its adapter off (and the RM's
     own head). Without LoRA the frozen networks load in `device.frozen_dtype`: bf16 on a GPU (their
-    matmuls run in bf16 under autocast anyway), halving their memory; log-prob arithmetic stays fp32 (`response_logprobs`)."""
+    matmuls run in bf16 under autocast anyway), halving their memory; log-prob arithmetic stays fp32
+    (`response_logprobs`)."""
     pad = tokenizer.pad_token_id
     if config.lora:
         policy = prepare_for_training(load_policy(config.sft_model, device, dropout=0.0), config, "causal",
@@ -244,7 +245,7 @@ def policy_value_forward(models: PPOModels, ids: torch.Tensor, mask: torch.Tenso
     (`core/stages/microbatch.py`): each forward drops the columns that are padding in all of its rows (the
     left padding of its prompts, the right padding of its answers), and the outputs go back in place,
     zero past each answer's end, as the masked whole batch reads them."""
-    call_tokens = microbatch.call_tokens_for(models.device.type, models.dist.world_size, models.dist.sharded)
+    call_tokens = microbatch.call_tokens_for(models.device, models.dist)
     buckets = microbatch.length_buckets(mask.sum(1).tolist(), call_tokens)
     if len(buckets) == 1:
         return _policy_value_forward(models, ids, mask, positions, prompt_len, config, reference)

@@ -319,7 +319,7 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
     # `model` stays the plain module (evaluation, centring, saving); training runs through `trained`.
     trained, optimizer = dist.prepare(TokenScores(model), optimizer)
     # Answers cut by length where that saves computing padding (core/stages/microbatch.py).
-    call_tokens = microbatch.call_tokens_for(device.type, dist.world_size, dist.sharded)
+    call_tokens = microbatch.call_tokens_for(device, dist)
     model.train()
     stopped = False
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
