@@ -48,9 +48,10 @@ def bench_sft(args) -> dict:
     from core.stages import sft
 
     rows = demo.demonstrations(demo.train_tasks(args.examples), ramble_rate=0.5)
+    device = _device(args)
     config = SFTConfig(model="bundled", data="demo", n_demonstrations=args.examples, ramble_rate=0.5, epochs=1,
-                       batch_size=32, learning_rate=1e-4, dropout=0.0, eval_prompts=0, device=args.device,
-                       precision=_device(args).precision)
+                       batch_size=32, learning_rate=1e-4, dropout=0.0, eval_prompts=0, device=device.type,
+                       precision=device.precision)
     with tempfile.TemporaryDirectory() as tmp:
         events = _LastMetrics()
         sft.run(config, None, events, Path(tmp) / "sft")
@@ -58,7 +59,7 @@ def bench_sft(args) -> dict:
     result = {"bench": "sft", "examples": args.examples, "batch_size": 32, "precision": config.precision,
               "ours_tokens_per_s": ours}
     if args.against == "trl":
-        result["trl_tokens_per_s"] = _trl_sft(rows, _device(args), config.group_by_length)
+        result["trl_tokens_per_s"] = _trl_sft(rows, device, config.group_by_length)
         result["ratio"] = ours / result["trl_tokens_per_s"]
     return result
 
@@ -91,18 +92,19 @@ def bench_rm(args) -> dict:
 
     rankings = demo.synthetic_rankings(args.examples, args.k)
     pairs_per_ranking = args.k * (args.k - 1) // 2
+    device = _device(args)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "rankings.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rankings))
         config = RewardConfig(sft_model="bundled", data=str(path), epochs=1, batch_size=8, learning_rate=1e-4,
-                              device=args.device, precision=_device(args).precision)
+                              device=device.type, precision=device.precision)
         events = _LastMetrics()
         reward.run(config, None, events, Path(tmp) / "rm")
         ours = events.last["pairs_per_s"]
     result = {"bench": "rm", "k": args.k, "rankings": len(rankings), "prompts_per_batch": 8,
               "pairs_per_batch": 8 * pairs_per_ranking, "precision": config.precision, "ours_pairs_per_s": ours}
     if args.against == "trl":
-        result["trl_pairs_per_s"] = _trl_rm(rankings, 8 * pairs_per_ranking, _device(args))
+        result["trl_pairs_per_s"] = _trl_rm(rankings, 8 * pairs_per_ranking, device)
         result["ratio"] = ours / result["trl_pairs_per_s"]
     return result
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from core.config import DEVICES, PRECISIONS  # plain constants: no torch
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=4)
@@ -20,8 +22,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-length", type=int, default=16)
     parser.add_argument("--num-minibatches", type=int, default=1)
     parser.add_argument("--ptx-coef", type=float, default=0.0)
-    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+    parser.add_argument("--device", default="cpu", choices=DEVICES)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="both sides alike: 'auto' is bf16 autocast on a GPU with bf16, else fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)

@@ -496,8 +496,9 @@ def plan(stage: str, config, device: str | DeviceBudget | None = None, prompt_le
     budget = _budget(device, config)
     builder = {"sft": _plan_sft, "rm": _plan_rm, "ppo": _plan_ppo}[stage]
     kwargs = {"prompt_length": prompt_length, "frozen_bf16": frozen_bf16} if stage == "ppo" else {}
-    result = builder(config, budget, **kwargs)
-    result.assumptions["precision"] = "bf16 autocast" if _bf16(config, budget) else "fp32"
+    bf16 = _bf16(config, budget)
+    result = builder(config, budget, bf16, **kwargs)
+    result.assumptions["precision"] = "bf16 autocast" if bf16 else "fp32"
     _finish(result)
     if suggest:
         _advise(result, config, kwargs)
@@ -533,23 +534,23 @@ def _autocast_copies(name: str, net: _Net, bf16: bool, forwards: int, parts: lis
                           f"bf16 copies of the matmul weights, {forwards} forward(s)"))
 
 
-def _plan_sft(config, budget: DeviceBudget) -> Plan:
+def _plan_sft(config, budget: DeviceBudget, bf16: bool) -> Plan:
     net = inspect_network(model_path(config.model, "model"), False, config)
     parts: list[Part] = []
     _trained_parts("policy", net, parts)
     tokens, seq = config.batch_size * config.max_length, config.max_length
     parts.append(Part("policy", "activations", activation_bytes(
         net, tokens, seq, budget.kind, config.gradient_checkpointing, dropout=config.dropout,
-        lora_dropout=config.lora_dropout, bf16=_bf16(config, budget)), "update",
+        lora_dropout=config.lora_dropout, bf16=bf16), "update",
         f"{config.batch_size} x {seq} tokens" + (", gradient checkpointing" if config.gradient_checkpointing else "")))
     parts.append(Part("policy", "logits", LOSS_LOGIT_COPIES * tokens * net.arch.vocab * 4, "update",
                       f"fp32, {LOSS_LOGIT_COPIES} copies of tokens x vocab {net.arch.vocab:,}"))
-    _autocast_copies("policy", net, _bf16(config, budget), 1, parts)
+    _autocast_copies("policy", net, bf16, 1, parts)
     return Plan("sft", budget, parts, {"policy": _shape("policy", net)},
                 {"tokens_per_step": tokens, "sequence": "max_length (an upper bound: batches pad to their longest)"})
 
 
-def _plan_rm(config, budget: DeviceBudget) -> Plan:
+def _plan_rm(config, budget: DeviceBudget, bf16: bool) -> Plan:
     net = inspect_network(model_path(config.sft_model, "sft_model"), True, config)
     parts: list[Part] = []
     _trained_parts("reward_model", net, parts)
@@ -557,18 +558,17 @@ def _plan_rm(config, budget: DeviceBudget) -> Plan:
     parts.append(Part("reward_model", "activations", activation_bytes(
         net, sequences * seq, seq, budget.kind, config.gradient_checkpointing,
         dropout=net.arch.attention_dropout,  # the SFT checkpoint's own dropout (saved in its config)
-        lora_dropout=config.lora_dropout, bf16=_bf16(config, budget)),
+        lora_dropout=config.lora_dropout, bf16=bf16),
         "update", f"{config.batch_size} rankings x K={config.k} answers x {seq} tokens"
                   + (", gradient checkpointing" if config.gradient_checkpointing else "")))
-    _autocast_copies("reward_model", net, _bf16(config, budget), 1, parts)
+    _autocast_copies("reward_model", net, bf16, 1, parts)
     return Plan("rm", budget, parts, {"reward_model": _shape("reward_model", net)},
                 {"sequences_per_step": sequences, "sequence": "max_length (an upper bound)"})
 
 
-def _plan_ppo(config, budget: DeviceBudget, prompt_length: int, frozen_bf16: bool | None) -> Plan:
+def _plan_ppo(config, budget: DeviceBudget, bf16: bool, prompt_length: int, frozen_bf16: bool | None) -> Plan:
     policy = inspect_network(model_path(config.sft_model, "sft_model"), False, config)
     value = inspect_network(model_path(config.reward_model, "reward_model"), True, config)
-    bf16 = _bf16(config, budget)
     if frozen_bf16 is None:
         frozen_bf16 = bf16 and budget.kind == "cuda"
     parts: list[Part] = []
