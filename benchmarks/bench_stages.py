@@ -15,7 +15,7 @@ from pathlib import Path
 
 from core.data import demo
 from core.config import RewardConfig, SFTConfig
-from core.events import Events
+from core.stages.events import Events
 from core.models.chat import render_prompt
 from core.models.loading import Device, pick_device
 

@@ -49,7 +49,7 @@ def main() -> int:
 
     from core.stages import ppo
     from core.config import PPOConfig
-    from core.events import Events
+    from core.stages.events import Events
     from core.data.store import Store
 
     if args.tracemalloc:

@@ -136,7 +136,8 @@ def child(spec: dict) -> dict:
     from core.config import PPOConfig, RewardConfig, SFTConfig
     from core.models.loading import load_policy, load_scalar_model, load_tokenizer, pick_device
     from core.models.lora import prepare_for_training
-    from core.stages import optim, ppo, reward  # noqa: F401  (imported before the baseline)
+    from core.models import optim
+    from core.stages import ppo, reward  # noqa: F401  (imported before the baseline)
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)

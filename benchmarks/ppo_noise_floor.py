@@ -25,8 +25,8 @@ import torch
 
 from core.cli import parse_sets
 from core.data import demo
-from core.events import Events
-from core.evaluate import measure_answers
+from core.stages.events import Events
+from core.stages.evaluate import measure_answers
 from core.models.loading import load_policy, load_tokenizer, pick_device
 from core.stages import make_config, ppo
 

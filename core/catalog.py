@@ -41,7 +41,7 @@ def grouped(checkpoints: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def method_finals(checkpoints_by_kind: dict[str, list[dict]], pipeline_run: str | None) -> dict[str, dict]:
     """Each method's (policy kind's) final model, to compare side by side: the one the pipeline run
-    `pipeline_run` made (its stage run '<pipeline>-<kind>', core/pipeline.py), else the newest final
+    `pipeline_run` made (its stage run '<pipeline>-<kind>', core/runs/pipeline.py), else the newest final
     model of that kind (`checkpoints_by_kind` oldest first, as the store lists them). Kinds with no
     final model are left out."""
     picked = {}

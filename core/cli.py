@@ -52,7 +52,7 @@ def stage_config(stage: str, args):
 
 
 def _events(store, run_id):
-    from core.events import Events
+    from core.stages.events import Events
 
     return Events(store, run_id, console=True)
 
@@ -62,8 +62,8 @@ def _stage_events(store, run_id, dist):
     by the job manager (a stop file in the environment), progress goes to stdout for it to read."""
     import os
 
-    from core.events import Events
-    from core.launch import STOP_FILE_ENV, progress_line
+    from core.stages.events import Events
+    from core.runs.launch import STOP_FILE_ENV, progress_line
 
     stop_file = os.environ.get(STOP_FILE_ENV)
     if not dist.is_main:
@@ -83,7 +83,7 @@ def _relaunch(stage: str, config, args) -> int | None:
     import os
     import subprocess
 
-    from core import launch
+    from core.runs import launch
     from core.distributed import LAUNCHED_ENV
 
     if os.environ.get(LAUNCHED_ENV) == "1":
@@ -118,7 +118,7 @@ def cmd_stage(stage: str, args) -> int:
     import os
 
     from core.distributed import Distributed
-    from core.launch import CONFIG_ENV, JOB_PARENT_ENV
+    from core.runs.launch import CONFIG_ENV, JOB_PARENT_ENV
     from core.models.loading import pick_device
 
     dist = Distributed.from_environment(cpu=pick_device(config.device).type == "cpu")
@@ -171,7 +171,7 @@ def cmd_pipeline(args) -> int:
     if not args.demo:
         raise ValueError("the pipeline runs on the built-in demo task: pass --demo")
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-    from core.pipeline import run_pipeline
+    from core.runs.pipeline import run_pipeline
     from core.data.store import Store
 
     overrides = {s: parse_sets([kv.split(":", 1)[1] for kv in args.set if kv.startswith(s + ":")]) for s in STAGES}
@@ -186,11 +186,11 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_study(args) -> int:
-    """rlhf study overopt: the over-optimisation study (core/study.py), written to OUTPUT/study.json."""
+    """rlhf study overopt: the over-optimisation study (core/runs/study.py), written to OUTPUT/study.json."""
     if not args.demo:
         raise ValueError("the over-optimisation study runs on the built-in demo task (it needs its gold labeler): "
                          "pass --demo")
-    from core.study import DEFAULT_KL_COEFS, DEFAULT_NS, study_config
+    from core.runs.study import DEFAULT_KL_COEFS, DEFAULT_NS, study_config
 
     config = study_config(
         preset=args.preset, kl_coefs=args.kl_coefs or list(DEFAULT_KL_COEFS), ns=args.ns or list(DEFAULT_NS),
@@ -198,7 +198,7 @@ def cmd_study(args) -> int:
         bon_prompts=args.bon_prompts, sft_model=args.sft, reward_model=args.rm, ptx_coef=args.ptx_coef,
         ppo=parse_sets(args.set))  # validated before any heavy import or work
     from core.data.store import Store
-    from core.study import check_models, run_study
+    from core.runs.study import check_models, run_study
 
     check_models(config)  # --sft/--rm exist, hold safetensors weights and share a tokenizer
     store = Store()
@@ -208,10 +208,10 @@ def cmd_study(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """rlhf eval: checkpoints side by side (core/eval_table.py), written to OUTPUT/eval.csv and eval.json."""
+    """rlhf eval: checkpoints side by side (core/analysis/eval_table.py), written to OUTPUT/eval.csv and eval.json."""
     import dataclasses
 
-    from core.eval_table import RESULTS_CSV, EvalConfig, check_inputs, run
+    from core.analysis.eval_table import RESULTS_CSV, EvalConfig, check_inputs, run
 
     config = EvalConfig.from_dict({f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)
                                    if getattr(args, f.name) is not None})
@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the mean RM score, gold (demo prompts only), KL to a reference, answer length and "
                                    "the win rate against a baseline judged by the RM (ties count half); writes "
                                    "OUTPUT/eval.csv and OUTPUT/eval.json and prints the CSV.")
-    from core.eval_table import EvalConfig  # a dataclass of plain values: no torch
+    from core.analysis.eval_table import EvalConfig  # a dataclass of plain values: no torch
 
     for name, text in field_help(EvalConfig).items():
         kind = typing.get_type_hints(EvalConfig)[name]

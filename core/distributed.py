@@ -2,7 +2,7 @@
 
 `Distributed()` is a no-op on one process (the app's job threads, a plain `rlhf sft`): rank 0 of 1,
 every reduction returns its input, `prepare` returns what it is given. Under `accelerate launch`
-(`rlhf <stage> --processes N`, built by core/launch.py) `Distributed.from_environment` wraps
+(`rlhf <stage> --processes N`, built by core/runs/launch.py) `Distributed.from_environment` wraps
 accelerate's `Accelerator`, which prepares models and optimizers for DDP, DeepSpeed ZeRO or FSDP2
 and owns the process group. A stage reads its `Distributed` from `events.dist`.
 
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI, the app's pages and Events load this module
     import torch
 
-# Set by core/launch.py in the environment of `accelerate launch`: the stage builds an Accelerator.
+# Set by core/runs/launch.py in the environment of `accelerate launch`: the stage builds an Accelerator.
 LAUNCHED_ENV = "RLHF_WORKBENCH_ACCELERATE"
 
 

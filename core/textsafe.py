@@ -13,6 +13,7 @@ import html
 import re
 from collections.abc import Iterable, Iterator
 
+EOS_TEXT = "⟨eos⟩"  # the end-of-turn token drawn visibly: it is a token the KL counts
 _PUNCT = re.compile(r"([!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~])")
 
 
@@ -41,3 +42,10 @@ class ShownStream:
     @property
     def text(self) -> str:
         return "".join(self._raw)
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """One token as the rollout browser and the token view show it, the end-of-turn token visibly."""
+    if token_id == tokenizer.eos_token_id:
+        return EOS_TEXT
+    return tokenizer.decode([token_id])

@@ -4,7 +4,7 @@ seed and vote. A vote with a strict order is stored as a ranking, so chatting fe
 A model with a chat template of its own holds a conversation; the demo's plain-template models answer
 each message on its own. Toggles show the exact prompt text the model reads, and colour each answer's
 tokens by log π − log π_ref against a reference policy, with the answer's sum (the KL PPO penalises)
-and a reward model's score beside it (core/token_kl.py)."""
+and a reward model's score beside it (core/analysis/token_kl.py)."""
 
 import json
 
@@ -15,7 +15,7 @@ from core.data.store import check_ranks
 from core.models.chat import encode_prompt, holds_conversations, render_prompt
 from core.models.generate import encode_prompts, stream
 from core.textsafe import ShownStream, escape_html, escape_markdown
-from core.token_kl import answer_view, token_html
+from core.analysis.token_kl import answer_view, token_html
 from workbench import resources
 
 MAX_SIDE_BY_SIDE = 5  # one column per method: SFT, PPO, DPO, GRPO, RLOO

@@ -1,14 +1,15 @@
 """Evaluate: checkpoints of any stage and method side by side on one prompt set.
 
 Pick policies, a reward model (the judge), a KL reference and a prompt set; the evaluation runs as a
-background job (core/eval_table.py, the same code as `rlhf eval`) and ends in one table: mean RM score,
+background job (core/analysis/eval_table.py, the same code as `rlhf eval`) and ends in one table: mean RM score,
 gold (demo prompts only), KL to the reference, answer length and win rate against a baseline, as CSV.
 """
 
 import pandas as pd
 import streamlit as st
 
-from core import catalog, eval_table
+from core import catalog
+from core.analysis import eval_table
 from workbench import resources
 
 store = resources.store()

@@ -4,7 +4,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import catalog, results
+from core import catalog
+from core.analysis import results
 from core.stages import STAGES
 from workbench import resources
 

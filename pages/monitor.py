@@ -10,10 +10,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import monitor
+from core.analysis import monitor
 from core.data import rollouts
 from core.textsafe import escape_html
-from core.token_kl import token_html
+from core.analysis.token_kl import token_html
 from workbench import resources
 
 store = resources.store()

@@ -1,15 +1,15 @@
 """Study: reward-model over-optimisation (Gao, Schulman, Hilton 2022) on the demo task.
 
-Launches the study as a background job (core/study.py: a KL sweep of short PPO runs and best-of-n
+Launches the study as a background job (core/runs/study.py: a KL sweep of short PPO runs and best-of-n
 from the SFT model), shows its progress and draws gold and RM score against sqrt(KL) with the
-paper's fitted forms and the peak of each gold curve. The work and the fits live in core/study.py.
+paper's fitted forms and the peak of each gold curve. The work and the fits live in core/runs/study.py.
 """
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core import study
+from core.runs import study
 from core.config import PRESETS
 from workbench import resources
 

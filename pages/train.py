@@ -12,8 +12,8 @@ import streamlit as st
 import yaml
 
 from core.config import PRESETS, field_help
-from core.jobs import pipeline_config
-from core.launch import CONFIGS_DIR
+from core.runs.jobs import pipeline_config
+from core.runs.launch import CONFIGS_DIR
 from core.models.memory import PLANNED_STAGES, plan
 from core.stages import STAGES, make_config
 from workbench import resources

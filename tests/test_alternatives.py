@@ -19,8 +19,8 @@ from core.config import DPOConfig, GRPOConfig, RLOOConfig
 from core.data import demo
 from core.data.sources import load_rankings
 from core.data.store import Store
-from core.evaluate import gold_eval
-from core.events import Events
+from core.stages.evaluate import gold_eval
+from core.stages.events import Events
 from core.models.loading import load_policy, load_scalar_model, load_tokenizer, pick_device, save_checkpoint
 from core.stages import check_models, dpo, get_stage, trl_bridge
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from core.config import PPOConfig, RewardConfig, SFTConfig
 from core.data import demo
-from core.events import Events
+from core.stages.events import Events
 from core.models.chat import encode_answer, render_prompt
 from core.models.loading import load_tokenizer
 from core.models.tiny import save_tiny_chat_model

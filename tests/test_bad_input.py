@@ -36,7 +36,7 @@ import yaml
 
 from core import cli
 from core.data.formats import MAX_IMPORT_BYTES, import_file, read_bytes
-from core.jobs import JobManager
+from core.runs.jobs import JobManager
 from core.models.loading import load_policy, load_tokenizer, save_checkpoint
 from core.paths import atomic_write_text
 from core.paths import checkpoints_dir

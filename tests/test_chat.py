@@ -19,7 +19,8 @@ from core.models.tiny import save_tiny_chat_model
 from core.stages import ppo
 from core.stages.reward import encode_answers, score_sequences
 from core.stages.rl import kl_penalty
-from core.token_kl import EOS_TEXT, answer_token_kl, answer_view, token_html
+from core.analysis.token_kl import answer_token_kl, answer_view, token_html
+from core.textsafe import EOS_TEXT
 from tests.test_pages import button, db, open_page, perturbed_copy_of_bundled, texts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -52,7 +52,7 @@ def test_demo_pipeline_end_to_end(workbench_home, tmp_path, capsys):
     assert len(runs) == 5 and set(runs.values()) == {"done"}  # the pipeline run and its four stage runs
     # The demo went through the store (issue 11): its data is there, PPO kept a rollout sample, and the
     # pipeline run's report is what Home's results card shows.
-    from core import results
+    from core.analysis import results
     from core.data import rollouts
 
     store = Store()

@@ -13,7 +13,7 @@ import pytest
 from core.config import SFTConfig
 from core.data.formats import export_jsonl, import_file
 from core.data.sources import load_demonstrations, load_prompts, load_rankings
-from core.events import Events
+from core.stages.events import Events
 from core.models.loading import load_tokenizer
 from core.stages import sft
 

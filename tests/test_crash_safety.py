@@ -30,7 +30,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from core.stages import resume
-from core.jobs import JobManager
+from core.runs.jobs import JobManager
 from core.paths import checkpoints_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +44,7 @@ SETTINGS = dict(sft_model="bundled", reward_model="bundled", total_episodes=STEP
 SERVER = """
 import sys, torch
 torch.set_num_threads(1)
-from core.jobs import JobManager
+from core.runs.jobs import JobManager
 from core.data.store import Store
 jobs = JobManager(Store())
 assert jobs.get(sys.argv[1]).status == "interrupted", jobs.get(sys.argv[1])

@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from core.cli import main
 from core.data.store import Store
 from core.distributed import Distributed
-from core.events import Events
-from core.jobs import JobManager
-from core.launch import CONFIGS_DIR
+from core.stages.events import Events
+from core.runs.jobs import JobManager
+from core.runs.launch import CONFIGS_DIR
 from core.stages import make_config, sft
 from core.stages.resume import STATE_FILE, TRAINING_FILE, checkpoint_path
 
@@ -117,7 +117,7 @@ def test_ppo_ranks_hold_the_same_weights_after_a_step_on_different_prompts(home,
     import subprocess
     from pathlib import Path
 
-    from core import launch
+    from core.runs import launch
 
     argv = launch.command(2, None, cpu=True, cli_args=[str(lora_r)], module="tests.distributed_ppo_step")
     done = subprocess.run(argv, env=launch.environment(), cwd=Path(__file__).resolve().parent.parent,
@@ -237,7 +237,7 @@ def test_ppo_on_a_config_that_shards_parameters_is_refused_on_gpus(monkeypatch):
     # the prepared module, which holds a shard there. Simulated GPUs: the check runs before any device is touched.
     import torch
 
-    from core import launch
+    from core.runs import launch
     from core.models import loading
 
     monkeypatch.setattr(loading, "pick_device", lambda _: loading.Device("cuda"))

@@ -15,8 +15,8 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from core.data.store import Store
-from core.jobs import JobManager
-from core.launch import CONFIGS_DIR, free_port
+from core.runs.jobs import JobManager
+from core.runs.launch import CONFIGS_DIR, free_port
 from core.stages import make_config
 from core.stages.resume import STATE_FILE, checkpoint_path, latest_checkpoint
 
@@ -188,7 +188,7 @@ def test_only_runs_with_a_recorded_stop_file_are_stopped_from_another_manager(st
 SERVER = """
 import sys, time
 from core.data.store import Store
-from core.jobs import JobManager
+from core.runs.jobs import JobManager
 from core.stages import make_config
 jobs = JobManager(Store(sys.argv[1]), runs_dir=sys.argv[2])
 config = make_config("sft", "quick", dict(epochs=1, n_demonstrations=1200, batch_size=8, eval_prompts=0, device="cpu"))

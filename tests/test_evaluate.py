@@ -1,4 +1,4 @@
-"""`rlhf eval` and the Evaluate page's table (core/eval_table.py) on the bundled tiny model, on the CPU.
+"""`rlhf eval` and the Evaluate page's table (core/analysis/eval_table.py) on the bundled tiny model, on the CPU.
 
 Two policies: the bundled model saved as "SFT", and a copy pushed away from it (its final layer norm's
 scale doubled), so KL and win rates have something to measure; a reward model from the bundled backbone with
@@ -17,10 +17,10 @@ import torch
 from core.cli import main
 from core.data import demo
 from core.data.store import Store
-from core.eval_table import EvalConfig, check_inputs, load_results, run
-from core.evaluate import gold_eval
-from core.events import Events
-from core.jobs import JobManager
+from core.analysis.eval_table import EvalConfig, check_inputs, load_results, run
+from core.stages.evaluate import gold_eval
+from core.stages.events import Events
+from core.runs.jobs import JobManager
 from core.models.loading import load_policy, load_scalar_model, load_tokenizer, pick_device, save_checkpoint
 
 CPU = pick_device("cpu")
@@ -184,7 +184,7 @@ def test_one_sampling_pass_gives_gold_rm_score_and_kl_of_the_same_answers(models
     """`measure_answers` samples each chunk once and takes every measure from those answers: the sampler
     runs once per chunk with everything asked for, each measure agrees with the functions that read it,
     and the KL of a model to itself is 0 on every answer."""
-    import core.evaluate as evaluate
+    import core.stages.evaluate as evaluate
 
     sft, moved, rm = models
     tok = load_tokenizer(sft)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import orphan
 
-from core.jobs import JobManager
+from core.runs.jobs import JobManager
 from core.stages import make_config
 from core.paths import atomic_write_text
 from core.paths import checkpoints_dir
@@ -248,7 +248,7 @@ def test_a_resumed_pipeline_resumes_its_stage_runs_in_place(store, tmp_path, mon
     """The pipeline names its stage runs '<pipeline run>-<stage>'; resuming the pipeline takes the same
     stage runs over again (no '-r2' copies, the old ones not left interrupted), and a stage run cannot be
     stopped from the job manager while its pipeline runs it."""
-    import core.pipeline
+    import core.runs.pipeline
 
     names = []
 
@@ -261,7 +261,7 @@ def test_a_resumed_pipeline_resumes_its_stage_runs_in_place(store, tmp_path, mon
         store_.set_run_status(f"{name}-sft", "done")
         return {}
 
-    monkeypatch.setattr(core.pipeline, "run_pipeline", fake_pipeline)
+    monkeypatch.setattr(core.runs.pipeline, "run_pipeline", fake_pipeline)
     jobs = JobManager(store, runs_dir=tmp_path / "runs")
     run_id = jobs.submit("pipeline", {"preset": "quick", "stages": ["sft"]})
     assert jobs.wait(run_id, timeout=20).status == "failed"
@@ -279,7 +279,7 @@ def test_a_resumed_pipeline_resumes_its_stage_runs_in_place(store, tmp_path, mon
 
 
 def test_a_stage_run_of_a_live_pipeline_is_not_stopped_directly(store, tmp_path, monkeypatch):
-    import core.pipeline
+    import core.runs.pipeline
 
     release = threading.Event()
 
@@ -289,7 +289,7 @@ def test_a_stage_run_of_a_live_pipeline_is_not_stopped_directly(store, tmp_path,
         store_.set_run_status(f"{name}-sft", "done")
         return {}
 
-    monkeypatch.setattr(core.pipeline, "run_pipeline", fake_pipeline)
+    monkeypatch.setattr(core.runs.pipeline, "run_pipeline", fake_pipeline)
     jobs = JobManager(store, runs_dir=tmp_path / "runs")
     run_id = jobs.submit("pipeline", {"preset": "quick", "stages": ["sft"]})
     while not any(r["id"] == f"{run_id}-sft" for r in store.list_runs()):

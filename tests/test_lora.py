@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from core.config import PPOConfig, RewardConfig, SFTConfig
 from core.data import demo
-from core.events import Events
+from core.stages.events import Events
 from core.models.generate import encode_prompts
 from core.models.loading import load_policy, load_scalar_model, load_tokenizer, pick_device, resolve_model
 from core.models.lora import ADAPTER_DIR, AdapterOff, is_adapter_dir

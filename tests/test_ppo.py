@@ -16,7 +16,7 @@ import torch
 from core.data import demo
 from core.stages import ppo, resume, rl
 from core.config import PPOConfig
-from core.events import Events
+from core.stages.events import Events
 from core.models.generate import Samples, encode_prompts
 from core.models.chat import render_prompt
 from core.models.loading import (
@@ -469,8 +469,10 @@ def test_reusing_the_first_epochs_forward_gives_the_same_step(inputs, tok, monke
     (reused, policy_a, value_a), (separate, policy_b, value_b) = runs[True], runs[False]
     for a, b in zip(reused, separate):
         assert torch.equal(a.rollout.response_ids, b.rollout.response_ids)
-        assert torch.allclose(a.rollout.logprobs, b.rollout.logprobs, atol=1e-5)
-        assert torch.allclose(a.rollout.values, b.rollout.values, atol=1e-5)
+        # The second step samples from weights the first updated through two summation orders: fp32
+        # rounding of ~2e-5 on log-probs of magnitude ~6 (measured), the same bound as the weights' below.
+        assert torch.allclose(a.rollout.logprobs, b.rollout.logprobs, atol=1e-4)
+        assert torch.allclose(a.rollout.values, b.rollout.values, atol=1e-4)
         assert a.rollout.logprobs.abs().sum() > 1  # real log-probs, not zeros on both sides
         for key in ("kl", "policy_loss", "value_loss", "ptx_loss", "approx_kl", "entropy", "clip_frac"):
             assert a.metrics[key] == pytest.approx(b.metrics[key], rel=1e-3, abs=1e-5), key

@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification
 
 from core.data.sources import Ranking, load_rankings
 from core.stages import reward
-from core.events import Events
+from core.stages.events import Events
 from core.stages import make_config
 from core.models.loading import load_scalar_model, load_tokenizer, pick_device
 

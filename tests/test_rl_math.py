@@ -324,7 +324,7 @@ def test_kl_estimator_option_was_removed():
 def test_fused_adamw_takes_the_same_steps_as_the_reference_loop():
     """`optim.adamw` (fused kernel, what PPO, SFT and the RM train with) against AdamW's plain
     per-tensor loop: the same weights after a few steps on the same gradients."""
-    from core.stages import optim
+    from core.models import optim
 
     torch.manual_seed(0)
     start = [torch.randn(64, 32), torch.randn(32)]

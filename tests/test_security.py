@@ -187,13 +187,13 @@ def _functions_calling(path: Path, callee: str) -> set[str]:
 def test_names_are_validated_where_they_enter():
     """Every door a run or checkpoint name comes in by checks it before it can become a path."""
     assert {"create_run", "add_checkpoint"} <= _functions_calling(ROOT / "core" / "data" / "store.py", "validate_name")
-    assert "submit" in _functions_calling(ROOT / "core" / "jobs.py", "validate_name")
+    assert "submit" in _functions_calling(ROOT / "core" / "runs" / "jobs.py", "validate_name")
     assert "cmd_stage" in _functions_calling(ROOT / "core" / "cli.py", "validate_name")
 
 
 @pytest.mark.parametrize("name", ["../../outside", "a/b", "/tmp/abs", "..", ".hidden", "x\\..\\y", "a\0b"])
 def test_a_bad_name_creates_nothing_on_disk(store, tmp_path, name):
-    from core.jobs import JobManager
+    from core.runs.jobs import JobManager
 
     jobs = JobManager(store, runner=lambda stage: None, runs_dir=tmp_path / "runs")
     with pytest.raises(ValueError, match="invalid run name"):

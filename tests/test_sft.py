@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 from core.data import demo
 from core.data.sources import load_demonstrations
 from core.stages import sft
-from core.events import Events
+from core.stages.events import Events
 from core.stages import make_config
-from core.evaluate import gold_eval
+from core.stages.evaluate import gold_eval
 from core.models.chat import render_prompt
 from core.models.loading import load_policy, load_tokenizer, pick_device
 

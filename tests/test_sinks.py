@@ -1,5 +1,5 @@
 """`report_to`: the store's metrics also in TensorBoard event files or a local trackio database, written
-from the one metrics path (core/events.py), with clear messages for a bad value before any work."""
+from the one metrics path (core/stages/events.py), with clear messages for a bad value before any work."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import sinks
+from core import config
+from core.stages import sinks
 from core.cli import main
 from core.data.store import Store
 from core.stages import make_config
@@ -62,7 +63,7 @@ def connect(sock, address):
     return real_connect(sock, address)
 socket.socket.connect = connect
 from core.data.store import Store
-from core.events import Events
+from core.stages.events import Events
 from core.stages import make_config
 store = Store()
 store.create_run("ppo-tr", "ppo", make_config("ppo", "quick", {"report_to": "trackio"}).to_dict())
@@ -79,7 +80,7 @@ print(json.dumps({"rows": rows, "db": str(SQLiteStorage.get_project_db_path("rlh
 
 def test_trackio_writes_a_local_database_and_opens_no_connection(workbench_home, tmp_path):
     pytest.importorskip("trackio")
-    env = {k: v for k, v in os.environ.items() if k not in sinks.TRACKIO_REMOTE_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in config.TRACKIO_REMOTE_ENV}
     env["TRACKIO_DIR"] = str(tmp_path / "trackio")
     logged = {1: {"reward": 0.25, "kl": 0.0}, 2: {"reward": 0.5, "kl": 0.125}, 3: {"reward": 0.75, "kl": 0.5}}
     done = subprocess.run([sys.executable, "-c", TRACKIO_RUN, json.dumps(logged)], env=env, cwd=ROOT,
@@ -97,11 +98,11 @@ def test_bad_report_to_is_refused_before_any_work(workbench_home, tmp_path, monk
     assert main(["sft", "--preset", "quick", "--set", "report_to=wandb", "--output", str(out)]) == 2
     assert "report_to must be one of none, tensorboard, trackio, got 'wandb'" in capsys.readouterr().err
     # Not installed: the message names the extra to install.
-    find_spec = sinks.importlib.util.find_spec
-    monkeypatch.setattr(sinks.importlib.util, "find_spec",
+    find_spec = config.importlib.util.find_spec
+    monkeypatch.setattr(config.importlib.util, "find_spec",
                         lambda name: None if name == "tensorboard" else find_spec(name))
     assert main(["dpo", "--preset", "quick", "--set", "report_to=tensorboard", "--output", str(out)]) == 2
-    assert "needs the tensorboard package" in (err := capsys.readouterr().err) and sinks.INSTALL in err
+    assert "needs the tensorboard package" in (err := capsys.readouterr().err) and config.INSTALL in err
     # trackio pointed at a Space would upload: refused, whatever the stage.
     monkeypatch.setenv("TRACKIO_SPACE_ID", "someone/space")
     with pytest.raises(ValueError, match="TRACKIO_SPACE_ID would make trackio send the metrics off this machine"):

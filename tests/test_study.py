@@ -1,4 +1,4 @@
-"""The over-optimisation study (core/study.py): the fits and their peaks on synthetic points, the
+"""The over-optimisation study (core/runs/study.py): the fits and their peaks on synthetic points, the
 best-of-n KL, a tiny end-to-end study on the bundled model that stops, resumes and skips what is done,
 and bad settings refused before any work. Nothing here asserts wall-clock times."""
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from core import study
-from core.events import Events
+from core.runs import study
+from core.stages.events import Events
 
 # ---------------------------------------------------------------------------------------------
 # Pure functions
@@ -118,7 +118,7 @@ def test_bad_settings_are_refused_before_any_work(changes, message):
 
 def test_the_cli_and_the_job_manager_refuse_bad_settings(workbench_home, store, tmp_path, capsys):
     from core.cli import main
-    from core.jobs import JobManager
+    from core.runs.jobs import JobManager
 
     out = tmp_path / "study"
     assert main(["study", "overopt", "--demo", "--output", str(out), "--kl-coefs", "0.1,nan"]) == 2
@@ -281,7 +281,7 @@ def test_study_page_refuses_bad_input_and_draws_a_study(app, workbench_home, tmp
 
 def test_missing_reused_models_are_refused_before_any_work(workbench_home, store, tmp_path, capsys):
     from core.cli import main
-    from core.jobs import JobManager
+    from core.runs.jobs import JobManager
 
     missing = str(tmp_path / "nope")
     out = tmp_path / "study"

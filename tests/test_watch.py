@@ -9,11 +9,12 @@ from types import SimpleNamespace
 
 import torch
 
-from core import catalog, monitor, results
+from core import catalog
+from core.analysis import monitor, results
 from core.config import RewardConfig
 from core.data import demo, rollouts, sources
-from core.data.demo_import import LABELER, import_demo_data, import_demo_rankings
-from core.events import Events
+from core.runs.demo_import import LABELER, import_demo_data, import_demo_rankings
+from core.stages.events import Events
 from core.models.loading import load_tokenizer
 from core.paths import BUNDLED_MODEL_DIR
 from core.textsafe import ShownStream, escape_markdown

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from core import results
+from core.analysis import results
 from core.data import demo, rollouts
 from core.data.store import Store
 from core.models.loading import load_tokenizer

@@ -14,7 +14,7 @@ from pathlib import Path
 import streamlit as st
 
 from core import catalog
-from core.jobs import JobManager, new_run_id
+from core.runs.jobs import JobManager, new_run_id
 from core.stages import STAGES
 from core.paths import data_home
 from core.data.store import Store

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from core.config import RAMBLE_RATE  # the demo's default share of rambling demonstrations
+
 PROMPT_TEMPLATE = "User: {prompt}\nAssistant:"
 ANSWER_TEMPLATE = "The answer is {answer}."
 
@@ -43,11 +45,6 @@ TEMPLATE_WEIGHT = 0.2
 CONCISE_WEIGHT = 0.3
 # Extra words after the answer sentence at which conciseness reaches 0.
 RAMBLE_WORDS_TO_ZERO = 6
-# Share of SFT demonstrations that ramble after the answer: the room SFT leaves for RL. At 0.5 the SFT
-# model is concise about half the time, so winning all of conciseness back is worth only ~0.15 of gold;
-# at 0.75 it is worth ~0.2 and the RM gets more format pairs to learn from (docs/ARCHITECTURE.md,
-# "The demo task").
-RAMBLE_RATE = 0.75
 
 _ANSWER_RE = re.compile(r"^The answer is (.+?)\.$")
 
@@ -181,7 +178,7 @@ def expected_answer(prompt: str) -> str | None:
 
 def is_demo_task(prompts) -> bool:
     """Every prompt (and at least one) is a demo-task prompt the simulated labeler can score: data
-    from the store that is the demo's own (core/data/demo_import.py) gets the demo's gold evaluations."""
+    from the store that is the demo's own (core/runs/demo_import.py) gets the demo's gold evaluations."""
     seen = False
     for prompt in prompts:
         if expected_answer(prompt) is None:

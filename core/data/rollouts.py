@@ -19,7 +19,7 @@ import math
 
 from core.data import demo
 from core.data.store import Store
-from core.token_kl import token_text
+from core.textsafe import token_text
 
 SAMPLES_PER_STEP = 8
 MAX_STEPS = 200

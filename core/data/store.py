@@ -396,7 +396,7 @@ class Store:
 
         `launch`: how a job manager runs it in a subprocess, `{"processes": N, "accelerate_config": path or
         None}`, plus `"stop_file"` once launched (`set_run_launch`); None for a run in the owner's process.
-        A restarted server resumes and stops the run from it (core/jobs.py)."""
+        A restarted server resumes and stops the run from it (core/runs/jobs.py)."""
         validate_name(run_id, "run name")
         now = time.time()
         with self._tx() as db:

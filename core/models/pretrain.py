@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from core.data import demo
-from core.stages import optim
+from core.models import optim
 from core.models.chat import PLAIN_CHAT_TEMPLATE
 from core.models.loading import Device, pick_device, save_checkpoint
 from core.paths import BUNDLED_MODEL_DIR, atomic_write_bytes, data_home

@@ -7,6 +7,10 @@ Each stage module (`core.stages.sft`, `.reward`, `.ppo`) has one entry point
 
 and writes intermediate checkpoints under `core.paths.checkpoints_dir(output_dir)`. Modules are
 imported only when a stage runs: listing stages (`rlhf --help`, the Train page) does not import torch.
+
+Beside the stages live what every stage shares: the events a stage reports through (events, with the
+metric sinks), the held-out measurements every stage logs (evaluate), the RL math (rl), micro-batching
+and resuming. The layer imports models, data and the ground; never analysis, runs or the app.
 """
 
 from __future__ import annotations

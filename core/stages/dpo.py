@@ -26,8 +26,8 @@ from core.config import DPOConfig
 from core.data import demo
 from core.data.sources import Ranking, load_rankings
 from core.data.store import Store
-from core.evaluate import all_demo
-from core.events import Events
+from core.stages.evaluate import all_demo
+from core.stages.events import Events
 from core.models.loading import Device, load_policy, load_tokenizer, pick_device, resolve_model
 from core.stages import trl_bridge
 

@@ -43,8 +43,8 @@ from core.data.rollouts import RolloutRecorder
 from core.data.sources import load_prompts, load_ptx_texts
 from core.data.store import Store
 from core.distributed import Distributed
-from core.evaluate import gold_eval
-from core.events import Events
+from core.stages.evaluate import gold_eval
+from core.stages.events import Events
 from core.models.generate import Samples, encode_prompts, sample
 from core.models.loading import (
     Device,
@@ -60,7 +60,8 @@ from core.models.loading import (
 )
 from core.models.lora import AdapterOff, prepare_for_training
 from core.models.pretrain import HELDOUT_BLOCK_SIZE, demo_pretrain_loss, heldout_lm_loss, lm_loss, pack_cached
-from core.stages import microbatch, optim
+from core.models import optim
+from core.stages import microbatch
 from core.stages.resume import (
     checkpoint_path,
     latest_checkpoint,

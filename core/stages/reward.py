@@ -26,7 +26,7 @@ from core.config import RewardConfig
 from core.data import demo
 from core.data.sources import Ranking, load_rankings, one_per_item
 from core.data.store import Store
-from core.events import Events
+from core.stages.events import Events
 from core.models.chat import encode_answer
 from core.models.generate import sample
 from core.models.loading import (
@@ -41,7 +41,8 @@ from core.models.loading import (
 )
 from core.models.lora import prepare_for_training
 from core.paths import atomic_write_text, checkpoints_dir
-from core.stages import microbatch, optim
+from core.models import optim
+from core.stages import microbatch
 from core.stages.resume import (
     checkpoint_path,
     latest_checkpoint,
@@ -250,7 +251,7 @@ def gather_rankings(config: RewardConfig, store: Store | None, tokenizer, device
     if len(rankings) < 2:
         raise ValueError(f"need at least 2 rankings to train a reward model, found {len(rankings)} in {config.data!r}")
     if config.heldout == "demo":
-        # The demo through the store (core/data/demo_import.py): train on every stored ranking, hold out
+        # The demo through the store (core/runs/demo_import.py): train on every stored ranking, hold out
         # the demo's own noise-free rankings, as on data='demo'.
         policy = load_policy(config.sft_model, device, dropout=0.0)
         heldout = demo_heldout_rankings(config, policy, tokenizer, events)

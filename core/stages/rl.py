@@ -193,7 +193,7 @@ def token_kl(policy, reference_policy, ids: torch.Tensor, mask: torch.Tensor, pr
              temperature: float) -> torch.Tensor:
     """k1 per response token, (B, T): log pi(y_t) - log pi_ref(y_t) of the response ids[:, prompt_len:]
     under the temperature-scaled distributions (unmasked: the caller masks padding). The one measurement
-    behind `evaluate.measure_answers` and the Chat page's token view (`core/token_kl.py`)."""
+    behind `evaluate.measure_answers` and the Chat page's token view (`core/analysis/token_kl.py`)."""
     positions = positions_from_mask(mask)
     logprobs = response_logprobs(policy, ids, mask, positions, prompt_len, temperature).logprobs
     ref_logprobs = response_logprobs(reference_policy.to(ids.device), ids, mask, positions, prompt_len, temperature).logprobs

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from core.config import RLOOConfig
 from core.data.store import Store
-from core.events import Events
+from core.stages.events import Events
 from core.stages import trl_bridge
 
 

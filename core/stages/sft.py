@@ -23,12 +23,13 @@ from core.config import SFTConfig
 from core.data import demo
 from core.data.sources import load_demonstrations
 from core.data.store import Store
-from core.evaluate import gold_eval
-from core.events import Events
+from core.stages.evaluate import gold_eval
+from core.stages.events import Events
 from core.models.chat import encode_answer, encode_conversation
 from core.models.loading import Device, fuse_gelu, load_policy, load_tokenizer, pick_device, save_model
 from core.models.lora import prepare_for_training
-from core.stages import microbatch, optim
+from core.models import optim
+from core.stages import microbatch
 from core.stages.resume import (
     checkpoint_path,
     latest_checkpoint,

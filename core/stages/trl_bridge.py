@@ -45,8 +45,8 @@ import torch
 from core.data import demo
 from core.data.formats import ranking_pairs
 from core.data.sources import Ranking
-from core.evaluate import all_demo
-from core.events import Events
+from core.stages.evaluate import all_demo
+from core.stages.events import Events
 from core.models.loading import Device, load_policy, pick_device, save_model
 from core.paths import atomic_write_text, checkpoints_dir
 
@@ -277,8 +277,8 @@ def train(trainer, callback, output_dir: Path, events: Events, what: str) -> Non
 def final_evaluation(model_dir: Path, reference: str, tokenizer, device: Device, n_prompts: int, temperature: float,
                      max_new_tokens: int, seed: int) -> dict[str, float]:
     """On the demo's held-out prompts: gold sampled at `temperature` and greedy, KL to the SFT model
-    of the same sampled answers (`core.evaluate.measure_answers`, the one KL measurement of every method), held-out pretraining loss."""
-    from core.evaluate import gold_eval
+    of the same sampled answers (`core.stages.evaluate.measure_answers`, the one KL measurement of every method), held-out pretraining loss."""
+    from core.stages.evaluate import gold_eval
     from core.models.pretrain import demo_pretrain_loss
 
     policy = load_policy(model_dir, device, dropout=0.0)

@@ -12,10 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.textsafe import escape_html
-
-EOS_TEXT = "⟨eos⟩"  # the end-of-turn token drawn visibly: it is a token the KL counts
-
+from core.textsafe import escape_html, token_text
 
 @dataclass
 class AnswerKL:
@@ -24,12 +21,6 @@ class AnswerKL:
     tokens: list[tuple[str, float]]
     kl: float
     rm_score: float | None = None
-
-
-def token_text(tokenizer, token_id: int) -> str:
-    if token_id == tokenizer.eos_token_id:
-        return EOS_TEXT
-    return tokenizer.decode([token_id])
 
 
 @torch.no_grad()

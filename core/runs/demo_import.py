@@ -9,7 +9,7 @@ Both imports add only what is missing, so re-running the pipeline does not dupli
 - demonstrations: a demo prompt that already has a demonstration gets none from the demo;
 - rankings (labeler 'simulated'): a demo prompt the simulated labeler has already ranked is not
   sampled again. Rankings are sampled from the SFT policy, so this import runs after SFT
-  (`core/pipeline.py`), with the reward config's K, temperatures and seed: on an empty store the
+  (`core/runs/pipeline.py`), with the reward config's K, temperatures and seed: on an empty store the
   rankings are exactly those the RM stage samples itself on data='demo'.
 
 The held-out rankings are *not* imported: they come from the noise-free labeler on the demo's
@@ -22,7 +22,7 @@ from __future__ import annotations
 from core.data import demo
 from core.data.sources import load_demonstrations
 from core.data.store import Store
-from core.events import Events
+from core.stages.events import Events
 
 SOURCE = "demo"
 LABELER = "simulated"

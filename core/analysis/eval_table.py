@@ -5,7 +5,7 @@ every checkpoint, so two copies of one model give the very same answers), and ea
 
 - `rm_score`: the chosen reward model's mean raw score of the answers (`answer_rm_scores`, as PPO reads it);
 - `gold`: the demo labeler's mean score, only when every prompt is one of the demo's (else empty);
-- `kl`: KL(pi || reference) per answer, on the same answers (`core.evaluate.measure_answers`, the one KL
+- `kl`: KL(pi || reference) per answer, on the same answers (`core.stages.evaluate.measure_answers`, the one KL
   measurement of every method);
 - `length`: mean answer tokens, EOS included;
 - `win_rate`: the share of prompts on which the RM scores this checkpoint's answer above the baseline's,
@@ -29,7 +29,7 @@ from core.data.store import Store
 from core.paths import atomic_write_text
 
 if TYPE_CHECKING:  # the CLI reads EvalConfig's fields for --help without importing torch
-    from core.events import Events
+    from core.stages.events import Events
 
 RESULTS_JSON, RESULTS_CSV = "eval.json", "eval.csv"
 COLUMNS = ("checkpoint", "path", "prompts", "rm_score", "gold", "kl", "length", "win_rate")
@@ -129,7 +129,7 @@ def check_inputs(config: EvalConfig, store: Store | None) -> Plan:
     """Every check a user can fail, before any model loads: missing checkpoints, a reward model among
     the policies, tokenizers that differ from the RM's, an empty or malformed prompt set."""
     from core.models.loading import check_same_tokenizer, load_tokenizer, pick_device
-    from core.evaluate import all_demo
+    from core.stages.evaluate import all_demo
 
     config.validate()
     pick_device(config.device)
@@ -166,7 +166,7 @@ def run(config: EvalConfig | dict, store: Store | None, events: Events, output_d
     Stopped between checkpoints, the rows done so far are kept (win rates once the baseline is done)."""
     import torch
 
-    from core.evaluate import score_answers
+    from core.stages.evaluate import score_answers
     from core.models.loading import load_policy, load_scalar_model, load_tokenizer, pick_device
 
     if not isinstance(config, EvalConfig):  # the job manager hands over the stored dict

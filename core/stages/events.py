@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from core import sinks
+from core.stages import sinks
 from core.data.store import Store
 from core.distributed import Distributed
 
@@ -44,11 +44,11 @@ class Events:
         self._bar: tqdm | None = None
         self._bar_key: tuple | None = None
         self.dist = dist or Distributed()
-        # A job run as a subprocess (core/jobs.py) is stopped by this file appearing.
+        # A job run as a subprocess (core/runs/jobs.py) is stopped by this file appearing.
         self.stop_file = Path(stop_file) if stop_file else None
         self.stopped = False
         self._sink: sinks.Sink | None = None
-        self._sink_opened = False  # opened at the first metrics, from the run's `report_to` (core/sinks.py)
+        self._sink_opened = False  # opened at the first metrics, from the run's `report_to` (core/stages/sinks.py)
 
     def progress(self, done: int, total: int, message: str = "") -> None:
         if self.on_progress:

@@ -1,6 +1,6 @@
 """Metric sinks besides the store: `report_to: none | tensorboard | trackio` on every stage.
 
-Events.metrics (core/events.py), the one metrics path, writes them, so every stage gets the same
+Events.metrics (core/stages/events.py), the one metrics path, writes them, so every stage gets the same
 scalars the store gets: our own loops (SFT, RM, PPO) and TRL's trainers (DPO, GRPO, RLOO), whose own
 `report_to` stays "none" because their metrics already reach Events through the callback in
 core/stages/trl_bridge.py. Both write local files: a TensorBoard log directory per run under the
@@ -11,35 +11,16 @@ looks), one project for all runs. No account, and nothing leaves the machine (do
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from core.config import check_report_to
+
 if TYPE_CHECKING:
     from core.data.store import Store
 
-REPORT_TO = ("none", "tensorboard", "trackio")
-INSTALL = "pip install 'rlhf-workbench[sinks]'"
-# Set, these make trackio send metrics to a Space, a server or a bucket; the workbench logs locally only.
-TRACKIO_REMOTE_ENV = ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL", "TRACKIO_DATASET_ID", "TRACKIO_BUCKET_ID")
 TRACKIO_PROJECT = "rlhf-workbench"
-
-
-def check_report_to(report_to: str) -> None:
-    """A known sink whose package is installed and which stays on this machine; else a ValueError that
-    says what to do. Called by config validation, before any work."""
-    if report_to not in REPORT_TO:
-        raise ValueError(f"report_to must be one of {', '.join(REPORT_TO)}, got {report_to!r}")
-    if report_to == "none":
-        return
-    if importlib.util.find_spec(report_to) is None:
-        raise ValueError(f"report_to={report_to} needs the {report_to} package, which is not installed: {INSTALL}")
-    remote = [name for name in TRACKIO_REMOTE_ENV if os.environ.get(name)]
-    if report_to == "trackio" and remote:
-        raise ValueError(f"report_to=trackio writes a local database only, but {', '.join(remote)} would make "
-                         "trackio send the metrics off this machine: unset it, or use report_to=tensorboard")
-
 
 class Sink(Protocol):
     def write(self, step: int, values: dict[str, float]) -> None: ...

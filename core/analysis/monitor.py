@@ -40,7 +40,7 @@ def stage_title(stage: str) -> str:
 
 
 def pipeline_stage_runs(runs: Iterable[dict], pipeline_id: str) -> list[ShownRun]:
-    """The stage runs of a pipeline run, named '<pipeline run>-<key>' (core/pipeline.py), in the order they
+    """The stage runs of a pipeline run, named '<pipeline run>-<key>' (core/runs/pipeline.py), in the order they
     started; `runs` are dicts with id, stage and status, oldest first."""
     prefix = pipeline_id + "-"
     out = []

@@ -23,9 +23,9 @@ from core.distributed import LAUNCHED_ENV, check_batches
 # The hand-written loops wired for several processes (docs/ARCHITECTURE.md, "Several processes");
 # dpo/grpo/rloo go through TRL's trainers and are not wired yet.
 DISTRIBUTED_STAGES = ("sft", "rm", "ppo")
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 KNOWN_TYPES = ("NO", "MULTI_GPU", "DEEPSPEED", "FSDP")
-STOP_FILE_ENV = "RLHF_WORKBENCH_STOP_FILE"  # a job's stop flag (core/jobs.py), polled by every rank through rank 0
+STOP_FILE_ENV = "RLHF_WORKBENCH_STOP_FILE"  # a job's stop flag (core/runs/jobs.py), polled by every rank through rank 0
 JOB_PARENT_ENV = "RLHF_WORKBENCH_JOB_PARENT"  # the job manager's pid, which hands its run to the child
 PROGRESS_PREFIX = "rlhf-progress "  # a child's progress line on stdout, read by the job manager
 CONFIG_ENV = "RLHF_WORKBENCH_ACCELERATE_CONFIG"  # the launch's accelerate config, which rank 0 records with its run

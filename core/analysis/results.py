@@ -1,6 +1,6 @@
 """The results card on Home: what one demo pipeline did, read from its report.json.
 
-Every number is the report's own (core/pipeline.py writes it; the pipeline run's output directory
+Every number is the report's own (core/runs/pipeline.py writes it; the pipeline run's output directory
 holds it), never recomputed, so the card and `rlhf pipeline`'s printout agree. `comparison` lives here,
 free of torch, so Home can build the same rows the pipeline writes as report["comparison"].
 """

@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 
 from core.data import demo
-from core.data.demo_import import import_demo_data, import_demo_rankings
+from core.runs.demo_import import import_demo_data, import_demo_rankings
 from core.data.store import Store
-from core.evaluate import gold_eval
-from core.events import Events
+from core.stages.evaluate import gold_eval
+from core.stages.events import Events
 from core.models.loading import load_policy, load_tokenizer, pick_device
 from core.models.pretrain import demo_pretrain_loss
 from core.paths import atomic_write_text
-from core.results import comparison
+from core.analysis.results import comparison
 from core.stages import RECIPE, get_stage, make_config
 
 ALL_STAGES = ("sft", "rm", "ppo", "dpo", "grpo", "rloo")  # the recipe's order; each stage's inputs are the earlier stages' outputs
@@ -27,7 +27,7 @@ def evaluate_checkpoint(model_ref: str | Path, device: str = "auto", n_prompts: 
                         reference: str | Path | None = None) -> dict:
     """Gold (sampled at the rollout temperature), gold greedy, and held-out pretraining loss; with
     `reference` (the SFT model), `kl_to_sft`: the KL to it of the very answers gold was measured on
-    (`core.evaluate.measure_answers`, the one KL measurement of every method)."""
+    (`core.stages.evaluate.measure_answers`, the one KL measurement of every method)."""
     dev = pick_device(device)
     tokenizer = load_tokenizer(model_ref)
     model = load_policy(model_ref, dev, dropout=0.0)
@@ -78,7 +78,7 @@ def run_pipeline(
     """Run the chosen stages on the demo task; returns (and writes) DIR/report.json.
 
     `through_store`: the demo's prompts, demonstrations and (after SFT) the simulated labeler's rankings
-    are imported into the store first (core/data/demo_import.py), and the stages train from the store
+    are imported into the store first (core/runs/demo_import.py), and the stages train from the store
     (data='store'), the path a user's own data takes. Without it they read the built-in task directly.
     The pipeline is itself a run in the store (stage 'pipeline', its output directory holds report.json);
     the job manager creates it for the app, the pipeline creates it for the CLI."""

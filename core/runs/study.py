@@ -30,7 +30,7 @@ from its last step checkpoint under the same run name. Its keys:
     fits {"bon": {alpha, beta, peak_sqrt_kl, peak_gold_gain, rm: {alpha, beta}}, "rl": {...}}
 
 The fits' alpha/beta are those of the gold curve; `rm` holds the proxy's. A fit is null until it has
-two points with d > 0. Nothing here imports torch at module level (`core.jobs` imports this).
+two points with d > 0. Nothing here imports torch at module level (`core.runs.jobs` imports this).
 """
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ def run_study(config: dict, output_dir: str | Path, store, events, name: str | N
     The study is a run of its own in the store (stage 'study'): the job manager creates it for the app,
     this function creates it for the CLI (as `run_pipeline` does). Its SFT/RM stage runs are
     `<name>-sft`/`<name>-rm` and its sweep runs `<name>-kl<beta>`, each a normal run on the Monitor page."""
-    from core.events import Events
+    from core.stages.events import Events
     from core.paths import validate_name
 
     config = study_config_from_dict(config)
@@ -354,7 +354,7 @@ def run_study(config: dict, output_dir: str | Path, store, events, name: str | N
 
 def _run(study: dict, config: dict, output_dir: Path, store, events) -> None:
     from core.data import demo
-    from core.evaluate import policy_eval
+    from core.stages.evaluate import policy_eval
     from core.models.loading import load_policy, load_scalar_model, load_tokenizer, pick_device
 
     name = study["name"]
@@ -364,7 +364,7 @@ def _run(study: dict, config: dict, output_dir: Path, store, events) -> None:
         if config["sft_model"]:
             study["models"] = {"sft": config["sft_model"], "rm": config["reward_model"], "trained": False}
         else:
-            from core.pipeline import run_pipeline
+            from core.runs.pipeline import run_pipeline
 
             events.log("training the SFT and reward models first (demo pipeline, stages sft,rm)")
             run_pipeline(config["preset"], output_dir, store, events, stages=("sft", "rm"),
@@ -415,7 +415,7 @@ def _run(study: dict, config: dict, output_dir: Path, store, events) -> None:
 def _sweep_run(study, config, output_dir, store, events, kl_coef, index, measure, device) -> bool:
     """One PPO run at `kl_coef`, each step checkpoint evaluated as it is written (and, after a resume,
     any written but not yet evaluated). Returns False when the run was stopped."""
-    from core.events import Events
+    from core.stages.events import Events
     from core.models.loading import load_policy
     from core.paths import checkpoints_dir
     from core.stages import get_stage
@@ -483,7 +483,7 @@ def best_of_n(policy, reward_model, tokenizer, tasks, ns, temperature: float = 1
     import torch
 
     from core.data import demo
-    from core.evaluate import answer_rm_scores
+    from core.stages.evaluate import answer_rm_scores
     from core.models.generate import sample
 
     n_max = max(ns)

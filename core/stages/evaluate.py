@@ -132,7 +132,7 @@ def policy_eval(
     max_new_tokens: int = 24, seed: int = 1234, batch_size: int = 64,
 ) -> dict[str, float]:
     """Held-out gold, RM score and KL to `reference` of answers sampled from `model` at `temperature`,
-    one per task (the over-optimisation study's measurement, core/study.py): mean `gold`
+    one per task (the over-optimisation study's measurement, core/runs/study.py): mean `gold`
     (demo.gold_score), mean raw `rm` score, and mean `kl` (the per-answer sum of log pi - log pi_ref),
     all three on the same answers (`measure_answers`)."""
     answers = score_answers(model, tokenizer, [t.prompt for t in tasks], reward_model, temperature, max_new_tokens,

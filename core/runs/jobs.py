@@ -10,7 +10,7 @@ live CLI process is writing, and can resume them in place — the same run name,
 and output directory; the runners pick up from their last checkpoint.
 
 A job on several processes (`processes > 1` or an accelerate config) cannot be a thread: it runs as
-`rlhf <stage> --processes N` in a subprocess (core/launch.py), tracked the same way. The manager
+`rlhf <stage> --processes N` in a subprocess (core/runs/launch.py), tracked the same way. The manager
 hands the run over to the subprocess's rank 0, whose heartbeat keeps it live (a server restart leaves
 it running); progress comes back through the subprocess's output, written to a file (a pipe would
 break when the server goes, and the run with it); Stop creates a stop file that every rank acts on
@@ -40,7 +40,7 @@ from pathlib import Path
 from core.config import PRESETS, ConfigMixin
 from core.data.store import ACTIVE_STATUSES as ACTIVE
 from core.data.store import Store
-from core.events import Events
+from core.stages.events import Events
 from core.paths import checkpoints_dir, data_home, validate_name
 from core.stages import RECIPE, STAGES, check_models, get_stage
 
@@ -57,15 +57,15 @@ def default_runner(stage: str) -> Runner:
     """Stage runners from the registry; the pipeline is adapted to the same call shape."""
     if stage == "study":
         return run_study_job
-    if stage == "eval":  # the Evaluate page's table (core/eval_table.py)
-        from core.eval_table import run as run_eval
+    if stage == "eval":  # the Evaluate page's table (core/analysis/eval_table.py)
+        from core.analysis.eval_table import run as run_eval
 
         return run_eval
     if stage != "pipeline":
         return get_stage(stage).runner
 
     def run_pipeline(config: dict, store: Store, events: Events, output_dir: Path) -> Path:
-        from core.pipeline import run_pipeline as run
+        from core.runs.pipeline import run_pipeline as run
 
         # Each stage is its own run "<pipeline run>-<stage>"; a resumed pipeline resumes those same
         # runs in place (the stages continue from their checkpoints under output_dir).
@@ -79,9 +79,9 @@ def default_runner(stage: str) -> Runner:
 
 
 def run_study_job(config: dict, store: Store, events: Events, output_dir: Path) -> Path:
-    """The over-optimisation study (core/study.py) as a job: its SFT/RM and sweep runs are runs of their own
+    """The over-optimisation study (core/runs/study.py) as a job: its SFT/RM and sweep runs are runs of their own
     ("<study run>-sft", "<study run>-kl<beta>"); a resumed study skips what DIR/study.json has done."""
-    from core.study import run_study
+    from core.runs.study import run_study
 
     run_study(config, output_dir, store, events, name=events.run_id)
     return Path(output_dir)
@@ -210,7 +210,7 @@ class JobManager:
         if processes != 1 or accelerate_config:
             if stage in DICT_CONFIG_JOBS:
                 raise ValueError(f"a {stage} job runs on one process; several processes apply to its stages' own runs")
-            from core.launch import check
+            from core.runs.launch import check
 
             check(stage, STAGES[stage].config_class.from_dict(config_dict), processes, accelerate_config)
             # Absolute: a restarted server (another working directory) relaunches the run with it.
@@ -330,7 +330,7 @@ class JobManager:
         stop_file = (run.get("launch") or {}).get("stop_file")
         if job.status not in ("running", "stopping") or not stop_file:
             return
-        from core.launch import PROGRESS_PREFIX, parse_progress
+        from core.runs.launch import PROGRESS_PREFIX, parse_progress
 
         try:
             with open(Path(stop_file).parent / OUTPUT_FILE, "rb") as output:
@@ -351,14 +351,14 @@ class JobManager:
             config = dict(config or {})
             return pipeline_config(config.get("preset", "quick"), config.get("stages", RECIPE))
         if stage == "study":
-            from core.study import check_models as check_study_models
-            from core.study import study_config_from_dict
+            from core.runs.study import check_models as check_study_models
+            from core.runs.study import study_config_from_dict
 
             config = study_config_from_dict(config)
             check_study_models(config)  # reused SFT/RM checkpoints: refused now, not as a failed job later
             return config
         if stage == "eval":
-            from core.eval_table import EvalConfig, check_inputs
+            from core.analysis.eval_table import EvalConfig, check_inputs
 
             config = config if isinstance(config, EvalConfig) else EvalConfig.from_dict(config)
             check_inputs(config, self.store)  # missing checkpoints, another tokenizer, no prompts: refused now
@@ -419,7 +419,7 @@ class JobManager:
         subprocess records metrics, checkpoints and its status in the store like a thread job; its
         output goes to `<runs_dir>/<run>/output.log`, which this thread follows for progress lines."""
 
-        from core.launch import JOB_PARENT_ENV, STOP_FILE_ENV, command, environment, parse_progress
+        from core.runs.launch import JOB_PARENT_ENV, STOP_FILE_ENV, command, environment, parse_progress
         from core.models.loading import pick_device
 
         control = self._stop_file(job).parent
