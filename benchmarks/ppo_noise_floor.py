@@ -1,10 +1,10 @@
-"""How much sampled correctness PPO's own update costs: the diagnostic behind docs/ARCHITECTURE.md,
+"""How much sampled correctness PPO's own update costs: the diagnostic behind docs/NOTES.md,
 "It is the update's noise, not the RM".
 
 Runs the PPO stage from a demo SFT model and RM with the RM's score in every rollout replaced by
 `--reward-scale` x the simulated labeler's gold score (0: no reward at all, only the KL penalty acts),
 then scores each model on the 200 held-out demo prompts x 5 sampled answers (T = 1, the seeds of the
-ARCHITECTURE tables): gold, correctness, and correctness on copy and reverse. A diagnostic, not a
+NOTES tables): gold, correctness, and correctness on copy and reverse. A diagnostic, not a
 feature: a PPO run against the gold labeler is not part of the recipe (the labeler is what the RM is
 meant to stand in for).
 

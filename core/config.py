@@ -318,7 +318,7 @@ class PPOConfig(NetworkConfig):
     _choices = {**NetworkConfig._choices, "device": DEVICES}
     # k3 = (r - 1) - log r is an unbiased estimate of KL's *value*, but as a per-token reward its
     # score-function gradient is grad KL(pi||ref) - grad KL(ref||pi), close to 0 near the reference:
-    # the penalty would barely pull the policy back (docs/ARCHITECTURE.md, "KL estimators").
+    # the penalty would barely pull the policy back (docs/NOTES.md, "KL estimators").
     _removed = {"kl_estimator": "PPO's KL penalty is k1 (log pi - log pi_ref) in the reward; k3 as a reward "
                                 "has a biased gradient, so the option was removed: delete this key"}
 
@@ -448,7 +448,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     "quick": {
         "sft": dict(epochs=4, learning_rate=1e-3, batch_size=32, dropout=0.0, n_demonstrations=2000),
         # Answers to rank are sampled at T=0.5: format choices (stop or ramble) stay diverse while
-        # wrong digits, which a 2M-parameter RM cannot check (docs/ARCHITECTURE.md, "The demo task"), become rarer.
+        # wrong digits, which a 2M-parameter RM cannot check (docs/NOTES.md, "The demo task"), become rarer.
         # Measured on 2 cores, seed 0: held-out accuracy 0.989 at T=0.5, 0.939 at 1.0 (its extra wrong
         # copies taught the RM little: 0.67 on those pairs, and PPO lost as much correctness). One epoch,
         # as InstructGPT (more overfits): seeds 0-2 reach 0.986, 0.956, 0.988.
@@ -465,7 +465,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         # barely prices; the exact KL over the vocabulary pulls it back. On 1,000 held-out answers the
         # correctness PPO loses against SFT fell from 0.038 / 0.027 (kl_coef 1.0 alone) to 0.009 / 0.008
         # on seeds 0 / 1, gold 0.945 -> 0.960 on seed 0; at kl_loss_coef 2 conciseness is no longer won.
-        # Measured on 2 cores (docs/ARCHITECTURE.md, "What PPO still loses" and "The quick preset's budget,
+        # Measured on 2 cores (docs/NOTES.md, "What PPO still loses" and "The quick preset's budget,
         # measured").
         "ppo": dict(total_episodes=1536, batch_size=64, learning_rate=2e-4, kl_coef=0.3, kl_loss_coef=1.0,
                     ptx_coef=0.1, ppo_epochs=2, ptx_batch_size=8, response_length=24, save_every=8),

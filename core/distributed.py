@@ -7,7 +7,7 @@ accelerate's `Accelerator`, which prepares models and optimizers for DDP, DeepSp
 and owns the process group. A stage reads its `Distributed` from `events.dist`.
 
 Batch sizes in configs are global (the recipe's numbers); each rank takes its `shard` of every global
-batch, so a run means the same thing on 1 or N processes (docs/ARCHITECTURE.md, "Several processes").
+batch, so a run means the same thing on 1 or N processes (docs/NOTES.md, "Several processes").
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ and the largest change of a weight.
 DDP averages only the gradients of a backward that follows a forward of the module it wraps (a network or
 term trained outside it leaves the ranks apart), and a loss that is a mean of the ranks' means weights a
 rank's tokens by how few it drew (the ranks' answers differ in length): either shows as a gap
-(docs/ARCHITECTURE.md, "Several processes"). Run as `python -m tests.distributed_ppo_step`."""
+(docs/NOTES.md, "Several processes"). Run as `python -m tests.distributed_ppo_step`."""
 
 import dataclasses
 import sys

@@ -47,7 +47,7 @@ def test_pretraining_corpus_is_the_one_the_bundled_model_learned():
 
 def test_the_bundled_base_has_seen_every_kind():
     """The corpus' dialogues cover every demo kind, so the base can already tell a right answer from a
-    wrong one for each (docs/ARCHITECTURE.md, "The base has seen every kind"): on held-out prompts,
+    wrong one for each (docs/NOTES.md, "The base has seen every kind"): on held-out prompts,
     the right bare answer is likelier than another prompt's answer of the same kind. The former base,
     pretrained on six kinds, was at chance on copy, commas and dashes (0.56, 0.50, 0.48)."""
     tokenizer, model = load_tokenizer("bundled"), load_policy("bundled", dropout=0.0).eval()
@@ -110,7 +110,7 @@ def test_demonstrations_ramble_at_the_configured_rate():
 def test_default_demonstrations_leave_rl_more_than_the_issue_target_to_win():
     """A policy that imitates the demonstrations perfectly is correct and in house style, so all PPO can
     add is conciseness. At half rambling that room was 0.149 of gold: under the +0.15 the demo is meant
-    to show (docs/ARCHITECTURE.md, "The quick preset's budget, measured"). The default must leave more."""
+    to show (docs/NOTES.md, "The quick preset's budget, measured"). The default must leave more."""
     rows = demo.demonstrations(demo.train_tasks(2000))
     parts = [demo.gold_parts(r["prompt"], r["completion"]) for r in rows]
     assert all(p.correct and p.template for p in parts)

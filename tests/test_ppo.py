@@ -28,7 +28,7 @@ from core.paths import checkpoints_dir
 CPU = pick_device("cpu")
 RIDGE = 30.0
 # The SFT policy here is the bundled base itself: prompts of the kinds its pretraining corpus holds
-# (docs/ARCHITECTURE.md, "The demo task"), which it answers in a familiar shape.
+# (docs/NOTES.md, "The demo task"), which it answers in a familiar shape.
 PROMPTS = [t.prompt for t in demo.train_tasks(400) if t.kind in ("add", "repeat", "reverse", "last")][:64]
 
 

@@ -3,7 +3,7 @@ reward penalises, and the coloured HTML the Chat page and Monitor's rollout brow
 
 The numbers come from PPO's own functions (`core/stages/rl.py`: `response_logprobs` divides by the
 sampling temperature, `kl_penalty` = k1), so an answer's sum here is the `kl`
-PPO's reward subtracts β times for the same tokens (docs/ARCHITECTURE.md, "KL estimators").
+PPO's reward subtracts β times for the same tokens (docs/NOTES.md, "KL estimators").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The built-in demo task: tiny instructions with answers a program can check.
 
-Why this domain (see docs/ARCHITECTURE.md, "The demo task"): a 2M-parameter reward model
+Why this domain (see docs/NOTES.md, "The demo task"): a 2M-parameter reward model
 cannot learn arithmetic it cannot compute, but it perceives format, clean stopping, rambling and
 whether an answer copies the prompt's words. So the simulated labeler scores correctness first
 (0.5) and format second (0.5: the "The answer is X." template and stopping right after it), the
@@ -66,7 +66,7 @@ def _words(rng: random.Random, low: int, high: int) -> tuple[str]:
 class Kind:
     """One kind of instruction: how its prompt is drawn, read back and answered. `readable`: a wrong
     answer can be seen by comparing it with the prompt (copy, order, count, format); otherwise seeing
-    it needs arithmetic, which a tiny reward model cannot do (docs/ARCHITECTURE.md, "The demo task")."""
+    it needs arithmetic, which a tiny reward model cannot do (docs/NOTES.md, "The demo task")."""
 
     name: str
     template: str  # the prompt, with the arguments as {0}, {1}
@@ -151,7 +151,7 @@ def format_prompt(prompt: str) -> str:
 def demonstration(task: Task, rng: random.Random, ramble_rate: float) -> str:
     """A labeler's written answer; with probability `ramble_rate` it rambles after the answer.
 
-    The noise is on purpose: a perfectly clean SFT set leaves PPO nothing to win (docs/ARCHITECTURE.md).
+    The noise is on purpose: a perfectly clean SFT set leaves PPO nothing to win (docs/NOTES.md).
     """
     text = ANSWER_TEMPLATE.format(answer=task.answer)
     if rng.random() < ramble_rate:
@@ -275,7 +275,7 @@ def synthetic_rankings(n: int, k: int) -> list[dict]:
 # kind learns it only in SFT, from a few hundred demonstrations, and the ptx term then pulls towards a
 # base that cannot do it (measured: SFT correctness 0.73-0.78 on a base pretrained on the first demo's six
 # kinds, 0.92-0.96 on this one; joining words with dashes 0.00 and 0.90, because "-dog" is split into
-# word pieces the base had never seen; docs/ARCHITECTURE.md, "The base has seen every kind"). Changing a draw here
+# word pieces the base had never seen; docs/NOTES.md, "The base has seen every kind"). Changing a draw here
 # changes every document after it, so the bundled base and its held-out pretraining loss (the alignment
 # tax) would no longer match until `rlhf pretrain-demo` is run again.
 def _corpus_task(rng: random.Random) -> tuple[str, str, str]:

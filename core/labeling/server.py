@@ -2,7 +2,7 @@
 
     rlhf label serve [--host 127.0.0.1] [--port 7860]
 
-Safe defaults (docs/ARCHITECTURE.md, "Team labeling"):
+Safe defaults (docs/NOTES.md, "Team labeling"):
 
 - **Sign-in always.** Gradio's login page checks the labeler accounts (scrypt hashes, in a worker
   thread so the event loop never waits on one); every request is also re-checked on the server

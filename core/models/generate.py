@@ -93,7 +93,7 @@ def sample(
     if prompt_ids is None:
         prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device=device)
     was_training = model.training
-    model.eval()  # no dropout while sampling (docs/ARCHITECTURE.md: it biases the first-step KL)
+    model.eval()  # no dropout while sampling (docs/NOTES.md: it biases the first-step KL)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     steps = list(_decode_steps(model, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, eos, pad,
                                _generator(seed, device)))

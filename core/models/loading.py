@@ -71,7 +71,7 @@ class Device:
 def pick_device(requested: str = "auto", precision: str = "auto") -> Device:
     """`requested`: 'auto' (CUDA when present), 'cpu' or 'cuda'. `precision`: 'auto' (bf16 autocast on a GPU
     that has bf16, else fp32), 'fp32', or 'bf16' (on a CPU it pays where the CPU has bf16 instructions
-    (AVX-512 BF16, AMX) and the layers are wide enough: docs/ARCHITECTURE.md, "Precision")."""
+    (AVX-512 BF16, AMX) and the layers are wide enough: docs/NOTES.md, "Precision")."""
     if requested not in DEVICES:
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {requested!r}")
     if precision not in PRECISIONS:

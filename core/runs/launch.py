@@ -20,7 +20,7 @@ import yaml
 
 from core.distributed import LAUNCHED_ENV, check_batches
 
-# The hand-written loops wired for several processes (docs/ARCHITECTURE.md, "Several processes");
+# The hand-written loops wired for several processes (docs/NOTES.md, "Several processes");
 # dpo/grpo/rloo go through TRL's trainers and are not wired yet.
 DISTRIBUTED_STAGES = ("sft", "rm", "ppo")
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs" / "accelerate"

@@ -154,7 +154,7 @@ def _run_stages(preset: str, output_dir: Path, store: Store, events: Events, sta
             raise
         store.set_run_status(run_id, "stopped" if events.should_stop() else "done")
         report["timings_s"][key] = time.perf_counter() - t0
-        # Every method's KL to the SFT model, measured the same way (core/evaluate.measure_answers).
+        # Every method's KL to the SFT model, measured the same way (core/stages/evaluate.measure_answers).
         kl_to_sft = stage in ("ppo", "dpo", "grpo", "rloo") and (output_dir / "sft").is_dir()
         if stage == "rm":
             report["rm"] = json.loads((out / "rm_summary.json").read_text())

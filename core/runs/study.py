@@ -6,7 +6,7 @@ Two ways of pushing a policy away from the SFT model, both measured against d = 
 
 - **KL sweep (RL).** Several short PPO runs (`core/stages/ppo.run`) from the same SFT and RM at
   different `kl_coef` (beta). Every `eval_every` PPO steps the run writes a step checkpoint; each
-  is evaluated on held-out demo prompts (`core/evaluate.policy_eval`): mean gold, mean RM score and
+  is evaluated on held-out demo prompts (`core/stages/evaluate.policy_eval`): mean gold, mean RM score and
   KL to the SFT model of answers sampled at the rollout temperature.
 - **Best-of-n** from the SFT model: n answers per prompt, keep the RM's favourite, score its gold;
   KL_bon = log n - (n - 1) / n (the paper's analytic value).

@@ -1,6 +1,6 @@
 """Held-out evaluation by sampling, scored by the demo's simulated labeler.
 
-docs/ARCHITECTURE.md: PPO's gains show at the rollout temperature, not greedy, so `gold` is the mean over
+docs/NOTES.md: PPO's gains show at the rollout temperature, not greedy, so `gold` is the mean over
 samples at the given temperature; callers report greedy beside it.
 """
 

@@ -4,7 +4,7 @@ For each prompt, `num_generations` answers are sampled from the policy and score
 model; an answer's advantage is its reward minus the group's mean, divided by the group's std
 (`scale_rewards`), the same for all its tokens. No value model: the group is the baseline. The
 update is PPO's clipped surrogate (`epsilon`) plus beta * KL(pi || pi_SFT) as a *loss* term, k3 per
-token differentiated pathwise (docs/ARCHITECTURE.md, "KL estimators": k3 is a proper penalty there,
+token differentiated pathwise (docs/NOTES.md, "KL estimators": k3 is a proper penalty there,
 unlike in a reward).
 
 Everything but these options is shared with RLOO in `trl_bridge.run_group`.

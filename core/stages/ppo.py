@@ -14,10 +14,10 @@ the trainers it kept has PPO's four networks, the ptx term and GAE over response
 The KL penalty is k1 = log pi - log pi_ref, per token, in the *reward* (`rl.kl_penalty`): with the
 reward differentiated through the score function, only k1 gives the gradient of KL(pi || pi_SFT).
 k3 (unbiased and non-negative as a *value*) would give grad KL(pi||ref) - grad KL(ref||pi), close
-to 0 near the reference, so it is not offered here (docs/ARCHITECTURE.md, "KL estimators").
+to 0 near the reference, so it is not offered here (docs/NOTES.md, "KL estimators").
 Optionally (`kl_loss_coef` > 0, the quick preset) the loss also gets the exact KL over the whole
 vocabulary at every answer token, which k1 on sampled tokens barely prices in the distribution's tail
-(docs/ARCHITECTURE.md, "The exact KL term" and "What PPO still loses").
+(docs/NOTES.md, "The exact KL term" and "What PPO still loses").
 
 Known details of PPO for language models followed here (Huang et al. 2022, "The N+ implementation
 details of RLHF with PPO"; Ziegler et al. 2019; Stiennon et al. 2020), each cited where it is used:
@@ -121,7 +121,7 @@ class PolicyAndValue(torch.nn.Module):
     prepares one module with the one optimizer, and DDP averages the gradients of each backward only
     after a forward of the module it wraps: one such forward per optimisation step covers both networks
     (the ptx term, computed on the plain policy in the same graph, is averaged with them;
-    docs/ARCHITECTURE.md, "Several processes")."""
+    docs/NOTES.md, "Several processes")."""
 
     def __init__(self, policy: torch.nn.Module, value_model: torch.nn.Module):
         super().__init__()
@@ -150,7 +150,7 @@ def make_optimizer(policy, value_model, learning_rate: float) -> torch.optim.Opt
 
 def assemble(policy, reference_policy, value_model, reward_model, tokenizer, config: PPOConfig,
              device: Device) -> PPOModels:
-    """Put the four networks in their modes: dropout off everywhere (docs/ARCHITECTURE.md: with dropout on,
+    """Put the four networks in their modes: dropout off everywhere (docs/NOTES.md: with dropout on,
     the first-step KL reads -0.13 instead of 0), reference and reward model frozen."""
     for m in (policy, reference_policy, value_model, reward_model):
         fuse_gelu(m)
@@ -228,7 +228,7 @@ def generate_responses(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask:
                        config: PPOConfig) -> Samples:
     # KV-cached sampling; `sample` switches the policy to eval (no dropout in rollouts). Under bf16 precision
     # the rollout samples from the same bf16-autocast forward the update computes pi_old with (and a rollout of
-    # a wide model runs ~1.7x faster on a CPU with bf16 instructions: docs/ARCHITECTURE.md, "Precision").
+    # a wide model runs ~1.7x faster on a CPU with bf16 instructions: docs/NOTES.md, "Precision").
     with models.device.autocast():
         return sample(models.policy, models.tokenizer, [], max_new_tokens=config.response_length,
                       temperature=config.temperature, prompt_ids=prompt_ids, prompt_mask=prompt_mask)
@@ -484,7 +484,7 @@ def _sync(device: Device) -> None:
 def reuses_first_forward(config: PPOConfig) -> bool:
     """With one minibatch the first PPO epoch's forward runs on the rollout's own weights, so its
     log-probs and values are pi_old and V_old: taken from it, with gradients kept for the update,
-    they save the policy's and the value model's scoring forwards (docs/ARCHITECTURE.md, "Stage 3: PPO-ptx")."""
+    they save the policy's and the value model's scoring forwards (docs/NOTES.md, "Stage 3: PPO-ptx")."""
     return config.num_minibatches == 1
 
 
@@ -750,7 +750,7 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
             checkpoint(step)
 
     # Final evaluation (demo prompts only): sampled gold at the rollout temperature (PPO's gains show
-    # there, docs/ARCHITECTURE.md), greedy beside it, and the alignment tax as held-out pretraining loss.
+    # there, docs/NOTES.md), greedy beside it, and the alignment tax as held-out pretraining loss.
     gold = evaluate_heldout(state["step"])
     final: dict[str, float] = {}
     if heldout:

@@ -39,7 +39,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
            all_reduce_sum: AllReduceSum | None = None) -> torch.Tensor:
     """Normalise over the real (unmasked) tokens only, so padding does not skew the statistics.
     `all_reduce_sum` (`Distributed.all_reduce_sum`): the statistics of the global batch, so N ranks
-    whiten as one process would (docs/ARCHITECTURE.md, "Several processes")."""
+    whiten as one process would (docs/NOTES.md, "Several processes")."""
     mean = masked_mean(x, mask, all_reduce_sum)
     var = masked_mean((x - mean) ** 2, mask, all_reduce_sum)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
@@ -120,7 +120,7 @@ def response_logprobs(model, ids, mask, positions, prompt_len: int, temperature:
     Dividing the logits by the rollout temperature makes these the log-probs of the distribution we
     actually sampled from (Huang et al. 2022 detail). The backbone runs once; the LM head and the
     log-softmax run on the final hidden states chunk by chunk (`chunked_logprobs`), so the full
-    response logits never exist (docs/ARCHITECTURE.md, "Stage 3: PPO-ptx").
+    response logits never exist (docs/NOTES.md, "Stage 3: PPO-ptx").
     """
     with hf_model(model) as lm:
         hidden = response_hidden(lm, ids, mask, positions, prompt_len)

@@ -5,7 +5,7 @@ scalars the store gets: our own loops (SFT, RM, PPO) and TRL's trainers (DPO, GR
 `report_to` stays "none" because their metrics already reach Events through the callback in
 core/stages/trl_bridge.py. Both write local files: a TensorBoard log directory per run under the
 workbench's data directory, and trackio's own local SQLite database (its TRACKIO_DIR, where `trackio show`
-looks), one project for all runs. No account, and nothing leaves the machine (docs/ARCHITECTURE.md,
+looks), one project for all runs. No account, and nothing leaves the machine (docs/NOTES.md,
 "Metric sinks").
 """
 
