@@ -91,6 +91,81 @@ CREATE INDEX IF NOT EXISTS rankings_by_prompt ON rankings(prompt_id);
 """
 
 
+# Numbered schema changes after SCHEMA (version 0), applied in order to a database whose
+# `PRAGMA user_version` is below their number; each runs in one transaction after a backup copy.
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (1, "conversations: prompts carry their earlier turns and extra columns, rankings their scores", """
+        -- A prompt's identity becomes (last user turn, earlier turns): the same question after
+        -- different conversations is two prompts. SQLite cannot drop a UNIQUE constraint in place, so
+        -- the table is rebuilt (sqlite.org/lang_altertable.html, "making other kinds of changes").
+        CREATE TABLE prompts_v1 (
+            id INTEGER PRIMARY KEY,
+            text TEXT NOT NULL,                -- the last user turn
+            context TEXT,                      -- JSON list of the earlier {role, content} turns, NULL if none
+            extra TEXT,                        -- JSON object of the row's other columns, NULL if none
+            source TEXT NOT NULL DEFAULT 'user',
+            created_at REAL NOT NULL
+        );
+        INSERT INTO prompts_v1(id, text, source, created_at) SELECT id, text, source, created_at FROM prompts;
+        DROP TABLE prompts;
+        ALTER TABLE prompts_v1 RENAME TO prompts;
+        CREATE UNIQUE INDEX prompts_by_conversation ON prompts(text, IFNULL(context, ''));
+        ALTER TABLE rankings ADD COLUMN scores TEXT;  -- JSON list, one number (or null) per response
+    """),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def migrate(conn: sqlite3.Connection, path: Path, backup: bool = True) -> int:
+    """Bring a database to SCHEMA_VERSION; returns the version it had. Before the first pending step,
+    an existing file is copied to `<name>.v<version>.bak`; each step then runs in one transaction, so a
+    failure leaves the database (and every row) as it was."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise ValueError(f"{path} was written by a newer workbench (schema {version}, this one knows "
+                         f"{SCHEMA_VERSION}); upgrade the workbench to open it")
+    if version == SCHEMA_VERSION:
+        return version
+    if backup:
+        with sqlite3.connect(f"{path}.v{version}.bak") as copy:
+            conn.backup(copy)
+    # A table rebuild must not cascade the old table's deletion into its children; the pragma only
+    # takes effect outside a transaction.
+    conn.execute("PRAGMA foreign_keys=OFF")
+    try:
+        for number, _, sql in MIGRATIONS:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Another process may have migrated meanwhile: the version is read under the write lock.
+                if conn.execute("PRAGMA user_version").fetchone()[0] >= number:
+                    conn.execute("ROLLBACK")
+                    continue
+                for statement in _statements(sql):
+                    conn.execute(statement)
+                broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise sqlite3.IntegrityError(f"migration {number} would break {len(broken)} references")
+                conn.execute(f"PRAGMA user_version = {number}")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+    finally:
+        conn.execute("PRAGMA foreign_keys=ON")
+    return version
+
+
+def _statements(sql: str) -> list[str]:
+    """A migration's statements one by one (executescript would commit the open transaction)."""
+    out, current = [], ""
+    for line in sql.splitlines():
+        current += line.split("--", 1)[0] + "\n"
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    return [s for s in out if s.strip(" ;\n")]
+
+
 def check_text(value, what: str, limit: int) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{what} must be text, got {type(value).__name__}")
@@ -113,6 +188,79 @@ def check_context(context) -> None:
         raise ValueError("the earlier turns must be a list of {role: system|user|assistant, content: text}")
     if sum(len(t["content"]) for t in context) > MAX_PROMPT_CHARS * 4:
         raise ValueError(f"the earlier turns are longer than {MAX_PROMPT_CHARS * 4} characters")
+
+
+def check_conversation(turns, what: str = "prompt") -> tuple[list[dict] | None, str]:
+    """A prompt as a conversation: system turns first, then user and assistant turns alternating,
+    ending with the user turn the model answers. Returns (the earlier turns or None, the last user
+    turn's text); every turn must hold text, and the whole must fit the prompt size limit."""
+    if isinstance(turns, str):
+        return None, check_text(turns, what, MAX_PROMPT_CHARS)
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{what} must be text or a non-empty list of {{role, content}} turns")
+    cleaned = []
+    for i, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"turn {i} of the {what} must be {{role: system|user|assistant, content: text}}")
+        content = turn.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise ValueError(f"turn {i} of the {what} ({turn['role']}) is empty")
+        cleaned.append({"role": turn["role"], "content": content.strip()})
+    roles = [t["role"] for t in cleaned]
+    first = next((i for i, r in enumerate(roles) if r != "system"), len(roles))
+    for i, role in enumerate(roles[first:], first):
+        expected = "user" if (i - first) % 2 == 0 else "assistant"
+        if role != expected:
+            raise ValueError(f"turn {i + 1} of the {what} is a {role} turn where a {expected} turn belongs "
+                             "(system turns first, then user and assistant alternating)")
+    if roles[-1] != "user":
+        raise ValueError(f"the {what} must end with a user turn (the one the model answers), not a {roles[-1]} turn")
+    total = sum(len(t["content"]) for t in cleaned)
+    if total > MAX_PROMPT_CHARS * 4:
+        raise ValueError(f"the {what}'s turns hold {total} characters; the limit is {MAX_PROMPT_CHARS * 4}")
+    text = check_text(cleaned[-1]["content"], f"the {what}'s last user turn", MAX_PROMPT_CHARS)
+    return cleaned[:-1] or None, text
+
+
+def prompt_turns(text: str, context: list[dict] | None) -> list[dict]:
+    """The whole conversation of a stored prompt: its earlier turns, then its own user turn."""
+    return [*(context or []), {"role": "user", "content": text}]
+
+
+def check_extra(extra, what: str = "extra columns") -> dict:
+    """A row's other columns (an `answer` a reward term checks against): a JSON object, kept as is."""
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"{what} must be a mapping of column name to value")
+    try:
+        encoded = json.dumps(extra, ensure_ascii=False)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must hold JSON values (text, numbers, lists)") from None
+    if len(encoded) > MAX_PROMPT_CHARS * 4:
+        raise ValueError(f"{what} take {len(encoded)} characters; the limit is {MAX_PROMPT_CHARS * 4}")
+    return extra
+
+
+def check_scores(scores, k: int) -> list[float] | None:
+    """Optional scores beside a ranking's responses (a dataset's score_chosen/score_rejected)."""
+    if scores is None:
+        return None
+    if not isinstance(scores, list) or len(scores) != k:
+        raise ValueError(f"scores must be a list of {k} numbers, one per response")
+    out = []
+    for s in scores:
+        if s is None:
+            out.append(None)
+            continue
+        try:
+            value = float(s)
+        except (TypeError, ValueError):
+            raise ValueError(f"score {s!r} is not a number") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"score {s!r} is not a finite number")
+        out.append(value)
+    return out
 
 
 def check_ranking(responses) -> list[str]:
@@ -154,8 +302,10 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         # executescript commits any open transaction itself, so it runs outside `_tx`.
+        fresh = not self._conn().execute("SELECT 1 FROM sqlite_master WHERE name = 'prompts'").fetchone()
         self._conn().executescript(SCHEMA)
         self._migrate()
+        migrate(self._conn(), self.path, backup=not fresh)
         self._heartbeat_lock = threading.Lock()
         self._heartbeat_thread: threading.Thread | None = None
 
@@ -208,32 +358,56 @@ class Store:
     # -- prompts -------------------------------------------------------------------------------
 
     @staticmethod
-    def _prompt_id(db: sqlite3.Connection, text: str, source: str) -> int:
-        row = db.execute("SELECT id FROM prompts WHERE text = ?", (text,)).fetchone()
+    def _prompt_id(db: sqlite3.Connection, text: str, source: str, context: list[dict] | None = None,
+                   extra: dict | None = None) -> int:
+        """The prompt with this last user turn after these earlier turns, added if new; a row's extra
+        columns, when it brings any, replace the stored ones."""
+        context_json = json.dumps(context, ensure_ascii=False) if context else None
+        extra_json = json.dumps(extra, ensure_ascii=False) if extra else None
+        row = db.execute("SELECT id FROM prompts WHERE text = ? AND IFNULL(context, '') = ?",
+                         (text, context_json or "")).fetchone()
         if row:
+            if extra_json:
+                db.execute("UPDATE prompts SET extra = ? WHERE id = ?", (extra_json, row[0]))
             return row[0]
         return db.execute(
-            "INSERT INTO prompts(text, source, created_at) VALUES (?, ?, ?)", (text, source, time.time())
+            "INSERT INTO prompts(text, context, extra, source, created_at) VALUES (?, ?, ?, ?, ?)",
+            (text, context_json, extra_json, source, time.time())
         ).lastrowid
 
-    def add_prompt(self, text: str, source: str = "user") -> int:
-        text = check_text(text, "prompt", MAX_PROMPT_CHARS)
+    def add_prompt(self, text: str | list[dict], source: str = "user", extra: dict | None = None) -> int:
+        """A prompt: one user turn's text, or a conversation ending with the user turn to answer."""
+        context, text = check_conversation(text)
+        extra = check_extra(extra)
         with self._tx() as db:
-            return self._prompt_id(db, text, source)
+            return self._prompt_id(db, text, source, context, extra)
 
-    def add_prompts(self, texts: list[str], source: str = "import") -> int:
-        checked = [check_text(t, "prompt", MAX_PROMPT_CHARS) for t in texts]
+    def add_prompts(self, texts: list[str | list[dict]], source: str = "import",
+                    extras: list[dict | None] | None = None) -> int:
+        """Many prompts (texts or conversations) in one transaction; `extras`: each row's other columns."""
+        extras = extras if extras is not None else [None] * len(texts)
+        if len(extras) != len(texts):
+            raise ValueError(f"{len(extras)} extra-column rows for {len(texts)} prompts")
+        checked = [(*check_conversation(t), check_extra(e)) for t, e in zip(texts, extras)]
         with self._tx() as db:
-            for text in checked:
-                self._prompt_id(db, text, source)
+            for context, text, extra in checked:
+                self._prompt_id(db, text, source, context, extra)
         return len(checked)
+
+    @staticmethod
+    def _clash(db: sqlite3.Connection, prompt_id: int, text: str) -> int | None:
+        """Another prompt that already has this last user turn after the same earlier turns."""
+        row = db.execute(
+            """SELECT id FROM prompts WHERE text = ? AND id != ? AND IFNULL(context, '') =
+                   (SELECT IFNULL(context, '') FROM prompts WHERE id = ?)""", (text, prompt_id, prompt_id)).fetchone()
+        return row[0] if row else None
 
     def update_prompt(self, prompt_id: int, text: str) -> None:
         text = check_text(text, "prompt", MAX_PROMPT_CHARS)
         with self._tx() as db:
-            clash = db.execute("SELECT id FROM prompts WHERE text = ? AND id != ?", (text, prompt_id)).fetchone()
+            clash = self._clash(db, prompt_id, text)
             if clash:
-                raise ValueError(f"another prompt (id {clash[0]}) already has this text")
+                raise ValueError(f"another prompt (id {clash}) already has this text")
             if db.execute("UPDATE prompts SET text = ? WHERE id = ?", (text, prompt_id)).rowcount == 0:
                 raise ValueError(f"no prompt with id {prompt_id}")
 
@@ -243,18 +417,20 @@ class Store:
         row writes nothing. Edits are applied first, then adds, then deletes."""
         checked = {pid: check_text(text, f"prompt {pid}", MAX_PROMPT_CHARS) for pid, text in changes.items()}
         new_texts = [check_text(t, "new prompt", MAX_PROMPT_CHARS) for t in added]
-        # Two edits to the same text would only fail mid-transaction on the UNIQUE constraint.
-        edited_to: dict[str, int] = {}
+        # Two edits to the same text (after the same earlier turns) would only fail mid-transaction.
+        contexts = {r["id"]: r["context"] for r in self._rows("SELECT id, context FROM prompts")} if checked else {}
+        edited_to: dict[tuple[str, str | None], int] = {}
         for pid, text in checked.items():
-            if text in edited_to:
-                raise ValueError(f"prompts {edited_to[text]} and {pid} are both edited to the same text {text[:80]!r}")
-            edited_to[text] = pid
+            key = (text, contexts.get(pid))
+            if key in edited_to:
+                raise ValueError(f"prompts {edited_to[key]} and {pid} are both edited to the same text {text[:80]!r}")
+            edited_to[key] = pid
         with self._tx() as db:
             for pid, text in checked.items():
-                clash = db.execute("SELECT id FROM prompts WHERE text = ? AND id != ?", (text, pid)).fetchone()
+                clash = self._clash(db, pid, text)
                 if clash:
                     raise ValueError(
-                        f"prompt {pid} cannot become {text[:80]!r}: prompt {clash[0]} already has this text")
+                        f"prompt {pid} cannot become {text[:80]!r}: prompt {clash} already has this text")
                 if db.execute("UPDATE prompts SET text = ? WHERE id = ?", (text, pid)).rowcount == 0:
                     raise ValueError(f"no prompt with id {pid}")
             for text in new_texts:
@@ -265,19 +441,30 @@ class Store:
         with self._tx() as db:
             db.execute("DELETE FROM prompts WHERE id = ?", (prompt_id,))
 
+    @staticmethod
+    def _with_conversation(row: dict, text_key: str = "text") -> dict:
+        """A prompt row's JSON columns read back: `turns` (the whole conversation, ending with the
+        prompt's user turn) and `extra` (its other columns, {} if none)."""
+        context = json.loads(row.pop("context")) if row.get("context") else None
+        row["turns"] = prompt_turns(row[text_key], context)
+        row["extra"] = json.loads(row["extra"]) if row.get("extra") else {}
+        return row
+
     def get_prompt(self, prompt_id: int) -> dict:
         rows = self._rows("SELECT * FROM prompts WHERE id = ?", (prompt_id,))
         if not rows:
             raise ValueError(f"no prompt with id {prompt_id}")
-        return rows[0]
+        return self._with_conversation(rows[0])
 
     def list_prompts(self) -> list[dict]:
-        return self._rows(
-            """SELECT p.id, p.text, p.source,
+        """Every prompt: id, text (its last user turn), source, turns, extra, and how many
+        demonstrations and rankings it has."""
+        return [self._with_conversation(r) for r in self._rows(
+            """SELECT p.id, p.text, p.source, p.context, p.extra,
                       (SELECT COUNT(*) FROM demonstrations d WHERE d.prompt_id = p.id) AS demonstrations,
                       (SELECT COUNT(*) FROM rankings r WHERE r.prompt_id = p.id) AS rankings
                FROM prompts p ORDER BY p.id"""
-        )
+        )]
 
     # -- demonstrations ------------------------------------------------------------------------
 
@@ -306,7 +493,7 @@ class Store:
     def insert_demonstration(cls, db: sqlite3.Connection, row: dict, source: str = "user") -> int:
         """One demonstration inside a caller's transaction (see `insert_ranking`)."""
         instruction, inp, output = cls._check_demonstration(row)
-        pid = cls._prompt_id(db, cls.prompt_text(instruction, inp), source)
+        pid = cls._prompt_id(db, cls.prompt_text(instruction, inp), source, row.get("context") or None)
         context = json.dumps(row["context"]) if row.get("context") else None
         return db.execute(
             "INSERT INTO demonstrations(prompt_id, instruction, input, output, context, created_at) VALUES (?,?,?,?,?,?)",
@@ -319,7 +506,10 @@ class Store:
     def update_demonstration(self, demo_id: int, instruction: str, output: str, input: str = "") -> None:
         instruction, inp, output = self._check_demonstration({"instruction": instruction, "input": input, "output": output})
         with self._tx() as db:
-            pid = self._prompt_id(db, self.prompt_text(instruction, inp), "user")
+            # The edited demonstration keeps its earlier turns, so it stays linked to their prompt.
+            row = db.execute("SELECT context FROM demonstrations WHERE id = ?", (demo_id,)).fetchone()
+            context = json.loads(row[0]) if row and row[0] else None
+            pid = self._prompt_id(db, self.prompt_text(instruction, inp), "user", context)
             n = db.execute(
                 "UPDATE demonstrations SET prompt_id=?, instruction=?, input=?, output=? WHERE id=?",
                 (pid, instruction, inp, output, demo_id),
@@ -342,50 +532,62 @@ class Store:
 
     # -- rankings ------------------------------------------------------------------------------
 
-    def add_ranking(self, prompt_id: int, responses: list[str], labeler: str = "") -> int:
+    def add_ranking(self, prompt_id: int, responses: list[str], labeler: str = "",
+                    scores: list[float | None] | None = None) -> int:
         """Store one ranking (best to worst) for a prompt that already exists."""
         responses = check_ranking(responses)  # checked before the transaction starts
+        scores = check_scores(scores, len(responses))
         with self._tx() as db:
-            return self.insert_ranking(db, prompt_id, responses, labeler)
+            return self.insert_ranking(db, prompt_id, responses, labeler, scores)
 
     @staticmethod
-    def insert_ranking(db: sqlite3.Connection, prompt_id: int, responses: list[str], labeler: str = "") -> int:
+    def insert_ranking(db: sqlite3.Connection, prompt_id: int, responses: list[str], labeler: str = "",
+                       scores: list[float | None] | None = None) -> int:
         """`add_ranking` inside a caller's transaction (the labeling server marks the queue item
         done in the same one, so a ranking is stored exactly once)."""
         responses = check_ranking(responses)
+        scores = check_scores(scores, len(responses))
         labeler = (labeler or "").strip()[:100]
         if not db.execute("SELECT 1 FROM prompts WHERE id = ?", (prompt_id,)).fetchone():
             raise ValueError(f"no prompt with id {prompt_id}: add the prompt before ranking answers to it")
         return db.execute(
-            "INSERT INTO rankings(prompt_id, responses, labeler, created_at) VALUES (?,?,?,?)",
-            (prompt_id, json.dumps(responses), labeler, time.time()),
+            "INSERT INTO rankings(prompt_id, responses, labeler, scores, created_at) VALUES (?,?,?,?,?)",
+            (prompt_id, json.dumps(responses), labeler, json.dumps(scores) if scores else None, time.time()),
         ).lastrowid
 
     def add_rankings(self, rows: list[dict], source: str = "import") -> list[int]:
-        """Rankings keyed by prompt text (creating prompts as needed), all or nothing."""
-        checked = [
-            (check_text(r.get("prompt"), "prompt", MAX_PROMPT_CHARS), check_ranking(r.get("responses")),
-             str(r.get("labeler") or "")[:100])
-            for r in rows
-        ]
+        """Rankings keyed by their prompt (text or conversation; created as needed), all or nothing.
+        A row: {"prompt", "responses", optional "labeler", "scores" (one per response), "extra"}."""
+        checked = []
+        for r in rows:
+            context, prompt = check_conversation(r.get("prompt"))
+            responses = check_ranking(r.get("responses"))
+            checked.append((context, prompt, responses, str(r.get("labeler") or "")[:100],
+                            check_scores(r.get("scores"), len(responses)), check_extra(r.get("extra"))))
         with self._tx() as db:
             return [
                 db.execute(
-                    "INSERT INTO rankings(prompt_id, responses, labeler, created_at) VALUES (?,?,?,?)",
-                    (self._prompt_id(db, prompt, source), json.dumps(responses), labeler, time.time()),
+                    "INSERT INTO rankings(prompt_id, responses, labeler, scores, created_at) VALUES (?,?,?,?,?)",
+                    (self._prompt_id(db, prompt, source, context, extra), json.dumps(responses), labeler,
+                     json.dumps(scores) if scores else None, time.time()),
                 ).lastrowid
-                for prompt, responses, labeler in checked
+                for context, prompt, responses, labeler, scores, extra in checked
             ]
 
     def list_rankings(self, prompt_id: int | None = None) -> list[dict]:
+        """Every ranking: id, prompt_id, prompt (its last user turn), turns (the whole conversation),
+        extra (the prompt's other columns), responses (best first), labeler, scores (or None)."""
         where, args = ("WHERE r.prompt_id = ?", (prompt_id,)) if prompt_id is not None else ("", ())
         rows = self._rows(
-            f"""SELECT r.id, r.prompt_id, p.text AS prompt, r.responses, r.labeler, r.created_at
+            f"""SELECT r.id, r.prompt_id, p.text AS prompt, p.context, p.extra, r.responses, r.labeler, r.scores,
+                       r.created_at
                 FROM rankings r JOIN prompts p ON p.id = r.prompt_id {where} ORDER BY r.id""",
             args,
         )
         for r in rows:
+            self._with_conversation(r, "prompt")
             r["responses"] = json.loads(r["responses"])
+            r["scores"] = json.loads(r["scores"]) if r["scores"] else None
         return rows
 
     # -- runs, metrics, checkpoints ------------------------------------------------------------
