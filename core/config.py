@@ -288,7 +288,9 @@ class PPOConfig(NetworkConfig):
                                  "reward's sampled-token penalty barely prices. 0: the KL is in the reward only "
                                  "(InstructGPT)")
     ptx_coef: float = option(27.8, "gamma: weight of the pretraining LM loss (InstructGPT PPO-ptx); 0 gives plain PPO")
-    ptx_data: str = option("demo", "'demo' corpus or a text/JSONL file of pretraining text")
+    ptx_data: str = option("demo", "'demo' corpus, or your own pretraining text: a .txt file (a document a line), the "
+                           "'text' column of a JSONL/CSV/Parquet file or saved dataset, or a hub dataset id "
+                           "(owner/name[:config][@split])")
     ptx_batch_size: int = option(16, "blocks of pretraining text per optimisation step")
     gamma: float = option(1.0, "GAE discount")
     lam: float = option(0.95, "GAE lambda")

@@ -54,7 +54,7 @@ def test_messages_import_round_trips_through_the_store(store):
     ([{"messages": [{"role": "assistant", "content": "hi"}]}], "line 1: the last assistant turn in messages must "
                                                                  "answer a user turn"),
     ([{"messages": SINGLE}, {"messages": [{"role": "narrator", "content": "x"}]}], "line 2: messages must be a list"),
-    ([{**PAIR, "prompt": CONVERSATION[:4]}], "line 1: conversational prompt must be a single user turn"),
+    ([{**PAIR, "prompt": CONVERSATION[:3]}], "line 1: the prompt must end with a user turn"),
     ([{**PAIR, "rejected": PAIR["chosen"]}], "line 1: chosen and rejected are the same text"),
 ])
 def test_bad_conversational_rows_are_refused_whole(store, rows, message):

@@ -28,7 +28,8 @@ def test_rankings_and_demonstrations_round_trip_through_jsonl(store, tmp_path):
     assert [json.loads(x) for x in export_jsonl(store, "rankings").splitlines()] == rankings
     assert [json.loads(x) for x in export_jsonl(store, "demonstrations").splitlines()] == demos
     pairs = [json.loads(x) for x in export_jsonl(store, "pairs").splitlines()]
-    assert len(pairs) == 3 + 1 and pairs[0] == {"prompt": "What is 2 plus 2?", "chosen": "The answer is 4.", "rejected": "4"}
+    assert len(pairs) == 3 + 1 and pairs[0] == {"prompt": "What is 2 plus 2?", "chosen": "The answer is 4.", "rejected": "4",
+                                         "labeler": "ana"}
     # The exported files import into a fresh store identically (CSV too).
     from core.data.store import Store
 

@@ -104,7 +104,10 @@ KINDS = (
 
 
 def task_kind(prompt: str) -> tuple[Kind, tuple[str, ...]] | None:
-    """The kind of a demo prompt and its arguments; None for a prompt outside the demo task."""
+    """The kind of a demo prompt and its arguments; None for a prompt outside the demo task (a
+    conversation of several turns is never one of the demo's single questions)."""
+    if not isinstance(prompt, str):
+        return None
     for kind in KINDS:
         m = re.fullmatch(kind.pattern, prompt.strip())
         if m:

@@ -2,30 +2,47 @@
 workbench database) or a file path (JSONL or CSV, read by the same parser as the app's imports,
 with line-numbered errors).
 
-    load_demonstrations  -> [{"prompt", "completion"}]      SFT
-    load_rankings        -> [Ranking(prompt, responses)]    reward model (best to worst)
-    load_prompts         -> [prompt]                        PPO (and later GRPO, RLOO)
-    load_ptx_texts       -> [document]                      PPO's pretraining term
+    load_demonstrations  -> [{"prompt", "completion", "context"}]  SFT
+    load_rankings        -> [Ranking(prompt, responses)]              reward model, DPO (best to worst)
+    load_prompts         -> [prompt]                                  PPO, GRPO, RLOO
+    load_ptx_texts       -> [document]                                PPO's pretraining term
+
+A prompt is what `core.models.chat` renders: its text when it is one user turn, else the whole
+conversation (a list of {role, content} turns ending with the user turn to answer).
 
 Demo rankings are not here: they are sampled from the SFT policy, so the reward stage makes them.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.data import demo
-from core.data.formats import detect_kind, normalise, read_bytes, read_table
-from core.data.store import Store, check_ranking
+from core.data.formats import detect_kind, normalise, read_bytes, read_source
+from core.data.store import Store, check_conversation, check_ranking
 
-SOURCES_HELP = "'demo', 'store' or a JSONL/CSV path"
+SOURCES_HELP = "'demo', 'store' or a JSONL/CSV/Parquet path or saved dataset directory"
+
+Prompt = str | list[dict]  # one user turn's text, or a conversation ending with the user turn
 
 
 @dataclass
 class Ranking:
-    prompt: str
+    prompt: Prompt
     responses: list[str]  # best to worst
+
+
+def as_prompt(turns: list[dict]) -> Prompt:
+    """A stored prompt's turns as a stage takes it: a single user turn stays plain text (as before
+    conversations were stored, so single-turn data trains exactly as it did)."""
+    return turns[0]["content"] if len(turns) == 1 and turns[0]["role"] == "user" else turns
+
+
+def prompt_key(prompt: Prompt) -> str:
+    """A prompt as a hashable key (a conversation is a list)."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
 def _need_store(store: Store | None, what: str) -> Store:
@@ -38,7 +55,7 @@ def _rows(path: str | Path, kind: str, what: str) -> list[tuple[int, dict]]:
     """The rows of a file that must hold `kind` (demonstrations | rankings)."""
     path = Path(path).expanduser()
     try:
-        rows = read_table(path)
+        rows = read_source(str(path))
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from None
     if detect_kind(set(rows[0][1])) != kind:
@@ -48,22 +65,29 @@ def _rows(path: str | Path, kind: str, what: str) -> list[tuple[int, dict]]:
     return rows
 
 
-def _column(path: Path, column: str, what: str) -> list[str]:
-    """One text column of a table file (a conversational prompt column gives its user turn)."""
+def _column(source: str, column: str, what: str) -> list:
+    """One column of a table file, saved dataset or hub dataset id: the "prompt" column as prompts
+    (text or a conversation, checked as an import checks it), any other as text."""
+    name = Path(source).name
     try:
-        rows = read_table(path)
+        rows = read_source(source)
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from None
-    texts = []
+    values: list = []
     for number, row in rows:
         try:
-            value = normalise(row, "prompts")[column] if column == "prompt" else row.get(column)
+            if column == "prompt":
+                prompt = normalise(row, "prompts")["prompt"]
+                context, text = check_conversation(prompt)
+                values.append(text if context is None else prompt)
+                continue
         except ValueError as exc:
-            raise ValueError(f"{what}: {path.name} line {number}: {exc}") from None
+            raise ValueError(f"{what}: {name} line {number}: {exc}") from None
+        value = row.get(column)
         if not isinstance(value, str) or not value.strip():
-            raise ValueError(f'{what}: {path.name} line {number} has no "{column}" text')
-        texts.append(value.strip())
-    return texts
+            raise ValueError(f'{what}: {name} line {number} has no "{column}" text')
+        values.append(value.strip())
+    return values
 
 
 def load_demonstrations(source: str, store: Store | None, n_demo: int = 2000,
@@ -93,12 +117,14 @@ def load_demonstrations(source: str, store: Store | None, n_demo: int = 2000,
 def load_rankings(source: str, store: Store | None) -> list[Ranking]:
     """Rankings from the store or a file (best to worst; ties and duplicates rejected with the line)."""
     if source == "store":
-        return [Ranking(r["prompt"], r["responses"]) for r in _need_store(store, "data").list_rankings()]
+        return [Ranking(as_prompt(r["turns"]), r["responses"]) for r in _need_store(store, "data").list_rankings()]
     out = []
     for number, row in _rows(source, "rankings", "data"):
         try:
             r = normalise(row, "rankings")
-            out.append(Ranking(str(r["prompt"]).strip(), check_ranking(r.get("responses"))))
+            context, text = check_conversation(r["prompt"])
+            out.append(Ranking(as_prompt([*(context or []), {"role": "user", "content": text}]),
+                               check_ranking(r.get("responses"))))
         except ValueError as exc:
             raise ValueError(f"{source} line {number}: {exc}") from None
     return out
@@ -110,32 +136,34 @@ def one_per_item(rankings: list[Ranking]) -> list[Ranking]:
     seen: set[tuple[str, frozenset[str]]] = set()
     out = []
     for r in rankings:
-        key = (r.prompt, frozenset(r.responses))
+        key = (prompt_key(r.prompt), frozenset(r.responses))
         if key not in seen:
             seen.add(key)
             out.append(r)
     return out
 
 
-def load_prompts(source: str, store: Store | None) -> list[str]:
-    """'demo' -> the demo's training prompts; 'store' -> the workbench's prompts; else a JSONL/CSV file."""
+def load_prompts(source: str, store: Store | None) -> list[Prompt]:
+    """'demo' -> the demo's training prompts; 'store' -> the workbench's prompts; else a JSONL/CSV file.
+    A multi-turn prompt comes as its whole conversation."""
     if source == "demo":
         return [t.prompt for t in demo.train_tasks()]
     if source == "store":
-        prompts = [row["text"] for row in _need_store(store, "prompts").list_prompts()]
+        prompts = [as_prompt(row["turns"]) for row in _need_store(store, "prompts").list_prompts()]
         if not prompts:
             raise ValueError("the store has no prompts; add some on the Prompts page or import a JSONL file")
         return prompts
-    return _column(Path(source).expanduser(), "prompt", "prompts file")
+    return _column(source, "prompt", "prompts file")
 
 
 def load_ptx_texts(source: str) -> list[str]:
-    """'demo' -> the demo pretraining corpus; else a text file (one document a line) or JSONL/CSV with "text"."""
+    """'demo' -> the demo pretraining corpus; else your own pretraining text: a plain text file (one
+    document a line), or the "text" column of a JSONL/CSV/Parquet file, saved dataset or hub dataset id."""
     if source == "demo":
         return demo.pretraining_corpus()
     path = Path(source).expanduser()
-    if path.suffix in (".jsonl", ".csv", ".parquet") or path.is_dir():
-        return _column(path, "text", "ptx_data file")
+    if not path.is_file() or path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"):
+        return _column(source, "text", "ptx_data")
     try:
         lines = [ln for ln in read_bytes(path).decode("utf-8", errors="replace").splitlines() if ln.strip()]
     except ValueError as exc:
