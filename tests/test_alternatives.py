@@ -78,7 +78,7 @@ def test_dpo_learns_its_preferences_and_leaves_an_hf_model(inputs, tok, store, t
     beta * (log pi - log pi_SFT), computed by our own tokenisation, is 0 on every pair before training
     and prefers the chosen answer on most pairs after a few steps; TRL's metrics reach the store."""
     sft, _, rankings = inputs
-    pairs = trl_bridge.preference_pairs(load_rankings(str(rankings), None))
+    pairs = trl_bridge.preference_pairs(load_rankings(str(rankings), None), tok)
     assert len(pairs) == 36 and pairs[0]["chosen"].startswith(" The answer is")
     assert pairs[0]["prompt"] == demo.format_prompt(pairs[0]["raw_prompt"])
     ref = load_policy(sft, CPU)
@@ -111,7 +111,7 @@ def test_dpo_loss_matches_a_hand_computed_example(inputs, tok, tmp_path):
 
     sft, _, rankings = inputs
     config = DPOConfig(sft_model=str(sft), data=str(rankings), beta=0.5, loss_type="sigmoid", device="cpu")
-    pairs = trl_bridge.preference_pairs(load_rankings(str(rankings), None))
+    pairs = trl_bridge.preference_pairs(load_rankings(str(rankings), None), tok)
     trainer, _ = dpo.make_trainer(config, pairs, tok, CPU, Events(), tmp_path / "dpo")
     completion_mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 0]])  # rows: [chosen, rejected]
     # Log-probs of tokens 1..4 (each predicted from the one before), 0 off the answer as TRL's fused head gives.
@@ -233,7 +233,7 @@ def test_grpo_group_normalised_advantages_on_a_hand_example(inputs, tok, tmp_pat
         return rewards
 
     trainer.reward_funcs = [by_hand]
-    batch = [row for row in trl_bridge.prompt_rows(prompts) for _ in range(config.num_generations)]
+    batch = [row for row in trl_bridge.prompt_rows(prompts, tok) for _ in range(config.num_generations)]
     advantages = trainer._generate_and_score_completions(batch)["advantages"]
     expected = torch.tensor([1.5, -0.5, -0.5, -0.5, 0.0, 0.0, 0.0, 0.0]) * (0.5 / (0.5 + 1e-4))  # TRL's eps
     assert torch.allclose(advantages.flatten(), expected, atol=1e-6), advantages

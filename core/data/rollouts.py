@@ -18,7 +18,7 @@ import json
 import math
 
 from core.data import demo
-from core.data.store import Store
+from core.data.store import Store, prompt_display
 from core.textsafe import token_text
 
 SAMPLES_PER_STEP = 8
@@ -97,7 +97,7 @@ class RolloutRecorder:
             tokens = [[token_text(self.tokenizer, t), round(k, 5)] for t, k in zip(ids[i][:length], kl[i][:length])]
             prompt, text = prompts[i], rollout.texts[i]
             gold = demo.gold_score(prompt, text) if demo.expected_answer(prompt) is not None else None
-            rows.append((self.run_id, step, i, prompt, text, rewards[i], gold, sum(k for _, k in tokens), length,
+            rows.append((self.run_id, step, i, prompt_display(prompt), text, rewards[i], gold, sum(k for _, k in tokens), length,
                          int(bool(finished[i])), json.dumps(tokens)))
         with self.store._tx() as db:
             db.execute("INSERT OR REPLACE INTO rollout_steps(run_id, step, rewards) VALUES (?,?,?)",

@@ -227,6 +227,13 @@ def prompt_turns(text: str, context: list[dict] | None) -> list[dict]:
     return [*(context or []), {"role": "user", "content": text}]
 
 
+def prompt_display(prompt: str | list[dict]) -> str:
+    """A prompt as one text for a table or log: a conversation as its turns, one "role: content" a line."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{t['role']}: {t['content']}" for t in prompt)
+
+
 def check_extra(extra, what: str = "extra columns") -> dict:
     """A row's other columns (an `answer` a reward term checks against): a JSON object, kept as is."""
     if extra is None:

@@ -116,3 +116,49 @@ def encode_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], lis
         eos = tokenizer.eos_token
         rendered = before + (answer_text[: answer_text.index(eos) + len(eos)] if eos in answer_text else answer_text)
     return ids, labels
+
+
+def answer_text(tokenizer, prompt: str | list[dict], answer: str) -> str:
+    """The text the template adds for an assistant turn after the generation prompt, up to (not
+    including) its end-of-turn EOS: what TRL's string columns hold as `chosen`/`rejected`/`completion`
+    (TRL appends the EOS itself). Under the plain template, " " + answer."""
+    messages = as_messages(prompt)
+    before = _render(tokenizer, messages, add_generation_prompt=True)
+    full = _render(tokenizer, [*messages, {"role": "assistant", "content": answer.strip()}], add_generation_prompt=False)
+    if not full.startswith(before):
+        raise ValueError("the chat template renders the conversation differently once an answer is added, "
+                         "so the answer's tokens cannot be told apart from the prompt's")
+    added = full[len(before):]
+    eos = tokenizer.eos_token
+    return added[: added.index(eos)] if eos and eos in added else added
+
+
+def fit_prompt(tokenizer, prompt: str | list[dict], max_tokens: int) -> tuple[str | list[dict], int]:
+    """(the prompt cut to its most recent whole turns so that its rendering fits `max_tokens`, how many
+    turns were left out). Oldest turns go first, a user turn always opening what is kept; system turns
+    stay while anything else can go; the last user turn is never dropped nor cut, and a prompt whose
+    last user turn alone does not fit is refused (no answer could follow it)."""
+    messages = as_messages(prompt)
+    if len(encode_prompt(tokenizer, messages)) <= max_tokens:
+        return prompt, 0
+    system = [t for t in messages if t["role"] == "system"]
+    rest = [t for t in messages if t["role"] != "system"]
+    starts = [i for i, t in enumerate(rest) if t["role"] == "user"]
+    candidates = [system + rest[i:] for i in starts[1:]] + ([rest[starts[-1]:]] if system else [])
+    for kept in candidates:
+        if len(encode_prompt(tokenizer, kept)) <= max_tokens:
+            return kept, len(messages) - len(kept)
+    last = rest[starts[-1]:] if starts else messages[-1:]
+    raise ValueError(f"a prompt's last user turn alone takes {len(encode_prompt(tokenizer, last))} tokens, more "
+                     f"than the {max_tokens} a prompt may have here: shorten it (it begins {last[0]['content'][:60]!r})")
+
+
+def fit_report(tokenizer, prompts: list, max_tokens: int) -> str | None:
+    """A run-log line saying how many prompts lose their oldest turns to fit `max_tokens` (None if none);
+    raises, before any work, if one cannot fit at all."""
+    dropped = [fit_prompt(tokenizer, p, max_tokens)[1] for p in prompts]
+    cut = [d for d in dropped if d]
+    if not cut:
+        return None
+    return (f"{len(cut)} of {len(prompts)} prompts are longer than {max_tokens} tokens: their oldest "
+            f"{min(cut)}-{max(cut)} turns are left out, the most recent whole turns kept")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.models.chat import encode_prompt
+from core.models.chat import encode_prompt, fit_prompt
 
 
 @dataclass
@@ -33,10 +33,14 @@ class Samples:
                 torch.cat([self.prompt_mask, self.response_mask], 1))
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int = 96, device=None):
+MAX_PROMPT_TOKENS = 96  # a rollout's prompt budget (core/models/memory.py plans with the same number)
+
+
+def encode_prompts(tokenizer, prompts: list, max_prompt_tokens: int = MAX_PROMPT_TOKENS, device=None):
     """Chat-formatted, left-padded prompt ids and mask (left so every row ends where generation starts).
-    A prompt is a string (one user turn) or a conversation (`core.models.chat`)."""
-    ids = [encode_prompt(tokenizer, p)[-max_prompt_tokens:] for p in prompts]
+    A prompt is a string (one user turn) or a conversation (`core.models.chat`); one longer than
+    `max_prompt_tokens` keeps its most recent whole turns (`fit_prompt`; stages log it, `fit_report`)."""
+    ids = [encode_prompt(tokenizer, fit_prompt(tokenizer, p, max_prompt_tokens)[0]) for p in prompts]
     width = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)

@@ -98,8 +98,11 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         ref = str(BUNDLED_MODEL_DIR)
     path = Path(ref).expanduser()
     if path.exists():
+        gguf_file = gguf_in(path)
+        if gguf_file is not None:
+            return str(gguf_to_hf(gguf_file))
         if not path.is_dir():
-            raise ValueError(f"model path {path} is a file; give the Hugging Face model directory")
+            raise ValueError(f"model path {path} is a file; give the Hugging Face model directory (or a .gguf file)")
         if is_adapter_dir(path):
             # A LoRA adapter: usable when its weights are safetensors and its base model is there.
             if not (path / "adapter_model.safetensors").is_file():
@@ -127,6 +130,64 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
             f"model {ref!r} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1)"
         )
     return ref
+
+
+def gguf_in(path: Path) -> Path | None:
+    """The GGUF file a model reference names: the file itself, or the one .gguf in a directory that
+    is not a Hugging Face model directory; None otherwise."""
+    if path.is_file():
+        return path if path.suffix.lower() == ".gguf" else None
+    if (path / "config.json").is_file():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        raise ValueError(f"{path} holds several GGUF files ({', '.join(f.name for f in found)}): name one")
+    return found[0] if found else None
+
+
+def gguf_to_hf(gguf_file: Path) -> Path:
+    """A GGUF model as a plain Hugging Face directory (safetensors, fp32), converted once through
+    transformers' GGUF support and kept under the data home, keyed by the file's path, size and time.
+
+    transformers dequantises every tensor while loading; the model then carries a GGUF quantizer
+    that refuses `save_pretrained`, so it is dropped: the weights are plain fp32 by then, the
+    precision every stage trains in (bf16 runs as autocast over fp32 weights)."""
+    import hashlib
+    import logging
+
+    from core.paths import data_home
+
+    stat = gguf_file.stat()
+    key = hashlib.sha1(f"{gguf_file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = data_home() / "gguf" / f"{gguf_file.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader; an optional extra)
+    except ImportError:
+        raise ValueError(f"{gguf_file.name} is a GGUF model, which needs the 'gguf' package: "
+                         "pip install 'rlhf-workbench[gguf]'") from None
+    folder, name = str(gguf_file.parent), gguf_file.name
+    try:
+        with _LOAD_LOCK:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as exc:  # transformers' own reason: an architecture it cannot read, a damaged file
+        raise ValueError(f"cannot load the GGUF model {gguf_file}: {exc}") from None
+    quantization = getattr(model.config, "quantization_config", None)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (Path(tmp) / "gguf_source.json").write_text(json.dumps(
+            {"gguf_file": str(gguf_file.resolve()), "quantization": str(quantization), "dtype": "float32"}))
+    logging.getLogger(__name__).warning(
+        "%s: GGUF weights dequantised to fp32 (the training precision) and saved as a Hugging Face "
+        "directory at %s", gguf_file.name, target)
+    return target
 
 
 _LOAD_KW = dict(use_safetensors=True, trust_remote_code=False)

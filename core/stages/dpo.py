@@ -63,7 +63,7 @@ def gather_pairs(config: DPOConfig, rankings: list[Ranking] | None, tokenizer, d
                                         config.sample_temperature, config.labeler_temperature, config.seed, events,
                                         "training")
         del policy
-    pairs = trl_bridge.preference_pairs(rankings)
+    pairs = trl_bridge.preference_pairs(rankings, tokenizer, config.max_length, events)
     if not pairs:
         raise ValueError("no preference pairs: every sampled group collapsed to one distinct answer")
     return pairs

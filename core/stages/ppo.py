@@ -45,7 +45,8 @@ from core.data.store import Store
 from core.distributed import Distributed
 from core.stages.evaluate import gold_eval
 from core.stages.events import Events
-from core.models.generate import Samples, encode_prompts, sample
+from core.models.chat import fit_report
+from core.models.generate import MAX_PROMPT_TOKENS, Samples, encode_prompts, sample
 from core.models.loading import (
     Device,
     check_same_tokenizer,
@@ -642,6 +643,9 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     the last step checkpoint when stopped early. Re-running with the same `output_dir` resumes."""
     output_dir = Path(output_dir)
     tokenizer, prompts, ptx_texts = check_inputs(config, store)
+    note = fit_report(tokenizer, prompts, MAX_PROMPT_TOKENS)  # a prompt that cannot fit is refused here
+    if note:
+        events.log(note)
     dist = events.dist  # one process, or this rank of several (core/distributed.py)
     dist.check_batches("ppo", config)
     device = pick_device(config.device, config.precision)

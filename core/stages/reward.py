@@ -27,7 +27,7 @@ from core.data import demo
 from core.data.sources import Ranking, load_rankings, one_per_item
 from core.data.store import Store
 from core.stages.events import Events
-from core.models.chat import encode_answer
+from core.models.chat import encode_answer, fit_prompt
 from core.models.generate import sample
 from core.models.loading import (
     Device,
@@ -104,16 +104,33 @@ def split_heldout(rankings: list[Ranking], seed: int) -> tuple[list[Ranking], li
 # ---------------------------------------------------------------------------------------------
 
 
-def encode_answers(tokenizer, prompt: str, responses: list[str], max_length: int) -> list[list[int]]:
-    """prompt + answer + EOS in the model's chat format (as PPO samples and scores it), the answer
-    cut to half of `max_length` and the prompt from the left, so the EOS the score is read at stays last."""
-    out = []
-    for r in responses:
-        prompt_ids, answer = encode_answer(tokenizer, prompt, r)
-        if len(answer) > max_length // 2:
-            answer = [*answer[: max_length // 2 - 1], answer[-1]]
-        out.append((prompt_ids + answer)[-max_length:])
-    return out
+def encode_answer_fitted(tokenizer, prompt: str | list[dict], response: str, max_length: int
+                         ) -> tuple[list[int], int]:
+    """(prompt + answer + EOS ids in the model's chat format, as PPO samples and scores it; how many
+    earlier turns were left out): the answer cut to half of `max_length` (its EOS kept last, where the
+    score is read), and a conversation that does not fit the rest keeps its most recent whole turns."""
+    _, answer = encode_answer(tokenizer, prompt, response)
+    if len(answer) > max_length // 2:
+        answer = [*answer[: max_length // 2 - 1], answer[-1]]
+    fitted, dropped = fit_prompt(tokenizer, prompt, max_length - len(answer))
+    return encode_answer(tokenizer, fitted, response)[0] + answer, dropped
+
+
+def encode_answers(tokenizer, prompt: str | list[dict], responses: list[str], max_length: int) -> list[list[int]]:
+    """Each response after the prompt (`encode_answer_fitted`)."""
+    return [encode_answer_fitted(tokenizer, prompt, r, max_length)[0] for r in responses]
+
+
+def truncation_note(tokenizer, rankings: list[Ranking], max_length: int) -> str | None:
+    """The run-log line for rankings whose conversations lose their oldest turns to fit `max_length`."""
+    dropped = [max(encode_answer_fitted(tokenizer, r.prompt, a, max_length)[1] for a in r.responses)
+               for r in rankings if not isinstance(r.prompt, str)]
+    cut = [d for d in dropped if d]
+    if not cut:
+        return None
+    return (f"{len(cut)} of {len(rankings)} rankings have conversations longer than max_length ({max_length} "
+            f"tokens with their answer): their oldest {min(cut)}-{max(cut)} turns are left out, the most recent "
+            "whole turns kept")
 
 
 class TokenScores(torch.nn.Module):
@@ -293,6 +310,9 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
     # so every rank trains on the same rankings.
     if dist.is_main:
         train, heldout = _rankings_once(config, store, tokenizer, device, events, output_dir)
+        note = truncation_note(tokenizer, train + heldout, config.max_length)
+        if note:
+            events.log(note)
     dist.barrier()
     if not dist.is_main:
         train, heldout = _rankings_once(config, store, tokenizer, device, events, output_dir)

@@ -50,9 +50,15 @@ def encode(tokenizer, prompt: str, completion: str, max_length: int,
     """Token ids and labels in the model's chat format; labels are -100 except on assistant turns, so
     only the answer (and, in a multi-turn demonstration, every earlier assistant turn) carries loss."""
     if context:
-        messages = [*context, {"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-        ids, labels = encode_conversation(tokenizer, messages)
-        return ids[-max_length:], labels[-max_length:]  # the end holds the turn being learned
+        last = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        system = [t for t in context if t["role"] == "system"]
+        rest = [t for t in context if t["role"] != "system"]
+        # Too long: the oldest whole exchanges go first (a user turn opens what is kept); with only the
+        # last exchange left, it is cut as a single-turn demonstration is.
+        for start in [i for i, t in enumerate(rest) if t["role"] == "user"] + [len(rest)]:
+            ids, labels = encode_conversation(tokenizer, [*system, *rest[start:], *last])
+            if len(ids) <= max_length:
+                return ids, labels
     prompt_ids, answer_ids = encode_answer(tokenizer, prompt, completion)
     prompt_ids = prompt_ids[-(max_length // 2):]  # keep the end of a long prompt, where the question is
     ids = (prompt_ids + answer_ids)[:max_length]

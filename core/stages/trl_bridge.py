@@ -13,9 +13,11 @@ checkpoints. What TRL cannot know is the workbench around it, so this module add
 - `training_args`: TRL's config for our devices (CPU fp32, or CUDA with bf16 where supported, as
   `core/models/loading.pick_device`), no reporting or progress bars, checkpoints every
   `save_every` steps into `checkpoints_dir(output_dir)`.
-- The datasets, from our sources in our chat format: preference pairs expanded from K-wise rankings
-  (`ranking_pairs`, all C(K,2) per ranking), prompts as `User: {prompt}\\nAssistant:` (TRL's answer
-  follows after a space, EOS last: TRL appends it to DPO's answers, and sampling stops at it).
+- The datasets, from our sources in the model's chat format (`core.models.chat`, the whole
+  conversation of a multi-turn prompt): preference pairs expanded from K-wise rankings
+  (`ranking_pairs`, all C(K,2) per ranking), each answer as the template writes it up to its EOS (TRL
+  appends the EOS to DPO's answers, and sampling stops at it); a conversation too long keeps its most
+  recent whole turns.
 - `make_reward`: our reward model as a GRPO/RLOO reward function (TRL's own reward-model path reads
   the score through the head's pad-token search and without our `reward_bias`, so the RM would
   score differently than in PPO), or the demo's gold labeler, which is cheating on the proxy.
@@ -45,8 +47,11 @@ import torch
 from core.data import demo
 from core.data.formats import ranking_pairs
 from core.data.sources import Ranking
+from core.data.store import prompt_display
 from core.stages.evaluate import all_demo
 from core.stages.events import Events
+from core.models.chat import answer_text, encode_answer, fit_prompt, render_prompt
+from core.models.generate import MAX_PROMPT_TOKENS
 from core.models.loading import Device, load_policy, pick_device, save_model
 from core.paths import atomic_write_text, checkpoints_dir
 
@@ -128,22 +133,45 @@ def data_once(output_dir: Path, gather: Callable[[], list[dict]]) -> list[dict]:
     return rows
 
 
-def preference_pairs(rankings: list[Ranking]) -> list[dict]:
+def preference_pairs(rankings: list[Ranking], tokenizer, max_length: int | None = None,
+                     events: Events | None = None) -> list[dict]:
     """TRL's preference rows from K-wise rankings: all C(K,2) (chosen, rejected) pairs of each, the
-    prompt in our chat format and each answer after a space (TRL appends the EOS)."""
+    prompt rendered by the model's chat template (the whole conversation; one too long for `max_length`
+    with its answers keeps its most recent whole turns) and each answer as the template writes it,
+    less the EOS TRL appends. `raw_prompt`: the prompt itself, for the demo's labeler and DPO's measures."""
     rows = []
+    cut = 0
     for r in rankings:
         if len(r.responses) < 2:
-            raise ValueError(f"a ranking needs at least 2 responses to give a preference pair: {r.prompt[:60]!r}")
+            raise ValueError(f"a ranking needs at least 2 responses to give a preference pair: "
+                             f"{prompt_display(r.prompt)[:60]!r}")
+        prompt = r.prompt
+        if max_length:
+            # TRL cuts a pair's prompt from the left by tokens; whole turns go first instead.
+            longest = max(len(encode_answer(tokenizer, prompt, a)[1]) for a in r.responses)
+            prompt, dropped = fit_prompt(tokenizer, prompt, max(1, max_length - longest))
+            cut += bool(dropped)
         for chosen, rejected in ranking_pairs(r.responses):
-            rows.append({"raw_prompt": r.prompt, "prompt": demo.format_prompt(r.prompt),
-                         "chosen": " " + chosen.strip(), "rejected": " " + rejected.strip()})
+            rows.append({"raw_prompt": prompt, "prompt": render_prompt(tokenizer, prompt),
+                         "chosen": answer_text(tokenizer, prompt, chosen),
+                         "rejected": answer_text(tokenizer, prompt, rejected)})
+    if cut and events is not None:
+        events.log(f"{cut} of {len(rankings)} rankings have conversations longer than max_length ({max_length} "
+                   "tokens with their longest answer): their oldest turns are left out, the most recent whole "
+                   "turns kept")
     return rows
 
 
-def prompt_rows(prompts: list[str]) -> list[dict]:
-    """TRL's prompt rows: the chat-formatted prompt TRL samples from, and the raw prompt for the labeler."""
-    return [{"prompt": demo.format_prompt(p), "raw_prompt": p} for p in prompts]
+def prompt_rows(prompts: list, tokenizer) -> list[dict]:
+    """TRL's prompt rows: the prompt rendered by the model's chat template (its most recent whole turns
+    within MAX_PROMPT_TOKENS) that TRL samples from, and the raw prompt for the labeler (a conversation
+    as its JSON text, so the column holds one type)."""
+    rows = []
+    for p in prompts:
+        fitted = fit_prompt(tokenizer, p, MAX_PROMPT_TOKENS)[0]
+        rows.append({"prompt": render_prompt(tokenizer, fitted),
+                     "raw_prompt": fitted if isinstance(fitted, str) else json.dumps(fitted)})
+    return rows
 
 
 def dataset(rows: list[dict], drop: tuple[str, ...] = ()):
@@ -377,7 +405,7 @@ def group_trainer(stage: str, config, tokenizer, prompts: list[str], device: Dev
     import trl
 
     trainer_class, args_class = (getattr(trl, name) for name in GROUP_TRAINERS[stage])
-    rows = data_once(output_dir, lambda: prompt_rows(prompts))
+    rows = data_once(output_dir, lambda: prompt_rows(prompts, tokenizer))
     policy = load_policy(config.sft_model, device, dropout=0.0)
     tokenizer.padding_side = "left"  # generation continues every prompt from its last token
     args = training_args(
