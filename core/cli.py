@@ -255,6 +255,26 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    """Import a file, saved dataset or hub dataset into the store (all or nothing); --dry-run shows
+    the detected shape, the mapping and the first rows as they would be stored, and writes nothing."""
+    from core.data.formats import parse_columns, read_rows, read_source, write_rows
+    from core.data.store import Store, prompt_display
+
+    columns = parse_columns(args.columns)
+    shape, kind, rows = read_rows(read_source(args.source), args.source, columns)  # every row checked
+    print(f"{args.source}: {len(rows)} rows, shape {shape} -> {kind}"
+          + (f", columns {', '.join(f'{k}={v}' for k, v in columns.items())}" if columns else ""))
+    for row in rows[: args.show]:
+        prompt = row.get("prompt") or [*(row.get("context") or []), {"role": "user", "content": row["instruction"]}]
+        print(f"  {prompt_display(prompt)!r} -> {row.get('responses') or [row.get('output')]!r}")
+    if args.dry_run:
+        return 0
+    store = Store(args.db) if args.db else Store()
+    print(f"imported {write_rows(store, kind, rows)} {kind} into {store.path}")
+    return 0
+
+
 def cmd_pretrain(args) -> int:
     from core.models.pretrain import pretrain_demo
 
@@ -389,6 +409,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-length", type=int, default=96, help="ppo: prompt tokens (default: the most kept, 96)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("import", help="import demonstrations, rankings/pairs or prompts into the store, in any "
+                                      "public dataset shape (README: Data formats)")
+    p.add_argument("source", help="a JSONL/CSV/Parquet file, a save_to_disk directory, or a hub dataset id "
+                                  "owner/name[:config][@split]")
+    p.add_argument("--columns", default="", help="rename the file's columns first: prompt=question,chosen=good")
+    p.add_argument("--dry-run", action="store_true", help="show the shape, mapping and first rows; write nothing")
+    p.add_argument("--show", type=int, default=3, help="rows to show")
+    p.add_argument("--db", default="", help="the store's file (default: the workbench's)")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("bench", help="throughput against TRL on the same shapes")
     p.add_argument("what", choices=("sft", "rm", "ppo"))

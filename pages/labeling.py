@@ -8,7 +8,8 @@ several labelers), the server's start/stop and address, progress per labeler, an
 import pandas as pd
 import streamlit as st
 
-from core.data.store import MAX_K, MIN_K
+from core.data.sources import as_prompt
+from core.data.store import MAX_K, MIN_K, prompt_display
 from core.labeling.store import LabelingStore
 from workbench import resources
 
@@ -73,12 +74,12 @@ with st.expander("New batch: sample K answers per prompt once, so every labeler 
     if not prompts or not active:
         st.info("A batch needs prompts (Prompts page) and at least one labeler account.")
     else:
-        by_id = {p["id"]: p["text"] for p in prompts}
+        by_id = {p["id"]: as_prompt(p["turns"]) for p in prompts}  # a multi-turn prompt: its whole conversation
         choices = resources.policy_choices(store)
         left, right = st.columns([2, 1])
         batch_name = left.text_input("Batch name", key="label_batch_name")
         picked = left.multiselect("Prompts (none picked: all)", list(by_id), key="label_batch_prompts",
-                                  format_func=lambda i: f"#{i} · {by_id[i][:90]}")
+                                  format_func=lambda i: f"#{i} · {prompt_display(by_id[i])[-90:]}")
         model_label = left.selectbox("Checkpoint to sample from", list(choices), key="label_batch_model")
         who_labels = left.multiselect("Labelers", active, default=active, key="label_batch_labelers")
         k = right.number_input("Answers per prompt (K)", MIN_K, MAX_K, 4, key="label_batch_k")

@@ -3,11 +3,13 @@
 Edits are validated in full before any is written, so a bad cell changes nothing.
 """
 
+import json
+
 import pandas as pd
 import streamlit as st
 
-from core.data.formats import export_csv, export_jsonl, import_file
-from core.data.store import MAX_PROMPT_CHARS, Store, check_text
+from core.data.formats import export_csv, export_jsonl, import_file, parse_columns, parse_rows, preview
+from core.data.store import MAX_PROMPT_CHARS, Store, check_text, prompt_display
 from workbench import resources
 
 store = resources.store()
@@ -73,11 +75,15 @@ with prompts_tab:
                 st.rerun()
             except ValueError as exc:
                 st.error(f"Not added: {exc}")
-    prompts = pd.DataFrame(store.list_prompts(), columns=["id", "text", "source", "demonstrations", "rankings"])
+    prompts = pd.DataFrame([{**p, "earlier_turns": len(p["turns"]) - 1} for p in store.list_prompts()],
+                           columns=["id", "text", "earlier_turns", "source", "demonstrations", "rankings"])
     st.caption(f"{len(prompts)} prompts. Edit a cell, add rows at the bottom, select rows to delete; then save.")
     editable_table("prompts", prompts, {
         "id": st.column_config.NumberColumn("id", disabled=True),
         "text": st.column_config.TextColumn("prompt", max_chars=MAX_PROMPT_CHARS, width="large"),
+        "earlier_turns": st.column_config.NumberColumn(
+            "earlier turns", disabled=True, help="Turns of the conversation before this prompt (its last user turn); "
+                                                 "editing the prompt keeps them"),
         "source": st.column_config.TextColumn(disabled=True),
         "demonstrations": st.column_config.NumberColumn(disabled=True),
         "rankings": st.column_config.NumberColumn(disabled=True),
@@ -94,14 +100,34 @@ with demos_tab:
     }, apply_demonstration_edits)
 
 with files_tab:
-    st.markdown("**Import** JSONL, CSV or Parquet in TRL's shapes: `prompt`+`completion` (or `instruction`/"
-                "`input`/`output`, or conversational `messages`) for demonstrations; `prompt`+`responses` (best "
-                "first) or `prompt`+`chosen`+`rejected` (plain or conversational) for rankings; `prompt` alone for "
-                "prompts. A file with any bad row imports nothing.")
+    st.markdown("**Import** JSONL, CSV or Parquet in the shapes public datasets use (README: Data formats): "
+                "`messages`, ShareGPT `conversations`, `prompt`+`completion` or `instruction`/`input`/`output` for "
+                "demonstrations; `prompt`+`responses` (best first), `prompt`+`chosen`+`rejected`, or `chosen`+"
+                "`rejected` alone (HH-RLHF transcripts, conversational implicit prompts) for rankings; `prompt` "
+                "alone for prompts. Prompts may be whole conversations. A file with any bad row imports nothing.")
     upload = st.file_uploader("File", type=["jsonl", "json", "csv", "parquet"], key="import_file")
+    mapping_text = st.text_input("Column mapping (optional)", key="import_columns", placeholder="prompt=question,chosen=good",
+                                 help="Rename your file's columns to the ones above first: ours=yours, comma-separated")
+    if upload is not None:
+        # The preview reads and checks every row, and writes nothing: the Import button does.
+        try:
+            columns = parse_columns(mapping_text)
+            seen = preview(parse_rows(upload.getvalue(), upload.name), upload.name, columns)
+        except ValueError as exc:
+            seen = None
+            st.error(f"Cannot import {upload.name}: {exc}")
+        if seen:
+            st.caption(f"{seen['rows']} rows, detected shape **{seen['shape']}** → {seen['kind']}"
+                       + (f"; columns mapped: {', '.join(f'{k}={v}' for k, v in columns.items())}" if columns else ""))
+            st.dataframe(pd.DataFrame([{
+                "prompt": prompt_display(r.get("prompt") or [*(r.get("context") or []),
+                                                             {"role": "user", "content": r["instruction"]}]),
+                "answers": " | ".join(r.get("responses") or [r.get("output") or ""]),
+                "extra": json.dumps(r.get("extra") or {}) if r.get("extra") else ""} for r in seen["first"]]),
+                hide_index=True, key="import_preview")
     if st.button("Import", disabled=upload is None, type="primary"):
         try:
-            kind, n = import_file(store, upload.getvalue(), upload.name)
+            kind, n = import_file(store, upload.getvalue(), upload.name, parse_columns(mapping_text))
             st.session_state["prompts_notice"] = ("success", f"Imported {n} {kind} from {upload.name}.")
             st.rerun()
         except ValueError as exc:

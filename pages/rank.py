@@ -9,6 +9,7 @@ import streamlit as st
 
 from core.models.generate import sample
 from core.data.store import MIN_K, MAX_K, check_ranks
+from core.data.sources import as_prompt
 from core.textsafe import escape_markdown
 from workbench import resources
 
@@ -51,10 +52,13 @@ def next_prompt() -> None:
     st.session_state.pop("rank_answers", None)
 
 
+resources.show_earlier_turns(by_id[prompt_id]["turns"])
+
 if st.button("Sample answers", type="primary"):
     model, tokenizer = resources.models().get(choices[model_label])
     with st.spinner(f"Sampling {k} answers"):
-        texts = sample(model, tokenizer, [by_id[prompt_id]["text"]] * int(k), max_new_tokens=48,
+        # After the whole conversation, as the RM will score them.
+        texts = sample(model, tokenizer, [as_prompt(by_id[prompt_id]["turns"])] * int(k), max_new_tokens=48,
                        temperature=temperature).texts
     distinct = [t for t in dict.fromkeys(t.strip() for t in texts) if t]
     # A new sample id gives the new answers new rank widgets: old ranks must not carry over.

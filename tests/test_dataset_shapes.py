@@ -169,3 +169,19 @@ def test_bad_conversations_are_refused_whole_naming_the_line(store, case):
     with pytest.raises(ValueError, match=message):
         import_file(store, jsonl(good, row), "bad.jsonl")
     assert store.counts()["prompts"] == 0
+
+
+def test_cli_import_maps_columns_and_dry_run_writes_nothing(tmp_path, capsys):
+    from core.cli import main
+
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(jsonl({"question": "Which is bigger, 3 or 7?", "good": "7", "bad": "3"}))
+    db = tmp_path / "w.db"
+    args = ["import", str(path), "--columns", "prompt=question,chosen=good,rejected=bad", "--db", str(db)]
+    assert main([*args, "--dry-run"]) == 0
+    assert "1 rows, shape explicit pair -> rankings" in capsys.readouterr().out
+    assert Store(db).counts()["rankings"] == 0
+    assert main(args) == 0
+    assert [(r["prompt"], r["responses"]) for r in Store(db).list_rankings()] == [("Which is bigger, 3 or 7?", ["7", "3"])]
+    assert main(["import", str(path), "--columns", "prompt=query", "--db", str(db)]) == 2
+    assert "names 'query'" in capsys.readouterr().err

@@ -65,9 +65,10 @@ def rms(tmp_path_factory):
 def test_rm_learns_a_preference_decided_by_an_earlier_turn(rms):
     _, (_, with_turns), (_, cut) = rms
     assert with_turns["heldout_rankings"] == 20
-    # 20 held-out pairs: chance is 0.5, and without the earlier turn nothing tells the answers apart.
-    assert with_turns["heldout_accuracy"] >= 0.9, with_turns
-    assert cut["heldout_accuracy"] <= 0.75, cut
+    # 20 held-out pairs: chance is 0.5 (16 or more right by chance: p = 0.6 %), and without the earlier
+    # turn nothing tells the two answers apart.
+    assert with_turns["heldout_accuracy"] >= 0.8, (with_turns, cut)
+    assert cut["heldout_accuracy"] <= 0.65, (with_turns, cut)
 
 
 def test_rm_scores_a_conversation_as_rendered_by_hand(rms, tok):
@@ -77,20 +78,21 @@ def test_rm_scores_a_conversation_as_rendered_by_hand(rms, tok):
              U("Say it again.")]
     answers = ["The answer is cat.", "The answer is dog."]
     ours = reward.score_sequences(model, reward.encode_answers(tok, turns, answers, 64), tok.pad_token_id, CPU)
-    # The bundled model's template, written out: system line, then "User: ...\nAssistant: ...<eos>" turns.
+    # The bundled model's template, written out: the system line, then "User: ...\nAssistant: ...<eos>"
+    # turns, each after a newline.
     by_hand = []
     for answer in answers:
-        text = (f"Be brief.\nUser: Repeat the word cat.\nAssistant: The answer is cat.{tok.eos_token}\n"
+        text = (f"Be brief.\n\nUser: Repeat the word cat.\nAssistant: The answer is cat.{tok.eos_token}\n"
                 f"User: Say it again.\nAssistant: {answer}{tok.eos_token}")
         ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-        with torch.no_grad():
-            by_hand.append(model(input_ids=ids).logits[0, -1, 0].item())
+        with torch.no_grad():  # the scalar head over the last token's hidden state
+            by_hand.append(model.score(model.transformer(input_ids=ids).last_hidden_state[0, -1]).item())
     # The stage's score is the head's output at the last token plus the RM's centring bias.
     assert torch.allclose(ours.float(), torch.tensor(by_hand) + reward_bias(model), atol=1e-4), (ours, by_hand)
     # ...and the stage's rankings from a file carry that conversation whole.
     ranking = Ranking(turns, answers)
     assert reward.encode_answers(tok, ranking.prompt, answers, 64)[0] == tok(
-        f"Be brief.\nUser: Repeat the word cat.\nAssistant: The answer is cat.{tok.eos_token}\nUser: Say it again."
+        f"Be brief.\n\nUser: Repeat the word cat.\nAssistant: The answer is cat.{tok.eos_token}\nUser: Say it again."
         f"\nAssistant: The answer is cat.{tok.eos_token}", add_special_tokens=False)["input_ids"]
 
 
@@ -124,7 +126,7 @@ def test_a_long_conversation_keeps_its_most_recent_whole_turns(tok):
     system = {"role": "system", "content": "Be brief."}
     turns = [system, U("one two three four five six"), A("seven eight nine ten"), U("eleven twelve thirteen"),
              A("fourteen fifteen"), U("sixteen?")]
-    full = len(tok(f"Be brief.\nUser: one two three four five six\nAssistant: seven eight nine ten{tok.eos_token}\n"
+    full = len(tok(f"Be brief.\n\nUser: one two three four five six\nAssistant: seven eight nine ten{tok.eos_token}\n"
                    f"User: eleven twelve thirteen\nAssistant: fourteen fifteen{tok.eos_token}\nUser: sixteen?\n"
                    "Assistant:", add_special_tokens=False)["input_ids"])
     assert fit_prompt(tok, turns, full) == (turns, 0)

@@ -18,6 +18,7 @@ from core.runs.jobs import JobManager, new_run_id
 from core.stages import STAGES
 from core.paths import data_home
 from core.data.store import Store
+from core.textsafe import escape_markdown
 
 # Checkpoints that can talk (a reward model only scores): the base and every policy stage's.
 POLICY_KINDS = ("base", *(spec.checkpoint_kind for spec in STAGES.values() if spec.policy))
@@ -148,3 +149,19 @@ PAGES_DIR = Path(__file__).resolve().parent.parent / "pages"
 def page(name: str) -> str:
     """The script path st.page_link / st.switch_page want for a page in pages/ (e.g. 'train')."""
     return str(PAGES_DIR / f"{name}.py")
+
+
+def show_earlier_turns(turns: list[dict]) -> None:
+    """The turns before a prompt's last user turn (a multi-turn prompt's context), as chat messages above
+    it: the answers to rank or compare follow the whole conversation. Nothing for a single turn."""
+    earlier = turns[:-1]
+    if not earlier:
+        return
+    with st.container(border=True):
+        st.caption(f"Earlier in this conversation ({len(earlier)} turns); the answers follow all of it")
+        for turn in earlier:
+            with st.chat_message(turn["role"] if turn["role"] != "system" else "assistant",
+                                 avatar=":material/settings:" if turn["role"] == "system" else None):
+                st.text(turn["content"])  # user and model text, never markup
+        st.markdown(f"**User:** {escape_markdown(turns[-1]['content'])}")
+

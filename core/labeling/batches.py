@@ -14,9 +14,10 @@ from core.labeling.store import BatchResult, LabelingStore
 SAMPLE_ROWS = 64  # prompt copies per sampling call
 
 
-def sample_answers(prompts: list[str], model: str = "bundled", k: int = 4, temperature: float = 1.0,
-                   max_new_tokens: int = 48, seed: int | None = 0) -> list[tuple[str, list[str]]]:
-    """K sampled answers per prompt (duplicates are merged later, by `create_batch`)."""
+def sample_answers(prompts: list, model: str = "bundled", k: int = 4, temperature: float = 1.0,
+                   max_new_tokens: int = 48, seed: int | None = 0) -> list[tuple[str | list[dict], list[str]]]:
+    """K sampled answers per prompt, each after the prompt's whole conversation when it has several
+    turns (duplicates are merged later, by `create_batch`)."""
     if not MIN_K <= int(k) <= MAX_K:
         raise ValueError(f"K must be {MIN_K}..{MAX_K}, got {k}")
     if not temperature > 0 or temperature != temperature or temperature == float("inf"):
@@ -36,7 +37,7 @@ def sample_answers(prompts: list[str], model: str = "bundled", k: int = 4, tempe
     return [(p, texts[i * int(k):(i + 1) * int(k)]) for i, p in enumerate(prompts)]
 
 
-def sample_batch(store: Store, name: str, prompts: list[str], model: str = "bundled", k: int = 4,
+def sample_batch(store: Store, name: str, prompts: list, model: str = "bundled", k: int = 4,
                  temperature: float = 1.0, labelers: list[str] | None = None, overlap: float = 0.2,
                  per_overlap: int = 2, max_new_tokens: int = 48, seed: int = 0) -> BatchResult:
     """Sample K answers per prompt and store them as a batch assigned to `labelers` (default: every
@@ -56,8 +57,9 @@ def read_answers_file(path: str | Path) -> list[tuple[str, list[str]]]:
     items = []
     for number, row in parse_rows(read_bytes(path), path.name):
         prompt, responses = row.get("prompt"), row.get("responses")
-        if not isinstance(prompt, str) or not isinstance(responses, list):
-            raise ValueError(f'{path.name} line {number}: needs "prompt" (text) and "responses" (a list of answers)')
+        if not isinstance(prompt, (str, list)) or not isinstance(responses, list):
+            raise ValueError(f'{path.name} line {number}: needs "prompt" (text, or a conversation ending with a '
+                             'user turn) and "responses" (a list of answers)')
         items.append((prompt, responses))
     if not items:
         raise ValueError(f"{path} holds no rows")

@@ -38,7 +38,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "100000")
 import anyio  # noqa: E402
 import gradio as gr  # noqa: E402
 
-from core.data.store import MAX_K, Store  # noqa: E402
+from core.data.store import MAX_K, Store, prompt_display  # noqa: E402
 from core.labeling.store import LabelingStore  # noqa: E402
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
@@ -139,7 +139,10 @@ def build_app(labeling: LabelingStore) -> gr.Blocks:
         texts = [gr.update(value=item["answers"][i] if i < k else "") for i in range(MAX_K)]
         intro = (f"Batch **{item['batch']}**, item {item['item_id']}. Give each answer a rank: **1 = best**, "
                  f"{k} = worst, no ties.")
-        return [{"item_id": item["item_id"], "k": k}, head, intro, gr.update(value=item["prompt"], visible=True),
+        # A multi-turn prompt shows its whole conversation: the answers follow all of it.
+        return [{"item_id": item["item_id"], "k": k}, head, intro,
+                gr.update(value=prompt_display(item["turns"]) if len(item["turns"]) > 1 else item["prompt"],
+                          visible=True),
                 *rows, *ranks, *texts, note]
 
     def ui_submit(values: dict, request: gr.Request):

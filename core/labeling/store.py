@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 
 from core.data.store import (
-    MAX_K, MAX_PROMPT_CHARS, MAX_RESPONSE_CHARS, MIN_K, Store, check_ranking, check_ranks, check_text,
+    MAX_K, MAX_PROMPT_CHARS, MAX_RESPONSE_CHARS, MIN_K, Store, check_conversation, check_ranking, check_ranks,
+    check_text, prompt_turns,
 )
 from core.labeling.agreement import agreement_report
 from core.labeling.passwords import check_password, hash_password, verify_password
@@ -179,10 +180,14 @@ class LabelingStore:
         the rest to one, the least loaded first. Everything is checked before one transaction
         writes the batch, its items (prompts created as needed) and the assignments."""
         name, labelers = self.check_batch_options(name, labelers, overlap, per_overlap, k)
-        checked: list[tuple[str, list[str]]] = []
+        checked: list[tuple[tuple[list[dict] | None, str], list[str]]] = []
         skipped: list[str] = []
         for number, (prompt, answers) in enumerate(items, 1):
-            prompt = check_text(prompt, f"item {number}: prompt", MAX_PROMPT_CHARS)
+            # A prompt is its text or a whole conversation ending with the user turn to answer.
+            try:
+                context, prompt = check_conversation(prompt, f"item {number}: prompt")
+            except ValueError as exc:
+                raise ValueError(f"item {number}: {exc}") from None
             if not isinstance(answers, (list, tuple)):
                 raise ValueError(f"item {number}: answers must be a list")
             distinct = distinct_answers(list(answers))
@@ -191,7 +196,7 @@ class LabelingStore:
                                f"{len(answers)}; a ranking needs at least {MIN_K}")
                 continue
             try:
-                checked.append((prompt, check_ranking(distinct)))
+                checked.append(((context, prompt), check_ranking(distinct)))
             except ValueError as exc:
                 raise ValueError(f"item {number}: {exc}") from None
         if not checked:
@@ -220,7 +225,7 @@ class LabelingStore:
                 (name, str(model or ""), int(k or max(len(a) for _, a in checked)), temperature, float(overlap),
                  int(per_overlap), now)).lastrowid
             for position, ((prompt, answers), chosen) in enumerate(zip(checked, plan)):
-                prompt_id = Store._prompt_id(db, prompt, "labeling")
+                prompt_id = Store._prompt_id(db, prompt[1], "labeling", prompt[0])
                 item_id = db.execute(
                     "INSERT INTO label_items(batch_id, prompt_id, answers, position) VALUES (?,?,?,?)",
                     (batch_id, prompt_id, json.dumps(answers), position)).lastrowid
@@ -248,7 +253,7 @@ class LabelingStore:
 
     # -- the queue -----------------------------------------------------------------------------
 
-    _ITEM = """SELECT i.id AS item_id, i.answers, p.text AS prompt, b.name AS batch, b.status AS batch_status,
+    _ITEM = """SELECT i.id AS item_id, i.answers, p.text AS prompt, p.context, b.name AS batch, b.status AS batch_status,
                       a.id AS assignment_id, a.status
                FROM label_items i JOIN label_batches b ON b.id = i.batch_id JOIN prompts p ON p.id = i.prompt_id
                LEFT JOIN label_assignments a ON a.item_id = i.id AND a.labeler = ?"""
@@ -262,8 +267,9 @@ class LabelingStore:
             return None
         row = rows[0]
         answers = json.loads(row["answers"])
-        return {"item_id": row["item_id"], "batch": row["batch"], "prompt": row["prompt"], "answers": answers,
-                "k": len(answers)}
+        context = json.loads(row["context"]) if row["context"] else None
+        return {"item_id": row["item_id"], "batch": row["batch"], "prompt": row["prompt"],
+                "turns": prompt_turns(row["prompt"], context), "answers": answers, "k": len(answers)}
 
     def _pending_item(self, labeler, item_id) -> dict:
         """The item, checked to exist, to be in this labeler's queue and to still be pending."""
@@ -329,7 +335,8 @@ class LabelingStore:
         if not isinstance(better_answer, str) or not better_answer.strip():
             raise ValueError("all bad: write a better answer (it becomes a demonstration); nothing was stored")
         row = {"instruction": item["prompt"], "input": "", "output": check_text(better_answer, "better answer",
-                                                                             MAX_RESPONSE_CHARS)}
+                                                                             MAX_RESPONSE_CHARS),
+               "context": json.loads(item["context"]) if item["context"] else None}  # the turns it answers after
         Store._check_demonstration(row)
         with self._tx() as db:
             self._claim(db, item, "all_bad")
