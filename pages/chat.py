@@ -12,8 +12,8 @@ import streamlit as st
 
 from core import catalog
 from core.data.store import check_ranks
-from core.models.chat import encode_prompt, holds_conversations, render_prompt
-from core.models.generate import encode_prompts, stream
+from core.models.chat import fit_prompt, holds_conversations, render_prompt
+from core.models.generate import MAX_PROMPT_TOKENS, stream
 from core.textsafe import ShownStream, escape_html, escape_markdown
 from core.analysis.token_kl import answer_view, token_html
 from workbench import resources
@@ -98,9 +98,10 @@ def extras(label: str, conversation: list[dict], answer_ids: list[int]) -> None:
         tokenizer = resources.models().get(choices[label])[1]
         with st.expander("Prompt as the model reads it"):
             st.code(render_prompt(tokenizer, conversation), language=None)
-            read = len(encode_prompts(tokenizer, [conversation])[0][0])
-            if read < len(encode_prompt(tokenizer, conversation)):
-                st.caption(f"Longer than generation keeps: the model reads only its last {read} tokens.")
+            kept, dropped = fit_prompt(tokenizer, conversation, MAX_PROMPT_TOKENS)
+            if dropped:
+                st.caption(f"Longer than generation keeps ({MAX_PROMPT_TOKENS} tokens): the model reads the most "
+                           f"recent {len(kept)} turns, the oldest {dropped} left out.")
     if token_view:
         show_tokens(label, conversation, answer_ids)
 
@@ -146,7 +147,12 @@ with single:
         with conversation_box, st.chat_message("assistant"):
             sampled: list[int] = []
             shown = answer(label, conversation, sampled)
-            st.write_stream(shown)
+            try:
+                st.write_stream(shown)
+            except ValueError as exc:  # a message too long for any answer to follow it
+                history.pop()
+                st.error(f"Not sent: {exc}")
+                st.stop()
             st.caption(label)
             extras(label, conversation, sampled)
         history.append({"role": "assistant", "content": shown.text, "model": label, "conversation": conversation,
@@ -183,7 +189,11 @@ with side_by_side:
                     st.markdown(f"**{chr(65 + len(answers))}** · {label}")
                     tokens[label] = []
                     shown = answer(label, question, tokens[label])
-                    st.write_stream(shown)
+                    try:
+                        st.write_stream(shown)
+                    except ValueError as exc:  # a prompt too long for any answer to follow it
+                        st.error(f"Not answered: {exc}")
+                        st.stop()
                     answers[label] = shown.text.strip()
                     extras(label, question, tokens[label])
             st.session_state["sbs"] = {"prompt": sbs_prompt.strip(), "answers": answers, "tokens": tokens}

@@ -70,17 +70,23 @@ def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
     return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
 
 
-def encode_answer(tokenizer, prompt: str | list[dict], answer: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids) of one exchange: the answer ids are the tokens the template adds for
-    the assistant turn after the generation prompt, ending with EOS so the model learns to stop."""
+def _exchange(tokenizer, prompt: str | list[dict], answer: str) -> tuple[str, str]:
+    """(the prompt's text up to the generation prompt, the text the template adds for the answer)."""
     messages = as_messages(prompt)
     before = _render(tokenizer, messages, add_generation_prompt=True)
     full = _render(tokenizer, [*messages, {"role": "assistant", "content": answer.strip()}], add_generation_prompt=False)
     if not full.startswith(before):
         raise ValueError("the chat template renders the conversation differently once an answer is added, "
                          "so the answer's tokens cannot be told apart from the prompt's")
+    return before, full[len(before):]
+
+
+def encode_answer(tokenizer, prompt: str | list[dict], answer: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of one exchange: the answer ids are the tokens the template adds for
+    the assistant turn after the generation prompt, ending with EOS so the model learns to stop."""
+    before, added = _exchange(tokenizer, prompt, answer)
     prompt_ids = tokenizer(before, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(full[len(before):], add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(added, add_special_tokens=False)["input_ids"]
     # Up to and including the first EOS: sampling stops there, so what a template puts after it
     # (a newline) is never generated, and the RM reads its score at the EOS as in PPO's rollouts.
     eos = tokenizer.eos_token_id
@@ -122,13 +128,7 @@ def answer_text(tokenizer, prompt: str | list[dict], answer: str) -> str:
     """The text the template adds for an assistant turn after the generation prompt, up to (not
     including) its end-of-turn EOS: what TRL's string columns hold as `chosen`/`rejected`/`completion`
     (TRL appends the EOS itself). Under the plain template, " " + answer."""
-    messages = as_messages(prompt)
-    before = _render(tokenizer, messages, add_generation_prompt=True)
-    full = _render(tokenizer, [*messages, {"role": "assistant", "content": answer.strip()}], add_generation_prompt=False)
-    if not full.startswith(before):
-        raise ValueError("the chat template renders the conversation differently once an answer is added, "
-                         "so the answer's tokens cannot be told apart from the prompt's")
-    added = full[len(before):]
+    added = _exchange(tokenizer, prompt, answer)[1]
     eos = tokenizer.eos_token
     return added[: added.index(eos)] if eos and eos in added else added
 
