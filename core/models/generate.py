@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from core.models.chat import encode_prompt, fit_prompt
+from core.models.static_cache import cache_width, check_kv_cache, decode_step, key_dtype, static_cache
 
 
 @dataclass
@@ -61,11 +63,19 @@ def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 @torch.no_grad()
-def _decode_steps(model, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, eos_id, pad_id, generator) -> Iterator[torch.Tensor]:
-    """Yield one (B,) token tensor per step; finished rows get pad."""
+def _decode_steps(model, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, eos_id, pad_id, generator,
+                  kv_cache: str = "dynamic") -> Iterator[torch.Tensor]:
+    """Yield one (B,) token tensor per step; finished rows get pad. `kv_cache`: core/models/static_cache.py."""
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
-    mask, position = prompt_mask, positions[:, -1:]
+    cache, step, mask = None, model, prompt_mask
+    if kv_cache != "dynamic":
+        width = cache_width(prompt_ids.shape[1], max_new_tokens)
+        cache = static_cache(model, prompt_ids.shape[0], width, key_dtype(model, prompt_ids.device))
+        step = decode_step(model, compiled=kv_cache == "compiled")
+        mask = F.pad(prompt_mask, (0, width - prompt_ids.shape[1]), value=1)  # the causal mask hides unwritten slots
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True)
+    position = positions[:, -1:]
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
     for _ in range(max_new_tokens):
         token = _next_token(out.logits[:, -1, :], temperature, top_p, generator)
@@ -74,10 +84,11 @@ def _decode_steps(model, prompt_ids, prompt_mask, max_new_tokens, temperature, t
         finished |= token == eos_id
         if bool(finished.all()):
             return
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if cache is None:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                    past_key_values=out.past_key_values, use_cache=True)
+        out = step(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                   past_key_values=out.past_key_values if cache is None else cache, use_cache=True)
 
 
 def _generator(seed: int | None, device) -> torch.Generator | None:
@@ -90,9 +101,11 @@ def _generator(seed: int | None, device) -> torch.Generator | None:
 
 def sample(
     model, tokenizer, prompts: list[str], max_new_tokens: int = 24, temperature: float = 1.0,
-    top_p: float = 1.0, seed: int | None = None, prompt_ids=None, prompt_mask=None,
+    top_p: float = 1.0, seed: int | None = None, prompt_ids=None, prompt_mask=None, kv_cache: str = "dynamic",
 ) -> Samples:
-    """Sample one answer per prompt. Pass `prompt_ids/mask` to skip re-tokenising (PPO does)."""
+    """Sample one answer per prompt. Pass `prompt_ids/mask` to skip re-tokenising (PPO does). `kv_cache`
+    "static" or "compiled" samples the same tokens through a preallocated cache (core/models/static_cache.py)."""
+    check_kv_cache(kv_cache)
     device = next(model.parameters()).device
     if prompt_ids is None:
         prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device=device)
@@ -100,7 +113,7 @@ def sample(
     model.eval()  # no dropout while sampling (docs/NOTES.md: it biases the first-step KL)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     steps = list(_decode_steps(model, prompt_ids, prompt_mask, max_new_tokens, temperature, top_p, eos, pad,
-                               _generator(seed, device)))
+                               _generator(seed, device), kv_cache))
     model.train(was_training)
     response = torch.stack(steps, dim=1) if steps else prompt_ids[:, :0]
     is_eos = response == eos
