@@ -34,20 +34,4 @@ for i in $(seq "$REPEATS"); do
   "$PY" -m benchmarks.bench_ppo --json "${SHAPE[@]}" 2>/dev/null | tail -n 1 >> "$results"
 done
 
-"$PY" - "$results" <<'PYEOF'
-import json, statistics, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
-trl = [r for r in rows if r["impl"].startswith("trl")]
-ours = [r for r in rows if not r["impl"].startswith("trl")]
-if not trl or not ours:
-    sys.exit("a side produced no result; run it by hand to see the error")
-t = statistics.median(r["episodes_per_s"] for r in trl)
-o = statistics.median(r["episodes_per_s"] for r in ours)
-def runs(rs):
-    return ", ".join("%.1f" % r["episodes_per_s"] for r in rs)
-print(f"TRL {trl[0]['impl'][4:]} PPOTrainer: {t:.1f} episodes/s  (runs: {runs(trl)})")
-print(f"ours (core.stages.ppo.ppo_step): {o:.1f} episodes/s  (runs: {runs(ours)})")
-print(f"ours breakdown (last run, s): {ours[-1]['timings_s']}")
-print(f"ratio ours/TRL: {o / t:.2f}x")
-print(json.dumps({"trl_episodes_per_s": t, "ours_episodes_per_s": o, "ratio": o / t}))
-PYEOF
+"$PY" -m benchmarks.paired "$results"
