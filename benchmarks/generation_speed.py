@@ -23,6 +23,7 @@ import statistics
 import time
 
 import torch
+from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM
 
 from benchmarks.gpu_shapes import SHAPES, qwen2_config
@@ -111,6 +112,11 @@ def main() -> None:
             results[path] = {"first_call_s": round(first_s, 3), "runs_s": [round(t, 4) for t in times],
                              "tokens_per_s": args.batch * ids.shape[1] / statistics.median(times),
                              "new_tokens": int(ids.shape[1])}
+            if path == "compiled":
+                # Whether the step replayed as CUDA graphs (a skip falls back to launching each kernel) and
+                # how many graphs dynamo compiled (more than one: a recompile per call would eat the gain).
+                results[path]["dynamo"] = {**{k: v for k, v in counters["inductor"].items() if "cudagraph" in k},
+                                           "unique_graphs": counters["stats"]["unique_graphs"]}
         except Exception as exc:  # one path failing (a compile error, say) must not lose the others' figures
             results[path] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
         emit()

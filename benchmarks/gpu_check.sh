@@ -15,7 +15,7 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]            # there (OUT_DIR: $OUT, else /tmp/gpu_check)
 #   bash benchmarks/gpu_check.sh --dry-run [OUT_DIR]  # every part at tiny shapes on the CPU: the script works
 #
-# Each part runs under its own time limit (seconds below, 530 in all after the wheels), in the order
+# Each part runs under its own time limit (seconds below, 510 in all; with the wheels and env.json under 9 minutes), in the order
 # b, d, c, a, so a part that overruns costs only itself; parts (c) and (d) print a JSON line after each
 # stage or path, and a part's file holds its last complete line, or {"error": ...} when it printed none.
 set -uo pipefail
@@ -35,7 +35,7 @@ if [ $DRY = 1 ]; then
   ACCEL=configs/accelerate/ddp.yaml  # accelerate applies FSDP on GPUs only (core/runs/launch.py refuses it here)
   EPISODES_A=32
 else
-  DEVICE=cuda; STEPS=20; LIMIT_B=160; LIMIT_C=110; LIMIT_D=150; LIMIT_A=110; PER_RUN_A=40
+  DEVICE=cuda; STEPS=20; LIMIT_B=160; LIMIT_C=110; LIMIT_D=140; LIMIT_A=100; PER_RUN_A=40
   SHAPE_B=(--shape qwen2-0.5b --batch 64 --prompt-length 64 --response-length 128 --num-minibatches 4 --steps 2)
   SHAPE_D=(--shape qwen2-0.5b --batch 64 --prompt-length 64 --new-tokens 128)
   ACCEL=configs/accelerate/fsdp2.yaml
