@@ -78,7 +78,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--stages", default="sft,ppo")
     args = parser.parse_args()
-    report: dict = {"part": "c", "device": args.device, "steps": args.steps, "accelerate_config": args.accelerate_config}
+    report: dict = {"part": "c", "device": args.device, "steps": args.steps,
+                    "accelerate_config": args.accelerate_config}
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
@@ -87,8 +88,9 @@ def main() -> None:
             launch = ["--processes", "1", "--accelerate-config", args.accelerate_config]
             entry["launched"] = run_stage(stage, cli_args, f"{stage}-launched", home, launch)
             entry["launched"]["accelerate_config"] = args.accelerate_config
-            if stage == "ppo" and entry["launched"]["rc"] == 2 and "ppo runs on" in entry["launched"].get("stderr_tail", ""):
-                entry["refused"] = entry["launched"]["stderr_tail"].strip().splitlines()[-1]
+            refusal = entry["launched"].get("stderr_tail", "")
+            if stage == "ppo" and entry["launched"]["rc"] == 2 and "ppo runs on" in refusal:
+                entry["refused"] = refusal.strip().splitlines()[-1]
                 launch = ["--processes", "1", "--accelerate-config", args.ppo_fallback_config]
                 entry["launched"] = run_stage(stage, cli_args, f"{stage}-launched", home, launch)
                 entry["launched"]["accelerate_config"] = args.ppo_fallback_config

@@ -123,7 +123,8 @@ def main() -> None:
     for reference in ("dynamic", "hf_generate"):
         for path in sampled:
             if reference in sampled:
-                results[path][f"speedup_vs_{reference}"] = results[path]["tokens_per_s"] / results[reference]["tokens_per_s"]
+                rate = results[path]["tokens_per_s"] / results[reference]["tokens_per_s"]
+                results[path][f"speedup_vs_{reference}"] = rate
     if "dynamic" in sampled:
         greedy = run("dynamic", seed=0, temperature=0.0)
         for path in ("static", "compiled"):

@@ -15,9 +15,10 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]            # there (OUT_DIR: $OUT, else /tmp/gpu_check)
 #   bash benchmarks/gpu_check.sh --dry-run [OUT_DIR]  # every part at tiny shapes on the CPU: the script works
 #
-# Each part runs under its own time limit (seconds below, 510 in all; with the wheels and env.json under 9 minutes), in the order
-# b, d, c, a, so a part that overruns costs only itself; parts (c) and (d) print a JSON line after each
-# stage or path, and a part's file holds its last complete line, or {"error": ...} when it printed none.
+# Each part runs under its own time limit (seconds below: 510 in all, under 9 minutes with the wheels'
+# install and env.json), in the order b, d, c, a, so a part that overruns costs only itself; parts (c) and
+# (d) print a JSON line after each stage or path, and a part's file holds its last complete line, or
+# {"error": ...} when it printed none.
 set -uo pipefail
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
@@ -77,7 +78,8 @@ cat "$OUT_DIR/env.json"
 part b_full "$((LIMIT_B / 2))" python3 -m benchmarks.gpu_shapes "${SHAPE_B[@]}" --device "$DEVICE"
 part b_lora "$((LIMIT_B / 2))" python3 -m benchmarks.gpu_shapes "${SHAPE_B[@]}" --lora-r 16 --device "$DEVICE"
 part d_generation "$LIMIT_D" python3 -m benchmarks.generation_speed "${SHAPE_D[@]}" --device "$DEVICE"
-part c_fsdp2 "$LIMIT_C" python3 -m benchmarks.fsdp_check --device "$DEVICE" --accelerate-config "$ACCEL" --steps "$STEPS"
+part c_fsdp2 "$LIMIT_C" python3 -m benchmarks.fsdp_check --device "$DEVICE" --accelerate-config "$ACCEL" \
+  --steps "$STEPS"
 
 # (a): TRL and ours alternate, each run a fresh process, as many pairs of 3 as the part's limit allows.
 REF=(--layers 4 --embd 128 --heads 4 --vocab 512 --batch 16 --response-length 24 --ppo-epochs 4

@@ -65,7 +65,8 @@ def test_the_cache_is_kept_per_size_and_dtype(bundled):
         out = sample(model, tokenizer, [], max_new_tokens=8, seed=0, prompt_ids=ids, prompt_mask=mask,
                      kv_cache="static")
     assert out.response_ids.shape == (len(PROMPTS), 8) or bool(out.finished.all())
-    assert static_cache._DECODERS[model].caches[(len(PROMPTS), 64, torch.bfloat16)].layers[0].keys.dtype == torch.bfloat16
+    bf16_cache = static_cache._DECODERS[model].caches[(len(PROMPTS), 64, torch.bfloat16)]
+    assert bf16_cache.layers[0].keys.dtype == torch.bfloat16
 
 
 def test_compiled_step_is_traced_once_and_samples_the_same_tokens(bundled, monkeypatch):
