@@ -2,6 +2,9 @@
 path for the same seed: GPT-2 (the bundled model) and a Qwen2-shaped model (rotary positions, grouped-query
 attention), left-padded prompts of different lengths, answers that stop at EOS at different steps."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -91,3 +94,18 @@ def test_unknown_kv_cache_is_refused(bundled):
     model, tokenizer = bundled
     with pytest.raises(ValueError, match="kv_cache must be one of dynamic, static, compiled"):
         sample(model, tokenizer, PROMPTS, kv_cache="fast")
+
+
+@pytest.mark.parametrize("kv_cache", ["static", "compiled"])
+def test_a_discarded_model_is_freed(kv_cache, monkeypatch):
+    """The caches and the compiled step are kept per model without keeping the model (and its memory) alive."""
+    real_compile = torch.compile
+    monkeypatch.setattr(static_cache.torch, "compile",
+                        lambda fn, mode=None, fullgraph=False: real_compile(fn, backend="eager", fullgraph=fullgraph))
+    model, tokenizer = load_policy("bundled", pick_device("cpu"), dropout=0.0), load_tokenizer("bundled")
+    sample(model, tokenizer, PROMPTS[:2], max_new_tokens=4, seed=0, kv_cache=kv_cache)
+    assert model in static_cache._DECODERS
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
