@@ -1,4 +1,4 @@
-"""`rlhf bench ppo`: PPO throughput on randomly initialised GPT-2 models of a given shape.
+"""`rlhf bench ppo`: PPO throughput on randomly initialised models of a given shape (`benchmarks/shapes.py`).
 
 Policy, reference, value and reward model all have the same shape (as in TRL's PPOTrainer
 examples), the prompts are random token ids, and the loop is `core.stages.ppo.ppo_step` itself: the
@@ -14,11 +14,13 @@ import time
 
 import torch
 
-from benchmarks.options import add_args
+from benchmarks.options import BATCH, add_args
+from benchmarks.shapes import ppo_parts
 from core.config import PPOConfig
 from core.models.loading import pick_device
-from core.models.tiny import make_models, make_tokenizer
+from core.models.tiny import make_tokenizer
 from core.stages.ppo import assemble, ppo_step
+
 
 def synthetic_prompts(n: int, prompt_length: int, vocab: int, seed: int = 0) -> torch.Tensor:
     """Random prompt ids, avoiding EOS/pad, all of one length (no padding)."""
@@ -26,21 +28,23 @@ def synthetic_prompts(n: int, prompt_length: int, vocab: int, seed: int = 0) -> 
     return torch.randint(2, vocab, (n, prompt_length), generator=g)
 
 
-def bench_ppo(layers: int = 4, embd: int = 128, heads: int = 4, vocab: int = 512, batch: int = 16,
-              response_length: int = 24, ppo_epochs: int = 4, episodes: int = 256, prompt_length: int = 16,
-              num_minibatches: int = 1, ptx_coef: float = 0.0, device: str = "cpu", threads: int | None = None,
-              seed: int = 0, precision: str = "auto") -> dict:
-    if threads:
-        torch.set_num_threads(threads)
+def bench_ppo(args: argparse.Namespace) -> dict:
+    """Our PPO steps on the shape of `args` (the options of `benchmarks/options.py`)."""
+    batch, response_length, ppo_epochs, episodes = args.batch or BATCH["ppo"], args.response_length, \
+        args.ppo_epochs, args.episodes
+    prompt_length, num_minibatches, ptx_coef, device, precision = args.prompt_length, args.num_minibatches, \
+        args.ptx_coef, args.device, args.precision
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = pick_device(device, precision)
     config = PPOConfig(batch_size=batch, num_minibatches=num_minibatches, ppo_epochs=ppo_epochs,
                        response_length=response_length, total_episodes=episodes, learning_rate=3e-6,
                        kl_coef=0.05, ptx_coef=ptx_coef, missing_eos_penalty=None, temperature=1.0, device=device,
                        precision=precision)
+    networks, vocab, shape = ppo_parts(args)
     tokenizer = make_tokenizer(vocab)
-    parts = [m.to(dev.torch) for m in make_models(layers, embd, heads, vocab, seed)]
-    models = assemble(*parts, tokenizer, config, dev)
-    prompts = synthetic_prompts(episodes, prompt_length, vocab, seed).to(dev.torch)
+    models = assemble(*[m.to(dev.torch) for m in networks], tokenizer, config, dev)
+    prompts = synthetic_prompts(episodes, prompt_length, vocab, args.seed).to(dev.torch)
     ptx_batches = None
     if ptx_coef > 0:
         blocks = torch.randint(2, vocab, (64, 128))
@@ -76,8 +80,8 @@ def bench_ppo(layers: int = 4, embd: int = 128, heads: int = 4, vocab: int = 512
         "impl": "rlhf-workbench", "episodes": done, "seconds": elapsed, "episodes_per_s": done / elapsed,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "timings_share": {k: round(v / elapsed, 3) for k, v in timings.items()},
-        "shape": dict(layers=layers, embd=embd, heads=heads, vocab=vocab, batch=batch, response_length=response_length,
-                      ppo_epochs=ppo_epochs, prompt_length=prompt_length, num_minibatches=num_minibatches),
+        "shape": {**shape, "batch": batch, "response_length": response_length, "ppo_epochs": ppo_epochs,
+                  "prompt_length": prompt_length, "num_minibatches": num_minibatches},
         "threads": torch.get_num_threads(), "device": dev.type, "precision": dev.precision,
         "parameters_per_model": body + embeddings, "update_flops_per_step": update_flops,
         "update_s_per_step_median": steady, "update_tflops": update_flops / steady / 1e12,
@@ -89,12 +93,7 @@ def bench_ppo(layers: int = 4, embd: int = 128, heads: int = 4, vocab: int = 512
 def main(args: argparse.Namespace) -> dict:
     """Run the benchmark from parsed arguments; options a caller's parser lacks take the defaults."""
     defaults = vars(_parser().parse_args([]))
-    opt = {**defaults, **{k: v for k, v in vars(args).items() if k in defaults}}
-    result = bench_ppo(layers=opt["layers"], embd=opt["embd"], heads=opt["heads"], vocab=opt["vocab"],
-                       batch=opt["batch"], response_length=opt["response_length"], ppo_epochs=opt["ppo_epochs"],
-                       episodes=opt["episodes"], prompt_length=opt["prompt_length"],
-                       num_minibatches=opt["num_minibatches"], ptx_coef=opt["ptx_coef"], device=opt["device"],
-                       threads=opt["threads"], seed=opt["seed"], precision=opt["precision"])
+    result = bench_ppo(argparse.Namespace(**{**defaults, **{k: v for k, v in vars(args).items() if k in defaults}}))
     if not getattr(args, "json", False):
         shares = ", ".join(f"{k} {v:.0%}" for k, v in result["timings_share"].items())
         print(f"ours: {result['episodes_per_s']:.1f} episodes/s ({shares})")

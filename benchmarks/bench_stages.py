@@ -1,18 +1,25 @@
-"""`rlhf bench sft|rm --against trl`: our stage loops and TRL's trainers on the same model
-(the bundled one), the same rows and the same batch size, one after the other in one process.
+"""`rlhf bench sft|rm --against trl`: our stage loops and TRL's trainers on the same model (the bundled
+one, or random weights of the shape `--config`/`--arch` give: `benchmarks/shapes.py`), the same rows,
+batch size, maximum length and precision, alternating in one process (`--pairs`: ours, TRL, ours, TRL...,
+so a shared machine's load hits both sides alike; the medians are reported).
 
 Timings exclude data preparation on both sides (TRL tokenises in its constructor; our loops
-report the rate of their own training steps). Absolute numbers on a shared machine are noise:
-read the ratio.
+report the rate of their own training steps). Units: SFT in trained tokens per second (prompt +
+answer, as both sides count them), RM in preference pairs per second. Absolute numbers on a shared
+machine are noise: read the ratio.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks.options import batch_size
+from benchmarks.shapes import describe, model_config, save_random_model
 from core.data import demo
 from core.config import RewardConfig, SFTConfig
 from core.stages.events import Events
@@ -36,12 +43,41 @@ def _device(args) -> Device:
     return pick_device(args.device, getattr(args, "precision", "auto"))
 
 
-def _trl_common(tmp: str, batch_size: int, device: Device) -> dict:
+def _trl_common(tmp: str, batch_size: int, device: Device, max_length: int) -> dict:
     return dict(
         output_dir=tmp, per_device_train_batch_size=batch_size, num_train_epochs=1, learning_rate=1e-4,
         save_strategy="no", report_to="none", logging_steps=10_000, disable_tqdm=True,
-        use_cpu=device.type == "cpu", bf16=device.precision == "bf16", dataloader_num_workers=0, max_length=128,
+        use_cpu=device.type == "cpu", bf16=device.precision == "bf16", dataloader_num_workers=0,
+        max_length=max_length,
     )
+
+
+def _alternating(args, ours: Callable[[], float], trl: Callable[[], float], unit: str) -> dict:
+    """`--pairs` runs of ours then TRL's (TRL's only with `--against trl`); the medians and their ratio."""
+    ours_runs, trl_runs = [], []
+    for _ in range(max(1, args.pairs)):
+        ours_runs.append(ours())
+        if args.against == "trl":
+            trl_runs.append(trl())
+    result = {"unit": unit, "ours": statistics.median(ours_runs), "ours_runs": ours_runs}
+    if trl_runs:
+        result |= {"trl": statistics.median(trl_runs), "trl_runs": trl_runs}
+        result["ratio"] = result["ours"] / result["trl"]
+    return result
+
+
+def _model(args, tmp: str) -> tuple[str, dict]:
+    """The model both sides train, and its shape as printed: the bundled model, or a random-init one of the
+    asked shape saved in `tmp`."""
+    from transformers import AutoConfig
+
+    from core.paths import BUNDLED_MODEL_DIR
+
+    config = model_config(args)
+    if config is None:
+        return "bundled", describe(AutoConfig.from_pretrained(BUNDLED_MODEL_DIR)) | {"weights": "bundled"}
+    path = save_random_model(config, args.config, Path(tmp) / "model", args.seed)
+    return str(path), describe(config) | {"weights": "random"}
 
 
 def bench_sft(args) -> dict:
@@ -49,37 +85,40 @@ def bench_sft(args) -> dict:
 
     rows = demo.demonstrations(demo.train_tasks(args.examples), ramble_rate=0.5)
     device = _device(args)
-    config = SFTConfig(model="bundled", data="demo", n_demonstrations=args.examples, ramble_rate=0.5, epochs=1,
-                       batch_size=32, learning_rate=1e-4, dropout=0.0, eval_prompts=0, device=device.type,
-                       precision=device.precision)
+    batch = batch_size(args, "sft")
     with tempfile.TemporaryDirectory() as tmp:
-        events = _LastMetrics()
-        sft.run(config, None, events, Path(tmp) / "sft")
-        ours = events.last["tokens_per_s"]
-    result = {"bench": "sft", "examples": args.examples, "batch_size": 32, "precision": config.precision,
-              "ours_tokens_per_s": ours}
-    if args.against == "trl":
-        result["trl_tokens_per_s"] = _trl_sft(rows, device, config.group_by_length)
-        result["ratio"] = ours / result["trl_tokens_per_s"]
-    return result
+        model, shape = _model(args, tmp)
+        config = SFTConfig(model=model, data="demo", n_demonstrations=args.examples, ramble_rate=0.5, epochs=1,
+                           batch_size=batch, learning_rate=1e-4, dropout=0.0, eval_prompts=0, device=device.type,
+                           precision=device.precision, max_length=args.max_length)
+
+        def ours() -> float:
+            with tempfile.TemporaryDirectory() as out:
+                events = _LastMetrics()
+                sft.run(config, None, events, Path(out) / "sft")
+                return events.last["tokens_per_s"]
+
+        measured = _alternating(args, ours, lambda: _trl_sft(rows, model, device, config), "tokens/s")
+    return {"bench": "sft", "examples": args.examples, "batch_size": batch, "max_length": args.max_length,
+            "precision": config.precision, "shape": shape, **measured}
 
 
-def _trl_sft(rows: list[dict], device: Device, group_by_length: bool) -> float:
+def _trl_sft(rows: list[dict], model_ref: str, device: Device, config: SFTConfig) -> float:
     from datasets import Dataset
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
     from core.models.loading import load_policy, load_tokenizer
 
-    tokenizer = load_tokenizer("bundled")
-    model = load_policy("bundled", device, dropout=0.0)
+    tokenizer = load_tokenizer(model_ref)
+    model = load_policy(model_ref, device, dropout=0.0)
     # Same text as our encode(): chat-formatted prompt, " " + answer, EOS (TRL appends it).
     data = Dataset.from_list([{"prompt": render_prompt(tokenizer, r["prompt"]), "completion": " " + r["completion"]} for r in rows])
     with tempfile.TemporaryDirectory() as tmp:
         # Batches of similar length on both sides when ours groups them (transformers' LengthGroupedSampler).
         trainer = SFTTrainer(model=model, args=TRLSFTConfig(
-            **_trl_common(tmp, 32, device), completion_only_loss=True,
-            train_sampling_strategy="group_by_length" if group_by_length else "random"),
+            **_trl_common(tmp, config.batch_size, device, config.max_length), completion_only_loss=True,
+            train_sampling_strategy="group_by_length" if config.group_by_length else "random"),
                              train_dataset=data, processing_class=tokenizer)
         tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
         start = time.perf_counter()
@@ -93,23 +132,28 @@ def bench_rm(args) -> dict:
     rankings = demo.synthetic_rankings(args.examples, args.k)
     pairs_per_ranking = args.k * (args.k - 1) // 2
     device = _device(args)
+    batch = batch_size(args, "rm")
     with tempfile.TemporaryDirectory() as tmp:
+        model, shape = _model(args, tmp)
         path = Path(tmp) / "rankings.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rankings))
-        config = RewardConfig(sft_model="bundled", data=str(path), epochs=1, batch_size=8, learning_rate=1e-4,
-                              device=device.type, precision=device.precision)
-        events = _LastMetrics()
-        reward.run(config, None, events, Path(tmp) / "rm")
-        ours = events.last["pairs_per_s"]
-    result = {"bench": "rm", "k": args.k, "rankings": len(rankings), "prompts_per_batch": 8,
-              "pairs_per_batch": 8 * pairs_per_ranking, "precision": config.precision, "ours_pairs_per_s": ours}
-    if args.against == "trl":
-        result["trl_pairs_per_s"] = _trl_rm(rankings, 8 * pairs_per_ranking, device)
-        result["ratio"] = ours / result["trl_pairs_per_s"]
-    return result
+        config = RewardConfig(sft_model=model, data=str(path), epochs=1, batch_size=batch, learning_rate=1e-4,
+                              device=device.type, precision=device.precision, max_length=args.max_length)
+
+        def ours() -> float:
+            with tempfile.TemporaryDirectory() as out:
+                events = _LastMetrics()
+                reward.run(config, None, events, Path(out) / "rm")
+                return events.last["pairs_per_s"]
+
+        measured = _alternating(args, ours, lambda: _trl_rm(rankings, model, batch * pairs_per_ranking, device,
+                                                            args.max_length), "pairs/s")
+    return {"bench": "rm", "k": args.k, "rankings": len(rankings), "prompts_per_batch": batch,
+            "pairs_per_batch": batch * pairs_per_ranking, "max_length": args.max_length,
+            "precision": config.precision, "shape": shape, **measured}
 
 
-def _trl_rm(rankings: list[dict], pairs_per_batch: int, device: Device) -> float:
+def _trl_rm(rankings: list[dict], model_ref: str, pairs_per_batch: int, device: Device, max_length: int) -> float:
     from datasets import Dataset
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
@@ -117,13 +161,13 @@ def _trl_rm(rankings: list[dict], pairs_per_batch: int, device: Device) -> float
     from core.data.formats import ranking_pairs
     from core.models.loading import load_scalar_model, load_tokenizer
 
-    tokenizer = load_tokenizer("bundled")
-    model = load_scalar_model("bundled", tokenizer.pad_token_id, device)
+    tokenizer = load_tokenizer(model_ref)
+    model = load_scalar_model(model_ref, tokenizer.pad_token_id, device)
     # TRL's RewardTrainer is pairwise: each ranking becomes its C(K,2) chosen/rejected pairs.
     pairs = [{"prompt": render_prompt(tokenizer, r["prompt"]), "chosen": " " + chosen, "rejected": " " + rejected}
              for r in rankings for chosen, rejected in ranking_pairs(r["responses"])]
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = RewardTrainer(model=model, args=TRLRewardConfig(**_trl_common(tmp, pairs_per_batch, device)),
+        trainer = RewardTrainer(model=model, args=TRLRewardConfig(**_trl_common(tmp, pairs_per_batch, device, max_length)),
                                 train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)
         start = time.perf_counter()
         trainer.train()

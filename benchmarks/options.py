@@ -9,13 +9,33 @@ import argparse
 
 from core.config import DEVICES, PRECISIONS  # plain constants: no torch
 
+ARCHES = ("llama", "qwen2", "gpt2")
+BATCH = {"ppo": 16, "sft": 32, "rm": 8}  # each stage's default batch (episodes, examples, prompts)
+
+
+def batch_size(args: argparse.Namespace, stage: str) -> int:
+    """`--batch`, or the stage's default."""
+    return getattr(args, "batch", None) or BATCH[stage]
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--config", metavar="DIR", help="the shape of the model whose config.json is in DIR "
+                       "(random weights; its tokenizer too when DIR has one)")
+    shape.add_argument("--arch", choices=ARCHES, help="this architecture at --layers/--embd/--heads/--kv-heads/"
+                       "--intermediate/--vocab (random weights); ppo defaults to gpt2, sft/rm to the bundled model")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--embd", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=None, help="--arch llama/qwen2: key-value heads (default: --heads)")
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 4 x --embd)")
     parser.add_argument("--vocab", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=16, help="episodes per PPO step")
+    parser.add_argument("--batch", type=int, default=None,
+                        help=f"ppo: episodes per step; sft: examples per batch; rm: prompts per batch "
+                             f"(default {BATCH['ppo']}, {BATCH['sft']}, {BATCH['rm']})")
+    parser.add_argument("--max-length", type=int, default=128, help="sft/rm: prompt + answer tokens")
+    parser.add_argument("--pairs", type=int, default=1,
+                        help="runs of each side, alternating (ours, TRL, ours, ...): medians are reported")
     parser.add_argument("--response-length", type=int, default=24)
     parser.add_argument("--ppo-epochs", type=int, default=4)
     parser.add_argument("--episodes", type=int, default=256)

@@ -17,16 +17,18 @@ from datasets import Dataset
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 
 from benchmarks.bench_ppo import synthetic_prompts
-from benchmarks.options import parse
+from benchmarks.options import batch_size, parse
+from benchmarks.shapes import ppo_parts
 from core.models.loading import pick_device
-from core.models.tiny import make_models, make_tokenizer
+from core.models.tiny import make_tokenizer
 
 
 def main() -> None:
     args = parse(__doc__.splitlines()[0])
-    tokenizer = make_tokenizer(args.vocab)
-    policy, reference_policy, value_model, reward_model = make_models(args.layers, args.embd, args.heads, args.vocab, args.seed)
-    prompts = synthetic_prompts(args.episodes, args.prompt_length, args.vocab, args.seed)
+    args.batch = batch_size(args, "ppo")
+    (policy, reference_policy, value_model, reward_model), vocab, _ = ppo_parts(args)
+    tokenizer = make_tokenizer(vocab)
+    prompts = synthetic_prompts(args.episodes, args.prompt_length, vocab, args.seed)
     dataset = Dataset.from_dict({"input_ids": prompts.tolist()})
     with tempfile.TemporaryDirectory() as out:
         config = PPOConfig(

@@ -1,32 +1,45 @@
-"""The most PPO episodes/s a shape allows on this machine if only the update's matrix multiplies took time.
+"""The most a stage's training step allows on this machine if only its matrix multiplies took time.
 
-Both PPO implementations we compare (ours and TRL's) spend most of a step in the same fp32 GEMMs: the
-policy's and the value model's forward and backward over prompt + response, `ppo_epochs` times. This
-script times exactly those GEMMs as bare `torch.mm` calls of the same shapes, on the same threads, and
-divides the batch by their sum: a ceiling no implementation of the same algorithm and precision can
-pass here, since it leaves out generation, scoring, attention, activations, norms and the optimizer.
-Divided by TRL's measured rate (`benchmarks/compare_trl_ppo.sh`, same shape and session) it is the
-highest ratio to TRL that shape allows.
+Both implementations we compare (ours and TRL's) spend most of a step in the same GEMMs: every linear
+layer's forward (X W) and backward (dX = dY W^T, dW = X^T dY) over the batch's tokens. This script
+times exactly those GEMMs as bare `torch.mm` calls of the model's own layer shapes (read from the
+model class built on the meta device, so any architecture and size), on the same threads, and divides
+the batch by their sum: a ceiling no implementation of the same algorithm and precision passes here,
+since it leaves out attention's score matmuls, activations, norms, the loss and the optimizer (and, for
+PPO, generation and scoring).
 
-    python -m benchmarks.update_ceiling                      # the reference shape
-    python -m benchmarks.update_ceiling --layers 6 --embd 256
+    SFT  the causal LM over batch x length tokens, its LM head over the same tokens    tokens/s
+    RM   the backbone over batch x K answers of `length` tokens (scalar head: left out)  pairs/s
+    PPO  policy and value bodies over batch x (prompt + response), the LM head over the
+         response, `ppo_epochs` times                                                    episodes/s
+
+    python -m benchmarks.update_ceiling                                   # PPO, the reference shape
+    python -m benchmarks.update_ceiling --stage sft --config /path/to/model --batch 8 --max-length 96
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
+from collections import Counter
 
 import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.pytorch_utils import Conv1D
 
-from benchmarks.options import parse
+from benchmarks.options import add_args, batch_size
+from benchmarks.shapes import describe, model_config
+from core.models.tiny import make_models
+
+UNITS = {"sft": "tokens/s", "rm": "pairs/s", "ppo": "episodes/s"}
 
 
-def gemm_seconds(m: int, k: int, n: int, repeats: int = 30) -> float:
-    """Median time of one (m, k) x (k, n) fp32 matmul."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    for _ in range(5):
+def gemm_seconds(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, repeats: int = 20) -> float:
+    """Median time of one (m, k) x (k, n) matmul."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for _ in range(3):
         torch.mm(a, b)
     times = []
     for _ in range(repeats):
@@ -36,35 +49,72 @@ def gemm_seconds(m: int, k: int, n: int, repeats: int = 30) -> float:
     return statistics.median(times)
 
 
-def forward_and_backward(m: int, k: int, n: int) -> float:
+def forward_and_backward(m: int, k: int, n: int, dtype: torch.dtype = torch.float32) -> float:
     """A linear layer's forward (m,k)x(k,n), and its backward: dX = dY W^T and dW = X^T dY."""
-    return gemm_seconds(m, k, n) + gemm_seconds(m, n, k) + gemm_seconds(k, m, n)
+    return gemm_seconds(m, k, n, dtype) + gemm_seconds(m, n, k, dtype) + gemm_seconds(k, m, n, dtype)
 
 
-def update_ceiling(layers: int, embd: int, vocab: int, batch: int, prompt_length: int, response_length: int,
-                   ppo_epochs: int, num_minibatches: int) -> dict:
-    rows = batch // num_minibatches
-    tokens = rows * (prompt_length + response_length)
-    # One GPT-2 block: the fused QKV projection, the attention output, the MLP's two projections.
-    block = sum(forward_and_backward(tokens, k, n) for k, n in
-                ((embd, 3 * embd), (embd, embd), (embd, 4 * embd), (4 * embd, embd)))
-    # The LM head over the response positions only (the value head is one column: left out).
-    head = forward_and_backward(rows * response_length, embd, vocab)
-    step = 2 * layers * block + head  # policy and value bodies, the policy's head
-    seconds_per_batch = ppo_epochs * num_minibatches * step
-    return {"gemm_s_per_optimisation_step": step, "gemm_s_per_batch": seconds_per_batch,
-            "ceiling_episodes_per_s": batch / seconds_per_batch, "threads": torch.get_num_threads(),
-            "shape": dict(layers=layers, embd=embd, vocab=vocab, batch=batch, prompt_length=prompt_length,
-                          response_length=response_length, ppo_epochs=ppo_epochs, num_minibatches=num_minibatches)}
+def layer_shapes(config: PretrainedConfig) -> tuple[Counter, tuple[int, int]]:
+    """The backbone's linear layers as a count of (in, out) shapes, and the LM head's (in, out)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    shapes = Counter()
+    for module in model.modules():
+        if module is head:
+            continue
+        if isinstance(module, torch.nn.Linear):
+            shapes[(module.in_features, module.out_features)] += 1
+        elif isinstance(module, Conv1D):  # GPT-2's linear layers, weight stored (in, out)
+            shapes[tuple(module.weight.shape)] += 1
+    return shapes, (head.in_features, head.out_features)
+
+
+def body_seconds(shapes: Counter, tokens: int, dtype: torch.dtype) -> float:
+    return sum(count * forward_and_backward(tokens, k, n, dtype) for (k, n), count in shapes.items())
+
+
+def ceiling(stage: str, config: PretrainedConfig, batch: int, *, length: int = 128, k: int = 4,
+            prompt_length: int = 16, response_length: int = 24, ppo_epochs: int = 4, num_minibatches: int = 1,
+            dtype: torch.dtype = torch.float32) -> dict:
+    """The stage's GEMM seconds per batch and the rate they allow, in the stage's unit."""
+    shapes, (width, vocab) = layer_shapes(config)
+    if stage == "sft":
+        tokens = batch * length
+        body, head = body_seconds(shapes, tokens, dtype), forward_and_backward(tokens, width, vocab, dtype)
+        seconds, work = body + head, tokens
+    elif stage == "rm":
+        body, head = body_seconds(shapes, batch * k * length, dtype), 0.0
+        seconds, work = body, batch * k * (k - 1) // 2
+    else:
+        rows = batch // num_minibatches
+        body = 2 * body_seconds(shapes, rows * (prompt_length + response_length), dtype)  # policy and value
+        head = forward_and_backward(rows * response_length, width, vocab, dtype)
+        seconds, work = ppo_epochs * num_minibatches * (body + head), batch
+        body, head = ppo_epochs * num_minibatches * body, ppo_epochs * num_minibatches * head
+    return {"stage": stage, "unit": UNITS[stage], "ceiling": work / seconds, "gemm_s_per_batch": seconds,
+            "body_gemm_s": body, "lm_head_gemm_s": head, "threads": torch.get_num_threads(),
+            "dtype": str(dtype).removeprefix("torch.")}
 
 
 def main() -> None:
-    args = parse(__doc__.splitlines()[0])
-    result = update_ceiling(args.layers, args.embd, args.vocab, args.batch, args.prompt_length, args.response_length,
-                            args.ppo_epochs, args.num_minibatches)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=sorted(UNITS), default="ppo")
+    parser.add_argument("--k", type=int, default=4, help="rm: answers per ranking")
+    add_args(parser)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = model_config(args) or make_models(args.layers, args.embd, args.heads, args.vocab)[0].config
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    batch = batch_size(args, args.stage)
+    result = ceiling(args.stage, config, batch, length=args.max_length, k=args.k, prompt_length=args.prompt_length,
+                     response_length=args.response_length, ppo_epochs=args.ppo_epochs,
+                     num_minibatches=args.num_minibatches, dtype=dtype)
+    result |= {"shape": describe(config), "batch": batch}
     if not args.json:
-        print(f"the update's GEMMs alone: {result['gemm_s_per_batch'] * 1e3:.0f} ms per batch of {args.batch} "
-              f"-> at most {result['ceiling_episodes_per_s']:.1f} episodes/s")
+        print(f"{args.stage}: the step's GEMMs alone take {result['gemm_s_per_batch'] * 1e3:.0f} ms per batch of "
+              f"{batch} -> at most {result['ceiling']:.1f} {result['unit']}")
     print(json.dumps(result))
 
 

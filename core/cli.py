@@ -296,17 +296,13 @@ def cmd_plan(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.what == "ppo":
-        from benchmarks.bench_ppo import main as bench_ppo
+        from benchmarks.compare_ppo import compare
 
-        if args.against == "trl":
-            # TRL dropped its PPO trainer in 1.13; the comparison needs trl 1.12 in a side venv.
-            print("rlhf: TRL's PPOTrainer runs from benchmarks/compare_trl_ppo.sh (trl 1.12 in a side venv); "
-                  "measuring ours only", file=sys.stderr)
-        bench_ppo(args)  # prints its JSON line itself
-        return 0
-    from benchmarks.bench_stages import bench_rm, bench_sft
+        result = compare(args)
+    else:
+        from benchmarks.bench_stages import bench_rm, bench_sft
 
-    result = (bench_sft if args.what == "sft" else bench_rm)(args)
+        result = (bench_sft if args.what == "sft" else bench_rm)(args)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 
