@@ -295,6 +295,10 @@ def cmd_plan(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.threads:  # both sides' torch CPU threads (PPO's processes get --threads themselves)
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.what == "ppo":
         from benchmarks.compare_ppo import compare
 

@@ -265,3 +265,18 @@ def test_train_page_shows_the_memory_plan(app):
     assert "fits" in expander.label
     parts = [row for df in app.dataframe for row in df.value["part"].tolist()]
     assert {"weights", "gradients", "optimizer", "activations"} <= set(parts)
+
+
+def test_sft_logits_are_planned_one_chunk_at_a_time(qwen_half_b):
+    """SFT's loss runs the LM head in chunks (`core/models/lm_head.linear_cross_entropy`): one chunk's two
+    fp32 copies, the hidden states' gradient and, when the head trains, its weight's fp32 gradient; not
+    three copies of the whole batch's logits (3.7 GiB at 8 x 256 tokens and a 151,936-word vocabulary)."""
+    from core.models import memory
+
+    full = plan("sft", SFTConfig(model=qwen_half_b, batch_size=8, max_length=256), CPU)
+    lora = plan("sft", SFTConfig(model=qwen_half_b, batch_size=8, max_length=256, lora_r=8), CPU)
+    chunk = 2**26 // 151936  # 441 of the 2,048 tokens
+    hidden_gradient, head_gradient = 8 * 256 * 896 * 4, 151936 * 896 * 4
+    assert full.total("logits", "policy") == memory.SFT_LOGIT_COPIES * chunk * 151936 * 4 + hidden_gradient \
+        + head_gradient
+    assert lora.total("logits", "policy") == memory.SFT_LOGIT_COPIES * chunk * 151936 * 4 + hidden_gradient

@@ -31,6 +31,8 @@ What it counts, and where each number comes from:
   the logits' gradient). PPO's log-probs and entropies (update and scoring) run the LM head in chunks
   of at most `MAX_CHUNK_LOGITS` logits, recomputed in the backward pass: one chunk's copies, not the
   batch's; the ptx term's logits are freed before the chunks recompute theirs, so the larger counts.
+  SFT's loss (`core/models/lm_head.linear_cross_entropy`) computes each chunk's gradient in the forward
+  pass: one chunk's logits, plus the hidden states' and the head's gradients kept for the backward pass.
 - **The rollout** (PPO): the KV cache, batch x (prompt + response) x layers x 2 x kv_heads x head_dim
   in the weights' dtype (bf16 under bf16 autocast, which also keeps bf16 copies of the policy's matmul
   weights while sampling), plus the prefill's logits; or the scoring pass's logits of one chunk,
@@ -58,7 +60,7 @@ PLANNED_STAGES = ("sft", "rm", "ppo")
 # Mirrors of constants in the stages (not imported: that would import the whole stage).
 PTX_BLOCK_SIZE = 128  # core/stages/ppo.PTX_BLOCK_SIZE: tokens per pretraining block
 MAX_PROMPT_TOKENS = 96  # core/models/generate.encode_prompts: prompts keep at most this many tokens
-MAX_CHUNK_LOGITS = 2**26  # core/stages/rl.MAX_CHUNK_LOGITS: the most logits PPO's log-prob chunks hold
+MAX_CHUNK_LOGITS = 2**26  # core/models/lm_head.MAX_CHUNK_LOGITS: the most logits a chunk of the LM head holds
 # core/stages/ppo.load_models: without LoRA, the frozen reference and reward model load in bf16 on CUDA
 # under bf16 precision (`Device.frozen_dtype`; on CPU in fp32). `plan(..., frozen_bf16=...)` overrides it
 # to see what either choice costs.
@@ -464,6 +466,10 @@ def activation_bytes(net: _Net, tokens: int, seq: int, device: str, checkpointin
 # in the forward pass, the entropy's softmax and products instead of the gradients).
 LOSS_LOGIT_COPIES = 3
 PPO_LOGIT_COPIES = 4
+# SFT's head and loss (`core/models/lm_head.linear_cross_entropy`) hold one chunk's logits and the
+# logsumexp's temporary, and keep to the backward pass only the hidden states' gradient (answer tokens x
+# width) and, when the head trains, its weight's fp32 gradient (vocab x width).
+SFT_LOGIT_COPIES = 2
 # With the exact KL term (`kl_loss_coef` > 0) a chunk also holds the reference's logits and log-softmax,
 # the policy's probabilities and the log-ratio, and the backward the product's and the ratio's gradients:
 # counted from `core/stages/rl._chunk_logprobs`, not measured.
@@ -471,7 +477,7 @@ PPO_EXACT_KL_LOGIT_COPIES = 8
 
 
 def chunk_tokens(tokens: int, vocab: int) -> int:
-    """Tokens whose logits PPO holds at once: a chunk of `core/stages/rl.chunked_logprobs`, or all of them."""
+    """Tokens whose logits are held at once: a chunk of `core/models/lm_head`, or all of them."""
     return min(tokens, max(1, MAX_CHUNK_LOGITS // vocab))
 
 
@@ -543,8 +549,13 @@ def _plan_sft(config, budget: DeviceBudget, bf16: bool) -> Plan:
         net, tokens, seq, budget.kind, config.gradient_checkpointing, dropout=config.dropout,
         lora_dropout=config.lora_dropout, bf16=bf16), "update",
         f"{config.batch_size} x {seq} tokens" + (", gradient checkpointing" if config.gradient_checkpointing else "")))
-    parts.append(Part("policy", "logits", LOSS_LOGIT_COPIES * tokens * net.arch.vocab * 4, "update",
-                      f"fp32, {LOSS_LOGIT_COPIES} copies of tokens x vocab {net.arch.vocab:,}"))
+    # Every token counted as an answer token: an upper bound, as `max_length` is.
+    chunk = chunk_tokens(tokens, net.arch.vocab)
+    head_gradient = 0 if config.lora else net.arch.vocab * net.arch.hidden * 4
+    parts.append(Part("policy", "logits", SFT_LOGIT_COPIES * chunk * net.arch.vocab * 4
+                      + tokens * net.arch.hidden * 4 + head_gradient, "update",
+                      f"fp32, {SFT_LOGIT_COPIES} copies of a chunk of {chunk} tokens x vocab {net.arch.vocab:,}, "
+                      "the hidden states' gradient" + ("" if config.lora else ", the head's weight gradient")))
     _autocast_copies("policy", net, bf16, 1, parts)
     return Plan("sft", budget, parts, {"policy": _shape("policy", net)},
                 {"tokens_per_step": tokens, "sequence": "max_length (an upper bound: batches pad to their longest)"})

@@ -28,8 +28,18 @@ from core.data.sources import Ranking, load_rankings
 from core.data.store import Store
 from core.stages.evaluate import all_demo
 from core.stages.events import Events
-from core.models.loading import Device, load_policy, load_tokenizer, pick_device, resolve_model
+from core.models.lm_head import check_plain_logits
+from core.models.loading import (
+    Device,
+    hf_model,
+    last_hidden_state,
+    load_policy,
+    load_tokenizer,
+    pick_device,
+    resolve_model,
+)
 from core.stages import trl_bridge
+from core.stages.rl import chunked_logprobs
 
 SUMMARY_PAIRS = 256  # training pairs scored for the summary's implicit-reward accuracy
 
@@ -69,6 +79,21 @@ def gather_pairs(config: DPOConfig, rankings: list[Ranking] | None, tokenizer, d
     return pairs
 
 
+def answer_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                 ignore_index: int) -> torch.Tensor:
+    """log pi(answer | prompt) per row: the summed log-probs of the tokens whose label is not `ignore_index`,
+    with the LM head over those positions only, in chunks (`rl.chunked_logprobs`): never the batch's
+    (rows, length, vocabulary) logits."""
+    with hf_model(model) as lm:
+        check_plain_logits(lm.config)
+        hidden = last_hidden_state(lm, input_ids, attention_mask)[:, :-1]
+        targets = labels[:, 1:]
+        keep = targets != ignore_index
+        logps = chunked_logprobs(hidden[keep], lm.get_output_embeddings(), targets[keep], 1.0).logprobs
+        return torch.zeros(len(targets), dtype=logps.dtype, device=logps.device).index_add_(
+            0, keep.nonzero()[:, 0], logps)
+
+
 @torch.no_grad()
 def implicit_rewards(policy, reference, tokenizer, pairs: list[dict], beta: float, max_length: int,
                      device: Device, batch_size: int = 32) -> dict[str, float]:
@@ -82,11 +107,7 @@ def implicit_rewards(policy, reference, tokenizer, pairs: list[dict], beta: floa
         for i in range(0, len(texts), batch_size):
             batch = collate([encode(tokenizer, p, a, max_length) for p, a in texts[i : i + batch_size]],
                             tokenizer.pad_token_id, device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-            labels = batch["labels"][:, 1:]
-            mask = labels != IGNORE
-            logp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0)[..., None]).squeeze(-1)
-            out.append((logp * mask).sum(1))
+            out.append(answer_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], IGNORE))
         return torch.cat(out)
 
     policy.eval()

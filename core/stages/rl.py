@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from core.models.lm_head import MAX_CHUNK_LOGITS, check_plain_logits, chunk_rows
 from core.models.loading import hf_model, last_hidden_state
 
 AllReduceSum = Callable[[torch.Tensor], torch.Tensor]  # a tensor summed element-wise over the ranks
@@ -53,17 +54,6 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-# At most this many logits (tokens x vocabulary) exist at once while log-probs are computed: 2^26 fp32
-# values, 256 MiB a copy. The full response logits of a Qwen2-0.5B PPO batch (64 x 128 x 151,936) are
-# 5 GiB a copy, and the update held four copies (logits, log-softmax, their gradients); chunked, each
-# chunk's backward holds about four copies of 256 MiB. A chunk is still 441 tokens at that vocabulary
-# (the whole batch at the bundled model's), so the LM head runs as a few large matmuls, not many small ones.
-MAX_CHUNK_LOGITS = 2**26
-# Config fields of architectures whose logits are not the LM head's output alone (soft-capping,
-# scaling): the chunked head below would silently get them wrong.
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
 class TokenStats(NamedTuple):
     """Per response token, each (B, T): log pi(y_t); the entropy of pi (a detached statistic) when asked for;
     the exact KL(pi || pi_ref) over the whole vocabulary, with gradients, when a `ReferenceHead` is given."""
@@ -97,10 +87,7 @@ class ReferenceHead:
 def response_hidden(lm, ids, mask, positions, prompt_len: int) -> torch.Tensor:
     """The final hidden states at positions P-1 .. P+T-2 of a plain HF causal LM (`hf_model`): the inputs
     of the LM head that predict the response tokens ids[:, P:]."""
-    transforms = [name for name in LOGIT_TRANSFORMS if getattr(lm.config, name, None) not in (None, 1, 1.0)]
-    if transforms:
-        raise ValueError(f"{lm.config.model_type} models transform their logits ({', '.join(transforms)}), "
-                         "which the per-token log-prob computation does not reproduce: use another model family")
+    check_plain_logits(lm.config)
     return last_hidden_state(lm, ids, mask, positions)[:, prompt_len - 1 : -1]
 
 
@@ -136,7 +123,7 @@ def chunked_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, tokens: tor
     chunk runs under activation checkpointing: the forward keeps only the chunk's hidden states, and the
     backward recomputes that chunk's logits, so one chunk's logits are alive at a time in both passes."""
     width, vocab = hidden.shape[-1], lm_head.weight.shape[0]
-    rows = max(1, max_chunk_logits // vocab)
+    rows = chunk_rows(vocab, max_chunk_logits)
     checkpointed = torch.is_grad_enabled() and (hidden.requires_grad or lm_head.weight.requires_grad)
     ref_chunks = (reference.hidden.reshape(-1, reference.hidden.shape[-1]).split(rows) if reference is not None
                   else itertools.repeat(None))

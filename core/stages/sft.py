@@ -27,6 +27,7 @@ from core.stages.evaluate import gold_eval
 from core.stages.events import Events
 from core.models.chat import encode_answer, encode_conversation
 from core.models.loading import Device, fuse_gelu, load_policy, load_tokenizer, pick_device, save_model
+from core.models.lm_head import causal_lm_loss
 from core.models.lora import prepare_for_training
 from core.models import optim
 from core.stages import microbatch
@@ -102,11 +103,21 @@ def mean_loss(model, examples, pad_id: int, device: Device, batch_size: int) -> 
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size], pad_id, device)
+        answer_tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
         with device.autocast():
-            total += model(**batch).loss.item() * len(batch["input_ids"])
+            total += causal_lm_loss(model, **batch, num_items=max(1, answer_tokens)).item() * len(batch["input_ids"])
         count += len(batch["input_ids"])
     model.train(was_training)
     return total / max(1, count)
+
+
+def answer_loss(trained, model, batch: dict, answer_tokens: float) -> torch.Tensor:
+    """The batch's summed answer-token loss over `answer_tokens`: with the LM head over the answer tokens
+    only, in chunks (`core/models/lm_head.py`), where `trained` is the plain model; through the wrapper's
+    own forward (and HF's full-logits loss) under DDP or DeepSpeed, whose gradient sync hooks that forward."""
+    if trained is model:
+        return causal_lm_loss(model, **batch, num_items=answer_tokens)
+    return trained(**batch, num_items_in_batch=answer_tokens).loss
 
 
 def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str | Path) -> Path:
@@ -180,7 +191,7 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
             # Every micro-batch divides by the whole count, so their losses sum to the batch's.
             answer_tokens = dist.loss_denominator(sum((part["labels"][:, 1:] != IGNORE).sum() for part in parts))
             with device.autocast():
-                loss = sum(trained(**part, num_items_in_batch=answer_tokens.item()).loss for part in parts)
+                loss = sum(answer_loss(trained, model, part, answer_tokens.item()) for part in parts)
             optim.step(loss, model, optimizer, scheduler, dist=dist)
             state["step"] += 1
             tokens += sum(int(part["attention_mask"].sum()) for part in parts)
