@@ -289,7 +289,15 @@ def cmd_plan(args) -> int:
     config = stage_config(args.stage, args)  # validated first; torch is imported only below
     from core.models.memory import plan
 
-    result = plan(args.stage, config, device=args.device, prompt_length=args.prompt_length)
+    prompt_length = args.prompt_length
+    if prompt_length is None and args.stage == "ppo":
+        from core.data.store import Store
+        from core.models.memory import known_prompt_length
+
+        # The prompts' real lengths, read from the demo, a file or the store (its prompts only when asked).
+        prompt_length = known_prompt_length(config, Store() if config.prompts == "store" else None)
+    kwargs = {} if prompt_length is None else {"prompt_length": prompt_length}
+    result = plan(args.stage, config, device=args.device, **kwargs)
     print(json.dumps(result.to_dict()) if args.json else result.format())
     return 0
 
@@ -406,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                    help="check against this device (default: the config's device)")
-    p.add_argument("--prompt-length", type=int, default=96, help="ppo: prompt tokens (default: the most kept, 96)")
+    p.add_argument("--prompt-length", type=int, default=None,
+                   help="ppo: prompt tokens (default: the longest of the config's prompts, at most 96)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
 

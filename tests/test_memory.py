@@ -280,3 +280,24 @@ def test_sft_logits_are_planned_one_chunk_at_a_time(qwen_half_b):
     assert full.total("logits", "policy") == memory.SFT_LOGIT_COPIES * chunk * 151936 * 4 + hidden_gradient \
         + head_gradient
     assert lora.total("logits", "policy") == memory.SFT_LOGIT_COPIES * chunk * 151936 * 4 + hidden_gradient
+
+
+def test_ppo_is_planned_at_its_prompts_real_length_when_they_are_known(tmp_path, capsys):
+    from core.cli import main
+    from core.models.chat import encode_prompt
+    from core.models.loading import load_tokenizer
+    from core.models.memory import known_prompt_length
+
+    tokenizer = load_tokenizer("bundled")
+    short, longer = "What is 2 plus 2?", "What is the sum of 12 and 30, and why?"
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (short, longer)))
+    expected = len(encode_prompt(tokenizer, longer))
+    assert expected > len(encode_prompt(tokenizer, short))
+    assert known_prompt_length(PPOConfig(sft_model="bundled", reward_model="bundled", prompts=str(path))) == expected
+    assert main(["plan", "ppo", "--set", "sft_model=bundled", "--set", "reward_model=bundled", "--set",
+                 f"prompts={path}", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["assumptions"]["prompt_length"] == expected
+    # A prompt longer than the rollout keeps is planned at what it keeps.
+    path.write_text(json.dumps({"prompt": "word " * 300}) + "\n")
+    assert known_prompt_length(PPOConfig(sft_model="bundled", reward_model="bundled", prompts=str(path))) == 96

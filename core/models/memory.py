@@ -486,6 +486,21 @@ def chunk_tokens(tokens: int, vocab: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def known_prompt_length(config, store=None) -> int:
+    """The longest prompt PPO's rollouts will hold, in tokens as they encode it (chat format, at most
+    `MAX_PROMPT_TOKENS`), read from `config.prompts` (the demo's, the store's or a file's): a rollout batch
+    pads to its longest prompt, so this bounds it without assuming the most a prompt may keep."""
+    from core.data.sources import load_prompts
+    from core.models.chat import encode_prompt
+    from core.models.loading import load_tokenizer
+
+    prompts = load_prompts(config.prompts, store)
+    if not prompts:
+        raise ValueError(f"no prompts in {config.prompts}")
+    tokenizer = load_tokenizer(config.sft_model)
+    return min(MAX_PROMPT_TOKENS, max(len(encode_prompt(tokenizer, prompt)) for prompt in prompts))
+
+
 def plan(stage: str, config, device: str | DeviceBudget | None = None, prompt_length: int = MAX_PROMPT_TOKENS,
          frozen_bf16: bool | None = None, suggest: bool = True) -> Plan:
     """Estimated peak memory of `stage` ('sft', 'rm', 'ppo') with `config`, by part, checked against
