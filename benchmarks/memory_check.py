@@ -18,7 +18,8 @@ temporary directory, so the loaders read them as they would a real checkpoint.
     python benchmarks/memory_check.py                       # the three default CPU shapes, full and LoRA
     python benchmarks/memory_check.py --device cuda --shape qwen2:24:896:14:2:4864:151936 --batch 64 \\
         --response-length 128 --stages ppo --modes full
-A shape is ARCH:LAYERS:HIDDEN:HEADS:KV_HEADS:INTERMEDIATE:VOCAB (ARCH: gpt2, llama, qwen2, mistral, gpt_neox).
+A shape is ARCH:LAYERS:HIDDEN:HEADS:KV_HEADS:INTERMEDIATE:VOCAB (ARCH: gpt2, llama, qwen2, mistral, gpt_neox),
+`:tied` after it for tied input and output embeddings (SmolLM2-135M: llama:30:576:9:3:1536:49152:tied).
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ DEFAULT_SHAPES = ("gpt2:8:512:8:8:2048:16000", "llama:6:512:8:2:1408:32000", "qw
 
 
 def parse_shape(text: str) -> dict:
+    """ARCH:LAYERS:HIDDEN:HEADS:KV_HEADS:INTERMEDIATE:VOCAB, with `:tied` after it for tied embeddings."""
+    tied = text.endswith(":tied")
     try:
-        arch, *numbers = text.split(":")
+        arch, *numbers = text.removesuffix(":tied").split(":")
         layers, hidden, heads, kv_heads, intermediate, vocab = map(int, numbers)
     except ValueError:
         raise SystemExit(f"bad --shape {text!r}: want ARCH:LAYERS:HIDDEN:HEADS:KV_HEADS:INTERMEDIATE:VOCAB") from None
     return dict(arch=arch, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
-                intermediate=intermediate, vocab=vocab, name=text)
+                intermediate=intermediate, vocab=vocab, tied=tied, name=text)
 
 
 def save_model(shape: dict, path: Path) -> Path:
@@ -61,7 +64,7 @@ def save_model(shape: dict, path: Path) -> Path:
     else:
         kwargs = dict(num_hidden_layers=shape["layers"], hidden_size=shape["hidden"],
                       num_attention_heads=shape["heads"], intermediate_size=shape["intermediate"],
-                      max_position_embeddings=512, tie_word_embeddings=False)
+                      max_position_embeddings=512, tie_word_embeddings=shape.get("tied", False))
         if arch != "gpt_neox":
             kwargs["num_key_value_heads"] = shape["kv_heads"]
     config = AutoConfig.for_model(arch, vocab_size=shape["vocab"], bos_token_id=EOS_ID, eos_token_id=EOS_ID,
@@ -137,7 +140,7 @@ def child(spec: dict) -> dict:
     from core.models.loading import load_policy, load_scalar_model, load_tokenizer, pick_device
     from core.models.lora import prepare_for_training
     from core.models import optim
-    from core.stages import ppo, reward  # noqa: F401  (imported before the baseline)
+    from core.stages import ppo, reward, sft  # noqa: F401  (imported before the baseline)
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -176,8 +179,8 @@ def child(spec: dict) -> dict:
             labels[:, : L // 2] = -100  # the prompt half carries no loss, as in SFT
             batch = {"input_ids": ids.to(device.torch), "attention_mask": torch.ones_like(ids).to(device.torch),
                      "labels": labels.to(device.torch)}
-            with device.autocast():
-                loss = model(**batch).loss
+            with device.autocast():  # SFT's own loss: the LM head over the answer tokens, in chunks
+                loss = sft.answer_loss(model, model, batch, int((labels[:, 1:] != -100).sum()))
             optim.step(loss, model, optimizer, scheduler)
         elif stage == "rm":
             seqs = torch.randint(2, vocab, (config.batch_size * config.k, config.max_length), generator=g).tolist()
