@@ -20,6 +20,7 @@ from pathlib import Path
 
 from benchmarks.options import batch_size
 from benchmarks.shapes import describe, model_config, save_random_model
+from benchmarks.update_ceiling import ceiling_share
 from core.data import demo
 from core.config import RewardConfig, SFTConfig
 from core.stages.events import Events
@@ -52,7 +53,7 @@ def _trl_common(tmp: str, batch_size: int, device: Device, max_length: int) -> d
     )
 
 
-def _alternating(args, ours: Callable[[], float], trl: Callable[[], float], unit: str) -> dict:
+def _alternating(args, stage: str, ours: Callable[[], float], trl: Callable[[], float], unit: str) -> dict:
     """`--pairs` runs of ours then TRL's (TRL's only with `--against trl`); the medians and their ratio."""
     ours_runs, trl_runs = [], []
     for _ in range(max(1, args.pairs)):
@@ -63,7 +64,7 @@ def _alternating(args, ours: Callable[[], float], trl: Callable[[], float], unit
     if trl_runs:
         result |= {"trl": statistics.median(trl_runs), "trl_runs": trl_runs}
         result["ratio"] = result["ours"] / result["trl"]
-    return result
+    return result | ceiling_share(args, stage, result["ours"])
 
 
 def _model(args, tmp: str) -> tuple[str, dict]:
@@ -98,7 +99,7 @@ def bench_sft(args) -> dict:
                 sft.run(config, None, events, Path(out) / "sft")
                 return events.last["tokens_per_s"]
 
-        measured = _alternating(args, ours, lambda: _trl_sft(rows, model, device, config), "tokens/s")
+        measured = _alternating(args, "sft", ours, lambda: _trl_sft(rows, model, device, config), "tokens/s")
     return {"bench": "sft", "examples": args.examples, "batch_size": batch, "max_length": args.max_length,
             "precision": config.precision, "shape": shape, **measured}
 
@@ -146,7 +147,7 @@ def bench_rm(args) -> dict:
                 reward.run(config, None, events, Path(out) / "rm")
                 return events.last["pairs_per_s"]
 
-        measured = _alternating(args, ours, lambda: _trl_rm(rankings, model, batch * pairs_per_ranking, device,
+        measured = _alternating(args, "rm", ours, lambda: _trl_rm(rankings, model, batch * pairs_per_ranking, device,
                                                             args.max_length), "pairs/s")
     return {"bench": "rm", "k": args.k, "rankings": len(rankings), "prompts_per_batch": batch,
             "pairs_per_batch": batch * pairs_per_ranking, "max_length": args.max_length,
@@ -167,7 +168,8 @@ def _trl_rm(rankings: list[dict], model_ref: str, pairs_per_batch: int, device: 
     pairs = [{"prompt": render_prompt(tokenizer, r["prompt"]), "chosen": " " + chosen, "rejected": " " + rejected}
              for r in rankings for chosen, rejected in ranking_pairs(r["responses"])]
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = RewardTrainer(model=model, args=TRLRewardConfig(**_trl_common(tmp, pairs_per_batch, device, max_length)),
+        trainer = RewardTrainer(model=model,
+                                args=TRLRewardConfig(**_trl_common(tmp, pairs_per_batch, device, max_length)),
                                 train_dataset=Dataset.from_list(pairs), processing_class=tokenizer)
         start = time.perf_counter()
         trainer.train()

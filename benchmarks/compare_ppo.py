@@ -18,6 +18,7 @@ from pathlib import Path
 
 from benchmarks.options import add_args
 from benchmarks.shapes import model_config
+from benchmarks.update_ceiling import ceiling_share
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDE_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
@@ -30,7 +31,7 @@ def shape_argv(args: argparse.Namespace) -> list[str]:
     argv = []
     for action in parser._actions:
         value = getattr(args, action.dest, None)
-        if not action.option_strings or value is None or action.dest in ("json", "pairs"):
+        if not action.option_strings or value is None or action.dest in ("json", "pairs", "ceiling"):
             continue
         if isinstance(action, argparse._StoreTrueAction):
             argv += [action.option_strings[0]] if value else []
@@ -68,4 +69,4 @@ def compare(args: argparse.Namespace) -> dict:
         result |= {"trl": statistics.median(r["episodes_per_s"] for r in trl),
                    "trl_runs": [r["episodes_per_s"] for r in trl], "trl_version": trl[-1]["impl"]}
         result["ratio"] = result["ours"] / result["trl"]
-    return result
+    return result | ceiling_share(args, "ppo", result["ours"])

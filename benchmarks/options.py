@@ -27,13 +27,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--embd", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=None, help="--arch llama/qwen2: key-value heads (default: --heads)")
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="--arch llama/qwen2: key-value heads (default: --heads)")
     parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 4 x --embd)")
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--batch", type=int, default=None,
                         help=f"ppo: episodes per step; sft: examples per batch; rm: prompts per batch "
                              f"(default {BATCH['ppo']}, {BATCH['sft']}, {BATCH['rm']})")
     parser.add_argument("--max-length", type=int, default=128, help="sft/rm: prompt + answer tokens")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also time the step's matmuls alone (benchmarks/update_ceiling.py) after the runs")
     parser.add_argument("--pairs", type=int, default=1,
                         help="runs of each side, alternating (ours, TRL, ours, ...): medians are reported")
     parser.add_argument("--response-length", type=int, default=24)

@@ -97,6 +97,36 @@ def ceiling(stage: str, config: PretrainedConfig, batch: int, *, length: int = 1
             "dtype": str(dtype).removeprefix("torch.")}
 
 
+def ceiling_for(args: argparse.Namespace, stage: str) -> dict:
+    """The ceiling of `stage` at the shape, batch, lengths, precision and threads of the benchmark options."""
+    config = model_config(args)
+    if config is None:  # rlhf bench's defaults: the bundled model for sft/rm, the reference GPT-2 for ppo
+        if stage == "ppo":
+            config = make_models(args.layers, args.embd, args.heads, args.vocab)[0].config
+        else:
+            from transformers import AutoConfig
+
+            from core.paths import BUNDLED_MODEL_DIR
+
+            config = AutoConfig.from_pretrained(BUNDLED_MODEL_DIR)
+    batch = batch_size(args, stage)
+    result = ceiling(stage, config, batch, length=args.max_length, k=getattr(args, "k", 4),
+                     prompt_length=args.prompt_length, response_length=args.response_length,
+                     ppo_epochs=args.ppo_epochs, num_minibatches=args.num_minibatches,
+                     dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    return result | {"shape": describe(config), "batch": batch}
+
+
+def ceiling_share(args: argparse.Namespace, stage: str, ours: float) -> dict:
+    """With `--ceiling`: the stage's ceiling, timed now (right after the runs, under the same load), and the
+    share of it `ours` reached; else nothing."""
+    if not getattr(args, "ceiling", False):
+        return {}
+    result = ceiling_for(args, stage)
+    return {"ceiling": result["ceiling"], "ours_over_ceiling": ours / result["ceiling"],
+            "ceiling_gemm_s": {k: result[k] for k in ("gemm_s_per_batch", "body_gemm_s", "lm_head_gemm_s")}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", choices=sorted(UNITS), default="ppo")
@@ -105,16 +135,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = model_config(args) or make_models(args.layers, args.embd, args.heads, args.vocab)[0].config
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    batch = batch_size(args, args.stage)
-    result = ceiling(args.stage, config, batch, length=args.max_length, k=args.k, prompt_length=args.prompt_length,
-                     response_length=args.response_length, ppo_epochs=args.ppo_epochs,
-                     num_minibatches=args.num_minibatches, dtype=dtype)
-    result |= {"shape": describe(config), "batch": batch}
+    result = ceiling_for(args, args.stage)
     if not args.json:
         print(f"{args.stage}: the step's GEMMs alone take {result['gemm_s_per_batch'] * 1e3:.0f} ms per batch of "
-              f"{batch} -> at most {result['ceiling']:.1f} {result['unit']}")
+              f"{result['batch']} -> at most {result['ceiling']:.1f} {result['unit']}")
     print(json.dumps(result))
 
 

@@ -62,3 +62,16 @@ def test_the_two_sides_processes_get_the_same_options_back():
     again = _args(*shape_argv(args))
     assert {k: v for k, v in vars(again).items() if k not in ("pairs", "json")} == \
         {k: v for k, v in vars(args).items() if k not in ("pairs", "json")}
+
+
+def test_the_ceiling_times_every_linear_layer_of_the_shape_and_the_head_apart():
+    from benchmarks.update_ceiling import layer_shapes
+
+    llama = model_config(_args("--arch", "llama", "--layers", "2", "--embd", "64", "--heads", "4", "--kv-heads", "2",
+                               "--intermediate", "96", "--vocab", "700"))
+    shapes, head = layer_shapes(llama)
+    # per layer: q and o 64 -> 64, k and v 64 -> 32 (two kv heads of 16), gate and up 64 -> 96, down 96 -> 64
+    assert shapes == {(64, 64): 4, (64, 32): 4, (64, 96): 4, (96, 64): 2} and head == (64, 700)
+    gpt2 = model_config(_args("--arch", "gpt2", "--layers", "3", "--embd", "32", "--heads", "2", "--vocab", "50"))
+    shapes, head = layer_shapes(gpt2)  # Conv1D layers: fused QKV, attention output, MLP in and out
+    assert shapes == {(32, 96): 3, (32, 32): 3, (32, 128): 3, (128, 32): 3} and head == (32, 50)

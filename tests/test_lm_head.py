@@ -65,7 +65,8 @@ def _tiny(arch: str, tied: bool):
     else:
         sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                      intermediate_size=64)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, vocab_size=97, tie_word_embeddings=tied, **sizes))
+    config = AutoConfig.for_model(arch, vocab_size=97, tie_word_embeddings=tied, **sizes)
+    return AutoModelForCausalLM.from_config(config)
 
 
 @pytest.mark.parametrize("arch,tied", [("llama", True), ("qwen2", False), ("gpt2", True)])
