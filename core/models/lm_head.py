@@ -2,7 +2,7 @@
 
 A causal LM's own loss (`model(..., labels=...)`) runs the LM head over every position, prompt and
 padding included, and keeps the (batch, length, vocabulary) logits, their fp32 copy and the log-softmax
-alive for the backward pass: at SmolLM2-135M's 49,152 words a batch of 8 x 96 tokens is 151 MiB a copy,
+alive for the backward pass: at SmolLM2-135M's 49,152 words a batch of 8 x 96 tokens is 144 MiB a copy,
 at Qwen2.5's 151,936, 445 MiB. `linear_cross_entropy` takes the backbone's final hidden states at the
 positions that carry loss only (an SFT batch's answer tokens) and runs head and loss over chunks of at
 most `MAX_CHUNK_LOGITS` logits; each chunk's gradient (softmax minus the one-hot target, times the
