@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.options import add_args
+from benchmarks.paired import summarize
 from benchmarks.shapes import model_config
 from benchmarks.update_ceiling import ceiling_share
 
@@ -56,17 +57,17 @@ def compare(args: argparse.Namespace) -> dict:
         print(f"rlhf: no side venv at {SIDE_PYTHON} (see benchmarks/compare_ppo.py): measuring ours only",
               file=sys.stderr)
         with_trl = False
-    ours, trl = [], []
+    rows = []
     for _ in range(max(1, args.pairs)):
-        ours.append(_run([sys.executable, "-m", "benchmarks.bench_ppo", "--json", *argv]))
+        rows.append(_run([sys.executable, "-m", "benchmarks.bench_ppo", "--json", *argv]))
         if with_trl:
-            trl.append(_run([str(SIDE_PYTHON), "benchmarks/trl_ppo_reference.py", *argv]))
-    last = ours[-1]
+            rows.append(_run([str(SIDE_PYTHON), "benchmarks/trl_ppo_reference.py", *argv]))
+    ours = [r for r in rows if not r["impl"].startswith("trl")]
     result = {"bench": "ppo", "unit": "episodes/s", "ours": statistics.median(r["episodes_per_s"] for r in ours),
-              "ours_runs": [r["episodes_per_s"] for r in ours], "shape": last["shape"],
-              "precision": last["precision"], "threads": last["threads"], "ours_last": last}
-    if trl:
-        result |= {"trl": statistics.median(r["episodes_per_s"] for r in trl),
-                   "trl_runs": [r["episodes_per_s"] for r in trl], "trl_version": trl[-1]["impl"]}
-        result["ratio"] = result["ours"] / result["trl"]
+              "ours_runs": [r["episodes_per_s"] for r in ours], "shape": ours[-1]["shape"],
+              "precision": ours[-1]["precision"], "threads": ours[-1]["threads"], "ours_last": ours[-1]}
+    if with_trl:  # the medians as benchmarks/paired.py takes them for compare_trl_ppo.sh and the GPU check
+        summary = summarize(rows)
+        result |= {"trl": summary["trl_episodes_per_s"], "trl_runs": summary["trl_runs"],
+                   "trl_version": summary["trl"], "ratio": summary["ratio"]}
     return result | ceiling_share(args, "ppo", result["ours"])
