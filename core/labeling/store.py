@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from core.data.store import (
-    MAX_K, MAX_PROMPT_CHARS, MAX_RESPONSE_CHARS, MIN_K, Store, check_conversation, check_ranking, check_ranks,
+    MAX_K, MAX_RESPONSE_CHARS, MIN_K, Store, check_conversation, check_ranking, check_ranks,
     check_text, prompt_turns,
 )
 from core.labeling.agreement import agreement_report
