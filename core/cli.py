@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from core.config import PRESETS, field_help, read_yaml
+from core.config import PRESETS, REWARD_AGGREGATES, field_help, read_yaml
 from core.stages import RECIPE, STAGES, get_stage, make_config
 
 
@@ -196,14 +196,16 @@ def cmd_study(args) -> int:
         preset=args.preset, kl_coefs=args.kl_coefs or list(DEFAULT_KL_COEFS), ns=args.ns or list(DEFAULT_NS),
         episodes=args.episodes, eval_every=args.eval_every, eval_prompts=args.eval_prompts,
         bon_prompts=args.bon_prompts, sft_model=args.sft, reward_model=args.rm, ptx_coef=args.ptx_coef,
-        ppo=parse_sets(args.set))  # validated before any heavy import or work
+        ppo=parse_sets(args.set), ensemble=args.ensemble, reward_aggregate=args.reward_aggregate,
+        uncertainty_coef=args.uncertainty_coef, ensemble_model=args.ensemble_rm)  # validated before any work
     from core.data.store import Store
     from core.runs.study import check_models, run_study
 
     check_models(config)  # --sft/--rm exist, hold safetensors weights and share a tokenizer
     store = Store()
     study = run_study(config, args.output, store, _events(store, None), name=args.name)
-    print(json.dumps({k: study.get(k) for k in ("name", "sft", "bon", "rl", "fits")}, indent=2))
+    print(json.dumps({k: study.get(k) for k in ("name", "sft", "bon", "rl", "fits", "ensemble") if k in study},
+                     indent=2))
     return 0
 
 
@@ -372,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bon-prompts", type=int, default=50, help="held-out prompts for best-of-n")
     p.add_argument("--ptx-coef", type=float, default=0.0, help="the sweep's ptx term (0: plain PPO, as in the paper)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a PPO config field")
+    p.add_argument("--ensemble", type=int, default=0, metavar="N",
+                   help="add an ensemble arm: the same best-of-n and sweep scored by an ensemble of N (2-16) reward "
+                        "models (trained as the study's RM, or --ensemble-rm)")
+    p.add_argument("--reward-aggregate", choices=REWARD_AGGREGATES, default="mean_minus_std",
+                   help="the ensemble arm's reward (default mean_minus_std: mean - uncertainty_coef x std)")
+    p.add_argument("--uncertainty-coef", type=float, default=1.0, help="lambda of mean_minus_std (default 1)")
+    p.add_argument("--ensemble-rm", help="reuse this ensemble RM directory (with --sft, --rm and --ensemble)")
     p.add_argument("--name", help="run name in the store (default: the study's earlier name in OUTPUT, else "
                                   "study + timestamp)")
     p.set_defaults(func=cmd_study)

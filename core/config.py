@@ -162,6 +162,10 @@ _NONNEG = (0, None, True)  # >= 0
 _UNIT = (0, 1, True)  # in [0, 1]
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")  # what each means: core.models.loading.pick_device
+# How an ensemble of reward models becomes one reward (core/models/ensemble.py; Coste et al. 2023): the members'
+# mean, their minimum, or the mean minus uncertainty_coef x their standard deviation (the conservative reward).
+REWARD_AGGREGATES = ("mean", "min", "mean_minus_std")
+MAX_ENSEMBLE = 16
 
 
 def resolved_precision(precision: str, kind: str, gpu_bf16: bool) -> str:
@@ -248,6 +252,9 @@ class RewardConfig(NetworkConfig):
     sample_temperature: float = option(1.0, "demo only: temperature of the answers to rank")
     max_length: int = option(128, "prompt + response tokens")
     heldout_prompts: int = option(200, "demo only: held-out rankings for pairwise accuracy")
+    ensemble: int = option(1, "train this many reward models (1-16), each with its own seed (head and data order), "
+                           "saved as one ensemble directory that every stage loads; PPO, GRPO, RLOO and "
+                           "best-of-n then score with reward_aggregate")
     one_ranking_per_item: bool = option(False, "store/file data: train on the first ranking of each prompt and "
                                         "answer set only (several labelers ranked the same answers), not on all")
     heldout: str = option("auto", "held-out rankings: 'auto' (demo data: the noise-free labeler on the demo's "
@@ -261,12 +268,26 @@ class RewardConfig(NetworkConfig):
         "epochs": (1, 1000, True), "learning_rate": _POS, "warmup_ratio": _UNIT, "batch_size": (1, None, True),
         "k": (2, 9, True), "n_prompts": (1, None, True), "labeler_temperature": _NONNEG,
         "sample_temperature": _POS, "max_length": (8, None, True), "heldout_prompts": _NONNEG,
+        "ensemble": (1, MAX_ENSEMBLE, True),
     }
     _choices = {**NetworkConfig._choices, "device": DEVICES, "heldout": ("auto", "demo")}
 
 
 @dataclass
-class PPOConfig(NetworkConfig):
+class ScoredConfig(NetworkConfig):
+    """Fields of every stage that scores sampled answers with a reward model, which may be an ensemble."""
+
+    reward_aggregate: str = option("mean", "an ensemble reward model's reward: the members' 'mean', their 'min', "
+                                           "or 'mean_minus_std' (mean - uncertainty_coef x std: conservative "
+                                           "where the members disagree); one RM scores as itself")
+    uncertainty_coef: float = option(1.0, "lambda of reward_aggregate 'mean_minus_std' (>= 0)")
+
+    _bounds = {**NetworkConfig._bounds, "uncertainty_coef": _NONNEG}
+    _choices = {**NetworkConfig._choices, "reward_aggregate": REWARD_AGGREGATES}
+
+
+@dataclass
+class PPOConfig(ScoredConfig):
     """Stage 3: PPO with a per-token KL penalty (k1, in the reward) to the SFT policy and a pretraining (ptx) term."""
 
     sft_model: str = option("", "policy and frozen reference_policy start here")
@@ -308,7 +329,7 @@ class PPOConfig(NetworkConfig):
     device: str = option("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'")
 
     _bounds = {
-        **NetworkConfig._bounds,
+        **ScoredConfig._bounds,
         "total_episodes": (1, None, True), "batch_size": (1, None, True), "num_minibatches": (1, None, True),
         "ppo_epochs": (1, None, True), "learning_rate": _POS, "response_length": (1, 1024, True),
         "temperature": _POS, "kl_coef": _NONNEG, "kl_loss_coef": _NONNEG, "target_kl": _POS, "kl_horizon": (1, None, True),
@@ -317,7 +338,7 @@ class PPOConfig(NetworkConfig):
         "ema_decay": (0, 1, False), "save_every": (1, None, True), "eval_every": _NONNEG,
         "eval_prompts": _NONNEG, "max_grad_norm": _POS,
     }
-    _choices = {**NetworkConfig._choices, "device": DEVICES}
+    _choices = {**ScoredConfig._choices, "device": DEVICES}
     # k3 = (r - 1) - log r is an unbiased estimate of KL's *value*, but as a per-token reward its
     # score-function gradient is grad KL(pi||ref) - grad KL(ref||pi), close to 0 near the reference:
     # the penalty would barely pull the policy back (docs/NOTES.md, "KL estimators").
@@ -378,7 +399,7 @@ class DPOConfig(NetworkConfig):
 
 
 @dataclass
-class GroupRLConfig(NetworkConfig):
+class GroupRLConfig(ScoredConfig):
     """Fields GRPO and RLOO share: answers sampled in groups per prompt, rewarded by the RM, no value model."""
 
     sft_model: str = option("", "the policy and the frozen reference start here")
@@ -402,13 +423,13 @@ class GroupRLConfig(NetworkConfig):
     device: str = option("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'")
 
     _bounds = {
-        **NetworkConfig._bounds,
+        **ScoredConfig._bounds,
         "total_episodes": (1, None, True), "batch_size": (2, None, True), "num_generations": (2, None, True),
         "learning_rate": _POS, "max_completion_length": (1, 1024, True), "temperature": _POS, "beta": _NONNEG,
         "epsilon": _POS, "num_iterations": (1, None, True), "missing_eos_penalty": _NONNEG, "max_grad_norm": _POS,
         "save_every": (1, None, True), "eval_prompts": _NONNEG,
     }
-    _choices = {**NetworkConfig._choices, "device": DEVICES, "reward": ("rm", "gold")}
+    _choices = {**ScoredConfig._choices, "device": DEVICES, "reward": ("rm", "gold")}
 
     def validate(self) -> None:
         super().validate()

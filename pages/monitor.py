@@ -3,7 +3,9 @@
 A pipeline run stands for its stage runs (SFT -> RM -> PPO), found again on every refresh, so a
 stage that starts after the page opened joins by itself. Curves refresh every few seconds while a
 shown run is active and stop when all are done. Watch RM reward against gold score and KL
-together: reward climbing while gold falls is the reward model being gamed (over-optimisation).
+together: reward climbing while gold falls is the reward model being gamed (over-optimisation). With an
+ensemble reward model, `ensemble_std` (the members' disagreement) beside them rises where the policy
+leaves what the members learned; the rollout browser shows each answer's per-member scores.
 """
 
 import pandas as pd
@@ -28,7 +30,7 @@ REFRESH_S = 5
 ROLLOUT_REFRESH_S = 10
 # The recipe's curves, in this order, are drawn by default; "All metrics" adds the rest (learning
 # rate, throughput...). Fewer charts also keep the page quick while a job trains.
-PREFERRED = ["reward", "gold", "heldout_gold", "kl", "exact_kl", "kl_coef", "entropy", "policy_loss", "value_loss",
+PREFERRED = ["reward", "ensemble_std", "gold", "heldout_gold", "kl", "exact_kl", "kl_coef", "entropy", "policy_loss", "value_loss",
              "ptx_loss", "sft_loss", "val_loss", "rm_loss", "rm_accuracy", "heldout_accuracy", "clip_frac",
              "pretrain_loss", "heldout_gold_greedy", "response_length",
              "dpo_loss", "reward_margin", "reward_accuracy"]  # DPO's (GRPO/RLOO log under PPO's names)
@@ -160,8 +162,9 @@ def curves() -> None:
 def sample_html(sample: dict) -> str:
     gold = f" · gold {sample['gold']:.2f}" if sample["gold"] is not None else ""
     ending = "stopped (EOS)" if sample["finished"] else "cut at the length limit"
-    return (f'<div style="font-size: 0.85rem; color: #555">reward {sample["reward"]:+.3f}{gold} · KL {sample["kl"]:+.2f}'
-            f' · {sample["length"]} tokens · {ending}</div>'
+    members = (" · members " + " ".join(f"{m:+.2f}" for m in sample["members"])) if sample.get("members") else ""
+    return (f'<div style="font-size: 0.85rem; color: #555">reward {sample["reward"]:+.3f}{members}{gold} · '
+            f'KL {sample["kl"]:+.2f} · {sample["length"]} tokens · {ending}</div>'
             f'<div style="color: #666; margin: 4px 0">User: {escape_html(sample["prompt"])}</div>'
             f'<div style="font-family: monospace; white-space: pre-wrap; line-height: 1.7">'
             f'{token_html(sample["tokens"])}</div>')

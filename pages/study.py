@@ -16,8 +16,17 @@ from workbench import resources
 store = resources.store()
 jobs = resources.jobs()
 REFRESH_S = 3
-COLOURS = {"rl": "#1f77b4", "bon": "#d62728"}
 TITLES = {"rl": "RL (PPO KL sweep)", "bon": "best-of-n"}
+# The single RM's arm and the ensemble's (`--ensemble N`), overlaid: (label prefix, colour per form).
+ARMS = (("", {"rl": "#1f77b4", "bon": "#d62728"}), ("ensemble · ", {"rl": "#2ca02c", "bon": "#ff7f0e"}))
+
+
+def arms(doc: dict) -> list[tuple[dict, str, dict]]:
+    """(the arm's points, its label prefix, its colours): the single RM's, and the ensemble's once it has any."""
+    shown = [(doc, *ARMS[0])]
+    if (doc.get("ensemble") or {}).get("sft"):
+        shown.append((doc["ensemble"], *ARMS[1]))
+    return shown
 
 st.title("Over-optimisation study")
 st.caption("Push the SFT policy away from itself two ways, PPO at several KL coefficients β and best-of-n "
@@ -37,8 +46,11 @@ with st.expander("New study", expanded=not any(j.stage == "study" for j in jobs.
             left, right = st.columns(2)
             sft_model = sfts[left.selectbox("SFT checkpoint", list(sfts), key="study_sft")]
             reward_model = rms[right.selectbox("Reward model", list(rms), key="study_rm")]
-    cols = st.columns(4)
+    cols = st.columns(5)
     preset = cols[0].selectbox("Preset", list(PRESETS), key="study_preset")
+    ensemble = cols[4].number_input("Ensemble arm (RMs)", 0, 16, 0, 1, key="study_ensemble",
+                                    help="0: none; N >= 2: the same sweep and best-of-n scored by an ensemble of N "
+                                         "reward models with the conservative reward mean − λ·std (λ = 1)")
     kl_coefs = cols[1].text_input("KL coefficients β", ", ".join(f"{c:g}" for c in study.DEFAULT_KL_COEFS),
                                   key="study_kl_coefs", help="one short PPO run each; the lowest should game the RM")
     n_max = cols[2].select_slider("Best-of-n up to", [2 ** k for k in range(8)], value=64, key="study_n_max")
@@ -46,7 +58,7 @@ with st.expander("New study", expanded=not any(j.stage == "study" for j in jobs.
     if st.button("Launch study", type="primary", icon=":material/play_arrow:"):
         try:
             config = study.study_config(preset, kl_coefs, [2 ** k for k in range(n_max.bit_length())], int(episodes),
-                                        sft_model=sft_model, reward_model=reward_model)
+                                        sft_model=sft_model, reward_model=reward_model, ensemble=int(ensemble))
             resources.queue_job("study", config, "study_notice")
             st.rerun()
         except ValueError as exc:
@@ -64,31 +76,37 @@ chosen = st.selectbox("Study", list(labels), format_func=labels.get, key="study_
 
 
 def figure_for(doc: dict) -> go.Figure:
+    figure = go.Figure()
+    for arm, prefix, colours in arms(doc):
+        draw_arm(figure, arm, prefix, colours)
+    figure.update_layout(xaxis_title="d = √KL to the SFT model (√nats)", yaxis_title="gain over the SFT model",
+                         height=480, margin=dict(t=30), legend=dict(font=dict(size=11)))
+    return figure
+
+
+def draw_arm(figure: go.Figure, doc: dict, prefix: str, colours: dict) -> None:
     drawn = study.curves(doc)
     fitted = doc.get("fits") or study.fits(doc)
-    figure = go.Figure()
     for form in study.FORMS:
-        points, colour = drawn["points"][form], COLOURS[form]
+        points, colour = drawn["points"][form], colours[form]
         if not points:
             continue
         text = [f"β={p['kl_coef']:g}, step {p['step']}" if form == "rl" else f"n={p['n']}" for p in points]
         for metric, symbol in (("gold", "circle"), ("rm", "x")):
             figure.add_trace(go.Scatter(x=[p["d"] for p in points], y=[p[f"{metric}_gain"] for p in points],
                                         mode="markers", marker=dict(color=colour, symbol=symbol, size=8),
-                                        name=f"{TITLES[form]}: {'gold' if metric == 'gold' else 'RM'}", text=text))
+                                        name=f"{prefix}{TITLES[form]}: {'gold' if metric == 'gold' else 'RM'}",
+                                        text=text))
         curve = drawn["curves"].get(form, {})
         for metric, dash in (("gold", "solid"), ("rm", "dot")):
             if metric in curve:
                 figure.add_trace(go.Scatter(x=curve["d"], y=curve[metric], mode="lines", line=dict(color=colour,
-                                            dash=dash), name=f"{TITLES[form]}: {metric} fit"))
+                                            dash=dash), name=f"{prefix}{TITLES[form]}: {metric} fit"))
         f = fitted.get(form) or {}
         if f.get("peak_sqrt_kl") is not None:
             figure.add_trace(go.Scatter(x=[f["peak_sqrt_kl"]], y=[f["peak_gold_gain"]], mode="markers",
                                         marker=dict(color=colour, symbol="star", size=16, line=dict(width=1)),
-                                        name=f"{TITLES[form]}: gold peak (d = {f['peak_sqrt_kl']:.2f})"))
-    figure.update_layout(xaxis_title="d = √KL to the SFT model (√nats)", yaxis_title="gain over the SFT model",
-                         height=480, margin=dict(t=30), legend=dict(font=dict(size=11)))
-    return figure
+                                        name=f"{prefix}{TITLES[form]}: gold peak (d = {f['peak_sqrt_kl']:.2f})"))
 
 
 REFRESHING = jobs.busy
@@ -118,17 +136,19 @@ def show_study(run_id: str) -> None:
         st.caption("No points yet: the chart appears with the first measurements (best-of-n comes first).")
         return
     st.plotly_chart(figure_for(doc), key=f"study_chart_{run_id}", width="stretch")
-    fitted = doc.get("fits") or {}
-    st.dataframe(pd.DataFrame([{"method": TITLES[f], "α (gold)": fitted.get(f, {}).get("alpha"),
-                                "β (gold)": fitted.get(f, {}).get("beta"),
-                                "gold peak at √KL": fitted.get(f, {}).get("peak_sqrt_kl"),
-                                "gold gain at the peak": fitted.get(f, {}).get("peak_gold_gain")}
-                               for f in study.FORMS]), hide_index=True)
+    rows = []
+    for arm, prefix, _ in arms(doc):
+        for form in study.FORMS:
+            fit = (arm.get("fits") or {}).get(form) or {}
+            rows.append({"method": prefix + TITLES[form], "α (gold)": fit.get("alpha"), "β (gold)": fit.get("beta"),
+                         "gold peak at √KL": fit.get("peak_sqrt_kl"), "gold gain at the peak": fit.get("peak_gold_gain")})
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
     with st.expander("Points"):
-        if doc.get("sft"):
-            st.caption(f"SFT model: gold {doc['sft']['gold']:.3f}, RM {doc['sft']['rm']:.3f}")
-        st.dataframe(pd.DataFrame(doc.get("rl", [])), hide_index=True)
-        st.dataframe(pd.DataFrame(doc.get("bon", [])), hide_index=True)
+        for arm, prefix, _ in arms(doc):
+            if arm.get("sft"):
+                st.caption(f"{prefix}SFT model: gold {arm['sft']['gold']:.3f}, RM {arm['sft']['rm']:.3f}")
+            st.dataframe(pd.DataFrame(arm.get("rl", [])), hide_index=True)
+            st.dataframe(pd.DataFrame(arm.get("bon", [])), hide_index=True)
     if REFRESHING and not jobs.busy:
         st.rerun()  # the job just finished: redraw once with the timer off
 

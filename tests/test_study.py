@@ -110,6 +110,12 @@ def test_the_sweep_puts_the_kl_in_the_reward_only():
     ({"ptx_coef": float("nan")}, "ptx_coef"),
     ({"ppo": {"learning_rate": -1}}, "learning_rate"),
     ({"ppo": {"no_such_field": 1}}, "unknown config key"),
+    ({"ensemble": 1}, "ensemble must be 0"),
+    ({"ensemble": 17}, "ensemble must be 0"),
+    ({"ensemble_model": "some/dir"}, "ensemble_model is the ensemble arm"),
+    ({"ensemble": 4, "uncertainty_coef": float("nan")}, "uncertainty_coef must be a finite number"),
+    ({"ensemble": 4, "uncertainty_coef": -1.0}, "uncertainty_coef must be >= 0"),
+    ({"ensemble": 4, "reward_aggregate": "max"}, "reward_aggregate must be one of"),
 ])
 def test_bad_settings_are_refused_before_any_work(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -232,6 +238,65 @@ def test_tiny_study_writes_study_json_stops_resumes_and_skips_done_points(models
         study.run_study({**config, "episodes": 32}, out, store, Events(store, None))
 
 
+def test_a_study_with_an_ensemble_arm_stops_resumes_and_compares_like_with_like(models, store, tmp_path, monkeypatch,
+                                                                                one_thread):
+    from core.models.ensemble import save_ensemble
+    from core.models.loading import load_scalar_model, load_tokenizer, pick_device, save_checkpoint
+    from core.stages import ppo
+
+    sft, rm = models
+    tok = load_tokenizer(sft)
+    torch.manual_seed(1)
+    other = save_checkpoint(load_scalar_model("bundled", tok.pad_token_id, pick_device("cpu")), tok, tmp_path / "rm1")
+    ensemble = str(save_ensemble(tmp_path / "ensemble", [rm, other]))
+    config = study.study_config(kl_coefs=[0.1], ns=[2, 4], episodes=16, eval_every=1, eval_prompts=6, bon_prompts=3,
+                                sft_model=sft, reward_model=rm, ppo=TINY_PPO, ensemble=2, reward_aggregate="min",
+                                ensemble_model=ensemble)
+    calls = []
+    real_run = ppo.run
+
+    def counting_run(cfg, *args, **kwargs):
+        calls.append((cfg.reward_model, cfg.reward_aggregate))
+        return real_run(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(ppo, "run", counting_run)
+    out = tmp_path / "study"
+    events = Events(store, None)
+
+    def stop_in_the_ensemble_run(done, total, message):
+        if message.startswith("ensemble, beta") and done >= 1:
+            events.stop_flag.set()
+
+    events.on_progress = stop_in_the_ensemble_run
+    first = study.run_study(config, out, store, events, name="ens-study")
+    assert first["runs"]["0.1"]["done"] and not first["ensemble"]["runs"]["0.1"]["done"]
+    assert store.get_run("ens-study-ens-kl0.1")["status"] == "stopped"
+    assert calls == [(rm, "mean"), (ensemble, "min")]
+
+    doc = study.run_study(config, out, store, Events(store, None))  # resumes the ensemble arm's run only
+    assert calls == [(rm, "mean"), (ensemble, "min"), (ensemble, "min")]
+    assert store.get_run("ens-study")["status"] == "done"
+    saved = json.loads((out / study.STUDY_FILE).read_text())
+    arm = saved["ensemble"]
+    assert set(arm) >= {"models", "sft", "rl", "bon", "runs", "fits"} and set(arm["fits"]) == {"bon", "rl"}
+    assert arm["rl"] == doc["ensemble"]["rl"] and [p["step"] for p in arm["rl"]] == [1, 2]
+    assert [p["n"] for p in arm["bon"]] == [1, 2, 4]
+    # The same answers (same seed) scored by another reward: gold and KL as in the single arm, the RM score the
+    # ensemble's minimum, never above its first member (the single RM) on any answer.
+    assert arm["sft"]["gold"] == saved["sft"]["gold"] and arm["sft"]["kl"] == pytest.approx(saved["sft"]["kl"])
+    assert arm["sft"]["rm"] < saved["sft"]["rm"]
+    assert arm["bon"][0]["gold"] == saved["bon"][0]["gold"] and arm["bon"][0]["rm"] < saved["bon"][0]["rm"]
+    names = {r["name"] for r in store.metrics(["ens-study-ens-kl0.1"])}
+    assert {"ensemble_std", "heldout_gold", "heldout_reward"} <= names
+    assert "ensemble_std" not in {r["name"] for r in store.metrics(["ens-study-kl0.1"])}
+
+    study.run_study(config, out, store, Events(store, None))  # everything done: nothing runs again
+    assert len(calls) == 3
+
+    # A study without the arm keeps its old settings: an older study.json resumes unchanged.
+    assert "ensemble" not in study.study_config(kl_coefs=[0.1])
+
+
 # ---------------------------------------------------------------------------------------------
 # The Study page
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +342,23 @@ def test_study_page_refuses_bad_input_and_draws_a_study(app, workbench_home, tmp
     assert any("RL (PPO KL sweep): gold peak" in n for n in names)
     assert any("best-of-n: gold peak" in n for n in names)
     assert "best-of-n: RM" in names and "RL (PPO KL sweep): gold fit" in names
+    assert not any(n.startswith("ensemble") for n in names)
+
+    # A study with an ensemble arm: both arms' points, fits and peaks on the one chart, and in the fits table.
+    with_arm = _synthetic_study(config)
+    arm = _synthetic_study(config)
+    for p in arm["rl"] + arm["bon"]:
+        p["gold"] += 0.05 * p["sqrt_kl"]  # the conservative reward's curve stays higher
+    arm["fits"] = study.fits(arm)
+    with_arm["ensemble"] = {key: arm[key] for key in ("sft", "rl", "bon", "fits")}
+    (out / study.STUDY_FILE).write_text(json.dumps(with_arm))
+    at.run()
+    assert not at.exception, at.exception
+    names = [t["name"] for t in json.loads(at.get("plotly_chart")[0].proto.spec)["data"]]
+    assert "best-of-n: RM" in names and "ensemble · best-of-n: RM" in names
+    assert any(n.startswith("ensemble · RL (PPO KL sweep): gold peak") for n in names)
+    methods = at.dataframe[0].value["method"].tolist()
+    assert methods == ["best-of-n", "RL (PPO KL sweep)", "ensemble · best-of-n", "ensemble · RL (PPO KL sweep)"]
 
 
 def test_missing_reused_models_are_refused_before_any_work(workbench_home, store, tmp_path, capsys):

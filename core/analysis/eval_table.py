@@ -3,7 +3,8 @@
 Every checkpoint answers every prompt once, sampled at `temperature` with one seed (the same seed for
 every checkpoint, so two copies of one model give the very same answers), and each row holds:
 
-- `rm_score`: the chosen reward model's mean raw score of the answers (`answer_rm_scores`, as PPO reads it);
+- `rm_score`: the chosen reward model's mean raw score of the answers (`answer_rm_scores`, as PPO reads it; an
+  ensemble's: the mean of its members');
 - `gold`: the demo labeler's mean score, only when every prompt is one of the demo's (else empty);
 - `kl`: KL(pi || reference) per answer, on the same answers (`core.stages.evaluate.measure_answers`, the one KL
   measurement of every method);
@@ -167,7 +168,8 @@ def run(config: EvalConfig | dict, store: Store | None, events: Events, output_d
     import torch
 
     from core.stages.evaluate import score_answers
-    from core.models.loading import load_policy, load_scalar_model, load_tokenizer, pick_device
+    from core.models.ensemble import load_reward_model
+    from core.models.loading import load_policy, load_tokenizer, pick_device
 
     if not isinstance(config, EvalConfig):  # the job manager hands over the stored dict
         config = EvalConfig.from_dict(config)
@@ -176,7 +178,7 @@ def run(config: EvalConfig | dict, store: Store | None, events: Events, output_d
     output_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
     tokenizer = load_tokenizer(plan.reward_model)  # every checkpoint's tokenizer matches it (check_inputs)
-    reward_model = load_scalar_model(plan.reward_model, tokenizer.pad_token_id, device).eval()
+    reward_model = load_reward_model(plan.reward_model, tokenizer.pad_token_id, device)  # an ensemble: its mean
     reference = load_policy(plan.reference, device, dropout=0.0)
     rows, scores = [], {}
     for i, (name, path) in enumerate(plan.paths.items()):

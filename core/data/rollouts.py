@@ -1,8 +1,8 @@
 """A bounded sample of PPO's rollouts, kept in the store for the Monitor page's rollout browser.
 
 Per recorded step: every answer's RM score (for the reward histogram, a batch of floats) and
-`SAMPLES_PER_STEP` answers in full: prompt, response, RM score, gold (demo prompts only), length
-and, per response token, log pi - log pi_ref (k1, the per-token KL the reward is penalised by).
+`SAMPLES_PER_STEP` answers in full: prompt, response, RM score (an ensemble's: its aggregate, and each
+member's score beside it), gold (demo prompts only), length and, per response token, log pi - log pi_ref (k1, the per-token KL the reward is penalised by).
 
 Bounded: a run records its first and last step and every `stride`-th step in between, with
 stride = ceil(num_steps / MAX_STEPS), so a 2,000-step run keeps about MAX_STEPS steps, at most
@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS rollouts (
     length INTEGER NOT NULL,           -- response tokens, EOS included
     finished INTEGER NOT NULL,         -- emitted EOS
     tokens TEXT NOT NULL,              -- JSON [[token text, log pi - log pi_ref], ...]
+    members TEXT,                      -- JSON list: each reward-model ensemble member's score; NULL for one RM
     PRIMARY KEY (run_id, step, idx)
 );
 """
@@ -54,7 +55,11 @@ _READY: set[str] = set()  # store files whose tables exist (executescript once p
 def ensure_schema(store: Store) -> None:
     key = str(store.path)
     if key not in _READY:
-        store._conn().executescript(SCHEMA)
+        db = store._conn()
+        db.executescript(SCHEMA)
+        # Stores written before ensembles have no `members` column: added empty, the old rows read as one RM's.
+        if "members" not in {row[1] for row in db.execute("PRAGMA table_info(rollouts)")}:
+            db.execute("ALTER TABLE rollouts ADD COLUMN members TEXT")
         _READY.add(key)
 
 
@@ -91,20 +96,23 @@ class RolloutRecorder:
         mask = rollout.response_mask[:n].detach().float().cpu()
         kl = ((rollout.logprobs[:n] - rollout.ref_logprobs[:n]).detach().float().cpu() * mask).tolist()
         finished = rollout.finished[:n].detach().cpu().tolist()
+        members = rollout.rm_members  # (members, B); kept only for an ensemble
+        members = members[:, :n].T.float().cpu().tolist() if members is not None and len(members) > 1 else None
         rows = []
         for i in range(n):
             length = int(mask[i].sum())
             tokens = [[token_text(self.tokenizer, t), round(k, 5)] for t, k in zip(ids[i][:length], kl[i][:length])]
             prompt, text = prompts[i], rollout.texts[i]
             gold = demo.gold_score(prompt, text) if demo.expected_answer(prompt) is not None else None
-            rows.append((self.run_id, step, i, prompt_display(prompt), text, rewards[i], gold, sum(k for _, k in tokens), length,
-                         int(bool(finished[i])), json.dumps(tokens)))
+            rows.append((self.run_id, step, i, prompt_display(prompt), text, rewards[i], gold, sum(k for _, k in tokens),
+                         length, int(bool(finished[i])), json.dumps(tokens),
+                         None if members is None else json.dumps([round(m, 4) for m in members[i]])))
         with self.store._tx() as db:
             db.execute("INSERT OR REPLACE INTO rollout_steps(run_id, step, rewards) VALUES (?,?,?)",
                        (self.run_id, step, json.dumps([round(r, 5) for r in rewards])))
             db.execute("DELETE FROM rollouts WHERE run_id = ? AND step = ?", (self.run_id, step))
             db.executemany("""INSERT INTO rollouts(run_id, step, idx, prompt, response, reward, gold, kl, length,
-                              finished, tokens) VALUES (?,?,?,?,?,?,?,?,?,?,?)""", rows)
+                              finished, tokens, members) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)""", rows)
 
 
 # -- reading (the Monitor page) -------------------------------------------------------------------
@@ -133,13 +141,15 @@ def rewards(store: Store, run_id: str) -> dict[int, list[float]]:
 
 
 def samples(store: Store, run_id: str, step: int) -> list[dict]:
-    """The step's kept answers, highest RM score first; `tokens` as [(text, log pi - log pi_ref)]."""
+    """The step's kept answers, highest RM score first; `tokens` as [(text, log pi - log pi_ref)]; `members`: each
+    ensemble member's score (None for one RM)."""
     ensure_schema(store)
-    rows = store._rows("""SELECT idx, prompt, response, reward, gold, kl, length, finished, tokens FROM rollouts
+    rows = store._rows("""SELECT idx, prompt, response, reward, gold, kl, length, finished, tokens, members FROM rollouts
                           WHERE run_id = ? AND step = ? ORDER BY reward DESC, idx""", (run_id, step))
     for r in rows:
         r["tokens"] = [tuple(t) for t in json.loads(r["tokens"])]
         r["finished"] = bool(r["finished"])
+        r["members"] = json.loads(r["members"]) if r["members"] else None
     return rows
 
 

@@ -40,6 +40,32 @@ from core.models.lora import (
 from core.paths import BUNDLED_MODEL_DIR, atomic_dir
 
 BUNDLED_NAMES = ("bundled", "tiny", "tiny-gpt2")
+# An ensemble of reward models (core/models/ensemble.py) is one directory: its first member at the top (a plain
+# HF reward-model directory, which every single-RM loader reads), the others in sub-directories this file lists.
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def ensemble_members(path: str | os.PathLike) -> list[Path]:
+    """The member directories of an ensemble directory (just `path` for a plain model directory), each one
+    checked to be there with its config and safetensors weights: a missing member is a ValueError."""
+    path = Path(path)
+    listing = path / ENSEMBLE_FILE
+    if not listing.is_file():
+        return [path]
+    try:
+        names = json.loads(listing.read_text())["members"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"reward-model ensemble {path}: {ENSEMBLE_FILE} is unreadable ({exc})") from None
+    members = []
+    for name in names:
+        member = (path / name).resolve()
+        if path.resolve() not in (member, *member.parents):
+            raise ValueError(f"reward-model ensemble {path}: member {name!r} lies outside the directory")
+        if not (member / "config.json").is_file() or not any(member.glob("*.safetensors")):
+            raise ValueError(f"reward-model ensemble {path} is missing its member {name!r} (no model in {member}); "
+                             "train the ensemble again")
+        members.append(member)
+    return members
 
 
 @dataclass(frozen=True)
@@ -121,6 +147,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
                     "safetensors only. Convert it with model.save_pretrained(dir, safe_serialization=True)."
                 )
             raise ValueError(f"model directory {path} has no weights (*.safetensors)")
+        ensemble_members(path)  # an ensemble must have every member
         return str(path)
     # Hub ids are 'name' or 'org/name'; anything else that is not on disk is a missing directory.
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:

@@ -612,6 +612,15 @@ def _plan_ppo(config, budget: DeviceBudget, bf16: bool, prompt_length: int, froz
             parts.append(Part(name, "weights", net.base_params * wb, "persistent",
                               f"frozen, {net.base_params:,} params x {wb} B" + (" (bf16)" if frozen_bf16 else "")))
             networks[name] = NetworkShape(name, net.base_params, 0, net.base_params, wb)
+    from core.models.ensemble import ensemble_size
+
+    members = ensemble_size(config.reward_model)
+    if members > 1:
+        # An ensemble RM (core/models/ensemble.py): its other members load frozen beside the first (under LoRA,
+        # the value model with its adapter off), in the frozen dtype, or fp32 under LoRA.
+        wb = 2 if frozen_bf16 and not lora else value.arch.weight_bytes
+        parts.append(Part("reward_model", "weights", (members - 1) * value.base_params * wb, "persistent",
+                          f"{members - 1} more ensemble members, frozen, {value.base_params:,} params x {wb} B each"))
     if config.ema_decay is not None:
         parts.append(Part("policy", "ema", policy.params * policy.arch.weight_bytes, "persistent",
                           "EMA copy of the policy"))

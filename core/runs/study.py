@@ -29,8 +29,13 @@ from its last step checkpoint under the same run name. Its keys:
     runs {"<kl_coef>": {run_id, output_dir, done}}
     fits {"bon": {alpha, beta, peak_sqrt_kl, peak_gold_gain, rm: {alpha, beta}}, "rl": {...}}
 
-The fits' alpha/beta are those of the gold curve; `rm` holds the proxy's. A fit is null until it has
-two points with d > 0. Nothing here imports torch at module level (`core.runs.jobs` imports this).
+    ensemble {models {rm, trained}, sft, rl, bon, runs, fits}   with `--ensemble N` only: the same arm with
+                                      an ensemble of N RMs, its reward `reward_aggregate` (conservative:
+                                      the min, or mean - uncertainty_coef x std; Coste et al. 2023); its
+                                      runs `<name>-ens-kl<beta>` in DIR/ppo-ensemble, its RM DIR/rm-ensemble
+
+The fits' alpha/beta are those of the gold curve; `rm` holds the proxy's (in the ensemble arm, the
+aggregate reward's). A fit is null until it has two points with d > 0. Nothing here imports torch at module level (`core.runs.jobs` imports this).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import re
 import time
 from pathlib import Path
 
-from core.config import PRESETS
+from core.config import MAX_ENSEMBLE, PRESETS
 
 STUDY_FILE = "study.json"
 DEFAULT_KL_COEFS = (0.2, 0.1, 0.05, 0.02, 0.005)
@@ -189,6 +194,8 @@ def study_config(
     preset: str = "quick", kl_coefs=DEFAULT_KL_COEFS, ns=DEFAULT_NS, episodes: int = 2048, eval_every: int = 4,
     eval_prompts: int = 100, bon_prompts: int = 50, sft_model: str | None = None, reward_model: str | None = None,
     ptx_coef: float = 0.0, seed: int = 1234, ppo: dict | None = None, pipeline: dict | None = None,
+    ensemble: int = 0, reward_aggregate: str = "mean_minus_std", uncertainty_coef: float = 1.0,
+    ensemble_model: str | None = None,
 ) -> dict:
     """The study's settings as a plain (JSON) dict, every value checked before any work starts.
 
@@ -198,7 +205,10 @@ def study_config(
     per evaluation / for best-of-n; sft_model + reward_model: reuse these (both or neither; otherwise the
     study trains them with run_pipeline, stages sft,rm); ptx_coef: the sweep's ptx term (0: plain PPO, as
     in the paper); seed: the evaluations' sampling seed (the same answers' randomness for every point);
-    ppo: further PPO config overrides; pipeline: per-stage overrides when SFT/RM are trained."""
+    ppo: further PPO config overrides; pipeline: per-stage overrides when SFT/RM are trained; ensemble: N >= 2
+    adds the ensemble arm (the same best-of-n and KL sweep scored by an ensemble of N reward models through
+    `reward_aggregate` with `uncertainty_coef`), its ensemble reused from `ensemble_model` or trained as the
+    study's RM was with `ensemble` = N; 0: no ensemble arm."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     if isinstance(kl_coefs, str):
@@ -247,8 +257,20 @@ def study_config(
         "reward_model": str(reward_model) if reward_model else None, "ptx_coef": ptx, "seed": seed,
         "ppo": dict(ppo or {}), "pipeline": {k: dict(v) for k, v in (pipeline or {}).items()},
     }
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or not (ensemble == 0 or 2 <= ensemble <= MAX_ENSEMBLE):
+        raise ValueError(f"ensemble must be 0 (no ensemble arm) or a number of reward models from 2 to {MAX_ENSEMBLE}, "
+                         f"got {ensemble!r}")
+    if ensemble_model and not (ensemble and sft_model):
+        raise ValueError("ensemble_model is the ensemble arm's reward model, reused with the SFT model and the single "
+                         "RM it is compared with: give ensemble N, sft_model and reward_model too")
+    if ensemble:
+        # Only a study with an ensemble arm carries these keys: an older study.json resumes unchanged.
+        config.update(ensemble=ensemble, reward_aggregate=reward_aggregate, uncertainty_coef=uncertainty_coef,
+                      ensemble_model=str(ensemble_model) if ensemble_model else None)
     for c in coefs:  # every sweep config valid now, not after the models are trained
         sweep_config(config, "sft", "rm", c)
+        if ensemble:
+            sweep_config(config, "sft", "rm", c, ensemble=True)
     from core.stages import make_config
 
     for stage, values in config["pipeline"].items():
@@ -269,17 +291,19 @@ def study_config_from_dict(values: dict | None) -> dict:
     return study_config(**values)
 
 
-def sweep_config(config: dict, sft_model: str, reward_model: str, kl_coef: float):
+def sweep_config(config: dict, sft_model: str, reward_model: str, kl_coef: float, ensemble: bool = False):
     """The PPO config of one sweep run: the preset's, a fixed beta, a step checkpoint every eval_every steps
     (each one evaluated by the study), PPO's own held-out evaluation off (the study measures). The KL is in
     the reward only, as in the paper's RL (no exact KL term unless `ppo` sets one): the swept beta alone
-    decides how far the policy may go from SFT, down to the one that games the RM."""
+    decides how far the policy may go from SFT, down to the one that games the RM. `ensemble`: the ensemble
+    arm's run, its reward the ensemble's `reward_aggregate`."""
     from core.stages import make_config
 
+    scoring = {k: config[k] for k in ("reward_aggregate", "uncertainty_coef")} if ensemble else {}
     return make_config("ppo", config["preset"], {
         "total_episodes": config["episodes"], "ptx_coef": config["ptx_coef"], "kl_loss_coef": 0.0, **config["ppo"],
         "sft_model": str(sft_model), "reward_model": str(reward_model), "kl_coef": kl_coef, "adaptive_kl": False,
-        "save_every": config["eval_every"], "eval_every": 0, "eval_prompts": 0,
+        "save_every": config["eval_every"], "eval_every": 0, "eval_prompts": 0, **scoring,
     })
 
 
@@ -292,6 +316,9 @@ def check_models(config: dict) -> None:
     if config["sft_model"]:
         check_stage_models("ppo", sweep_config(config, config["sft_model"], config["reward_model"],
                                                config["kl_coefs"][0]))
+    if config.get("ensemble_model"):
+        check_stage_models("ppo", sweep_config(config, config["sft_model"], config["ensemble_model"],
+                                               config["kl_coefs"][0], ensemble=True))
 
 
 def coef_key(kl_coef: float) -> str:
@@ -312,6 +339,8 @@ def _save(study: dict, output_dir: Path) -> None:
     from core.paths import atomic_write_text
 
     study["fits"] = fits(study)
+    if study.get("ensemble"):
+        study["ensemble"]["fits"] = fits(study["ensemble"])
     atomic_write_text(output_dir / STUDY_FILE, json.dumps(study, indent=2))
 
 
@@ -354,11 +383,12 @@ def run_study(config: dict, output_dir: str | Path, store, events, name: str | N
 
 def _run(study: dict, config: dict, output_dir: Path, store, events) -> None:
     from core.data import demo
-    from core.stages.evaluate import policy_eval
+    from core.models.ensemble import load_reward_model
     from core.models.loading import load_policy, load_scalar_model, load_tokenizer, pick_device
 
     name = study["name"]
-    total = 3 + len(config["kl_coefs"])  # models, SFT baseline, best-of-n, one unit per sweep run
+    arm_units = 2 + len(config["kl_coefs"])  # the SFT baseline, best-of-n, one unit per sweep run
+    total = 1 + arm_units + (1 + arm_units if config.get("ensemble") else 0)  # + the models (and the ensemble)
     events.progress(0, total, "study: models")
     if study.get("models") is None:
         if config["sft_model"]:
@@ -378,63 +408,125 @@ def _run(study: dict, config: dict, output_dir: Path, store, events) -> None:
 
     probe = sweep_config(config, sft_ref, rm_ref, config["kl_coefs"][0])
     device = pick_device(probe.device)
-    temperature, length = probe.temperature, probe.response_length
     tokenizer = load_tokenizer(sft_ref)
     sft = load_policy(sft_ref, device, dropout=0.0).eval()
     rm = load_scalar_model(rm_ref, tokenizer.pad_token_id, device).eval()
+    arm = dict(config=config, output_dir=output_dir, store=store, events=events, sft=sft, tokenizer=tokenizer,
+               device=device, total=total)
+    if not _arm(study, study, rm, 1, **arm):
+        return
+    if config.get("ensemble"):
+        del rm
+        events.progress(1 + arm_units, total, "study: the reward-model ensemble")
+        ensemble_ref = _ensemble_model(study, config, output_dir, store, events)
+        if ensemble_ref is None:
+            return  # stopped while its members trained: they resume next time
+        ensemble = load_reward_model(ensemble_ref, tokenizer.pad_token_id, device, how=config["reward_aggregate"],
+                                     uncertainty_coef=config["uncertainty_coef"])
+        if not _arm(study, study["ensemble"], ensemble, 2 + arm_units, **arm):
+            return
+    events.progress(total, total, "study: done")
+
+
+def _arm(study: dict, arm: dict, rm, first_unit: int, config: dict, output_dir: Path, store, events, sft, tokenizer,
+         device, total: int) -> bool:
+    """One arm of the study, scored by `rm`: the SFT baseline, best-of-n and the KL sweep, each skipped when
+    done. `arm`: the study itself (the single RM) or its `ensemble` entry (the ensemble and its reward
+    aggregate), both in the same form. Returns False when stopped."""
+    from core.data import demo
+    from core.stages.evaluate import policy_eval
+
+    probe = sweep_config(config, study["models"]["sft"], arm["models"]["rm"], config["kl_coefs"][0])
+    temperature, length = probe.temperature, probe.response_length
     eval_tasks = demo.heldout_tasks(config["eval_prompts"])
+    label = "study: " + ("ensemble, " if arm is not study else "")
 
     def measure(policy) -> dict:
         return policy_eval(policy, sft, rm, tokenizer, eval_tasks, temperature, length, config["seed"])
 
-    events.progress(1, total, "study: the SFT model")
-    if study.get("sft") is None:
-        study["sft"] = measure(sft)
-        events.log(f"SFT model: gold {study['sft']['gold']:.3f}, RM {study['sft']['rm']:.3f}")
+    events.progress(first_unit, total, label + "the SFT model")
+    if arm.get("sft") is None:
+        arm["sft"] = measure(sft)
+        events.log(f"{label}SFT model: gold {arm['sft']['gold']:.3f}, RM {arm['sft']['rm']:.3f}")
         _save(study, output_dir)
 
-    events.progress(2, total, "study: best-of-n")
-    if not set(config["ns"]) <= {p["n"] for p in study.get("bon", [])}:
-        study["bon"] = best_of_n(sft, rm, tokenizer, demo.heldout_tasks(config["bon_prompts"]), config["ns"],
-                                 temperature, length, config["seed"])
-        events.log("best-of-n: " + ", ".join(f"n={p['n']} gold {p['gold']:.3f} RM {p['rm']:.3f}" for p in study["bon"]))
+    events.progress(first_unit + 1, total, label + "best-of-n")
+    if not set(config["ns"]) <= {p["n"] for p in arm.get("bon", [])}:
+        arm["bon"] = best_of_n(sft, rm, tokenizer, demo.heldout_tasks(config["bon_prompts"]), config["ns"],
+                               temperature, length, config["seed"])
+        events.log(label + "best-of-n: " + ", ".join(f"n={p['n']} gold {p['gold']:.3f} RM {p['rm']:.3f}"
+                                                    for p in arm["bon"]))
         _save(study, output_dir)
 
     for i, kl_coef in enumerate(config["kl_coefs"]):
         if events.should_stop():
-            return
-        events.progress(3 + i, total, f"study: beta={kl_coef:g}")
-        key = coef_key(kl_coef)
-        if (study["runs"].get(key) or {}).get("done"):
+            return False
+        events.progress(first_unit + 2 + i, total, f"{label}beta={kl_coef:g}")
+        if (arm["runs"].get(coef_key(kl_coef)) or {}).get("done"):
             continue
-        if not _sweep_run(study, config, output_dir, store, events, kl_coef, i, measure, device):
-            return  # stopped: the run resumes in place next time
-    events.progress(total, total, "study: done")
+        if not _sweep_run(study, arm, config, output_dir, store, events, kl_coef, i, measure, device):
+            return False  # stopped: the run resumes in place next time
+    return True
 
 
-def _sweep_run(study, config, output_dir, store, events, kl_coef, index, measure, device) -> bool:
-    """One PPO run at `kl_coef`, each step checkpoint evaluated as it is written (and, after a resume,
+def _ensemble_model(study: dict, config: dict, output_dir: Path, store, events) -> str | None:
+    """The ensemble arm's reward model: `ensemble_model`, or an ensemble of `ensemble` RMs trained as the study's
+    own RM was (its run's config, the same rankings; member 0 trains as that RM did), as run `<name>-rm-ensemble`
+    into DIR/rm-ensemble. None when stopped before it was whole."""
+    from core.stages import get_stage, make_config
+    from core.stages.events import Events
+
+    arm = study.setdefault("ensemble", {"models": None, "sft": None, "rl": [], "bon": [], "runs": {}})
+    if arm["models"] is None:
+        if config["ensemble_model"]:
+            arm["models"] = {"rm": config["ensemble_model"], "trained": False}
+        else:
+            trained = study["models"]["trained"]
+            values = (store.get_run(f"{study['name']}-rm")["config"] if trained
+                      else {"sft_model": study["models"]["sft"], **config["pipeline"].get("rm", {})})
+            rm_config = make_config("rm", config["preset"], {**values, "ensemble": config["ensemble"]})
+            run_id, out = f"{study['name']}-rm-ensemble", output_dir / "rm-ensemble"
+            store.start_run(run_id, "rm", rm_config.to_dict(), str(out))
+            try:
+                get_stage("rm").runner(rm_config, store, Events(store, run_id, events.stop_flag, events.on_progress,
+                                                                events.console), out)
+            except BaseException as exc:
+                store.set_run_status(run_id, "failed", str(exc))
+                raise
+            if events.should_stop():
+                store.set_run_status(run_id, "stopped")
+                return None
+            store.set_run_status(run_id, "done")
+            arm["models"] = {"rm": str(out), "trained": True}
+        _save(study, output_dir)
+    return arm["models"]["rm"]
+
+
+def _sweep_run(study, arm, config, output_dir, store, events, kl_coef, index, measure, device) -> bool:
+    """One PPO run at `kl_coef` in `arm`, each step checkpoint evaluated as it is written (and, after a resume,
     any written but not yet evaluated). Returns False when the run was stopped."""
     from core.stages.events import Events
     from core.models.loading import load_policy
     from core.paths import checkpoints_dir
     from core.stages import get_stage
 
+    ensemble = arm is not study
+    label = "ensemble, " if ensemble else ""
     key = coef_key(kl_coef)
-    run_id = f"{study['name']}-kl{key}"
-    out = output_dir / "ppo" / f"kl{key}"
-    ppo_config = sweep_config(config, study["models"]["sft"], study["models"]["rm"], kl_coef)
-    study["runs"][key] = {"run_id": run_id, "output_dir": str(out), "done": False}
+    run_id = f"{study['name']}-{'ens-' if ensemble else ''}kl{key}"
+    out = output_dir / ("ppo-ensemble" if ensemble else "ppo") / f"kl{key}"
+    ppo_config = sweep_config(config, study["models"]["sft"], arm["models"]["rm"], kl_coef, ensemble)
+    arm["runs"][key] = {"run_id": run_id, "output_dir": str(out), "done": False}
     _save(study, output_dir)
 
     def evaluate(step: int, path: Path, run_events: Events) -> None:
-        if any(p["kl_coef"] == kl_coef and p["step"] == step for p in study["rl"]):
+        if any(p["kl_coef"] == kl_coef and p["step"] == step for p in arm["rl"]):
             return
         policy = load_policy(path, device, dropout=0.0).eval()
         m = measure(policy)
-        study["rl"].append({"kl_coef": kl_coef, "step": step, "episodes": step * ppo_config.batch_size,
-                            "kl": m["kl"], "sqrt_kl": math.sqrt(max(m["kl"], 0.0)), "rm": m["rm"], "gold": m["gold"]})
-        study["rl"].sort(key=lambda p: (-p["kl_coef"], p["step"]))
+        arm["rl"].append({"kl_coef": kl_coef, "step": step, "episodes": step * ppo_config.batch_size,
+                          "kl": m["kl"], "sqrt_kl": math.sqrt(max(m["kl"], 0.0)), "rm": m["rm"], "gold": m["gold"]})
+        arm["rl"].sort(key=lambda p: (-p["kl_coef"], p["step"]))
         run_events.metrics(step, {"heldout_gold": m["gold"], "heldout_reward": m["rm"], "heldout_kl": m["kl"]})
         _save(study, output_dir)
 
@@ -448,7 +540,7 @@ def _sweep_run(study, config, output_dir, store, events, kl_coef, index, measure
 
     def on_progress(done: int, total: int, message: str) -> None:
         if events.on_progress:
-            events.on_progress(done, total, f"beta={kl_coef:g} ({index + 1}/{n_runs}): {message}")
+            events.on_progress(done, total, f"{label}beta={kl_coef:g} ({index + 1}/{n_runs}): {message}")
 
     store.start_run(run_id, "ppo", ppo_config.to_dict(), str(out))
     run_events = SweepEvents(store, run_id, events.stop_flag, on_progress, events.console)
@@ -467,11 +559,11 @@ def _sweep_run(study, config, output_dir, store, events, kl_coef, index, measure
         events.log(f"stopped during the beta={kl_coef:g} run; resume the study to continue it")
         return False
     store.set_run_status(run_id, "done")
-    study["runs"][key]["done"] = True
+    arm["runs"][key]["done"] = True
     _save(study, output_dir)
-    last = max((p for p in study["rl"] if p["kl_coef"] == kl_coef), key=lambda p: p["step"], default=None)
+    last = max((p for p in arm["rl"] if p["kl_coef"] == kl_coef), key=lambda p: p["step"], default=None)
     if last:
-        events.log(f"beta={kl_coef:g}: KL {last['kl']:.2f}, RM {last['rm']:.3f}, gold {last['gold']:.3f}")
+        events.log(f"{label}beta={kl_coef:g}: KL {last['kl']:.2f}, RM {last['rm']:.3f}, gold {last['gold']:.3f}")
     return True
 
 

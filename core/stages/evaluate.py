@@ -103,15 +103,13 @@ def answer_kl(model, reference, samples, temperature: float) -> torch.Tensor:
 def answer_rm_scores(reward_model, samples) -> torch.Tensor:
     """The reward model's score of each sampled answer (`core.models.generate.Samples`), read at its last
     response token (the EOS, or the last sampled token when cut off), as PPO's `score_responses` reads it
-    (raw: no missing-EOS penalty)."""
-    from core.models.loading import token_scores
+    (raw: no missing-EOS penalty; of an ensemble, its aggregate reward)."""
+    from core.models.ensemble import answer_scores
     from core.stages.rl import positions_from_mask
 
     ids, mask = samples.sequences()
-    P = samples.prompt_ids.shape[1]
     last = (samples.response_mask.sum(1).long() - 1).clamp(min=0)
-    scores = token_scores(reward_model, ids, mask, positions_from_mask(mask))[:, P:].float()
-    return scores.gather(1, last[:, None]).squeeze(1)
+    return answer_scores(reward_model, ids, mask, positions_from_mask(mask), samples.prompt_ids.shape[1], last)[0]
 
 
 def score_answers(

@@ -59,6 +59,7 @@ from core.models.loading import (
     save_model,
     token_scores,
 )
+from core.models.ensemble import answer_scores, disagreement, load_reward_model
 from core.models.lora import AdapterOff, prepare_for_training
 from core.models.pretrain import HELDOUT_BLOCK_SIZE, demo_pretrain_loss, heldout_lm_loss, lm_loss, pack_cached
 from core.models import optim
@@ -176,16 +177,20 @@ def load_models(config: PPOConfig, tokenizer, device: Device, policy_from: str |
     with its adapter off, the reward model is the value model with its adapter off (and the RM's
     own head). Without LoRA the frozen networks load in `device.frozen_dtype`: bf16 on a GPU (their
     matmuls run in bf16 under autocast anyway), halving their memory; log-prob arithmetic stays fp32
-    (`response_logprobs`)."""
+    (`response_logprobs`). An ensemble RM (core/models/ensemble.py): the value model starts from its first
+    member, and every member scores (under LoRA the first is the value model with its adapter off)."""
     pad = tokenizer.pad_token_id
     if config.lora:
         policy = prepare_for_training(load_policy(config.sft_model, device, dropout=0.0), config, "causal",
                                       policy_from)
         value_model = prepare_for_training(load_scalar_model(config.reward_model, pad, device), config, "score")
-        return assemble(policy, AdapterOff(policy), value_model, AdapterOff(value_model), tokenizer, config, device)
+        reward_model = load_reward_model(config.reward_model, pad, device, how=config.reward_aggregate,
+                                         uncertainty_coef=config.uncertainty_coef, first=AdapterOff(value_model))
+        return assemble(policy, AdapterOff(policy), value_model, reward_model, tokenizer, config, device)
     policy = prepare_for_training(load_policy(policy_from or config.sft_model, device, dropout=0.0), config, "causal")
     reference_policy = load_policy(config.sft_model, device, dropout=0.0, dtype=device.frozen_dtype)
-    reward_model = load_scalar_model(config.reward_model, pad, device, dtype=device.frozen_dtype)
+    reward_model = load_reward_model(config.reward_model, pad, device, device.frozen_dtype, config.reward_aggregate,
+                                     config.uncertainty_coef)
     value_model = prepare_for_training(load_scalar_model(config.reward_model, pad, device), config, "score")
     return assemble(policy, reference_policy, value_model, reward_model, tokenizer, config, device)
 
@@ -223,6 +228,7 @@ class Rollout:
     scores: torch.Tensor  # (B,) RM score at the last response token (minus missing-EOS penalty)
     rm_scores: torch.Tensor  # (B,) raw RM score, for the `reward` metric
     reference: ReferenceHead | None = None  # kept for the exact KL term (`kl_loss_coef` > 0)
+    rm_members: torch.Tensor | None = None  # (members, B): each reward-model ensemble member's raw score
 
 
 def generate_responses(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -300,9 +306,9 @@ def score_responses(models: PPOModels, samples: Samples, config: PPOConfig, old_
         ref_logprobs = chunked_logprobs(reference.hidden, reference, response_ids, config.temperature).logprobs
         # The RM scores the whole answer at its last response token: the EOS when it stopped,
         # else the last sampled token (the answer was cut at response_length).
+        # An ensemble's reward is its `reward_aggregate` of the members' scores (core/models/ensemble.py).
         last = (response_mask.sum(1).long() - 1).clamp(min=0)
-        rm_all = token_scores(models.reward_model, ids, mask, positions)[:, P:].float()
-        rm_scores = rm_all.gather(1, last[:, None]).squeeze(1)
+        rm_scores, rm_members = answer_scores(models.reward_model, ids, mask, positions, P, last)
     scores = rm_scores.clone()
     if config.missing_eos_penalty is not None:
         # Huang et al. detail: answers truncated without EOS are penalised, so the policy learns
@@ -310,7 +316,7 @@ def score_responses(models: PPOModels, samples: Samples, config: PPOConfig, old_
         scores = torch.where(samples.finished, scores, scores - config.missing_eos_penalty)
     return Rollout(ids, mask, positions, P, response_ids, response_mask, samples.finished, samples.texts,
                    logprobs, ref_logprobs * response_mask, values, scores, rm_scores,
-                   reference if config.kl_loss_coef > 0 else None)
+                   reference if config.kl_loss_coef > 0 else None, rm_members)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,6 +536,7 @@ def ppo_step(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     lengths = batch.response_mask.sum(1)
     metrics = {
         "reward": float(batch.rm_scores.mean()),
+        **({"ensemble_std": float(disagreement(batch.rm_members).mean())} if len(batch.rm_members) > 1 else {}),
         "score": float(batch.scores.mean()),
         "kl": float(kl.sum(1).mean()),
         "kl_coef": kl_coef,

@@ -39,6 +39,7 @@ from core.models.loading import (
     save_model,
     token_scores,
 )
+from core.models.ensemble import save_ensemble
 from core.models.lora import prepare_for_training
 from core.paths import atomic_write_text, checkpoints_dir
 from core.models import optim
@@ -295,7 +296,13 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
 
     Every saved model, epoch checkpoints included, is centred on the demonstrations (reward_bias),
     so any checkpoint the app offers as a reward model scores on the same scale. Re-running with the
-    same `output_dir` resumes after the last finished epoch, on the same rankings."""
+    same `output_dir` resumes after the last finished epoch, on the same rankings.
+
+    With `ensemble` = N > 1, N members train one after another on the same rankings, each with its own seed
+    (its head's initialisation and its data order; member 0 trains as the single RM would), each into
+    `checkpoints_dir(output_dir)/member-<i>` and resumable as a single RM; once all are done they become one
+    ensemble directory at `output_dir` (`core/models/ensemble.py`). Its metrics continue one step axis,
+    member after member."""
     config.validate()
     if not config.sft_model:
         raise ValueError("sft_model is empty: the reward model starts from an SFT checkpoint")
@@ -305,7 +312,6 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
     device = pick_device(config.device, config.precision)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.sft_model)
-    resume_from = latest_checkpoint(output_dir, "epoch")
     # Rank 0 gathers the rankings (demo: samples them) and writes them down; the others read that file,
     # so every rank trains on the same rankings.
     if dist.is_main:
@@ -320,15 +326,87 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
         raise ValueError("no usable rankings: every sampled group collapsed to one distinct answer")
     events.log(f"reward model: {len(train)} training rankings ({sum(len(r.responses) for r in train)} answers), "
                f"{len(heldout)} held out")
+    centring = demonstrations_for_bias(config, store, train)
+    prefix = events.run_id or "rm"
+    if config.ensemble == 1:
+        summary = train_member(config, events, output_dir, tokenizer, device, train, heldout, centring, prefix)
+        if summary is None:
+            # Nothing centred to offer yet: leave no reward model behind (a resume starts the first epoch again).
+            events.log("stopped before the first epoch ended; resume with the same output directory")
+    else:
+        summary = _train_ensemble(config, events, output_dir, tokenizer, device, train, heldout, centring, prefix)
+    if summary is None:
+        events.close()
+        return output_dir
+    if dist.is_main:
+        atomic_write_text(output_dir.with_name(output_dir.name + "-rankings.jsonl"), "".join(
+            json.dumps({"prompt": r.prompt, "responses": r.responses}) + "\n" for r in train))
+        if (output_dir / SUMMARY_FILE).is_file():
+            events.checkpoint(prefix, "rm", output_dir, summary["steps"])
+    dist.barrier()  # the other ranks return once the output is written
+    events.close()
+    return output_dir
+
+
+MEMBER_SEED_STRIDE = 1000  # member i trains with seed + 1000 i: no member's data order repeats another's epoch
+
+
+def member_dir(output_dir: Path, i: int) -> Path:
+    """Where member i of an ensemble trains and keeps its final model until the ensemble is assembled."""
+    return checkpoints_dir(output_dir) / f"member-{i}"
+
+
+def _train_ensemble(config: RewardConfig, events: Events, output_dir: Path, tokenizer, device: Device,
+                    train: list[Ranking], heldout: list[Ranking], centring, prefix: str) -> dict | None:
+    """The members one after another (a finished member is skipped on resume), then the ensemble directory and
+    its summary; None when stopped (no ensemble is written until every member is done)."""
+    dist = events.dist
+    n = config.ensemble
+    members, summaries = [member_dir(output_dir, i) for i in range(n)], []
+    for i, directory in enumerate(members):
+        done = directory / SUMMARY_FILE
+        if done.is_file() and not json.loads(done.read_text())["stopped"]:
+            summaries.append(json.loads(done.read_text()))
+            continue
+        events.log(f"reward-model ensemble: member {i + 1} of {n}")
+        if i:  # member 0 starts from the run's seed, as a single RM would
+            torch.manual_seed(config.seed + MEMBER_SEED_STRIDE * i)
+        summary = train_member(config, events, directory, tokenizer, device, train, heldout, centring,
+                               f"{prefix}-member-{i}", seed=config.seed + MEMBER_SEED_STRIDE * i, member=(i, n))
+        if summary is None or summary["stopped"]:
+            events.log(f"stopped while training member {i + 1} of {n}; resume with the same output directory")
+            return None
+        summaries.append(summary)
+    accuracies = [s["heldout_accuracy"] for s in summaries if s.get("heldout_accuracy") is not None]
+    summary = {"stage": "rm", "ensemble": n, "members": summaries,
+               "heldout_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
+               "train_rankings": len(train), "heldout_rankings": len(heldout),
+               "steps": summaries[-1]["steps"], "stopped": False}
+    if dist.is_main:
+        save_ensemble(output_dir, members, extra_json={SUMMARY_FILE: summary})
+        events.log(f"reward-model ensemble of {n}: held-out accuracy per member "
+                   + ", ".join(f"{a:.3f}" for a in accuracies))
+    return summary
+
+
+def train_member(config: RewardConfig, events: Events, output_dir: Path, tokenizer, device: Device,
+                 train: list[Ranking], heldout: list[Ranking], centring, prefix: str, seed: int | None = None,
+                 member: tuple[int, int] = (0, 1)) -> dict | None:
+    """Train one reward model into `output_dir` (resuming after its last finished epoch) and save it there with
+    its summary; None when stopped before its first epoch ended. `seed`: its data order (default the config's);
+    `member`: (i, N) of an ensemble, whose steps continue after the i members before it."""
+    dist = events.dist
+    seed = config.seed if seed is None else seed
+    resume_from = latest_checkpoint(output_dir, "epoch")
     # With LoRA the base loads as it is and the checkpoint's adapter (and head) goes back on top of it.
     model = load_scalar_model(config.sft_model if config.lora else (resume_from or config.sft_model),
                               tokenizer.pad_token_id, device)
     fuse_gelu(model)  # the same activation in one kernel (core/models/loading.py)
     model = prepare_for_training(model, config, "score", resume_from if config.lora else None)
-    centring = demonstrations_for_bias(config, store, train)
 
     batch_starts = dist.batch_starts(len(train), config.batch_size)
     total_steps = len(batch_starts) * config.epochs
+    offset = member[0] * total_steps  # the steps of the members trained before this one
     optimizer = optim.adamw([p for p in model.parameters() if p.requires_grad], config.learning_rate)
     scheduler = optim.make_schedule(optimizer, total_steps, config.warmup_ratio)
     state = {"epoch": 0, "step": 0, "summary": {}}
@@ -345,7 +423,7 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
     stopped = False
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         order = list(range(len(train)))
-        random.Random(config.seed + epoch).shuffle(order)
+        random.Random(seed + epoch).shuffle(order)
         start, pairs_seen = time.perf_counter(), 0
         for i in batch_starts:
             if events.should_stop():
@@ -359,9 +437,9 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
             optim.step(loss, model, optimizer, scheduler, dist=dist)
             state["step"] += 1
             pairs_seen += sum(k * (k - 1) // 2 for k in sizes)
-            events.metrics(state["step"], {"rm_loss": loss.item(), "rm_accuracy": accuracy.item(),
-                                           "pairs_per_s": pairs_seen / (time.perf_counter() - start)})
-            events.progress(state["step"], total_steps, "reward model")
+            events.metrics(offset + state["step"], {"rm_loss": loss.item(), "rm_accuracy": accuracy.item(),
+                                                    "pairs_per_s": pairs_seen / (time.perf_counter() - start)})
+            events.progress(offset + state["step"], total_steps * member[1], "reward model")
         if stopped:
             break
         state["epoch"] = epoch
@@ -371,34 +449,28 @@ def run(config: RewardConfig, store: Store | None, events: Events, output_dir: s
         with dist.full_weights(model):
             if heldout:
                 state["summary"] = pairwise_accuracy(model, tokenizer, heldout, config.max_length, device)
-                events.metrics(state["step"], {"heldout_accuracy": state["summary"]["accuracy"]})
+                events.metrics(offset + state["step"], {"heldout_accuracy": state["summary"]["accuracy"]})
                 events.log(f"epoch {epoch}: held-out pairwise accuracy {state['summary']['accuracy']:.3f}")
             centre_on_demonstrations(model, tokenizer, centring, config.max_length, device)
             model.train()
             if dist.is_main:
                 ckpt = save_training_checkpoint(model, tokenizer, checkpoint_path(output_dir, "epoch", epoch), state,
                                                 training, device)
-                events.checkpoint(f"{events.run_id or 'rm'}-epoch-{epoch}", "rm", ckpt, state["step"])
+                events.checkpoint(f"{prefix}-epoch-{epoch}", "rm", ckpt, offset + state["step"])
         dist.barrier()  # a stop below reloads this checkpoint on every rank
 
     if stopped and state["epoch"] == 0:
-        # Nothing centred to offer yet: leave no reward model behind (a resume starts the first epoch again).
-        events.log("stopped before the first epoch ended; resume with the same output directory")
-        events.close()
-        return output_dir
+        return None
     if stopped:
         # The last centred epoch stands as the model; the partial epoch's updates are dropped.
         model = load_scalar_model(latest_checkpoint(output_dir, "epoch"), tokenizer.pad_token_id, device)
     summary = state["summary"]
     summary = {"stage": "rm", "heldout_accuracy": summary.get("accuracy"), **summary,
                "reward_bias": float(model.config.reward_bias), "train_rankings": len(train),
-               "heldout_rankings": len(heldout), "epochs_done": state["epoch"], "stopped": stopped}
+               "heldout_rankings": len(heldout), "epochs_done": state["epoch"], "stopped": stopped,
+               "seed": seed, "steps": offset + state["step"]}
     with dist.full_weights(model):
         if dist.is_main:
             save_model(model, tokenizer, output_dir, extra_json={SUMMARY_FILE: summary})
-            atomic_write_text(output_dir.with_name(output_dir.name + "-rankings.jsonl"), "".join(
-                json.dumps({"prompt": r.prompt, "responses": r.responses}) + "\n" for r in train))
-            events.checkpoint(events.run_id or "rm", "rm", output_dir, state["step"])
-    dist.barrier()  # the other ranks return once the output is written
-    events.close()
-    return output_dir
+    dist.barrier()
+    return summary

@@ -70,7 +70,7 @@ GROUP_METRICS = {
     "loss": "policy_loss", "reward": "score", "reward_std": "reward_std", "raw_reward": "reward", "gold": "gold",
     "kl": "kl_token", "entropy": "entropy", "completions/mean_length": "response_length",
     "clip_ratio/region_mean": "clip_frac", "frac_reward_zero_std": "frac_reward_zero_std",
-    "learning_rate": "learning_rate", "grad_norm": "grad_norm",
+    "learning_rate": "learning_rate", "grad_norm": "grad_norm", "ensemble_std": "ensemble_std",
 }
 
 
@@ -191,16 +191,15 @@ def make_reward(config, tokenizer, device: Device) -> Callable[..., list[float]]
     as PPO scores them; or (`reward: gold`) the demo's simulated labeler. Answers that never emitted
     EOS lose `missing_eos_penalty`, as in PPO. Logs the raw reward (`reward`) and, on demo prompts,
     the gold score (`gold`) beside TRL's own metrics."""
+    from core.models.ensemble import disagreement, load_reward_model
     from core.stages.reward import score_sequences
 
     eos = tokenizer.eos_token_id
     rm = None
     if config.reward == "rm":
-        from core.models.loading import load_scalar_model
-
-        rm = load_scalar_model(config.reward_model, tokenizer.pad_token_id, device)
-        rm.eval()
-        rm.requires_grad_(False)
+        # Every member of an ensemble RM, its scores combined by `reward_aggregate` (core/models/ensemble.py).
+        rm = load_reward_model(config.reward_model, tokenizer.pad_token_id, device, how=config.reward_aggregate,
+                               uncertainty_coef=config.uncertainty_coef)
     prompt_cache: dict[str, list[int]] = {}
 
     def prompt_ids(text: str) -> list[int]:
@@ -216,11 +215,14 @@ def make_reward(config, tokenizer, device: Device) -> Callable[..., list[float]]
         else:
             # TRL's completion ids stop at (and include) the EOS; a cut-off answer ends on its last sampled token.
             seqs = [prompt_ids(p) + list(ids) for p, ids in zip(prompts, completion_ids)]
-            raw = score_sequences(rm, seqs, tokenizer.pad_token_id, device).tolist()
+            members = torch.stack([score_sequences(m, seqs, tokenizer.pad_token_id, device) for m in rm.members])
+            raw = rm.aggregate(members).tolist()
         penalty = config.missing_eos_penalty or 0.0
         scores = [s if (ids and ids[-1] == eos) else s - penalty for s, ids in zip(raw, completion_ids)]
         if log_metric is not None:
             log_metric("raw_reward", sum(raw) / len(raw))
+            if rm is not None and len(rm.members) > 1:
+                log_metric("ensemble_std", float(disagreement(members).mean()))
             if gold is not None:
                 log_metric("gold", sum(gold) / len(gold))
         return scores

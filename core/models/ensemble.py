@@ -1,0 +1,137 @@
+"""Reward-model ensembles against over-optimisation (Coste et al. 2023, "Reward model ensembles help mitigate
+overoptimization"; Eisenstein et al. 2023).
+
+N reward models trained on the same rankings, each with its own seed (head initialisation, data order), agree
+where the rankings taught them and drift apart where a policy wanders off what they saw. A conservative reward
+then gives the policy less to win out there: the members' minimum, or their mean minus lambda times their
+standard deviation (`reward_aggregate`, `uncertainty_coef`). The plain mean is the ensemble without the penalty.
+
+On disk an ensemble is one directory (`save_ensemble`): its first member at the top, a plain HF reward-model
+directory, so every loader of a single RM (the value model's start, Chat, TRL) reads it unchanged, and the
+other members in `member-<i>/`, listed in `ensemble.json` (`core.models.loading.ensemble_members`, which
+refuses a directory missing a member). `load_reward_model` loads any RM directory as a `RewardEnsemble`: one
+plain RM is an ensemble of one, whose every aggregate is its own score, so every stage scores one way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from core.config import REWARD_AGGREGATES
+from core.models.loading import (
+    ENSEMBLE_FILE,
+    Device,
+    check_same_tokenizer,
+    ensemble_members,
+    load_scalar_model,
+    load_tokenizer,
+    resolve_model,
+    token_scores,
+)
+from core.paths import atomic_dir
+
+MEMBER_DIR = "member-{}"
+
+
+def aggregate(member_scores: torch.Tensor, how: str = "mean", uncertainty_coef: float = 1.0) -> torch.Tensor:
+    """One reward from the members' scores (members along dim 0): their mean, their min, or
+    mean - uncertainty_coef * std. The std is the population one (divided by N): one member has std 0, so
+    every aggregate of a single RM is its score."""
+    if how == "mean":
+        return member_scores.mean(0)
+    if how == "min":
+        return member_scores.min(0).values
+    if how == "mean_minus_std":
+        return member_scores.mean(0) - uncertainty_coef * disagreement(member_scores)
+    raise ValueError(f"reward_aggregate must be one of {', '.join(REWARD_AGGREGATES)}, got {how!r}")
+
+
+def disagreement(member_scores: torch.Tensor) -> torch.Tensor:
+    """The members' standard deviation (population, members along dim 0): the ensemble's uncertainty."""
+    return member_scores.std(0, correction=0)
+
+
+class RewardEnsemble(torch.nn.Module):
+    """N frozen reward models scored together; `forward` is the aggregate reward at every position."""
+
+    def __init__(self, members: list[torch.nn.Module], how: str = "mean", uncertainty_coef: float = 1.0):
+        super().__init__()
+        if how not in REWARD_AGGREGATES:
+            raise ValueError(f"reward_aggregate must be one of {', '.join(REWARD_AGGREGATES)}, got {how!r}")
+        self.members = torch.nn.ModuleList(members)
+        self.how, self.uncertainty_coef = how, uncertainty_coef
+
+    def member_scores(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        """(members, batch, seq): each member's `token_scores`."""
+        return torch.stack([token_scores(m, input_ids, attention_mask, position_ids) for m in self.members])
+
+    def aggregate(self, member_scores: torch.Tensor) -> torch.Tensor:
+        return aggregate(member_scores, self.how, self.uncertainty_coef)
+
+    def forward(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        return self.aggregate(self.member_scores(input_ids, attention_mask, position_ids))
+
+
+def member_token_scores(reward_model, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    """(members, batch, seq): each member's score at every position, of a `RewardEnsemble` or of one plain
+    reward model (then one member)."""
+    if isinstance(reward_model, RewardEnsemble):
+        return reward_model.member_scores(input_ids, attention_mask, position_ids)
+    return token_scores(reward_model, input_ids, attention_mask, position_ids)[None]
+
+
+def answer_scores(reward_model, input_ids, attention_mask, position_ids, prompt_len: int, last: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the reward (batch,), each member's score (members, batch)) of answers after a prompt of `prompt_len`
+    columns, read at each answer's last token `last` (batch,), as PPO reads the RM. A plain reward model is
+    one member whose score is the reward."""
+    members = member_token_scores(reward_model, input_ids, attention_mask, position_ids)[:, :, prompt_len:].float()
+    members = members.gather(2, last.expand(len(members), -1).unsqueeze(2)).squeeze(2)
+    if isinstance(reward_model, RewardEnsemble):
+        return reward_model.aggregate(members), members
+    return members[0], members
+
+
+def ensemble_size(path: str | os.PathLike) -> int:
+    """How many reward models the directory holds (1 for a plain one)."""
+    return len(ensemble_members(resolve_model(path)))
+
+
+def load_reward_model(path: str | os.PathLike, pad_token_id: int, device: Device | None = None,
+                      dtype: torch.dtype = torch.float32, how: str = "mean", uncertainty_coef: float = 1.0,
+                      first: torch.nn.Module | None = None) -> RewardEnsemble:
+    """Every member of the RM directory `path`, frozen, as a `RewardEnsemble` aggregating by `how`. `first`:
+    the first member already loaded (PPO under LoRA: the value model with its adapter off). Members whose
+    tokenizers differ are refused: they would read the same answer as different token ids."""
+    members = ensemble_members(resolve_model(path))
+    tokenizer = load_tokenizer(members[0])
+    for member in members[1:]:
+        check_same_tokenizer(tokenizer, load_tokenizer(member),
+                             f"reward-model ensemble {path}: member {member.name} does not match the first member")
+    models = [first] if first is not None else []
+    models += [load_scalar_model(m, pad_token_id, device, dtype) for m in members[len(models):]]
+    for m in models:
+        m.eval()
+        m.requires_grad_(False)
+    return RewardEnsemble(models, how, uncertainty_coef)
+
+
+def save_ensemble(target: str | os.PathLike, member_dirs: list[Path], extra_json: dict[str, dict] | None = None
+                  ) -> Path:
+    """One ensemble directory from trained member directories, written atomically: the first member's files at
+    the top, each other member copied whole into `member-<i>/`, `ensemble.json` listing them."""
+    target = Path(target)
+    names = ["."] + [MEMBER_DIR.format(i) for i in range(1, len(member_dirs))]
+    with atomic_dir(target) as tmp:
+        shutil.copytree(member_dirs[0], tmp, dirs_exist_ok=True)
+        for name, member in zip(names[1:], member_dirs[1:]):
+            shutil.copytree(member, tmp / name)
+        (tmp / ENSEMBLE_FILE).write_text(json.dumps({"members": names}, indent=2))
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2))
+    return target

@@ -1,0 +1,230 @@
+"""Reward-model ensembles (core/models/ensemble.py, `rlhf rm --set ensemble=N`): the conservative reward against
+a hand computation, members that differ, an ensemble directory that round-trips and refuses a missing member or
+a member with another tokenizer, PPO scoring with the aggregate, the memory planner counting every member, and
+bad settings refused. The study's ensemble arm is tested in tests/test_study.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from core.config import GRPOConfig, PPOConfig, RewardConfig
+from core.data import demo
+from core.models.ensemble import (
+    RewardEnsemble,
+    aggregate,
+    answer_scores,
+    disagreement,
+    ensemble_size,
+    load_reward_model,
+    save_ensemble,
+)
+from core.models.generate import encode_prompts
+from core.models.loading import (
+    load_policy,
+    load_scalar_model,
+    load_tokenizer,
+    pick_device,
+    resolve_model,
+    save_checkpoint,
+    token_scores,
+)
+from core.stages import make_config, ppo, reward
+
+CPU = pick_device("cpu")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ---------------------------------------------------------------------------------------------
+# The aggregate, by hand
+# ---------------------------------------------------------------------------------------------
+
+SCORES = torch.tensor([[1.0, -2.0, 0.5],  # member 0's scores of three answers
+                       [3.0, 0.0, 0.5],
+                       [2.0, -1.0, 0.5]])
+
+
+def test_the_conservative_reward_equals_the_hand_computation():
+    std = math.sqrt(2 / 3)  # answers 0 and 1: deviations -1, +1, 0 from the mean (population std); answer 2: 0
+    assert aggregate(SCORES, "mean").tolist() == pytest.approx([2.0, -1.0, 0.5])
+    assert aggregate(SCORES, "min").tolist() == pytest.approx([1.0, -2.0, 0.5])
+    assert disagreement(SCORES).tolist() == pytest.approx([std, std, 0.0])
+    assert aggregate(SCORES, "mean_minus_std", 0.5).tolist() == pytest.approx([2 - 0.5 * std, -1 - 0.5 * std, 0.5])
+    assert aggregate(SCORES, "mean_minus_std", 0.0).tolist() == pytest.approx([2.0, -1.0, 0.5])
+    # One reward model: every aggregate is its own score, exactly.
+    for how in ("mean", "min", "mean_minus_std"):
+        assert torch.equal(aggregate(SCORES[:1], how, 3.0), SCORES[0])
+    with pytest.raises(ValueError, match="reward_aggregate"):
+        aggregate(SCORES, "max")
+
+
+@pytest.mark.parametrize("cls, values, message", [
+    (RewardConfig, {"ensemble": 0}, "ensemble must be >= 1"),
+    (RewardConfig, {"ensemble": 17}, "ensemble must be <= 16"),
+    (PPOConfig, {"uncertainty_coef": -0.5}, "uncertainty_coef must be >= 0"),
+    (PPOConfig, {"uncertainty_coef": float("nan")}, "uncertainty_coef must be a finite number"),
+    (GRPOConfig, {"reward_aggregate": "max"}, "reward_aggregate must be one of mean, min, mean_minus_std"),
+])
+def test_bad_ensemble_settings_are_refused(cls, values, message):
+    with pytest.raises(ValueError, match=message):
+        cls.from_dict(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained ensemble: `rlhf rm --set ensemble=2`
+# ---------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self):
+        self.dist = __import__("core.distributed", fromlist=["Distributed"]).Distributed()
+        self.run_id, self.steps, self.checkpoints, self.logs = None, [], [], []
+
+    def should_stop(self):
+        return False
+
+    def metrics(self, step, values):
+        self.steps.append(step)
+
+    def progress(self, *args):
+        pass
+
+    def checkpoint(self, name, kind, path, step=0):
+        self.checkpoints.append((name, kind, path))
+
+    def log(self, message):
+        self.logs.append(message)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ensemble")
+    path = root / "rankings.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo.synthetic_rankings(200, 4)))
+    config = make_config("rm", "quick", dict(sft_model="bundled", data=str(path), ensemble=2))
+    events = Recorder()
+    return config, reward.run(config, None, events, root / "rm"), events
+
+
+def _answers(tok, n=24):
+    rows = demo.synthetic_rankings(n, 4)
+    seqs = [s for r in rows for s in reward.encode_answers(tok, r["prompt"], r["responses"], 128)]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    return ids, mask, mask.sum(1) - 1
+
+
+def test_an_ensemble_trains_members_that_differ_and_round_trips(trained, tok):
+    config, out, events = trained
+    listing = json.loads((out / "ensemble.json").read_text())
+    assert listing["members"] == [".", "member-1"] and ensemble_size(out) == 2
+    summary = json.loads((out / "rm_summary.json").read_text())
+    assert summary["ensemble"] == 2 and [m["seed"] for m in summary["members"]] == [0, 1000]
+    for member in summary["members"]:
+        assert member["heldout_accuracy"] > 0.75  # both learned the rankings
+    # One step axis, member after member: the second member's steps follow the first's.
+    per_member = summary["members"][0]["steps"]
+    assert events.steps == sorted(events.steps) and summary["members"][1]["steps"] == summary["steps"] == 2 * per_member
+    assert len(set(events.steps)) == 2 * per_member
+
+    # Members differ: other heads, other scores of the same answers (not N copies).
+    first = AutoModelForSequenceClassification.from_pretrained(out)  # plain transformers reads member 0
+    second = AutoModelForSequenceClassification.from_pretrained(out / "member-1")
+    assert (first.score.weight - second.score.weight).abs().max() > 1e-3
+    ids, mask, last = _answers(tok)
+    with torch.no_grad():
+        alone = torch.stack([token_scores(m.eval(), ids, mask)[torch.arange(len(ids)), last] for m in (first, second)])
+    assert (alone[0] - alone[1]).abs().mean() > 0.05
+
+    # The directory loads back as the ensemble: each member scores as it does alone, the reward aggregates them.
+    ensemble = load_reward_model(out, tok.pad_token_id, CPU, how="min")
+    assert isinstance(ensemble, RewardEnsemble) and len(ensemble.members) == 2
+    with torch.no_grad():
+        reward_, members = answer_scores(ensemble, ids, mask, None, 0, last)
+    assert torch.allclose(members, alone, atol=1e-5)
+    assert torch.allclose(reward_, alone.min(0).values, atol=1e-5)
+    # Every member is centred on the demonstrations (its own reward_bias), as a single RM.
+    assert first.config.reward_bias != second.config.reward_bias
+
+
+def test_an_ensemble_missing_a_member_or_with_another_tokenizer_is_refused(trained, tmp_path, tok):
+    _, out, _ = trained
+    broken = shutil.copytree(out, tmp_path / "broken")
+    shutil.rmtree(broken / "member-1")
+    with pytest.raises(ValueError, match="missing its member 'member-1'"):
+        resolve_model(broken)
+    with pytest.raises(ValueError, match="missing its member"):
+        load_reward_model(broken, tok.pad_token_id, CPU)
+    from core.stages import check_models
+
+    with pytest.raises(ValueError, match="missing its member"):
+        check_models("ppo", PPOConfig.from_dict({"sft_model": "bundled", "reward_model": str(broken), "device": "cpu"}))
+
+    other = load_tokenizer("bundled")
+    other.add_tokens(["zzqx-not-in-the-vocabulary"])
+    torch.manual_seed(0)
+    a = save_checkpoint(load_scalar_model("bundled", tok.pad_token_id, CPU), tok, tmp_path / "a")
+    b = save_checkpoint(load_scalar_model("bundled", tok.pad_token_id, CPU), other, tmp_path / "b")
+    mixed = save_ensemble(tmp_path / "mixed", [a, b])
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        load_reward_model(mixed, tok.pad_token_id, CPU)
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO scores with the aggregate; the planner counts every member
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def random_ensemble(tmp_path_factory, tok):
+    """(sft dir, an ensemble of three random-head RMs): no training needed to check how they are scored."""
+    root = tmp_path_factory.mktemp("random-ensemble")
+    torch.manual_seed(0)
+    sft = save_checkpoint(load_policy("bundled", CPU), tok, root / "sft")
+    members = [save_checkpoint(load_scalar_model("bundled", tok.pad_token_id, CPU), tok, root / f"rm{i}")
+               for i in range(3)]
+    return sft, save_ensemble(root / "ensemble", members)
+
+
+@pytest.mark.parametrize("how", ["min", "mean_minus_std"])
+def test_ppo_rewards_the_aggregate_and_logs_the_disagreement(random_ensemble, tok, how):
+    sft, ensemble = random_ensemble
+    config = PPOConfig.from_dict(dict(sft_model=str(sft), reward_model=str(ensemble), total_episodes=8, batch_size=8,
+                                      ppo_epochs=1, response_length=8, ptx_coef=0.0, device="cpu",
+                                      reward_aggregate=how, uncertainty_coef=2.0))
+    models = ppo.load_models(config, tok, CPU)
+    assert len(models.reward_model.members) == 3
+    prompts = [t.prompt for t in demo.train_tasks(8)]
+    ids, mask = encode_prompts(tok, prompts)
+    result = ppo.ppo_step(models, ids, mask, config, config.kl_coef)
+    members = result.rollout.rm_members
+    assert members.shape == (3, 8)
+    expected = members.min(0).values if how == "min" else members.mean(0) - 2.0 * members.std(0, correction=0)
+    assert torch.allclose(result.rollout.rm_scores, expected)
+    assert result.metrics["reward"] == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert result.metrics["ensemble_std"] == pytest.approx(float(members.std(0, correction=0).mean()), abs=1e-5)
+    assert result.metrics["ensemble_std"] > 0  # random heads disagree
+
+    single = PPOConfig.from_dict({**config.to_dict(), "reward_model": str(ensemble / "member-1")})
+    one = ppo.ppo_step(ppo.load_models(single, tok, CPU), ids, mask, single, single.kl_coef)
+    assert one.rollout.rm_members.shape == (1, 8) and "ensemble_std" not in one.metrics
+
+
+def test_the_memory_planner_counts_every_member(random_ensemble):
+    from core.models.memory import plan
+
+    sft, ensemble = random_ensemble
+    base = dict(sft_model=str(sft), batch_size=8, response_length=8, device="cpu")
+    one = plan("ppo", PPOConfig.from_dict({**base, "reward_model": str(ensemble / "member-1")}), "cpu")
+    three = plan("ppo", PPOConfig.from_dict({**base, "reward_model": str(ensemble)}), "cpu")
+    assert three.total("weights", "reward_model") == 3 * one.total("weights", "reward_model")
+    assert three.total() - one.total() == 2 * one.total("weights", "reward_model")
