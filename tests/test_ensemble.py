@@ -81,12 +81,13 @@ def test_bad_ensemble_settings_are_refused(cls, values, message):
 
 
 class Recorder:
-    def __init__(self):
+    def __init__(self, stop_after: int | None = None):
         self.dist = __import__("core.distributed", fromlist=["Distributed"]).Distributed()
         self.run_id, self.steps, self.checkpoints, self.logs = None, [], [], []
+        self.stop_after = stop_after
 
     def should_stop(self):
-        return False
+        return self.stop_after is not None and len(set(self.steps)) >= self.stop_after
 
     def metrics(self, step, values):
         self.steps.append(step)
@@ -154,6 +155,28 @@ def test_an_ensemble_trains_members_that_differ_and_round_trips(trained, tok):
     assert torch.allclose(reward_, alone.min(0).values, atol=1e-5)
     # Every member is centred on the demonstrations (its own reward_bias), as a single RM.
     assert first.config.reward_bias != second.config.reward_bias
+
+
+def test_a_stopped_ensemble_resumes_with_the_member_it_stopped_in(tmp_path):
+    """Stopped in its second member, an ensemble leaves no ensemble directory; run again it skips the finished
+    member and ends with the same members as an uninterrupted run."""
+    path = tmp_path / "rankings.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo.synthetic_rankings(48, 4)))
+    config = make_config("rm", "quick", dict(sft_model="bundled", data=str(path), ensemble=2))
+    straight = reward.run(config, None, Recorder(), tmp_path / "straight")
+    per_member = json.loads((straight / "rm_summary.json").read_text())["members"][0]["steps"]
+    first = Recorder(stop_after=per_member + 2)
+    reward.run(config, None, first, tmp_path / "resumed")
+    assert not (tmp_path / "resumed").exists()
+    assert any("stopped while training member 2 of 2" in line for line in first.logs)
+    second = Recorder()
+    resumed = reward.run(config, None, second, tmp_path / "resumed")
+    assert not any("member 1 of 2" in line for line in second.logs)  # the finished member is not trained again
+    assert min(second.steps) == per_member + 1  # the second member's curve, on the ensemble's one step axis
+    for member in ("", "member-1"):
+        a = AutoModelForSequenceClassification.from_pretrained(straight / member).state_dict()
+        b = AutoModelForSequenceClassification.from_pretrained(resumed / member).state_dict()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, member
 
 
 def test_an_ensemble_missing_a_member_or_with_another_tokenizer_is_refused(trained, tmp_path, tok):
@@ -228,3 +251,26 @@ def test_the_memory_planner_counts_every_member(random_ensemble):
     three = plan("ppo", PPOConfig.from_dict({**base, "reward_model": str(ensemble)}), "cpu")
     assert three.total("weights", "reward_model") == 3 * one.total("weights", "reward_model")
     assert three.total() - one.total() == 2 * one.total("weights", "reward_model")
+
+
+def test_grpo_and_rloo_reward_the_aggregate_and_log_the_disagreement(random_ensemble, tok):
+    from core.stages import trl_bridge
+
+    sft, ensemble = random_ensemble
+    config = GRPOConfig.from_dict(dict(sft_model=str(sft), reward_model=str(ensemble), reward_aggregate="min",
+                                       device="cpu"))
+    reward_fn = trl_bridge.make_reward(config, tok, CPU)
+    tasks = demo.train_tasks(4)
+    prompts = [demo.format_prompt(t.prompt) for t in tasks]
+    completions = [" The answer is 3.", " I think it is 5 or so, maybe.", " 12", " The answer is 7."]
+    completion_ids = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in completions]
+    logged = {}
+    scores = reward_fn(prompts, completions, completion_ids, [t.prompt for t in tasks],
+                       log_metric=lambda name, value: logged.setdefault(name, value))
+    seqs = [tok(p, add_special_tokens=False)["input_ids"] + ids for p, ids in zip(prompts, completion_ids)]
+    members = torch.stack([reward.score_sequences(m, seqs, tok.pad_token_id, CPU)
+                           for m in load_reward_model(ensemble, tok.pad_token_id, CPU).members])
+    assert scores == pytest.approx(members.min(0).values.tolist(), abs=1e-5)
+    assert logged["raw_reward"] == pytest.approx(float(members.min(0).values.mean()), abs=1e-5)
+    assert logged["ensemble_std"] == pytest.approx(float(members.std(0, correction=0).mean()), abs=1e-5)
+    assert logged["ensemble_std"] > 0
