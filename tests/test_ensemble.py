@@ -274,3 +274,30 @@ def test_grpo_and_rloo_reward_the_aggregate_and_log_the_disagreement(random_ense
     assert logged["raw_reward"] == pytest.approx(float(members.min(0).values.mean()), abs=1e-5)
     assert logged["ensemble_std"] == pytest.approx(float(members.std(0, correction=0).mean()), abs=1e-5)
     assert logged["ensemble_std"] > 0
+
+
+def test_the_rollout_sample_keeps_each_members_score_and_older_stores_gain_the_column(tmp_path, tok):
+    from types import SimpleNamespace
+
+    from core.data import rollouts
+    from core.data.store import Store
+
+    store = Store(tmp_path / "before-ensembles.db")
+    # A store written before ensembles: its rollouts table has no `members` column, and holds a row.
+    store._conn().executescript("\n".join(line for line in rollouts.SCHEMA.splitlines() if "members TEXT" not in line))
+    store.create_run("ppo-e", "ppo", {})
+    store._conn().execute("INSERT INTO rollout_steps VALUES ('ppo-e', 1, '[0.5]')")
+    store._conn().execute("INSERT INTO rollouts VALUES ('ppo-e', 1, 0, 'p', 'r', 0.5, NULL, 0.0, 1, 1, '[]')")
+    store._conn().commit()
+    assert rollouts.samples(store, "ppo-e", 1)[0]["members"] is None  # the old row reads as one RM's
+
+    prompts = [t.prompt for t in demo.train_tasks(4)]
+    mask = torch.ones(4, 3)
+    members = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, -0.6, 0.7, 0.8]])
+    rollout = SimpleNamespace(response_ids=torch.full((4, 3), 20), response_mask=mask, logprobs=-mask, ref_logprobs=-mask,
+                              rm_scores=members.min(0).values, finished=torch.ones(4, dtype=torch.bool),
+                              texts=["a", "b", "c", "d"], rm_members=members)
+    rollouts.RolloutRecorder(store, "ppo-e", num_steps=2, tokenizer=tok).record(2, prompts, rollout)
+    kept = {s["idx"]: s for s in rollouts.samples(store, "ppo-e", 2)}
+    assert kept[1]["members"] == [0.2, -0.6] and kept[1]["reward"] == pytest.approx(-0.6)
+    assert [kept[i]["members"] for i in range(4)] == [[0.1, 0.5], [0.2, -0.6], [0.3, 0.7], [0.4, 0.8]]

@@ -96,7 +96,7 @@ class RolloutRecorder:
         mask = rollout.response_mask[:n].detach().float().cpu()
         kl = ((rollout.logprobs[:n] - rollout.ref_logprobs[:n]).detach().float().cpu() * mask).tolist()
         finished = rollout.finished[:n].detach().cpu().tolist()
-        members = rollout.rm_members  # (members, B); kept only for an ensemble
+        members = getattr(rollout, "rm_members", None)  # (members, B); kept only for an ensemble
         members = members[:, :n].T.float().cpu().tolist() if members is not None and len(members) > 1 else None
         rows = []
         for i in range(n):
