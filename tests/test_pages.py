@@ -239,6 +239,8 @@ def test_train_rm_needs_an_sft_checkpoint(app):
     assert button(at, "Launch").disabled
     assert at.text_input(key="cfg_rm_quick_learning_rate").value == "0.0005"
     assert not any(w.key == "cfg_rm_quick_sft_model" for w in at.text_input)
+    at.number_input(key="cfg_rm_quick_ensemble").set_value(17).run()  # an ensemble of 1..16 reward models
+    assert "ensemble must be <= 16" in texts(at.error)
 
 
 def test_monitor_overlays_runs_and_exports_csv(app, workbench_home):

@@ -127,12 +127,14 @@ def test_rollout_browser_shows_samples_as_escaped_text(app, workbench_home):
         rollout = fake_rollout(8, 5, step, prompts, tokenizer)
         rollout.texts[0] = ATTACK
         rollout.response_ids[0, :3] = torch.tensor(tokenizer(" <img src=x>", add_special_tokens=False)["input_ids"][:3])
+        rollout.rm_members = torch.stack([rollout.rm_scores - 0.25, rollout.rm_scores + 0.25])  # an ensemble of 2
         recorder.record(step, prompts, rollout)
     at = open_page(app, "monitor")
     assert at.selectbox(key="rollout_run").value == "ppo-r"
     bodies = [h.proto.body for h in at.get("html")]
     assert len(bodies) == 8  # the step's kept answers
     assert all("<img" not in b for b in bodies) and any("&lt;" in b for b in bodies)
+    assert any("reward +1.000 · members +0.75 +1.25" in b for b in bodies)  # each member's score of the answer
     assert {"RM reward, step 2 (the whole batch)", "RM reward over training"} <= set(chart_titles(at))
     at.toggle(key="rollout_follow").set_value(False).run()
     at.select_slider(key="rollout_step_ppo-r").set_value(1).run()
