@@ -69,7 +69,7 @@ def test_lora_ppo_keeps_the_base_and_the_reference(lora_sft, tmp_path):
     config = PPOConfig(sft_model=str(sft_out), reward_model=str(rm_dir), batch_size=8, ppo_epochs=2,
                        learning_rate=1e-2, response_length=8, ptx_coef=0.0, kl_loss_coef=1.0, device="cpu", **LORA)
     models = ppo.load_models(config, tok, CPU)
-    assert isinstance(models.reference_policy, AdapterOff) and isinstance(models.reward_model, AdapterOff)
+    assert isinstance(models.reference_policy, AdapterOff) and isinstance(models.reward_model.members[0], AdapterOff)
     base_before = {k: v for k, v in _weights(models.policy).items() if "lora_" not in k}
     sft_model = load_policy(sft_out, CPU).eval()
     prompts = [t.prompt for t in demo.train_tasks(8)]

@@ -143,7 +143,7 @@ def test_missing_eos_is_penalised_and_rm_reads_the_last_response_token(inputs, t
     for row, ids in enumerate([stopped[: len(body) + 1], cut]):
         prompt = prompt_ids[row][prompt_mask[row].bool()].tolist()
         seq = torch.tensor([prompt + ids])
-        expected = token_scores(models.reward_model, seq, torch.ones_like(seq))[0, -1]
+        expected = token_scores(models.reward_model.members[0], seq, torch.ones_like(seq))[0, -1]  # one RM: one member
         assert batch.rm_scores[row].item() == pytest.approx(expected.item(), abs=1e-4)
     # Padding after the EOS carries neither log-prob nor value.
     assert batch.logprobs[0, -1] == 0 and batch.values[0, -1] == 0
