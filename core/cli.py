@@ -4,6 +4,7 @@
     rlhf rm --preset quick --set sft_model=out/sft --output out/rm
     rlhf ppo --preset quick --set sft_model=out/sft --set reward_model=out/rm --output out/ppo
     rlhf pipeline --demo --preset quick --output out
+    rlhf rounds --demo --preset quick --rounds 3 --output out/rounds [--labeler simulated|team|page|rm:PATH]
     rlhf chat --model out/ppo --prompt "What is 3 plus 4?"
     rlhf eval --checkpoints bundled,out/sft,out/ppo --baseline out/sft --reward-model out/rm --output out/eval
     rlhf study overopt --demo --preset quick --output out/study
@@ -185,6 +186,39 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_rounds(args) -> int:
+    """rlhf rounds: iterated RLHF on the demo task (core/runs/rounds.py), written to OUTPUT/report.json."""
+    if not args.demo:
+        raise ValueError("rounds run on the built-in demo task (its prompts, its simulated labeler): pass --demo")
+    from core.config import RoundsConfig
+
+    values = {"preset": args.preset, "rounds": args.rounds, "method": args.method, "labeler": args.labeler,
+              "seed": args.seed, **parse_sets([kv for kv in args.set if ":" not in kv.split("=", 1)[0]])}
+    for flag in ("prompts_per_round", "episodes_per_round", "sft_model", "rm_init", "policy_init", "reference",
+                 "labels_needed"):
+        if getattr(args, flag) is not None:
+            values[flag] = getattr(args, flag)
+    if args.no_wait:
+        values["wait"] = False
+    config = RoundsConfig.from_dict(values)
+    overrides: dict[str, dict] = {}
+    for kv in args.set:
+        stage, sep, rest = kv.partition(":")
+        if sep and "=" not in stage:
+            if stage not in STAGES:
+                raise ValueError(f"rounds --set takes KEY=VALUE (a rounds field) or STAGE:KEY=VALUE (stage "
+                                 f"{', '.join(STAGES)}), got {kv!r}")
+            overrides.setdefault(stage, {}).update(parse_sets([rest]))
+    from core.data.store import Store
+    from core.runs.rounds import run_rounds
+
+    store = Store()
+    report = run_rounds(config, args.output, store, _events(store, None), overrides, name=args.name,
+                        continue_now=args.go_on)
+    print(json.dumps({k: report[k] for k in ("state", "round", "sft", "rounds")}, indent=2))
+    return 0
+
+
 def cmd_study(args) -> int:
     """rlhf study overopt: the over-optimisation study (core/runs/study.py), written to OUTPUT/study.json."""
     if not args.demo:
@@ -353,6 +387,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE")
     p.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts scored for every model")
     p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("rounds", help="iterated RLHF on the demo: rounds of fresh rankings on the current policy, "
+                                      "RM refit, stage 3 again; resumes where it stood")
+    p.add_argument("--demo", action="store_true", help="use the built-in demo task (required)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--output", required=True, help="directory of the rounds (rounds.json, report.json, round-N/)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds in all, round 0 (SFT -> RM -> stage 3) included")
+    p.add_argument("--method", default="ppo", help="stage 3: ppo, dpo, grpo or rloo")
+    p.add_argument("--labeler", default="simulated", help="simulated, team (a labeling batch), page (the Rank page) "
+                                                          "or rm:PATH (a reward model ranks)")
+    p.add_argument("--prompts-per-round", dest="prompts_per_round", type=int, help="fresh prompts ranked a round")
+    p.add_argument("--episodes-per-round", dest="episodes_per_round", type=int, help="stage 3 episodes a round")
+    p.add_argument("--sft", dest="sft_model", help="start from this SFT checkpoint instead of training SFT")
+    p.add_argument("--rm-init", dest="rm_init", choices=("sft", "previous"), help="each round's RM starts from")
+    p.add_argument("--policy-init", dest="policy_init", choices=("previous", "sft"), help="stage 3 starts from")
+    p.add_argument("--reference", choices=("auto", "sft", "previous"), help="stage 3's reference policy")
+    p.add_argument("--labels-needed", dest="labels_needed", type=int, help="team/page: rankings before going on")
+    p.add_argument("--no-wait", action="store_true", help="team/page: stop while waiting for labels; run again later")
+    p.add_argument("--continue", dest="go_on", action="store_true",
+                   help="a round waiting for labels goes on with the rankings in (at least 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", help="run name in the store (default: rounds + timestamp)")
+    p.add_argument("--set", action="append", default=[], metavar="[STAGE:]KEY=VALUE",
+                   help="a rounds field (KEY=VALUE) or a stage's (rm:epochs=2)")
+    p.set_defaults(func=cmd_rounds)
 
     p = sub.add_parser("study", help="studies on the demo task: overopt (reward-model over-optimisation)")
     study_sub = p.add_subparsers(dest="study", required=True)

@@ -259,7 +259,8 @@ class RewardConfig(NetworkConfig):
                                         "answer set only (several labelers ranked the same answers), not on all")
     heldout: str = option("auto", "held-out rankings: 'auto' (demo data: the noise-free labeler on the demo's "
                           "held-out prompts; other data: 10% of it) or 'demo' (always the demo's, e.g. demo "
-                          "rankings imported into the store)")
+                          "rankings imported into the store) or 'none' (train on every ranking; the caller "
+                          "measures, as the rounds run does on the previous policy's answers)")
     seed: int = option(0, "random seed (data order, sampling, held-out split)")
     device: str = option("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'")
 
@@ -270,7 +271,7 @@ class RewardConfig(NetworkConfig):
         "sample_temperature": _POS, "max_length": (8, None, True), "heldout_prompts": _NONNEG,
         "ensemble": (1, MAX_ENSEMBLE, True),
     }
-    _choices = {**NetworkConfig._choices, "device": DEVICES, "heldout": ("auto", "demo")}
+    _choices = {**NetworkConfig._choices, "device": DEVICES, "heldout": ("auto", "demo", "none")}
 
 
 @dataclass
@@ -291,6 +292,8 @@ class PPOConfig(ScoredConfig):
     """Stage 3: PPO with a per-token KL penalty (k1, in the reward) to the SFT policy and a pretraining (ptx) term."""
 
     sft_model: str = option("", "policy and frozen reference_policy start here")
+    policy_init: str = option("", "start the policy here instead of sft_model, which stays the reference_policy "
+                              "(a later round of iterated RLHF goes on from the last round's policy); empty: sft_model")
     reward_model: str = option("", "reward model; the value model starts here too")
     prompts: str = option("demo", "'demo', 'store' or a JSONL/CSV path with a \"prompt\" column")
     total_episodes: int = option(256_000, "InstructGPT: 256k episodes")
@@ -354,6 +357,9 @@ class PPOConfig(ScoredConfig):
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be divisible by num_minibatches ({self.num_minibatches})"
             )
+        if self.lora and self.policy_init:
+            raise ValueError("policy_init is not supported with LoRA (lora_r > 0): the adapter trains on the base "
+                             "of sft_model; leave policy_init empty or train every weight")
 
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
@@ -466,6 +472,66 @@ class RLOOConfig(GroupRLConfig):
     normalize_advantages: bool = option(False, "whiten the advantages over the batch")
 
 
+ROUND_LABELERS = ("simulated", "team", "page")  # or "rm:PATH"
+STAGE3_METHODS = ("ppo", "dpo", "grpo", "rloo")
+
+
+@dataclass
+class RoundsConfig(ConfigMixin):
+    """Iterated RLHF on the demo (core/runs/rounds.py): round 0 is SFT -> RM -> stage 3; each later round
+    samples K answers from the last policy on fresh prompts, has them ranked, refits the RM on every
+    ranking so far and trains stage 3 again (InstructGPT's and Llama 2's rounds)."""
+
+    preset: str = option("quick", "the stages' demo preset")
+    rounds: int = option(3, "rounds in all, round 0 included")
+    method: str = option("ppo", "stage 3 of every round: ppo, dpo, grpo or rloo")
+    labeler: str = option("simulated", "who ranks a round's answers: 'simulated' (the demo's labeler), 'team' (a "
+                          "labeling batch on the Gradio server), 'page' (the Rank page) or 'rm:PATH' (a larger "
+                          "reward model ranks them)")
+    prompts_per_round: int | None = option(None, "fresh prompts ranked each round (empty: the preset's RM "
+                                           "n_prompts)")
+    episodes_per_round: int | None = option(None, "ppo/grpo/rloo: episodes of stage 3 each round (empty: the "
+                                            "preset's total_episodes)")
+    sft_model: str = option("", "start from this SFT checkpoint instead of training SFT first")
+    rm_init: str = option("sft", "each round's RM starts from 'sft' or warm-starts from the 'previous' round's RM")
+    policy_init: str = option("previous", "each round's stage 3 starts from the 'previous' round's policy or 'sft'")
+    reference: str = option("auto", "stage 3's reference policy: 'sft', 'previous' (the policy it starts from) "
+                            "or 'auto' (ppo: sft; dpo/grpo/rloo, whose trainers start from their reference: "
+                            "previous)")
+    labels_needed: int = option(0, "team/page: rankings in before a round goes on (0: every item of its batch)")
+    wait: bool = option(True, "team/page: wait for the labels; off: stop in 'waiting for labels' and go on when "
+                        "run again")
+    poll_s: float = option(30.0, "team/page: seconds between looks at the labels while waiting")
+    heldout_prompts: int = option(200, "held-out prompts whose previous-policy answers measure the RM before and "
+                                  "after its refit")
+    eval_prompts: int = option(200, "held-out prompts scored (gold, KL to SFT) for every round's policy")
+    seed: int = option(0, "random seed; round r's RM and stage 3 use seed + r")
+
+    _bounds = {"rounds": (1, 100, True), "prompts_per_round": (1, None, True), "episodes_per_round": (1, None, True),
+               "labels_needed": (0, None, True), "poll_s": (0, None, False), "heldout_prompts": (0, None, True),
+               "eval_prompts": (1, None, True)}
+    _choices = {"method": STAGE3_METHODS,
+                "rm_init": ("sft", "previous"), "policy_init": ("previous", "sft"),
+                "reference": ("auto", "sft", "previous")}
+
+    def validate(self) -> None:
+        super().validate()
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
+        if self.labeler not in ROUND_LABELERS and not (self.labeler.startswith("rm:") and self.labeler[3:].strip()):
+            raise ValueError(f"labeler must be simulated, team, page or rm:PATH (a reward model), got {self.labeler!r}")
+        if self.method != "ppo" and self.reference not in ("auto", self.policy_init):
+            raise ValueError(f"{self.method}'s trainer starts the policy from its reference, so reference must match "
+                             f"policy_init ({self.policy_init!r}) or be 'auto'; got {self.reference!r}")
+
+    @property
+    def reference_policy(self) -> str:
+        """'sft' or 'previous', with 'auto' resolved."""
+        if self.reference != "auto":
+            return self.reference
+        return "sft" if self.method == "ppo" else self.policy_init
+
+
 # Demo presets: the recipe's shape, scaled so the bundled model runs it on a laptop CPU.
 PRESETS: dict[str, dict[str, dict]] = {
     "quick": {
@@ -512,4 +578,5 @@ PRESETS: dict[str, dict[str, dict]] = {
 }
 
 
-__all__ = ["ConfigMixin", "SFTConfig", "RewardConfig", "PPOConfig", "DPOConfig", "GRPOConfig", "RLOOConfig", "PRESETS", "field_help", "option", "read_yaml"]
+__all__ = ["ConfigMixin", "SFTConfig", "RewardConfig", "PPOConfig", "DPOConfig", "GRPOConfig", "RLOOConfig",
+           "RoundsConfig", "PRESETS", "field_help", "option", "read_yaml"]

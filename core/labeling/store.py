@@ -380,6 +380,17 @@ class LabelingStore:
             items.setdefault(row["item_id"], {})[row["labeler"]] = json.loads(row["responses"])
         return items
 
+    def ranked_items(self, batch_id: int) -> list[dict]:
+        """{prompt, responses} of a batch's ranked items, one ranking per item (its first, when several
+        labelers ranked it), in the batch's order: what a round of iterated RLHF trains on."""
+        rows = self._rows(
+            """SELECT i.id, p.text AS prompt, r.responses FROM label_items i JOIN prompts p ON p.id = i.prompt_id
+               JOIN label_assignments a ON a.item_id = i.id JOIN rankings r ON r.id = a.ranking_id
+               WHERE i.batch_id = ? AND a.status = 'ranked' ORDER BY i.position, a.id""", (batch_id,))
+        first = {row["id"]: row for row in reversed(rows)}  # the earliest assignment of each item wins
+        return [{"prompt": first[i]["prompt"], "responses": json.loads(first[i]["responses"])}
+                for i in dict.fromkeys(row["id"] for row in rows)]
+
     def agreement(self, batch_id: int | None = None) -> dict:
         """Pairwise agreement and Kendall's tau on items ranked by >= 2 labelers (core/labeling/agreement.py)."""
         return agreement_report(self.item_rankings(batch_id))

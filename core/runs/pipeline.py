@@ -65,7 +65,8 @@ def reward_gold_correlation(store: Store, run_id: str) -> float | None:
     return correlation([p[0] for p in pairs], [p[1] for p in pairs])
 
 
-def _stage_events(parent: Events, store: Store, run_id: str, stage: str, config, output_dir: Path) -> Events:
+def stage_events(parent: Events, store: Store, run_id: str, stage: str, config, output_dir: Path) -> Events:
+    """A stage's run of its own under a run of runs (the pipeline, the rounds), sharing its stop flag."""
     store.start_run(run_id, stage, config.to_dict(), str(output_dir))
     return Events(store, run_id, parent.stop_flag, parent.on_progress, parent.console)
 
@@ -143,7 +144,7 @@ def _run_stages(preset: str, output_dir: Path, store: Store, events: Events, sta
             break
         t0 = time.perf_counter()
         run_id = f"{name}-{key.replace('_', '-')}"
-        stage_events = _stage_events(events, store, run_id, stage, config, output_dir / key)
+        stage_events = stage_events(events, store, run_id, stage, config, output_dir / key)
         try:
             if stage == "rm" and through_store and config.data == "store":
                 # Rankings are sampled from the SFT policy, so they enter the store now, after SFT.

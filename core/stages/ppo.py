@@ -170,8 +170,9 @@ def assemble(policy, reference_policy, value_model, reward_model, tokenizer, con
 
 
 def load_models(config: PPOConfig, tokenizer, device: Device, policy_from: str | Path | None = None) -> PPOModels:
-    """Policy and reference start from SFT (the policy from `policy_from` on resume); the value
-    model starts from the reward model (InstructGPT 3.5); the RM itself stays frozen.
+    """Policy and reference start from SFT (the policy from `policy_from`: a resume's checkpoint, or a later
+    round's start, `policy_init`); the value model starts from the reward model (InstructGPT 3.5); the RM
+    itself stays frozen.
 
     With LoRA (`lora_r > 0`) two base networks serve all four: the reference policy is the policy
     with its adapter off, the reward model is the value model with its adapter off (and the RM's
@@ -632,7 +633,10 @@ def heldout_reward(models: PPOModels, tokenizer, prompts: list[str], config: PPO
 def check_inputs(config: PPOConfig, store: Store | None):
     """Every check a user can fail, before loading a model: returns (tokenizer, prompts, ptx_texts)."""
     config.validate()
-    for name, what in (("sft_model", "SFT checkpoint"), ("reward_model", "reward model checkpoint")):
+    for name, what in (("sft_model", "SFT checkpoint"), ("reward_model", "reward model checkpoint"),
+                       ("policy_init", "policy to start from")):
+        if name == "policy_init" and not config.policy_init:
+            continue
         try:
             resolve_model(getattr(config, name))
         except ValueError as exc:
@@ -640,6 +644,9 @@ def check_inputs(config: PPOConfig, store: Store | None):
     tokenizer = load_tokenizer(config.sft_model)
     check_same_tokenizer(tokenizer, load_tokenizer(config.reward_model),
                          f"reward_model {config.reward_model} does not match sft_model {config.sft_model}")
+    if config.policy_init:
+        check_same_tokenizer(tokenizer, load_tokenizer(config.policy_init),
+                             f"policy_init {config.policy_init} does not match sft_model {config.sft_model}")
     prompts = load_prompts(config.prompts, store)
     ptx_texts = load_ptx_texts(config.ptx_data) if config.ptx_coef > 0 else None
     return tokenizer, prompts, ptx_texts
@@ -659,7 +666,8 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     torch.manual_seed(config.seed)
     resume_from = latest_checkpoint(output_dir, "step")
 
-    models = load_models(config, tokenizer, device, policy_from=resume_from)
+    # A checkpoint of this run wins over policy_init: a resume goes on from where it stood.
+    models = load_models(config, tokenizer, device, policy_from=resume_from or config.policy_init or None)
     policy, value_model = models.policy, models.value_model
 
     # Gold scores and the demo's held-out pretraining loss mean something only on the demo's own

@@ -268,6 +268,8 @@ def gather_rankings(config: RewardConfig, store: Store | None, tokenizer, device
         rankings = one_per_item(rankings)
     if len(rankings) < 2:
         raise ValueError(f"need at least 2 rankings to train a reward model, found {len(rankings)} in {config.data!r}")
+    if config.heldout == "none":
+        return rankings, []
     if config.heldout == "demo":
         # The demo through the store (core/runs/demo_import.py): train on every stored ranking, hold out
         # the demo's own noise-free rankings, as on data='demo'.
