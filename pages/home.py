@@ -7,13 +7,18 @@ import streamlit as st
 from core import catalog
 from core.analysis import results
 from core.stages import STAGES
+from core.runs.rounds import latest_rounds
 from workbench import resources
+from workbench.rounds_view import round_strip
 
 store = resources.store()
 counts = store.counts()
 # Final models only (a run's output); epoch and step checkpoints stay in the pickers, under their run.
 checkpoints = {spec.checkpoint_kind: catalog.final_models(store.list_checkpoints(spec.checkpoint_kind))
                for spec in STAGES.values()}
+# Stage 3 is any of the methods: a finished GRPO policy is a policy as much as a PPO one.
+STAGE3 = ("ppo", "dpo", "grpo", "rloo")
+policies = {stage: len(checkpoints[STAGES[stage].checkpoint_kind]) for stage in STAGE3 if stage in STAGES}
 
 st.title("RLHF Workbench")
 st.caption("The InstructGPT recipe on your machine: supervised fine-tuning, a reward model from rankings, "
@@ -24,7 +29,9 @@ base, sft, rm, ppo = st.columns(4)
 base.metric("Base model", "bundled", help="assets/tiny-gpt2, a small GPT-2 pretrained on the demo corpus")
 sft.metric("SFT models", len(checkpoints["sft"]), help="final models; epoch checkpoints are listed under their run")
 rm.metric("Reward models", len(checkpoints["rm"]), help="final models; epoch checkpoints are listed under their run")
-ppo.metric("PPO policies", len(checkpoints["ppo"]), help="final models; step checkpoints are listed under their run")
+ppo.metric("Policies", sum(policies.values()),
+           help="final stage-3 models: " + ", ".join(f"{STAGES[k].title.split('·')[-1].strip()} {n}"
+                                                    for k, n in policies.items()))
 
 latest = results.latest_report(store)
 if latest is not None:
@@ -86,6 +93,11 @@ if latest is not None:
             st.caption("This pipeline ran without the PPO-without-ptx comparison; the CLI's "
                        "`rlhf pipeline --demo` and the app's demo run it.")
 
+if (rounds := latest_rounds(store)) is not None:
+    st.subheader("Rounds")
+    with st.container(border=True, key="rounds_card"):
+        round_strip(rounds[0]["id"], rounds[1], key="home")
+
 st.subheader("Data")
 prompts, demos, rankings, runs = st.columns(4)
 prompts.metric("Prompts", counts["prompts"])
@@ -103,7 +115,7 @@ elif not checkpoints["rm"]:
     st.info("You have an SFT model. Rank its answers (or let the demo labeler do it) and train a reward model.")
     st.page_link(resources.page("rank"), label="Rank answers", icon=":material/format_list_numbered:")
     st.page_link(resources.page("train"), label="Train a reward model", icon=":material/model_training:")
-elif not checkpoints["ppo"]:
+elif not sum(policies.values()):
     st.info("You have an SFT model and a reward model: run PPO to optimise the policy against it.")
     st.page_link(resources.page("train"), label="Train with PPO", icon=":material/model_training:")
 else:

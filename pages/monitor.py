@@ -13,10 +13,12 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.analysis import monitor
+from core.runs.rounds import load_state
 from core.data import rollouts
 from core.textsafe import escape_html
 from core.analysis.token_kl import token_html
 from workbench import resources
+from workbench.rounds_view import round_strip
 
 store = resources.store()
 jobs = resources.jobs()
@@ -119,6 +121,11 @@ def curves() -> None:
     for pipeline_id in [r for r in selected if any(x["id"] == r and x["stage"] == monitor.PIPELINE for x in runs_now)]:
         with st.container(border=True):
             pipeline_overview(runs_now, pipeline_id, rows)
+    for run in [x for x in runs_now if x["id"] in selected and x["stage"] == "rounds"]:
+        output_dir = store.get_run(run["id"]).get("output_dir")
+        if output_dir and (state := load_state(output_dir)):
+            with st.container(border=True):
+                round_strip(run["id"], state, key=run["id"])
     if rows.empty:
         st.info("No metrics logged yet; curves appear after the first training steps.")
     else:

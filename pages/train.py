@@ -37,6 +37,34 @@ with st.container(border=True):
         st.success(notice)
     st.caption("Same from a terminal: `rlhf pipeline --demo --preset quick --output runs/demo`")
 
+with st.expander("Iterated RLHF: rounds of fresh rankings on the current policy"):
+    st.caption("Round 0 is the recipe (SFT → RM → stage 3). Each later round samples the last policy on fresh "
+               "prompts, has the answers ranked, refits the reward model on every ranking so far and trains "
+               "stage 3 again. Each round shows the RM's accuracy on the previous policy's answers before and "
+               "after its refit (Monitor, Home).")
+    left, mid, right = st.columns(3)
+    n_rounds = left.number_input("Rounds", 1, 20, 3, key="rounds_n")
+    method = mid.selectbox("Stage 3", ["ppo", "dpo", "grpo", "rloo"], key="rounds_method")
+    labeler = right.selectbox("Labeler", ["simulated", "team", "page"], key="rounds_labeler",
+                              help="simulated: the demo's labeler; team: a labeling batch on the Labeling page's "
+                                   "server, the round waits for it; page: rank on the Rank page")
+    left, mid, right = st.columns(3)
+    per_round = left.number_input("Prompts per round", 1, 5000, 267, key="rounds_prompts")
+    episodes = mid.number_input("Episodes per round", 1, 100_000, 512, key="rounds_episodes",
+                                help="ppo, grpo, rloo: stage 3's sampled answers each round")
+    sft_from = right.text_input("SFT checkpoint (empty: train one)", key="rounds_sft")
+    if st.button("Run rounds", icon=":material/repeat:"):
+        rounds = {"rounds": int(n_rounds), "method": method, "labeler": labeler, "prompts_per_round": int(per_round),
+                  "episodes_per_round": int(episodes), "sft_model": sft_from.strip()}
+        try:
+            st.session_state["rounds_notice"] = f"Queued **{jobs.submit('rounds', {'rounds': rounds})}**"
+            st.rerun()
+        except ValueError as exc:
+            st.error(str(exc))
+    if notice := st.session_state.pop("rounds_notice", None):
+        st.success(notice)
+    st.caption("Same from a terminal: `rlhf rounds --demo --preset quick --rounds 3 --output runs/rounds`")
+
 @st.fragment(run_every=2 if jobs.busy else None)
 def jobs_table() -> None:
     all_jobs = list(reversed(jobs.jobs()))

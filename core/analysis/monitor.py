@@ -13,6 +13,7 @@ from core.data.store import ACTIVE_STATUSES
 from core.stages import STAGES
 
 PIPELINE = "pipeline"
+RUNS_OF_RUNS = (PIPELINE, "rounds")  # runs whose stages are runs of their own, named '<run>-<key>'
 # The recipe's order for grouping charts; stages registered later (DPO, GRPO...) follow in registry order.
 STAGE_TITLES = {"sft": "SFT", "rm": "Reward model", "ppo": "PPO"}
 
@@ -40,22 +41,23 @@ def stage_title(stage: str) -> str:
 
 
 def pipeline_stage_runs(runs: Iterable[dict], pipeline_id: str) -> list[ShownRun]:
-    """The stage runs of a pipeline run, named '<pipeline run>-<key>' (core/runs/pipeline.py), in the order they
-    started; `runs` are dicts with id, stage and status, oldest first."""
+    """The stage runs of a pipeline run, named '<pipeline run>-<key>' (core/runs/pipeline.py; a rounds run's
+    keys are 'round-<r>-<stage>', core/runs/rounds.py), in the order they started; `runs` are dicts with id,
+    stage and status, oldest first."""
     prefix = pipeline_id + "-"
     out = []
     for r in runs:
         rid, stage = r["id"], r["stage"]
-        if stage == PIPELINE or not rid.startswith(prefix):
+        if stage in RUNS_OF_RUNS or not rid.startswith(prefix):
             continue
         key = rid[len(prefix):]
-        if key.split("-")[0] in STAGES:
+        if key.split("-")[0] in STAGES or (key.startswith("round-") and stage in STAGES):
             out.append(ShownRun(rid, stage, r["status"], pipeline_id, key))
     return out
 
 
 def parent_pipeline(runs: list[dict], run_id: str) -> str | None:
-    pipelines = [r["id"] for r in runs if r["stage"] == PIPELINE]
+    pipelines = [r["id"] for r in runs if r["stage"] in RUNS_OF_RUNS]
     for pid in pipelines:
         if any(s.id == run_id for s in pipeline_stage_runs(runs, pid)):
             return pid
@@ -71,7 +73,7 @@ def expand(runs: list[dict], selected: list[str]) -> list[ShownRun]:
         run = by_id.get(rid)
         if run is None:
             continue
-        if run["stage"] == PIPELINE:
+        if run["stage"] in RUNS_OF_RUNS:
             for s in pipeline_stage_runs(runs, rid):
                 out.setdefault(s.id, s)
         else:
@@ -90,7 +92,7 @@ def any_active(runs: list[dict], selected: list[str]) -> bool:
 def default_selection(runs: list[dict]) -> list[str]:
     """The active runs that are not a stage of a selected pipeline (a running pipeline is shown whole),
     else the newest such run."""
-    in_pipeline = {s.id for r in runs if r["stage"] == PIPELINE for s in pipeline_stage_runs(runs, r["id"])}
+    in_pipeline = {s.id for r in runs if r["stage"] in RUNS_OF_RUNS for s in pipeline_stage_runs(runs, r["id"])}
     top = [r for r in runs if r["id"] not in in_pipeline]
     active = [r["id"] for r in reversed(top) if r["status"] in ACTIVE_STATUSES]
     if active:

@@ -44,8 +44,8 @@ from core.stages.events import Events
 from core.paths import checkpoints_dir, data_home, validate_name
 from core.stages import RECIPE, STAGES, check_models, get_stage
 
-JOB_STAGES = (*STAGES, "pipeline", "study", "eval")
-DICT_CONFIG_JOBS = ("pipeline", "study", "eval")  # jobs whose config is a plain dict, not a stage config
+JOB_STAGES = (*STAGES, "pipeline", "study", "eval", "rounds")
+DICT_CONFIG_JOBS = ("pipeline", "study", "eval", "rounds")  # jobs whose config is a plain dict, not a stage config
 PIPELINE_STAGES = tuple(STAGES)
 RESUMABLE = ("interrupted", "stopped", "failed")
 OUTPUT_FILE = "output.log"  # a subprocess job's output, beside its stop file (`_run_subprocess`)
@@ -57,6 +57,8 @@ def default_runner(stage: str) -> Runner:
     """Stage runners from the registry; the pipeline is adapted to the same call shape."""
     if stage == "study":
         return run_study_job
+    if stage == "rounds":
+        return run_rounds_job
     if stage == "eval":  # the Evaluate page's table (core/analysis/eval_table.py)
         from core.analysis.eval_table import run as run_eval
 
@@ -85,6 +87,28 @@ def run_study_job(config: dict, store: Store, events: Events, output_dir: Path) 
 
     run_study(config, output_dir, store, events, name=events.run_id)
     return Path(output_dir)
+
+
+def run_rounds_job(config: dict, store: Store, events: Events, output_dir: Path) -> Path:
+    """Iterated RLHF (core/runs/rounds.py) as a job: config {"rounds": RoundsConfig fields, "overrides": per stage};
+    its stages are runs of their own ("<rounds run>-round-<r>-rm", ...); a resumed job resumes where its
+    DIR/rounds.json stood."""
+    from core.config import RoundsConfig
+    from core.runs.rounds import run_rounds
+
+    run_rounds(RoundsConfig.from_dict(config["rounds"]), output_dir, store, events, config.get("overrides") or {})
+    return Path(output_dir)
+
+
+def rounds_job_config(store: Store, rounds: dict, overrides: dict | None = None) -> dict:
+    """A rounds job's config, checked as the CLI checks it (core/runs/rounds.check_rounds) before it is queued."""
+    from core.config import RoundsConfig
+    from core.runs.rounds import check_rounds
+
+    config = RoundsConfig.from_dict(rounds)
+    overrides = {k: v for k, v in (overrides or {}).items() if v}
+    check_rounds(config, store, overrides)
+    return {"rounds": config.to_dict(), "overrides": overrides}
 
 
 PIPELINE_OVERRIDES_ENV = "RLHF_WORKBENCH_PIPELINE_OVERRIDES"
@@ -357,6 +381,9 @@ class JobManager:
             config = study_config_from_dict(config)
             check_study_models(config)  # reused SFT/RM checkpoints: refused now, not as a failed job later
             return config
+        if stage == "rounds":
+            config = dict(config or {})
+            return rounds_job_config(self.store, config.get("rounds") or {}, config.get("overrides"))
         if stage == "eval":
             from core.analysis.eval_table import EvalConfig, check_inputs
 

@@ -172,6 +172,34 @@ def load_state(output_dir: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def round_rows(state: dict) -> list[dict]:
+    """One row a round for the round strip (Monitor, Home): where it stands and what it measured so far.
+    SFT is the row before round 0; a round not reached yet shows as planned."""
+    rows = [{"round": "SFT", "state": "done" if state.get("sft") else "sft", "gold": (state.get("sft") or {}).get("gold"),
+             "kl_to_sft": 0.0 if state.get("sft") else None, "rankings": None, "rm_accuracy_before": None,
+             "rm_accuracy_after": None}]
+    for r in range(state["config"]["rounds"]):
+        entry = state["rounds"][r] if r < len(state["rounds"]) else {}
+        if state["state"] == "done" or r < state["round"]:
+            where = "done"
+        elif r == state["round"] and state["state"] != "sft":
+            where = state["state"]
+        else:
+            where = "planned"
+        rows.append({"round": r, "state": where, "gold": entry.get("gold"), "kl_to_sft": entry.get("kl_to_sft"),
+                     "rankings": entry.get("rankings"), "rm_accuracy_before": entry.get("rm_accuracy_before"),
+                     "rm_accuracy_after": entry.get("rm_accuracy_after")})
+    return rows
+
+
+def latest_rounds(store: Store) -> tuple[dict, dict] | None:
+    """The newest rounds run that has written its state: (run, state), for Home's round strip."""
+    for run in reversed(store.list_runs()):
+        if run["stage"] == "rounds" and run.get("output_dir") and (state := load_state(run["output_dir"])):
+            return run, state
+    return None
+
+
 class Rounds:
     """One rounds run: its config, its directory and its persisted state; `advance` runs steps until
     done, stopped or (not waiting) waiting for labels."""
