@@ -214,3 +214,24 @@ def test_a_resume_with_another_model_or_config_is_refused(store, tmp_path):
     config = make_config("ppo", "quick", {"sft_model": "bundled", "reward_model": "bundled", "policy_init": str(other)})
     with pytest.raises(ValueError, match="policy_init .* does not match sft_model"):
         check_inputs(config, store)
+
+
+def test_a_reward_model_labeler_ranks_by_its_own_scores(tok, tmp_path):
+    """labeler rm:PATH: each ranking is the answers in the order of that RM's scores, ties and duplicates merged."""
+    import torch
+
+    from core.models.loading import load_scalar_model, pick_device, save_model
+    from core.stages.reward import encode_answers, score_sequences
+
+    device = pick_device("cpu")
+    torch.manual_seed(0)
+    save_model(load_scalar_model("bundled", tok.pad_token_id, device), tok, tmp_path / "rm")  # its head, kept
+
+    groups = [("What is 3 plus 4?", ["7", "It is 7.", "7", "seven, I think, or 8"]),
+              ("Copy the words: a b.", ["a b", "a b c d e", ""])]
+    rankings = rounds_module.reward_model_rankings(str(tmp_path / "rm"), groups, 64, "cpu")
+    assert [len(r.responses) for r in rankings] == [3, 2]  # the duplicate "7" and the empty answer merged away
+    model = load_scalar_model(tmp_path / "rm", tok.pad_token_id, device)
+    for r in rankings:
+        scores = score_sequences(model, encode_answers(tok, r.prompt, r.responses, 64), tok.pad_token_id, device)
+        assert scores.tolist() == sorted(scores.tolist(), reverse=True)
