@@ -179,7 +179,7 @@ def test_a_closed_batch_with_too_few_rankings_is_refused_and_the_round_keeps_wai
     (dict(rounds=30, prompts_per_round=1000), {}, "the prompt pool is used up: 30 rounds of 1000"),
     (dict(labeler="team"), {}, "labeler 'team' needs labeler accounts"),
     (dict(labeler="crowd"), {}, "labeler must be simulated, team, page or rm:PATH"),
-    (dict(labeler="rm:/nowhere/rm"), {}, "labeler rm:"),
+    (dict(labeler="rm:/nowhere/rm"), {}, "labeler rm:PATH: "),
     (dict(method="dpo", reference="sft"), {}, "reference must match policy_init"),
     (dict(), {"grpo": {"beta": 0.1}}, "a rounds run with method ppo runs sft, rm and ppo"),
     (dict(), {"ppo": {"kl_coef": float("nan")}}, "kl_coef must be a finite number"),

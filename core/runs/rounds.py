@@ -95,13 +95,13 @@ def check_rounds(config: RoundsConfig, store: Store, overrides: dict) -> None:
         if not LabelingStore(store).active_users():
             raise ValueError("labeler 'team' needs labeler accounts: add them first (rlhf label add-user NAME), "
                              "then start the rounds")
-    for what, path in (("sft_model", config.sft_model), ("labeler rm:", config.labeler[3:] if
-                                                          config.labeler.startswith("rm:") else "")):
+    labeler_rm = config.labeler[3:] if config.labeler.startswith("rm:") else ""
+    for what, path in (("sft_model", config.sft_model), ("labeler rm:PATH", labeler_rm)):
         if path:
             try:
                 resolve_model(path.strip())
             except ValueError as exc:
-                raise ValueError(f"{what} {exc}") from None
+                raise ValueError(f"{what}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
