@@ -144,12 +144,12 @@ def _run_stages(preset: str, output_dir: Path, store: Store, events: Events, sta
             break
         t0 = time.perf_counter()
         run_id = f"{name}-{key.replace('_', '-')}"
-        stage_events = stage_events(events, store, run_id, stage, config, output_dir / key)
+        run_events = stage_events(events, store, run_id, stage, config, output_dir / key)
         try:
             if stage == "rm" and through_store and config.data == "store":
                 # Rankings are sampled from the SFT policy, so they enter the store now, after SFT.
-                report["imported"]["rankings"] = import_demo_rankings(store, config, stage_events)
-            out = get_stage(stage).runner(config, store, stage_events, output_dir / key)
+                report["imported"]["rankings"] = import_demo_rankings(store, config, run_events)
+            out = get_stage(stage).runner(config, store, run_events, output_dir / key)
         except BaseException as exc:
             store.set_run_status(run_id, "failed", str(exc))
             raise
