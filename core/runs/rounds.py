@@ -175,8 +175,9 @@ def load_state(output_dir: str | Path) -> dict | None:
 def round_rows(state: dict) -> list[dict]:
     """One row a round for the round strip (Monitor, Home): where it stands and what it measured so far.
     SFT is the row before round 0; a round not reached yet shows as planned."""
-    rows = [{"round": "SFT", "state": "done" if state.get("sft") else "sft", "gold": (state.get("sft") or {}).get("gold"),
-             "kl_to_sft": 0.0 if state.get("sft") else None, "rankings": None, "rm_accuracy_before": None,
+    sft = state.get("sft")
+    rows = [{"round": "SFT", "state": "done" if sft else "sft", "gold": (sft or {}).get("gold"),
+             "kl_to_sft": 0.0 if sft else None, "rankings": None, "rm_accuracy_before": None,
              "rm_accuracy_after": None}]
     for r in range(state["config"]["rounds"]):
         entry = state["rounds"][r] if r < len(state["rounds"]) else {}
