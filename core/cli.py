@@ -6,6 +6,7 @@
     rlhf pipeline --demo --preset quick --output out
     rlhf rounds --demo --preset quick --rounds 3 --output out/rounds [--labeler simulated|team|page|rm:PATH]
     rlhf chat --model out/ppo --prompt "What is 3 plus 4?"
+    rlhf doctor RUN [--json]
     rlhf eval --checkpoints bundled,out/sft,out/ppo --baseline out/sft --reward-model out/rm --output out/eval
     rlhf study overopt --demo --preset quick --output out/study
     rlhf bench sft|rm|ppo --against trl --json
@@ -165,6 +166,29 @@ def cmd_stage(stage: str, args) -> int:
     dist.close()
     if dist.is_main:
         print(f"{stage} {'stopped' if events.stopped else 'finished'}: {output}")
+        print(_doctor_line(store, run_id))
+    return 0
+
+
+def _doctor_line(store, run_id: str) -> str:
+    """The run doctor's verdict in one line, printed and kept in the run's log (the Train page shows it)."""
+    from core.analysis import doctor
+
+    line = doctor.summary_line(doctor.diagnose_run(store, run_id), run_id)
+    store.add_log(run_id, line)
+    return line
+
+
+def cmd_doctor(args) -> int:
+    """rlhf doctor RUN: what the run's curves, rollouts and config show wrong, why, and what to try."""
+    from core.analysis import doctor
+    from core.data.store import Store
+
+    findings = doctor.diagnose_run(Store(), args.run)  # an unknown run is a ValueError: exit 2 with its message
+    if args.json:
+        print(json.dumps([f.to_dict() for f in findings], indent=2))
+    else:
+        print(doctor.format_text(findings) if findings else doctor.summary_line(findings, args.run))
     return 0
 
 
@@ -458,6 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for eval.csv and eval.json")
     p.add_argument("--name", help="run name in the store (default: eval + timestamp)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("doctor", help="what a run's curves show wrong, the likely cause, and what to try",
+                       description="Read a run's metrics, rollouts and config (a pipeline run: every stage run and "
+                                   "its report) and print each finding: severity (info, warning, error), what was "
+                                   "seen with its numbers and steps, the likely cause, and the config field to try.")
+    p.add_argument("run", help="run name in the store (as the Monitor page lists it)")
+    p.add_argument("--json", action="store_true", help="a JSON list of findings: severity, check, seen, cause, "
+                                                      "try, field, value, stage, run")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("chat", help="chat with a checkpoint (streamed)")
     p.add_argument("--model", default="bundled")

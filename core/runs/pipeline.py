@@ -17,6 +17,7 @@ from core.stages.events import Events
 from core.models.loading import load_policy, load_tokenizer, pick_device
 from core.models.pretrain import demo_pretrain_loss
 from core.paths import atomic_write_text
+from core.analysis import doctor
 from core.analysis.results import comparison
 from core.stages import RECIPE, get_stage, make_config
 
@@ -179,7 +180,12 @@ def _run_stages(preset: str, output_dir: Path, store: Store, events: Events, sta
             report[key]["wall_s"] = report["timings_s"][key]
         if "sft" in report and stage in ("ppo", "dpo", "grpo", "rloo"):
             report[key]["pretrain_drift"] = report[key]["pretrain_loss"] - report["sft"]["pretrain_loss"]
+        # The run doctor on the stage run just finished: its findings join the report, its verdict the run's log.
+        findings = doctor.diagnose(doctor.load_run(store, run_id))
+        report.setdefault("doctor", []).extend(f.to_dict() for f in findings)
+        stage_events.log(doctor.summary_line(findings, run_id))
         atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2))
+    report["doctor"] = report.get("doctor", []) + [{**f.to_dict(), "run": name} for f in doctor.diagnose_report(report)]
     report["comparison"] = comparison(report)
     report["timings_s"]["total"] = sum(report["timings_s"].values())
     atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -185,11 +186,16 @@ def pair_indices(group_sizes: list[int], device=None) -> tuple[torch.Tensor, tor
     return as_t(win), as_t(lose), as_t(group)
 
 
+def pair_margins(scores: torch.Tensor, group_sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_w - r_l for every pair, each pair's group index): the chosen-minus-rejected score gaps."""
+    win, lose, group = pair_indices(group_sizes, scores.device)
+    return scores[win] - scores[lose], group
+
+
 def kwise_loss(scores: torch.Tensor, group_sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """InstructGPT's loss: each prompt's C(K,2) pairs averaged, then averaged over prompts
     (the 1/C(K,2) factor keeps prompts with large K from dominating). Returns (loss, accuracy)."""
-    win, lose, group = pair_indices(group_sizes, scores.device)
-    margin = scores[win] - scores[lose]
+    margin, group = pair_margins(scores, group_sizes)
     per_pair = -F.logsigmoid(margin)
     pairs_per_group = torch.bincount(group, minlength=len(group_sizes)).clamp(min=1)
     per_group = torch.zeros(len(group_sizes), device=scores.device).index_add(0, group, per_pair) / pairs_per_group
@@ -198,16 +204,23 @@ def kwise_loss(scores: torch.Tensor, group_sizes: list[int]) -> tuple[torch.Tens
 
 @torch.no_grad()
 def pairwise_accuracy(model, tokenizer, rankings: list[Ranking], max_length: int, device: Device, batch: int = 16) -> dict:
-    """Held-out accuracy over all pairs; for demo prompts, also split by preference kind."""
+    """Held-out accuracy over all pairs; for demo prompts, also split by preference kind. Beside it, over
+    every held-out answer: the scores' spread (`score_std`, whose drift across epochs the run doctor
+    watches) and their Pearson correlation with the answer's length in tokens (`length_corr`: an RM that
+    prefers longer answers whatever they say invites PPO to pad them)."""
     was_training = model.training
     model.eval()
     hits: dict[str, list[bool]] = {"all": []}
+    all_scores: list[float] = []
+    lengths: list[int] = []
     for i in range(0, len(rankings), batch):
         chunk = rankings[i : i + batch]
         seqs = [s for r in chunk for s in encode_answers(tokenizer, r.prompt, r.responses, max_length)]
         scores = score_sequences(model, seqs, tokenizer.pad_token_id, device)
         win, lose, group = pair_indices([len(r.responses) for r in chunk], scores.device)
         answers = [a for r in chunk for a in r.responses]
+        all_scores += scores.tolist()
+        lengths += [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
         for w, l, g, hit in zip(win.tolist(), lose.tolist(), group.tolist(), (scores[win] > scores[lose]).tolist()):
             prompt = chunk[g].prompt
             hits["all"].append(hit)
@@ -216,6 +229,12 @@ def pairwise_accuracy(model, tokenizer, rankings: list[Ranking], max_length: int
     model.train(was_training)
     out = {f"accuracy_{k}" if k != "all" else "accuracy": sum(v) / len(v) for k, v in hits.items() if v}
     out.update({f"pairs_{k}": len(v) for k, v in hits.items()})
+    if len(all_scores) > 1:
+        out["score_std"] = statistics.pstdev(all_scores)
+        try:
+            out["length_corr"] = statistics.correlation(all_scores, lengths)
+        except statistics.StatisticsError:  # every answer the same length, or every score the same
+            pass
     return out
 
 
@@ -434,12 +453,13 @@ def train_member(config: RewardConfig, events: Events, output_dir: Path, tokeniz
             chunk = [train[j] for j in dist.shard(order[i : i + config.batch_size])]
             seqs = [s for r in chunk for s in encode_answers(tokenizer, r.prompt, r.responses, config.max_length)]
             sizes = [len(r.responses) for r in chunk]
-            loss, accuracy = kwise_loss(score_sequences(model, seqs, tokenizer.pad_token_id, device, trained,
-                                                        call_tokens), sizes)
+            scores = score_sequences(model, seqs, tokenizer.pad_token_id, device, trained, call_tokens)
+            loss, accuracy = kwise_loss(scores, sizes)
             optim.step(loss, model, optimizer, scheduler, dist=dist)
             state["step"] += 1
             pairs_seen += sum(k * (k - 1) // 2 for k in sizes)
             events.metrics(offset + state["step"], {"rm_loss": loss.item(), "rm_accuracy": accuracy.item(),
+                                                    "rm_margin": pair_margins(scores.detach(), sizes)[0].mean().item(),
                                                     "pairs_per_s": pairs_seen / (time.perf_counter() - start)})
             events.progress(offset + state["step"], total_steps * member[1], "reward model")
         if stopped:
@@ -451,7 +471,9 @@ def train_member(config: RewardConfig, events: Events, output_dir: Path, tokeniz
         with dist.full_weights(model):
             if heldout:
                 state["summary"] = pairwise_accuracy(model, tokenizer, heldout, config.max_length, device)
-                events.metrics(offset + state["step"], {"heldout_accuracy": state["summary"]["accuracy"]})
+                events.metrics(offset + state["step"], {"heldout_accuracy": state["summary"]["accuracy"],
+                                                        **{f"heldout_{k}": state["summary"][k]
+                                                           for k in ("score_std", "length_corr") if k in state["summary"]}})
                 events.log(f"epoch {epoch}: held-out pairwise accuracy {state['summary']['accuracy']:.3f}")
             centre_on_demonstrations(model, tokenizer, centring, config.max_length, device)
             model.train()
