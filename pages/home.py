@@ -58,6 +58,14 @@ if latest is not None:
             tiles[3].metric("Alignment tax (pretraining loss)", f"{models['ppo']['held-out pretraining loss']:.2f}",
                             f"{models['ppo']['held-out pretraining loss'] - models['sft']['held-out pretraining loss']:+.2f}"
                             " vs SFT", delta_color="inverse")
+        loud = [f for f in shown["doctor"] if f["severity"] != "info"]
+        if not shown["doctor"]:
+            st.markdown(":material/check_circle: **Doctor:** nothing looks wrong in any stage's curves.")
+        else:
+            st.markdown(f"**Doctor:** {len(loud)} warning(s) or error(s), {len(shown['doctor']) - len(loud)} note(s) "
+                        "on the stage runs (the Monitor page relaunches a run with what to try)")
+            for f in shown["doctor"]:
+                st.markdown(f"- `{f['severity']}` **{f['check']}** ({f['run']}): {f['seen']}. *Try:* {f['try']}")
         st.markdown("**Methods compared** on the same SFT model, rankings and reward model: KL to SFT measured the "
                     "same way for every method, wall time of the stage's training run")
         # st.table: every row on screen at once, and "—" where a method has no number (the base model's KL).

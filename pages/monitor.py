@@ -5,14 +5,15 @@ stage that starts after the page opened joins by itself. Curves refresh every fe
 shown run is active and stop when all are done. Watch RM reward against gold score and KL
 together: reward climbing while gold falls is the reward model being gamed (over-optimisation). With an
 ensemble reward model, `ensemble_std` (the members' disagreement) beside them rises where the policy
-leaves what the members learned; the rollout browser shows each answer's per-member scores.
+leaves what the members learned; the rollout browser shows each answer's per-member scores. The run
+doctor reads the same curves per run, says what looks wrong and why, and relaunches a run with what to try.
 """
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from core.analysis import monitor
+from core.analysis import doctor, monitor
 from core.runs.rounds import load_state
 from core.data import rollouts
 from core.textsafe import escape_html
@@ -37,6 +38,7 @@ PREFERRED = ["reward", "ensemble_std", "gold", "heldout_gold", "kl", "exact_kl",
              "pretrain_loss", "heldout_gold_greedy", "response_length",
              "dpo_loss", "reward_margin", "reward_accuracy"]  # DPO's (GRPO/RLOO log under PPO's names)
 HIDDEN_SINGLES = {"epoch"}  # bookkeeping, not a result: shown with "All metrics" only
+SEVERITY_ICONS = {"info": ":material/info:", "warning": ":material/warning:", "error": ":material/error:"}
 STAGE_COLOURS = ["rgba(31,119,180,0.08)", "rgba(255,127,14,0.08)", "rgba(44,160,44,0.08)", "rgba(148,103,189,0.08)"]
 
 
@@ -112,6 +114,34 @@ def pipeline_overview(runs_now: list[dict], pipeline_id: str, rows: pd.DataFrame
     st.plotly_chart(figure, key=f"timeline_{pipeline_id}", width="stretch")
 
 
+def relaunch(run_id: str, finding: doctor.Finding) -> None:
+    """A new run with the finding's suggested value; the diagnosed run stays as it is."""
+    run = store.get_run(run_id)
+    try:
+        new_id = jobs.submit(run["stage"], doctor.with_suggestion(run["config"], finding))
+    except ValueError as exc:
+        st.error(str(exc))
+        return
+    st.success(f"Launched **{new_id}** with {finding.field}={finding.value}; {run_id} is unchanged.")
+
+
+def doctor_panel(shown: list[monitor.ShownRun]) -> None:
+    """Per run, what the run doctor reads in its curves (core/analysis/doctor.py), refreshed with them."""
+    for s in shown:
+        findings = doctor.diagnose(doctor.load_run(store, s.id))
+        loud = [f for f in findings if f.severity != "info"]
+        title = f"Doctor · {s.id}: " + (doctor.summary_line(findings, s.id).removeprefix("doctor: ").split(";")[0]
+                                         if findings else "nothing looks wrong")
+        with st.expander(title, expanded=bool(loud), icon=SEVERITY_ICONS[findings[0].severity] if findings else
+                         ":material/check_circle:"):
+            for i, f in enumerate(findings):
+                st.markdown(f"{SEVERITY_ICONS[f.severity]} **{f.check}** · {f.severity}  \n**Seen:** {f.seen}  \n"
+                            f"**Likely cause:** {f.cause}  \n**Try:** {f.try_}")
+                if f.field is not None and f.stage == s.stage and f.field in store.get_run(s.id)["config"]:
+                    if st.button(f"Relaunch as a new run with {f.field}={f.value}", key=f"doctor_{s.id}_{i}_{f.check}"):
+                        relaunch(s.id, f)
+
+
 @st.fragment(run_every=refresh)
 def curves() -> None:
     runs_now = run_rows()  # re-read: stage runs that started since the page opened join here
@@ -126,6 +156,7 @@ def curves() -> None:
         if output_dir and (state := load_state(output_dir)):
             with st.container(border=True):
                 round_strip(run["id"], state, key=run["id"])
+    doctor_panel(shown)
     if rows.empty:
         st.info("No metrics logged yet; curves appear after the first training steps.")
     else:

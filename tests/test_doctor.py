@@ -4,6 +4,7 @@ and silent on the good one; every suggestion a config field that exists with a v
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -255,3 +256,124 @@ def test_rlhf_doctor_reads_a_run_from_the_store(store, capsys):
     assert "ERROR   ppo.kl_explode" in text and "try:   learning_rate=2e-05" in text
     assert main(["doctor", "no-such-run"]) == 2
     assert "no run named 'no-such-run'" in capsys.readouterr().err
+
+
+# -- The pages only display findings ----------------------------------------------------------------------
+
+
+def test_monitor_shows_the_doctor_per_run_and_relaunches_with_the_suggestion_as_a_new_run(app, workbench_home):
+    import time
+
+    from tests.test_pages import db, open_page
+
+    store = db(workbench_home)
+    # A tiny PPO run's config (bundled model as policy and RM), so the relaunched run finishes in seconds.
+    config = make_config("ppo", None, dict(sft_model="bundled", reward_model="bundled", total_episodes=2, batch_size=2,
+                                           ppo_epochs=1, response_length=4, ptx_coef=0.0, eval_prompts=0,
+                                           kl_coef=0.0005, device="cpu")).to_dict()
+    store.create_run("ppo-weak", "ppo", config)
+    for step, kl in enumerate(ramp(0.5, 40), 1):
+        store.log_metrics("ppo-weak", step, {"kl": kl, "clip_frac": 0.1})
+    store.set_run_status("ppo-weak", "done")
+    store.create_run("ppo-fine", "ppo", config)
+    for step, kl in enumerate(ramp(0.0, 2.0), 1):
+        store.log_metrics("ppo-fine", step, {"kl": kl})
+    store.set_run_status("ppo-fine", "done")
+    at = open_page(app, "monitor")
+    at.multiselect(key="monitor_runs").set_value(["ppo-weak", "ppo-fine"]).run()
+    titles = [e.label for e in at.expander]
+    assert "Doctor · ppo-weak: 1 warning (ppo.kl_explode)" in titles
+    assert "Doctor · ppo-fine: nothing looks wrong" in titles
+    assert "KL per answer went from" in " ".join(m.value for m in at.markdown)
+    buttons = [b for b in at.button if b.label.startswith("Relaunch")]
+    assert [b.label for b in buttons] == ["Relaunch as a new run with kl_coef=0.1"]
+    buttons[0].click().run()
+    assert not at.exception, at.exception
+    new = [r for r in store.list_runs() if r["id"] not in ("ppo-weak", "ppo-fine")]
+    assert len(new) == 1 and new[0]["stage"] == "ppo"
+    assert store.get_run(new[0]["id"])["config"] == {**config, "kl_coef": 0.1}
+    assert store.get_run("ppo-weak")["config"] == config and store.get_run("ppo-weak")["status"] == "done"
+    deadline = time.monotonic() + 120
+    while store.get_run(new[0]["id"])["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert store.get_run(new[0]["id"])["status"] == "done"
+
+
+def test_home_results_card_lists_the_pipelines_findings(app, workbench_home, tmp_path):
+    from tests.test_pages import db
+    from tests.test_watch import sample_report, write_pipeline_run
+
+    report = sample_report()
+    report["doctor"] = [doctor.Finding("warning", "ppo.overoptimisation", "gold peaked at 0.675 (steps 9-12)", "c",
+                                       "kl_coef=0.1", "kl_coef", 0.1, "ppo", "pipeline-a-ppo").to_dict()]
+    write_pipeline_run(db(workbench_home), tmp_path, report)
+    app.run()
+    assert not app.exception, app.exception
+    shown = " ".join(m.value for m in app.markdown)
+    assert "**Doctor:** 1 warning(s) or error(s), 0 note(s)" in shown
+    assert "**ppo.overoptimisation** (pipeline-a-ppo): gold peaked at 0.675 (steps 9-12). *Try:* kl_coef=0.1" in shown
+    report["doctor"] = []
+    write_pipeline_run(db(workbench_home), tmp_path, report, run_id="pipeline-b")  # the newest report is shown
+    app.run()
+    assert "**Doctor:** nothing looks wrong in any stage's curves." in " ".join(m.value for m in app.markdown)
+
+
+# -- End to end on the tiny model: deliberately broken runs, named by the doctor ------------------------------
+
+
+def test_a_reward_model_trained_on_shuffled_rankings_is_named_at_chance(store, tmp_path, one_torch_thread):
+    """Target (c): the same rankings as a learnable RM's, each one's order shuffled."""
+    import random
+
+    from core.data import demo
+    from core.stages import reward
+    from core.stages.events import Events
+
+    rng = random.Random(0)
+    rows = demo.synthetic_rankings(240, 4)
+    for r in rows:
+        rng.shuffle(r["responses"])
+    path = tmp_path / "shuffled.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = make_config("rm", "quick", dict(sft_model="bundled", data=str(path), device="cpu"))
+    store.create_run("rm-shuffled", "rm", config.to_dict(), str(tmp_path / "rm"))
+    reward.run(config, store, Events(store, "rm-shuffled"), tmp_path / "rm")
+    found = doctor.diagnose_run(store, "rm-shuffled")
+    assert checks(found)[0] == "rm.chance" and found[0].severity == "error"
+    accuracy = doctor.load_run(store, "rm-shuffled").last("heldout_accuracy")
+    assert accuracy < 0.6 and f"held-out pairwise accuracy {accuracy:.3f} on 144 pairs" in found[0].seen
+
+
+def test_a_tiny_kl_coef_against_a_misled_reward_model_is_named_over_optimisation(store, tmp_path, one_torch_thread):
+    """Target (a) in miniature: kl_coef 0.0005 and a reward model that prefers rambling (the stop-cleanly probe of
+    tests/test_ppo.py, negated), which the demo's labeler scores down: the RM reward rises while gold falls."""
+    import torch
+
+    from core.data import demo
+    from core.models.loading import load_scalar_model, load_tokenizer, pick_device, save_checkpoint
+    from core.stages import ppo
+    from core.stages.events import Events
+    from tests.test_ppo import _stop_cleanly_probe
+
+    tok = load_tokenizer("bundled")
+    torch.manual_seed(0)
+    rambler = _stop_cleanly_probe(load_scalar_model("bundled", tok.pad_token_id, pick_device("cpu")), tok)
+    rambler.score.weight.data.neg_()
+    rm = save_checkpoint(rambler, tok, tmp_path / "rm-rambler")
+    # Prompts of the kinds the bundled base answers in a familiar shape (tests/test_ppo.py), so gold has room to fall.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t.prompt}) + "\n" for t in demo.train_tasks(400)
+                               if t.kind in ("add", "repeat", "reverse", "last")))
+    config = make_config("ppo", None, dict(sft_model="bundled", reward_model=str(rm), prompts=str(prompts),
+                                           total_episodes=160, batch_size=16, ppo_epochs=2, learning_rate=1e-3,
+                                           response_length=16, kl_coef=0.0005, ptx_coef=0.0, eval_prompts=0,
+                                           device="cpu"))
+    store.create_run("ppo-beta-tiny", "ppo", config.to_dict(), str(tmp_path / "ppo"))
+    ppo.run(config, store, Events(store, "ppo-beta-tiny"), tmp_path / "ppo")
+    found = {f.check: f for f in doctor.diagnose_run(store, "ppo-beta-tiny")}
+    assert "ppo.overoptimisation" in found, list(found)
+    f = found["ppo.overoptimisation"]
+    assert (f.field, f.value) == ("kl_coef", 0.1)
+    data = doctor.load_run(store, "ppo-beta-tiny")
+    gold, reward = [v for _, v in data.series("gold")], [v for _, v in data.series("reward")]
+    assert max(gold) - statistics.fmean(gold[-2:]) > 0.05 and statistics.fmean(reward[-2:]) > reward[0]

@@ -10,6 +10,7 @@ compares against lives in `THRESHOLDS`, with where it comes from. Pages and the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -19,6 +20,7 @@ from pathlib import Path
 from core.analysis.monitor import pipeline_stage_runs
 from core.data import rollouts as rollout_store
 from core.data.store import Store
+from core.stages import STAGES
 
 SEVERITIES = ("info", "warning", "error")
 THIRD_STAGES = ("ppo", "grpo", "rloo")  # the sampling stage-3 methods: a KL, a reward, answers with lengths
@@ -225,7 +227,8 @@ def answers_do_not_end(run: RunData) -> list[Finding]:
     recent = quarters(points)[1] if enough(points) else _span(points[-1:])
     if recent.mean >= threshold("eos_min"):
         return []
-    seen = f"only {recent.mean:.0%} of sampled answers ended with EOS ({str(recent).split(' ', 1)[1]})"
+    steps = str(recent).split(" ", 1)[1]  # "(steps a-b)"
+    seen = f"only {recent.mean:.0%} of sampled answers ended with EOS {steps}"
     if run.stage == "sft":
         length = run.config.get("max_length", 128)
         return [Finding("warning", "sft.no_eos", seen,
@@ -358,8 +361,7 @@ def kl_checks(run: RunData) -> list[Finding]:
     # Clipping or a large KL(pi_old || pi_new) says the updates themselves are too large (a learning rate
     # problem); without them the penalty is too weak for the reward's pull.
     update_measured = bool(run.series("clip_frac") or run.series("approx_kl"))
-    step_too_large = any(v > threshold("clip_high") for _, v in run.series("clip_frac")) or \
-        any(v > threshold("approx_kl_high") for _, v in run.series("approx_kl"))
+    step_too_large = bool(update_size(run))
     if recent_median > threshold("kl_high"):
         if step_too_large or not update_measured:
             lr = run.config.get("learning_rate")
@@ -629,8 +631,10 @@ def load_run(store: Store, run_id: str) -> RunData:
     steps = rollout_store.steps(store, run_id) if run["stage"] == "ppo" else []
     if steps:
         samples = [{**s, "step": steps[-1]} for s in rollout_store.samples(store, run_id, steps[-1])]
-    return RunData(run_id, run["stage"], run["config"] if isinstance(run["config"], dict) else {}, metrics, summary,
-                   samples)
+    # The stage's defaults under the run's values: a config recorded before a field existed still names it.
+    defaults = dataclasses.asdict(STAGES[run["stage"]].config_class()) if run["stage"] in STAGES else {}
+    config = {**defaults, **(run["config"] if isinstance(run["config"], dict) else {})}
+    return RunData(run_id, run["stage"], config, metrics, summary, samples)
 
 
 def stage_runs(store: Store, run_id: str) -> list[str]:

@@ -70,7 +70,8 @@ def latest_report(store: Store) -> tuple[dict, dict] | None:
 def card(report: dict) -> dict:
     """The card's content: one row per model the report evaluated (the comparison table: gold, its
     parts, KL to SFT, alignment tax, wall time), each gold part's weighted share per model, the RM's
-    held-out accuracy by preference kind, and the alignment tax (held-out pretraining loss per model)."""
+    held-out accuracy by preference kind, the alignment tax (held-out pretraining loss per model), and the
+    run doctor's findings on every stage run (core/analysis/doctor.py, as the pipeline wrote them)."""
     labels = dict(MODELS)
     models = [{"model": labels[row["method"]], "key": row["method"],
                **{title: row.get(field) for field, title in COLUMNS}}
@@ -83,5 +84,5 @@ def card(report: dict) -> dict:
     gold_split = {title: {m["model"]: weight * m[title] for m in models if m[title] is not None}
                   for _, title, weight in GOLD_PARTS}
     return {"models": models, "gold_split": gold_split, "reward_model": reward_model, "alignment_tax": tax,
-            "preset": report.get("preset"),
+            "preset": report.get("preset"), "doctor": report.get("doctor", []),
             "complete": all(k in report for k in ("base", "sft", "rm", "ppo"))}
