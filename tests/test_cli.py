@@ -63,6 +63,13 @@ def test_demo_pipeline_end_to_end(workbench_home, tmp_path, capsys):
     assert 0 < rollouts.count(store, ppo_run)["samples"] <= 8 * rollouts.count(store, ppo_run)["steps"]
     run, shown = results.latest_report(store)
     assert shown == report and run["stage"] == "pipeline"
+    # The run doctor's findings on every stage run and on the report, as `rlhf doctor <pipeline run>` gives them,
+    # and its verdict in each stage run's log.
+    from core.analysis import doctor
+
+    assert report["doctor"] == [f.to_dict() for f in doctor.diagnose_run(store, run["id"])]
+    for stage_run in (r for r in runs if r != run["id"]):
+        assert any(line["message"].startswith("doctor: ") for line in store.run_log(stage_run)), stage_run
 
 
 def test_set_and_yaml_read_numbers_as_people_type_them(tmp_path):
@@ -117,7 +124,10 @@ def test_a_named_cli_run_resumes_in_place(workbench_home, tmp_path, monkeypatch,
     assert calls == [tmp_path / "out", tmp_path / "out"]
     assert [r["id"] for r in store.list_runs()] == ["mine"] and store.get_run("mine")["status"] == "done"
     assert [(m["step"], m["value"]) for m in store.metrics(["mine"], ["sft_loss"])] == [(1, 1.0), (2, 0.5)]
-    assert [line["message"] for line in store.run_log("mine")] == ["call 1", "call 2"]
+    # The stage's summary ends with the run doctor's line, kept in the run's log too (two points: no trend yet).
+    assert [line["message"] for line in store.run_log("mine")] == ["call 1", "call 2", "doctor: nothing looks "
+                                                                    "wrong in mine"]
+    assert capsys.readouterr().out.splitlines()[-1] == "doctor: nothing looks wrong in mine"
     assert main(args) == 2
     assert "already done" in capsys.readouterr().err
     store.set_run_status("mine", "stopped")
