@@ -47,7 +47,8 @@ THRESHOLDS: dict[str, Threshold] = {
                                           "measured a response-only SFT at 7.2 / 1.19 = 6x, the quick demo's SFT "
                                           "is at 2.05 / 0.79 = 2.6x (its PPO's ptx term brings it to 1.28)"),
     "rm_chance": Threshold(0.6, "held-out pairwise accuracy below it is chance: the design notes measured a "
-                                "tiny RM on pairs it cannot perceive at 0.46-0.59; the quick demo's RM reaches 0.95+"),
+                                "tiny RM on pairs it cannot perceive at 0.46-0.59; the quick demo's RM reaches "
+                                "0.96-1.0, one on its rankings shuffled 0.48"),
     "rm_kind_pairs": Threshold(20, "held-out pairs of a preference kind needed to judge that kind's accuracy"),
     "margin_collapse": Threshold(0.5, "last quarter's chosen-rejected margin over its best window's: below it "
                                       "the margin collapsed"),
@@ -55,7 +56,8 @@ THRESHOLDS: dict[str, Threshold] = {
                                    "an RM on shuffled demo rankings wanders within -0.25..0.44 per step, the quick "
                                    "demo's RM grows to 5-6"),
     "length_corr": Threshold(0.5, "Pearson correlation of the RM's score with answer length on held-out answers; "
-                                  "the quick demo's RM scores long (rambling) answers lower (negative correlation)"),
+                                  "the quick demo's RM scores long (rambling) answers lower (-0.88), an RM on "
+                                  "the same rankings reordered longest first reads +0.94"),
     "scale_drift": Threshold(3.0, "ratio of the largest to the smallest held-out score spread across epochs"),
     "kl_negative": Threshold(-0.5, "mean per-answer KL over the second half of the run below it is not noise: "
                                    "k1 summed over an answer is >= 0 in expectation (the design notes' dropout "
