@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,8 @@ def _coerce(name: str, value, hint):
         if type(None) in args:
             return None
         raise ValueError(f"{name} must not be empty")
+    if isinstance(value, list) and list in args:  # `str | list`: a YAML list (the reward's terms)
+        return value
     base = next(a for a in args if a is not type(None)) if args else hint
     if base is bool:
         if isinstance(value, bool):
@@ -155,6 +158,166 @@ def _coerce(name: str, value, hint):
     else:
         return value
     raise ValueError(f"{name} must be of type {base.__name__}, got {type(value).__name__} {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3's reward: a list of weighted terms (core/stages/reward_terms.py builds and calls them)
+# ---------------------------------------------------------------------------------------------
+
+# term -> its options and their defaults (None: required). A term's value per answer is documented in
+# core/stages/reward_terms.py; `weight` (default 1, `length` -0.05) and `name` (default: the term, or the
+# function's name) are every term's.
+REWARD_TERMS: dict[str, dict[str, object]] = {
+    "rm": {},  # the trained reward model (`reward_model`)
+    "gold": {},  # the demo's simulated labeler: cheating on the proxy, demo prompts only
+    "exact": {"column": "answer"},
+    "numeric": {"column": "answer", "tolerance": 1e-6},
+    "math": {"column": "answer"},
+    "regex": {"pattern": None},
+    "choice": {"column": "answer", "options": "A|B|C|D"},
+    "contains": {"column": "", "text": ""},
+    "length": {"target": None},
+    "eos": {},
+    "python": {"path": None, "function": None, "timeout": 60.0},
+}
+DEFAULT_WEIGHTS = {"length": -0.05}  # a length term counts tokens beyond its target: a penalty by default
+EXTRAS = {"math": "math_verify"}  # term -> the module it needs (the `verifiers` extra)
+VERIFIERS_INSTALL = "pip install 'rlhf-workbench[verifiers]'"
+REWARD_HELP = ("a comma-separated list of terms, each with optional :key=value options and :weight=W: 'rm' (the "
+               "reward model), exact, numeric (tolerance=), math, regex:pattern=, choice (options=A|B|C), contains "
+               "(text= or column=), length:target=N (tokens beyond N, weight -0.05), eos, python:PATH:FUNCTION; "
+               "e.g. rm,length:target=24:weight=-0.05. 'gold': the demo's simulated labeler itself - CHEATING "
+               "on the proxy, demo prompts only")
+
+
+@dataclass(frozen=True)
+class RewardTerm:
+    """One parsed term of a reward: its kind (a key of REWARD_TERMS), weight, metric name (`reward/<name>`)
+    and options (the kind's defaults filled in)."""
+
+    kind: str
+    weight: float
+    name: str
+    options: dict = field(hash=False)
+
+    def column(self) -> str | None:
+        """The prompt-row column this term reads, if any (checked against the prompts before a run)."""
+        if self.kind == "contains" and self.options["text"]:
+            return None
+        return self.options.get("column") or None
+
+
+def _split_terms(spec: str) -> list[str]:
+    """Terms of a comma-separated spec; a piece that does not start with a term (a regex's `{1,3}`) belongs
+    to the term before it."""
+    terms: list[str] = []
+    for piece in spec.split(","):
+        if terms and piece.strip().split(":")[0] not in REWARD_TERMS:
+            terms[-1] += "," + piece
+        else:
+            terms.append(piece)
+    return [t.strip() for t in terms if t.strip()]
+
+
+def _term_mapping(text: str) -> dict:
+    """'kind:key=value:...' (python: 'python:PATH:FUNCTION:...') as a mapping; a segment without '=' belongs
+    to the value before it (a regex's `(?:`)."""
+    kind, *rest = text.split(":")
+    values: dict[str, str] = {"term": kind.strip()}
+    if values["term"] == "python":
+        if len(rest) < 2 or "=" in rest[0] or "=" in rest[1]:
+            raise ValueError(f"reward term {text!r}: write your own function as python:PATH:FUNCTION")
+        values["path"], values["function"], rest = rest[0], rest[1], rest[2:]
+    last = None
+    for segment in rest:
+        if "=" in segment and segment.split("=", 1)[0].strip().isidentifier():
+            last, value = (s.strip() for s in segment.split("=", 1))
+            values[last] = value
+        elif last is not None:
+            values[last] += ":" + segment
+        else:
+            raise ValueError(f"reward term {text!r}: options are key=value, got {segment!r}")
+    return values
+
+
+def _option_value(term: str, key: str, value, default):
+    """A term's option coerced to its default's type (a number where the default is one)."""
+    if isinstance(default, (int, float)) or (default is None and key == "target"):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"reward term {term}: {key} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"reward term {term}: {key} must be a finite number, got {value!r}")
+        return number
+    return str(value)
+
+
+def parse_reward(spec: str | list) -> list[RewardTerm]:
+    """The terms of a `reward` field: a comma-separated string (the CLI's `--set reward=...`) or a YAML list
+    of terms, each a string or a mapping {term: length, target: 24, weight: -0.05}. Every error a user can
+    make in it is a ValueError here: an unknown term or option, a NaN weight, a regex that does not compile,
+    a missing file, a missing extra."""
+    if isinstance(spec, str):
+        items: list = _split_terms(spec)
+    elif isinstance(spec, list):
+        items = spec
+    else:
+        raise ValueError(f"reward must be a list of terms, got {type(spec).__name__}")
+    if not items:
+        raise ValueError("reward is empty: name at least one term (rm, a verifier, python:PATH:FUNCTION)")
+    terms, names = [], set()
+    for item in items:
+        values = _term_mapping(item) if isinstance(item, str) else dict(item) if isinstance(item, dict) else None
+        if values is None or "term" not in values:
+            raise ValueError(f"reward term {item!r} must be a string or a mapping with a 'term' key")
+        kind = str(values.pop("term")).strip()
+        if kind not in REWARD_TERMS:
+            raise ValueError(f"unknown reward term {kind!r}: choose among {', '.join(REWARD_TERMS)}")
+        weight = _option_value(kind, "weight", values.pop("weight", DEFAULT_WEIGHTS.get(kind, 1.0)), 1.0)
+        name = str(values.pop("name", "")).strip()
+        defaults = REWARD_TERMS[kind]
+        unknown = sorted(set(values) - set(defaults))
+        if unknown:
+            known = ", ".join([*defaults, "weight", "name"])
+            raise ValueError(f"reward term {kind}: unknown option(s) {', '.join(unknown)} (it takes {known})")
+        options = {key: _option_value(kind, key, values[key], default) if key in values else default
+                   for key, default in defaults.items()}
+        missing = [key for key, value in options.items() if value is None]
+        if missing:
+            raise ValueError(f"reward term {kind} needs {', '.join(f'{k}=...' for k in missing)}")
+        _check_term(kind, options)
+        name = name or (options["function"] if kind == "python" else kind)
+        if name in names:
+            raise ValueError(f"two reward terms are named {name!r}: give one of them name=...")
+        names.add(name)
+        terms.append(RewardTerm(kind, weight, name, options))
+    return terms
+
+
+def _check_term(kind: str, options: dict) -> None:
+    if kind == "regex":
+        try:
+            re.compile(options["pattern"])
+        except re.error as exc:
+            raise ValueError(f"reward term regex: pattern {options['pattern']!r} does not compile: {exc}") from None
+    if kind == "python" and not Path(options["path"]).expanduser().is_file():
+        raise ValueError(f"reward term python: no file {options['path']!r} on this machine")
+    if kind == "python" and options["timeout"] <= 0:
+        raise ValueError("reward term python: timeout must be > 0 seconds")
+    if kind == "length" and options["target"] < 0:
+        raise ValueError("reward term length: target must be >= 0 tokens")
+    if kind == "choice" and len([o for o in options["options"].split("|") if o.strip()]) < 2:
+        raise ValueError("reward term choice: options needs at least two labels, e.g. options=A|B|C|D")
+    if kind == "contains" and not (options["text"] or options["column"]):
+        raise ValueError("reward term contains: give text=... or column=...")
+    if kind in EXTRAS and importlib.util.find_spec(EXTRAS[kind]) is None:
+        raise ValueError(f"reward term {kind} needs the {EXTRAS[kind].replace('_', '-')} package, which is not "
+                         f"installed: {VERIFIERS_INSTALL}")
+
+
+def uses_reward_model(spec: str | list) -> bool:
+    return any(term.kind == "rm" for term in parse_reward(spec))
 
 
 _POS = (0, None, False)  # > 0
@@ -294,7 +457,9 @@ class PPOConfig(ScoredConfig):
     sft_model: str = option("", "policy and frozen reference_policy start here")
     policy_init: str = option("", "start the policy here instead of sft_model, which stays the reference_policy "
                               "(a later round of iterated RLHF goes on from the last round's policy); empty: sft_model")
-    reward_model: str = option("", "reward model; the value model starts here too")
+    reward_model: str = option("", "reward model (reward: rm); the value model starts here too, or at sft_model "
+                                   "when no term is the reward model")
+    reward: str | list = option("rm", REWARD_HELP)
     prompts: str = option("demo", "'demo', 'store' or a JSONL/CSV path with a \"prompt\" column")
     total_episodes: int = option(256_000, "InstructGPT: 256k episodes")
     batch_size: int = option(64, "episodes per PPO step (rollout batch)")
@@ -350,6 +515,7 @@ class PPOConfig(ScoredConfig):
 
     def validate(self) -> None:
         super().validate()
+        parse_reward(self.reward)
         if self.lora and self.ema_decay is not None:
             raise ValueError("ema_decay is not supported with LoRA (lora_r > 0): an EMA would copy the whole "
                              "policy; leave ema_decay empty or train every weight")
@@ -360,6 +526,10 @@ class PPOConfig(ScoredConfig):
         if self.lora and self.policy_init:
             raise ValueError("policy_init is not supported with LoRA (lora_r > 0): the adapter trains on the base "
                              "of sft_model; leave policy_init empty or train every weight")
+
+    def optional_models(self) -> tuple[str, ...]:
+        """Model fields this config does not use (the RM, when no reward term is the reward model)."""
+        return () if uses_reward_model(self.reward) else ("reward_model",)
 
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
@@ -410,8 +580,7 @@ class GroupRLConfig(ScoredConfig):
 
     sft_model: str = option("", "the policy and the frozen reference start here")
     reward_model: str = option("", "the trained reward model that scores answers (reward: rm)")
-    reward: str = option("rm", "'rm': the trained reward model (the recipe); 'gold': the demo's simulated labeler "
-                               "itself - CHEATING on the proxy, demo prompts only, to show what a perfect RM buys")
+    reward: str | list = option("rm", REWARD_HELP)
     prompts: str = option("demo", "'demo', 'store' or a JSONL/CSV path with a \"prompt\" column")
     total_episodes: int = option(256_000, "sampled answers in all (as PPO's episodes)")
     batch_size: int = option(64, "answers per optimisation step: batch_size / num_generations prompts")
@@ -435,17 +604,18 @@ class GroupRLConfig(ScoredConfig):
         "epsilon": _POS, "num_iterations": (1, None, True), "missing_eos_penalty": _NONNEG, "max_grad_norm": _POS,
         "save_every": (1, None, True), "eval_prompts": _NONNEG,
     }
-    _choices = {**ScoredConfig._choices, "device": DEVICES, "reward": ("rm", "gold")}
+    _choices = {**ScoredConfig._choices, "device": DEVICES}
 
     def validate(self) -> None:
         super().validate()
+        parse_reward(self.reward)
         if self.batch_size % self.num_generations:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_generations "
                              f"({self.num_generations}): each prompt's group is sampled whole")
 
     def optional_models(self) -> tuple[str, ...]:
-        """Model fields this config does not use (the RM, when the labeler itself is the reward)."""
-        return ("reward_model",) if self.reward == "gold" else ()
+        """Model fields this config does not use (the RM, when no reward term is the reward model)."""
+        return () if uses_reward_model(self.reward) else ("reward_model",)
 
 
 @dataclass

@@ -144,14 +144,18 @@ pickers = {
     "sft_model": ("SFT checkpoint", resources.checkpoint_choices(store, "sft")),
     "reward_model": ("Reward model", resources.checkpoint_choices(store, "rm")),
 }
-# GRPO/RLOO with reward 'gold' (the demo's labeler itself, cheating on the proxy) need no reward model; the
-# reward widget is drawn below, so its value is read from the session here.
+# Stage 3 whose reward terms do not include the reward model ('gold', verifiers, your own function) needs no
+# reward model; the reward widget is drawn below, so its value is read from the session here.
 reward = st.session_state.get(prefix + "reward", base.get("reward"))
-optional = make_config(stage, preset, {"reward": reward}).optional_models() if reward else ()
+try:
+    optional = make_config(stage, preset, {"reward": reward}).optional_models() if reward else ()
+except ValueError:  # a reward being typed; its own widget below shows the error
+    optional = ()
 for name in spec.model_fields:
     label, options = pickers[name]
     if name in optional:
-        st.caption(f"{label}: not needed, the reward is 'gold': the demo's labeler itself (cheating on the proxy)")
+        st.caption(f"{label}: not needed, no reward term is the reward model"
+                   + (" ('gold' is the demo's labeler itself: cheating on the proxy)" if "gold" in str(reward) else ""))
     elif options:
         values[name] = options[st.selectbox(label, list(options), key=f"pick_{stage}_{name}")]
     else:

@@ -57,7 +57,7 @@ def test_token_view_sum_equals_ppo_kl_for_the_same_tokens(policies, tok):
         view = answer_view(policies.policy, policies.reference_policy, tok, prompts[i], answer_ids, TEMPERATURE,
                            policies.reward_model)
         assert view.kl == pytest.approx(ppo_kl[i].item(), abs=1e-4)
-        assert view.rm_score == pytest.approx(batch.rm_scores[i].item(), abs=1e-4)
+        assert view.rm_score == pytest.approx(batch.reward_scores[i].item(), abs=1e-4)
         assert [k for _, k in view.tokens] == pytest.approx(per_token, abs=1e-5)
     # A wrong temperature gives another number: the test would catch an unscaled sum.
     unscaled = answer_token_kl(policies.policy, policies.reference_policy, prompt_ids, answer_ids, 1.0)

@@ -232,8 +232,10 @@ def test_ppo_rewards_the_aggregate_and_logs_the_disagreement(random_ensemble, to
     members = result.rollout.rm_members
     assert members.shape == (3, 8)
     expected = members.min(0).values if how == "min" else members.mean(0) - 2.0 * members.std(0, correction=0)
-    assert torch.allclose(result.rollout.rm_scores, expected)
+    assert torch.allclose(result.rollout.reward_scores, expected)  # the rm term's value: the aggregate
+    assert torch.allclose(result.rollout.term_scores["rm"], expected)
     assert result.metrics["reward"] == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert result.metrics["reward/rm"] == pytest.approx(float(expected.mean()), abs=1e-5)
     assert result.metrics["ensemble_std"] == pytest.approx(float(members.std(0, correction=0).mean()), abs=1e-5)
     assert result.metrics["ensemble_std"] > 0  # random heads disagree
 
@@ -265,13 +267,14 @@ def test_grpo_and_rloo_reward_the_aggregate_and_log_the_disagreement(random_ense
     completions = [" The answer is 3.", " I think it is 5 or so, maybe.", " 12", " The answer is 7."]
     completion_ids = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in completions]
     logged = {}
-    scores = reward_fn(prompts, completions, completion_ids, [t.prompt for t in tasks],
+    scores = reward_fn(prompts, completions, completion_ids, [t.prompt for t in tasks], ["{}"] * 4,
                        log_metric=lambda name, value: logged.setdefault(name, value))
     seqs = [tok(p, add_special_tokens=False)["input_ids"] + ids for p, ids in zip(prompts, completion_ids)]
     members = torch.stack([reward.score_sequences(m, seqs, tok.pad_token_id, CPU)
                            for m in load_reward_model(ensemble, tok.pad_token_id, CPU).members])
     assert scores == pytest.approx(members.min(0).values.tolist(), abs=1e-5)
     assert logged["raw_reward"] == pytest.approx(float(members.min(0).values.mean()), abs=1e-5)
+    assert logged["reward/rm"] == pytest.approx(float(members.min(0).values.mean()), abs=1e-5)
     assert logged["ensemble_std"] == pytest.approx(float(members.std(0, correction=0).mean()), abs=1e-5)
     assert logged["ensemble_std"] > 0
 
@@ -295,7 +298,7 @@ def test_the_rollout_sample_keeps_each_members_score_and_older_stores_gain_the_c
     mask = torch.ones(4, 3)
     members = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, -0.6, 0.7, 0.8]])
     rollout = SimpleNamespace(response_ids=torch.full((4, 3), 20), response_mask=mask, logprobs=-mask, ref_logprobs=-mask,
-                              rm_scores=members.min(0).values, finished=torch.ones(4, dtype=torch.bool),
+                              reward_scores=members.min(0).values, finished=torch.ones(4, dtype=torch.bool),
                               texts=["a", "b", "c", "d"], rm_members=members)
     rollouts.RolloutRecorder(store, "ppo-e", num_steps=2, tokenizer=tok).record(2, prompts, rollout)
     kept = {s["idx"]: s for s in rollouts.samples(store, "ppo-e", 2)}

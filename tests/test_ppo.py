@@ -137,14 +137,14 @@ def test_missing_eos_is_penalised_and_rm_reads_the_last_response_token(inputs, t
     response_mask = torch.tensor([[1] * (len(body) + 1) + [0], [1] * len(cut)])
     samples = Samples(prompt_ids, prompt_mask, response, response_mask, torch.tensor([True, False]), ["", ""])
     batch = ppo.score_responses(models, samples, config)
-    assert batch.scores[0] == pytest.approx(batch.rm_scores[0].item())
-    assert (batch.rm_scores[1] - batch.scores[1]).item() == pytest.approx(1.5)
+    assert batch.scores[0] == pytest.approx(batch.reward_scores[0].item())
+    assert (batch.reward_scores[1] - batch.scores[1]).item() == pytest.approx(1.5)
     # Independent check of the position read: score each answer unpadded, at its last token.
     for row, ids in enumerate([stopped[: len(body) + 1], cut]):
         prompt = prompt_ids[row][prompt_mask[row].bool()].tolist()
         seq = torch.tensor([prompt + ids])
         expected = token_scores(models.reward_model.members[0], seq, torch.ones_like(seq))[0, -1]  # one RM: one member
-        assert batch.rm_scores[row].item() == pytest.approx(expected.item(), abs=1e-4)
+        assert batch.reward_scores[row].item() == pytest.approx(expected.item(), abs=1e-4)
     # Padding after the EOS carries neither log-prob nor value.
     assert batch.logprobs[0, -1] == 0 and batch.values[0, -1] == 0
 
@@ -180,7 +180,7 @@ def test_bf16_precision_on_a_cpu_computes_in_bf16_and_starts_at_zero_kl(inputs, 
     bf16_models = ppo.load_models(config, tok, pick_device("cpu", "bf16"))
     assert bf16_models.reference_policy.dtype == torch.float32
     scored = {name: ppo.score_responses(m, samples, config) for name, m in (("fp32", fp32_models), ("bf16", bf16_models))}
-    score_gap = (scored["fp32"].rm_scores - scored["bf16"].rm_scores).abs()
+    score_gap = (scored["fp32"].reward_scores - scored["bf16"].reward_scores).abs()
     assert 0 < score_gap.max() < 0.05  # computed in bf16 (not equal), yet the same scores to bf16's precision
     assert torch.equal(scored["bf16"].logprobs, scored["bf16"].ref_logprobs)
 

@@ -75,7 +75,7 @@ def fake_rollout(batch: int, length: int, step: int, prompts: list[str], tokeniz
     logprobs = -torch.rand(batch, length)
     ref = logprobs - 0.1 * step
     return SimpleNamespace(response_ids=ids, response_mask=mask, logprobs=logprobs * mask, ref_logprobs=ref * mask,
-                           rm_scores=torch.linspace(-1, 1, batch), finished=torch.tensor([True] * batch),
+                           reward_scores=torch.linspace(-1, 1, batch), finished=torch.tensor([True] * batch),
                            texts=[f"The answer is {i}." for i in range(batch)])
 
 

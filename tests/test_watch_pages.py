@@ -127,7 +127,7 @@ def test_rollout_browser_shows_samples_as_escaped_text(app, workbench_home):
         rollout = fake_rollout(8, 5, step, prompts, tokenizer)
         rollout.texts[0] = ATTACK
         rollout.response_ids[0, :3] = torch.tensor(tokenizer(" <img src=x>", add_special_tokens=False)["input_ids"][:3])
-        rollout.rm_members = torch.stack([rollout.rm_scores - 0.25, rollout.rm_scores + 0.25])  # an ensemble of 2
+        rollout.rm_members = torch.stack([rollout.reward_scores - 0.25, rollout.reward_scores + 0.25])  # an ensemble of 2
         recorder.record(step, prompts, rollout)
     at = open_page(app, "monitor")
     assert at.selectbox(key="rollout_run").value == "ppo-r"

@@ -9,6 +9,8 @@ every checkpoint, so two copies of one model give the very same answers), and ea
 - `kl`: KL(pi || reference) per answer, on the same answers (`core.stages.evaluate.measure_answers`, the one KL
   measurement of every method);
 - `length`: mean answer tokens, EOS included;
+- `reward/<term>`: with `reward` (reward terms, core/stages/reward_terms.py), each term's mean on the same
+  answers: a verifier's pass rate beside RM score, gold and KL;
 - `win_rate`: the share of prompts on which the RM scores this checkpoint's answer above the baseline's,
   ties counting half (the baseline against itself: exactly 0.5).
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.config import DEVICES, ConfigMixin, option
+from core.config import DEVICES, ConfigMixin, option, parse_reward
 from core.data.store import Store
 from core.paths import atomic_write_text
 
@@ -45,6 +47,8 @@ class EvalConfig(ConfigMixin):
     baseline: str = option("", "the checkpoint every win rate is measured against, one of `checkpoints` "
                                "(default: the first)")
     reward_model: str = option("", "the reward model that scores every answer and judges the win rates")
+    reward: str = option("", "reward terms whose means become columns (a verifier's pass rate), as stage 3's "
+                             "reward field: e.g. exact,eos or python:my_rewards.py:strict")
     reference: str = option("", "KL is measured to this policy, e.g. the SFT model (default: the baseline)")
     prompts: str = option("demo", "'demo' (the demo's held-out prompts: gold applies), 'store' (the workbench's "
                                   "prompts) or a JSONL/CSV file with a \"prompt\" column")
@@ -68,6 +72,8 @@ class EvalConfig(ConfigMixin):
             raise ValueError(f"baseline {self.baseline!r} is not one of the checkpoints ({', '.join(names)})")
         if not self.reward_model:
             raise ValueError("reward_model is empty: name the reward model that scores the answers")
+        if self.reward:
+            parse_reward(self.reward)
 
     def checkpoint_names(self) -> list[str]:
         return [c.strip() for c in self.checkpoints.split(",") if c.strip()]
@@ -86,6 +92,7 @@ class Plan:
     reference: str
     prompts: list[str]
     gold: bool  # every prompt is one of the demo's, so its labeler can score the answers
+    columns: list[dict]  # each prompt's row's other columns (`answer`, ...), for the reward terms
 
 
 def locate(name: str, store: Store | None, what: str) -> str:
@@ -110,20 +117,23 @@ def locate(name: str, store: Store | None, what: str) -> str:
     return path
 
 
-def load_eval_prompts(config: EvalConfig, store: Store | None) -> list[str]:
+def load_eval_prompts(config: EvalConfig, store: Store | None) -> tuple[list[str], list[dict]]:
+    """(prompts, each prompt's row's other columns)."""
     from core.data import demo
-    from core.data.sources import load_prompts
+    from core.data.sources import load_prompt_rows
 
     if config.prompts == "demo":  # held out: no stage trains on these
-        prompts = [t.prompt for t in demo.heldout_tasks(config.n_prompts)]
+        tasks = demo.heldout_tasks(config.n_prompts)
+        prompts, columns = [t.prompt for t in tasks], [{"answer": t.answer} for t in tasks]
     else:
         try:
-            prompts = load_prompts(config.prompts, store)[: config.n_prompts]
+            prompts, columns = load_prompt_rows(config.prompts, store)
         except FileNotFoundError:
             raise ValueError(f"prompts file {config.prompts} does not exist") from None
+        prompts, columns = prompts[: config.n_prompts], columns[: config.n_prompts]
     if not prompts:
         raise ValueError(f"no prompts in {config.prompts!r}: the evaluation needs at least one")
-    return prompts
+    return prompts, columns
 
 
 def check_inputs(config: EvalConfig, store: Store | None) -> Plan:
@@ -141,8 +151,12 @@ def check_inputs(config: EvalConfig, store: Store | None) -> Plan:
     for name, path in {**paths, f"reference {config.reference}": reference}.items():
         check_same_tokenizer(load_tokenizer(path), rm_tokenizer,
                              f"reward model {config.reward_model} does not match checkpoint {name}")
-    prompts = load_eval_prompts(config, store)
-    return Plan(paths, reward_model, reference, prompts, all_demo(prompts))
+    prompts, columns = load_eval_prompts(config, store)
+    if config.reward:
+        from core.stages.reward_terms import resolve_reward
+
+        resolve_reward(config.reward).check_rows(prompts, columns)
+    return Plan(paths, reward_model, reference, prompts, all_demo(prompts), columns)
 
 
 def win_rate(scores, baseline_scores) -> float:
@@ -152,13 +166,15 @@ def win_rate(scores, baseline_scores) -> float:
 
 
 def table_csv(rows: list[dict]) -> str:
-    """The table as CSV, floats written in full (`repr`), an empty cell where a value does not apply."""
+    """The table as CSV, floats written in full (`repr`), an empty cell where a value does not apply; the
+    reward terms' columns (`reward/<term>`) after the fixed ones."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, COLUMNS, lineterminator="\n")
+    columns = [*COLUMNS, *dict.fromkeys(k for row in rows for k in row if k.startswith("reward/"))]
+    writer = csv.DictWriter(out, columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else repr(row[k]) if isinstance(row[k], float) else row[k]
-                         for k in COLUMNS})
+                         for k in columns})
     return out.getvalue()
 
 
@@ -180,6 +196,12 @@ def run(config: EvalConfig | dict, store: Store | None, events: Events, output_d
     tokenizer = load_tokenizer(plan.reward_model)  # every checkpoint's tokenizer matches it (check_inputs)
     reward_model = load_reward_model(plan.reward_model, tokenizer.pad_token_id, device)  # an ensemble: its mean
     reference = load_policy(plan.reference, device, dropout=0.0)
+    reward = None
+    if config.reward:
+        from core.stages.reward_terms import RewardModelTerm, resolve_reward
+
+        reward = resolve_reward(config.reward).with_reward_model(
+            RewardModelTerm(reward_model, tokenizer.pad_token_id, device))
     rows, scores = [], {}
     for i, (name, path) in enumerate(plan.paths.items()):
         if events.should_stop():
@@ -188,7 +210,8 @@ def run(config: EvalConfig | dict, store: Store | None, events: Events, output_d
         events.progress(i, len(plan.paths), f"evaluating {name}")
         policy = load_policy(path, device, dropout=0.0)
         answers = score_answers(policy, tokenizer, plan.prompts, reward_model, config.temperature,
-                                config.max_new_tokens, config.seed, reference=reference)
+                                config.max_new_tokens, config.seed, reference=reference, reward=reward,
+                                columns=plan.columns)
         scores[name] = answers["rm"]
         n = len(plan.prompts)
         rows.append({
@@ -196,6 +219,7 @@ def run(config: EvalConfig | dict, store: Store | None, events: Events, output_d
             "gold": sum(answers["gold"]) / n if plan.gold else None,
             "kl": sum(answers["kl"]) / n,
             "length": sum(answers["length"]) / n,
+            **{f"reward/{term}": sum(values) / n for term, values in (answers["terms"] or {}).items()},
         })
         events.log(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].items()
                                            if isinstance(v, float)))

@@ -1,8 +1,9 @@
 """A bounded sample of PPO's rollouts, kept in the store for the Monitor page's rollout browser.
 
-Per recorded step: every answer's RM score (for the reward histogram, a batch of floats) and
-`SAMPLES_PER_STEP` answers in full: prompt, response, RM score (an ensemble's: its aggregate, and each
-member's score beside it), gold (demo prompts only), length and, per response token, log pi - log pi_ref (k1, the per-token KL the reward is penalised by).
+Per recorded step: every answer's reward (for the reward histogram, a batch of floats) and
+`SAMPLES_PER_STEP` answers in full: prompt, response, reward, gold (demo prompts only), length, each
+reward-model ensemble member's score (an ensemble's aggregate is the `rm` term's value) and, per response
+token, log pi - log pi_ref (k1, the per-token KL the reward is penalised by).
 
 Bounded: a run records its first and last step and every `stride`-th step in between, with
 stride = ceil(num_steps / MAX_STEPS), so a 2,000-step run keeps about MAX_STEPS steps, at most
@@ -37,7 +38,7 @@ CREATE TABLE IF NOT EXISTS rollouts (
     idx INTEGER NOT NULL,
     prompt TEXT NOT NULL,
     response TEXT NOT NULL,
-    reward REAL NOT NULL,              -- raw RM score (the `reward` metric)
+    reward REAL NOT NULL,              -- the reward before the missing-EOS penalty (the `reward` metric)
     gold REAL,                         -- the demo labeler's score; NULL outside the demo task
     kl REAL NOT NULL,                  -- sum over the answer's tokens of log pi - log pi_ref
     length INTEGER NOT NULL,           -- response tokens, EOS included
@@ -87,10 +88,10 @@ class RolloutRecorder:
             ensure_schema(self.store)
 
     def record(self, step: int, prompts: list[str], rollout) -> None:
-        """`rollout` is ppo.Rollout: response_ids, response_mask, logprobs, ref_logprobs, rm_scores, texts."""
+        """`rollout` is ppo.Rollout: response_ids, response_mask, logprobs, ref_logprobs, reward_scores, texts."""
         if self.store is None or not recorded(step, self.num_steps, self.max_steps):
             return
-        rewards = rollout.rm_scores.detach().float().cpu().tolist()
+        rewards = rollout.reward_scores.detach().float().cpu().tolist()
         n = min(self.per_step, len(prompts))
         ids = rollout.response_ids[:n].detach().cpu().tolist()
         mask = rollout.response_mask[:n].detach().float().cpu()

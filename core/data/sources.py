@@ -5,6 +5,7 @@ with line-numbered errors).
     load_demonstrations  -> [{"prompt", "completion", "context"}]  SFT
     load_rankings        -> [Ranking(prompt, responses)]              reward model, DPO (best to worst)
     load_prompts         -> [prompt]                                  PPO, GRPO, RLOO
+    load_prompt_rows     -> ([prompt], [{column: value}])             their reward terms (`answer`, ...)
     load_ptx_texts       -> [document]                                PPO's pretraining term
 
 A prompt is what `core.models.chat` renders: its text when it is one user turn, else the whole
@@ -146,14 +147,30 @@ def one_per_item(rankings: list[Ranking]) -> list[Ranking]:
 def load_prompts(source: str, store: Store | None) -> list[Prompt]:
     """'demo' -> the demo's training prompts; 'store' -> the workbench's prompts; else a JSONL/CSV file.
     A multi-turn prompt comes as its whole conversation."""
+    return load_prompt_rows(source, store)[0]
+
+
+def load_prompt_rows(source: str, store: Store | None) -> tuple[list[Prompt], list[dict]]:
+    """(prompts, each prompt's other columns): what reward terms read (`answer`, `solution`, ...). A file's
+    rows keep every column but the prompt, the store's their `extra`; the demo's prompts (built in or
+    stored) know their `answer`."""
     if source == "demo":
-        return [t.prompt for t in demo.train_tasks()]
+        tasks = demo.train_tasks()
+        return [t.prompt for t in tasks], [{"answer": t.answer} for t in tasks]
     if source == "store":
-        prompts = [as_prompt(row["turns"]) for row in _need_store(store, "prompts").list_prompts()]
-        if not prompts:
+        rows = _need_store(store, "prompts").list_prompts()
+        if not rows:
             raise ValueError("the store has no prompts; add some on the Prompts page or import a JSONL file")
-        return prompts
-    return _column(source, "prompt", "prompts file")
+        prompts = [as_prompt(row["turns"]) for row in rows]
+        return prompts, [{**demo_columns(p), **row["extra"]} for p, row in zip(prompts, rows)]
+    prompts = _column(source, "prompt", "prompts file")
+    return prompts, [{k: v for k, v in row.items() if k != "prompt"} for _, row in read_source(source)]
+
+
+def demo_columns(prompt: Prompt) -> dict:
+    """A demo prompt's `answer` (recomputed from the prompt), or nothing for any other prompt."""
+    answer = demo.expected_answer(prompt)
+    return {} if answer is None else {"answer": answer}
 
 
 def load_ptx_texts(source: str) -> list[str]:

@@ -10,6 +10,7 @@ import torch
 
 from core.data import demo
 from core.models.generate import sample
+from core.stages.reward_terms import Answers
 
 
 def all_demo(prompts: list[str]) -> bool:
@@ -20,7 +21,7 @@ def all_demo(prompts: list[str]) -> bool:
 @torch.no_grad()
 def measure_answers(
     model, tokenizer, prompts: list[str], temperature: float = 1.0, max_new_tokens: int = 24, seed: int = 1234,
-    batch_size: int = 64, reward_model=None, reference=None,
+    batch_size: int = 64, reward_model=None, reference=None, reward=None, columns: list[dict] | None = None,
 ) -> dict[str, list | None]:
     """One answer per prompt sampled from `model` at `temperature` (seeded per chunk of `batch_size`, so the
     same arguments draw the same answers) and, per answer, every measure asked for, all on those very
@@ -31,7 +32,9 @@ def measure_answers(
     - `rm` (with `reward_model`): the raw RM score (`answer_rm_scores`);
     - `kl` (with `reference`): KL(pi || pi_ref) of the answer, sum_t (log pi(y_t) - log pi_ref(y_t)), EOS
       included (k1 summed over the answer: a Monte-Carlo estimate of the KL), under the temperature-scaled
-      distributions, the ones sampled from, as in PPO's `kl` metric: the one KL measurement of every method.
+      distributions, the ones sampled from, as in PPO's `kl` metric: the one KL measurement of every method;
+    - `terms` (with `reward`, a `core.stages.reward_terms.Reward`, and the prompts' rows' `columns`): each
+      term's value per answer, {term: [...]}: a verifier's pass rate is its mean.
     """
     if reference is not None and temperature <= 0:
         raise ValueError("the KL is measured on sampled answers: temperature must be > 0")
@@ -42,7 +45,7 @@ def measure_answers(
     gold_applies = all_demo(prompts)
     out: dict[str, list | None] = {"parts": [] if gold_applies else None, "length": [], "finished": [],
                                    "rm": None if reward_model is None else [],
-                                   "kl": None if reference is None else []}
+                                   "kl": None if reference is None else [], "terms": None if reward is None else {}}
     try:
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
@@ -55,6 +58,10 @@ def measure_answers(
                 out["rm"] += answer_rm_scores(reward_model, answers).tolist()
             if reference is not None:
                 out["kl"] += answer_kl(model, reference, answers, temperature).tolist()
+            if reward is not None:
+                rows = columns[i : i + batch_size] if columns is not None else None
+                for name, values in reward(Answers.of_samples(answers, chunk, rows)).terms.items():
+                    out["terms"].setdefault(name, []).extend(values.tolist())
     finally:
         for m, mode in zip(networks, was_training):
             m.train(mode)
@@ -114,15 +121,17 @@ def answer_rm_scores(reward_model, samples) -> torch.Tensor:
 
 def score_answers(
     model, tokenizer, prompts: list[str], reward_model, temperature: float = 1.0, max_new_tokens: int = 24,
-    seed: int = 1234, batch_size: int = 64, reference=None,
+    seed: int = 1234, batch_size: int = 64, reference=None, reward=None, columns: list[dict] | None = None,
 ) -> dict[str, list | None]:
     """One answer per prompt sampled from `model`, and per answer: the raw RM score (`rm`), the gold
     score (`gold`, None unless every prompt is one of the demo's), the length in tokens, EOS included
-    (`length`) and, with `reference`, the KL to it (`kl`, else None): `measure_answers`."""
+    (`length`), with `reference` the KL to it (`kl`, else None) and with `reward` (reward terms) each
+    term's values (`terms`, {term: [...]}, else None): `measure_answers`."""
     answers = measure_answers(model, tokenizer, prompts, temperature, max_new_tokens, seed, batch_size,
-                              reward_model=reward_model, reference=reference)
+                              reward_model=reward_model, reference=reference, reward=reward, columns=columns)
     gold = None if answers["parts"] is None else [p.score for p in answers["parts"]]
-    return {"rm": answers["rm"], "gold": gold, "length": answers["length"], "kl": answers["kl"]}
+    return {"rm": answers["rm"], "gold": gold, "length": answers["length"], "kl": answers["kl"],
+            "terms": answers["terms"]}
 
 
 def policy_eval(

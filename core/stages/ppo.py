@@ -40,10 +40,11 @@ import torch.nn.functional as F
 from core.config import PPOConfig
 from core.data import demo
 from core.data.rollouts import RolloutRecorder
-from core.data.sources import load_prompts, load_ptx_texts
+from core.data.sources import load_prompt_rows, load_ptx_texts
 from core.data.store import Store
 from core.distributed import Distributed
 from core.stages.evaluate import gold_eval
+from core.stages.reward_terms import Answers, Reward, RewardModelTerm, resolve_reward, reward_metrics
 from core.stages.events import Events
 from core.models.chat import fit_report
 from core.models.generate import MAX_PROMPT_TOKENS, Samples, encode_prompts, sample
@@ -59,7 +60,7 @@ from core.models.loading import (
     save_model,
     token_scores,
 )
-from core.models.ensemble import answer_scores, disagreement, load_reward_model
+from core.models.ensemble import load_reward_model
 from core.models.lora import AdapterOff, prepare_for_training
 from core.models.pretrain import HELDOUT_BLOCK_SIZE, demo_pretrain_loss, heldout_lm_loss, lm_loss, pack_cached
 from core.models import optim
@@ -98,18 +99,20 @@ PTX_BLOCK_SIZE = HELDOUT_BLOCK_SIZE  # tokens per pretraining block, as for the 
 
 @dataclass
 class PPOModels:
-    """policy (trained), reference_policy (frozen SFT), value_model (trained), reward_model (frozen).
+    """policy (trained), reference_policy (frozen SFT), value_model (trained), reward_model (frozen; None
+    when no reward term is the RM), and `reward`, the terms that score an answer (core/stages/reward_terms.py).
     `trained`: policy and value model as one module (`PolicyAndValue`), which the update's forwards run
     through; under several processes (`dist`) its prepared (DDP) wrapper."""
 
     policy: torch.nn.Module
     reference_policy: torch.nn.Module
     value_model: torch.nn.Module
-    reward_model: torch.nn.Module
+    reward_model: torch.nn.Module | None
     tokenizer: object
     optimizer: torch.optim.Optimizer
     device: Device
     trained: torch.nn.Module
+    reward: Reward
     dist: Distributed = field(default_factory=Distributed)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -153,9 +156,11 @@ def make_optimizer(policy, value_model, learning_rate: float) -> torch.optim.Opt
 def assemble(policy, reference_policy, value_model, reward_model, tokenizer, config: PPOConfig,
              device: Device) -> PPOModels:
     """Put the four networks in their modes: dropout off everywhere (docs/NOTES.md: with dropout on,
-    the first-step KL reads -0.13 instead of 0), reference and reward model frozen."""
+    the first-step KL reads -0.13 instead of 0), reference and reward model frozen; the config's reward
+    terms resolved, the `rm` term scored by `reward_model`."""
     for m in (policy, reference_policy, value_model, reward_model):
-        fuse_gelu(m)
+        if m is not None:
+            fuse_gelu(m)
     policy.train()
     value_model.train()
     for m in (policy, value_model):
@@ -163,16 +168,20 @@ def assemble(policy, reference_policy, value_model, reward_model, tokenizer, con
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
     freeze(reference_policy)
-    freeze(reward_model)
+    reward = resolve_reward(config.reward)
+    if reward_model is not None:
+        freeze(reward_model)
+        reward = reward.with_reward_model(RewardModelTerm(reward_model, tokenizer.pad_token_id, device,
+                                                          microbatch.call_tokens_for(device, Distributed())))
     return PPOModels(policy, reference_policy, value_model, reward_model, tokenizer,
                      make_optimizer(policy, value_model, config.learning_rate), device,
-                     PolicyAndValue(policy, value_model))
+                     PolicyAndValue(policy, value_model), reward)
 
 
 def load_models(config: PPOConfig, tokenizer, device: Device, policy_from: str | Path | None = None) -> PPOModels:
     """Policy and reference start from SFT (the policy from `policy_from`: a resume's checkpoint, or a later
-    round's start, `policy_init`); the value model starts from the reward model (InstructGPT 3.5); the RM
-    itself stays frozen.
+    round's start, `policy_init`); the value model starts from the reward model (InstructGPT 3.5), or from SFT
+    with a new head when no reward term is the RM (then none is loaded); the RM itself stays frozen.
 
     With LoRA (`lora_r > 0`) two base networks serve all four: the reference policy is the policy
     with its adapter off, the reward model is the value model with its adapter off (and the RM's
@@ -181,18 +190,21 @@ def load_models(config: PPOConfig, tokenizer, device: Device, policy_from: str |
     (`response_logprobs`). An ensemble RM (core/models/ensemble.py): the value model starts from its first
     member, and every member scores (under LoRA the first is the value model with its adapter off)."""
     pad = tokenizer.pad_token_id
+    uses_rm = "reward_model" not in config.optional_models()
+    value_from = config.reward_model if uses_rm else config.sft_model
     if config.lora:
         policy = prepare_for_training(load_policy(config.sft_model, device, dropout=0.0), config, "causal",
                                       policy_from)
-        value_model = prepare_for_training(load_scalar_model(config.reward_model, pad, device), config, "score")
+        value_model = prepare_for_training(load_scalar_model(value_from, pad, device), config, "score")
         reward_model = load_reward_model(config.reward_model, pad, device, how=config.reward_aggregate,
-                                         uncertainty_coef=config.uncertainty_coef, first=AdapterOff(value_model))
+                                         uncertainty_coef=config.uncertainty_coef,
+                                         first=AdapterOff(value_model)) if uses_rm else None
         return assemble(policy, AdapterOff(policy), value_model, reward_model, tokenizer, config, device)
     policy = prepare_for_training(load_policy(policy_from or config.sft_model, device, dropout=0.0), config, "causal")
     reference_policy = load_policy(config.sft_model, device, dropout=0.0, dtype=device.frozen_dtype)
     reward_model = load_reward_model(config.reward_model, pad, device, device.frozen_dtype, config.reward_aggregate,
-                                     config.uncertainty_coef)
-    value_model = prepare_for_training(load_scalar_model(config.reward_model, pad, device), config, "score")
+                                     config.uncertainty_coef) if uses_rm else None
+    value_model = prepare_for_training(load_scalar_model(value_from, pad, device), config, "score")
     return assemble(policy, reference_policy, value_model, reward_model, tokenizer, config, device)
 
 
@@ -226,10 +238,11 @@ class Rollout:
     logprobs: torch.Tensor | None  # (B, T) log pi_old(y_t), the behaviour policy (None until `ppo_step` fills it)
     ref_logprobs: torch.Tensor  # (B, T) log pi_SFT(y_t)
     values: torch.Tensor | None  # (B, T) V_old(s_t), the state *before* y_t (as `logprobs`)
-    scores: torch.Tensor  # (B,) RM score at the last response token (minus missing-EOS penalty)
-    rm_scores: torch.Tensor  # (B,) raw RM score, for the `reward` metric
+    scores: torch.Tensor  # (B,) the reward, given at the last response token (minus missing-EOS penalty)
+    reward_scores: torch.Tensor  # (B,) the reward: the terms' weighted sum (the RM score when reward is rm)
     reference: ReferenceHead | None = None  # kept for the exact KL term (`kl_loss_coef` > 0)
-    rm_members: torch.Tensor | None = None  # (members, B): each reward-model ensemble member's raw score
+    term_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # term name -> (B,) its unweighted values
+    rm_members: torch.Tensor | None = None  # (members, B): each RM ensemble member's raw score; None without rm
 
 
 def generate_responses(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -285,10 +298,12 @@ def _policy_value_forward(models: PPOModels, ids: torch.Tensor, mask: torch.Tens
 # no_grad rather than inference_mode: `ppo_step` runs the update's first forward, with gradients, on
 # these tensors, and inference tensors cannot be saved for backward.
 @torch.no_grad()
-def score_responses(models: PPOModels, samples: Samples, config: PPOConfig, old_policy: bool = True) -> Rollout:
+def score_responses(models: PPOModels, samples: Samples, config: PPOConfig, old_policy: bool = True,
+                    prompts: list[str] | None = None, columns: list[dict] | None = None) -> Rollout:
     """One batched forward per frozen network over prompt+response (teacher forcing), and with
     `old_policy` one of the policy and the value model (pi_old, V_old); without it `logprobs` and
-    `values` stay None for the caller to fill (`ppo_step` takes them from the update's first forward)."""
+    `values` stay None for the caller to fill (`ppo_step` takes them from the update's first forward).
+    `prompts` (as the user wrote them) and their rows' `columns` go to the reward terms that read them."""
     response_ids = samples.response_ids
     response_mask = samples.response_mask.float()
     ids, mask = samples.sequences()
@@ -305,19 +320,18 @@ def score_responses(models: PPOModels, samples: Samples, config: PPOConfig, old_
         # for the update's exact KL term when there is one.
         reference = reference_head(models.reference_policy, ids, mask, positions, P)
         ref_logprobs = chunked_logprobs(reference.hidden, reference, response_ids, config.temperature).logprobs
-        # The RM scores the whole answer at its last response token: the EOS when it stopped,
-        # else the last sampled token (the answer was cut at response_length).
-        # An ensemble's reward is its `reward_aggregate` of the members' scores (core/models/ensemble.py).
-        last = (response_mask.sum(1).long() - 1).clamp(min=0)
-        rm_scores, rm_members = answer_scores(models.reward_model, ids, mask, positions, P, last)
-    scores = rm_scores.clone()
+    # Every term scores the whole answer; the RM reads it at its last token: the EOS when it stopped, else
+    # the last sampled token (the answer was cut at response_length).
+    rewarded = models.reward(Answers.of_samples(samples, prompts, columns))
+    reward_scores = rewarded.total.to(response_mask.device)
+    scores = reward_scores.clone()
     if config.missing_eos_penalty is not None:
         # Huang et al. detail: answers truncated without EOS are penalised, so the policy learns
         # to stop instead of rambling until the length limit.
         scores = torch.where(samples.finished, scores, scores - config.missing_eos_penalty)
     return Rollout(ids, mask, positions, P, response_ids, response_mask, samples.finished, samples.texts,
-                   logprobs, ref_logprobs * response_mask, values, scores, rm_scores,
-                   reference if config.kl_loss_coef > 0 else None, rm_members)
+                   logprobs, ref_logprobs * response_mask, values, scores, reward_scores,
+                   reference if config.kl_loss_coef > 0 else None, rewarded.terms, rewarded.rm_members)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,9 +512,10 @@ def reuses_first_forward(config: PPOConfig) -> bool:
 
 def ppo_step(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, config: PPOConfig,
              kl_coef: float, ptx_batches: Iterator[torch.Tensor] | None = None,
-             samples: Samples | None = None) -> StepResult:
+             samples: Samples | None = None, prompts: list[str] | None = None,
+             columns: list[dict] | None = None) -> StepResult:
     """`samples`: answers to these prompts sampled beforehand (from the current policy), instead of sampling
-    them here."""
+    them here. `prompts` and `columns`: the prompts' text and rows, for reward terms that read them."""
     t0 = time.perf_counter()
     if samples is None:
         with models.dist.full_weights(models.policy):
@@ -508,7 +523,8 @@ def ppo_step(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     _sync(models.device)
     t_gen = time.perf_counter()
     reuse_first_forward = reuses_first_forward(config)
-    batch = score_responses(models, samples, config, old_policy=not reuse_first_forward)
+    batch = score_responses(models, samples, config, old_policy=not reuse_first_forward, prompts=prompts,
+                            columns=columns)
     _sync(models.device)
     t1 = time.perf_counter()
     first_forward = None
@@ -536,8 +552,8 @@ def ppo_step(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
 
     lengths = batch.response_mask.sum(1)
     metrics = {
-        "reward": float(batch.rm_scores.mean()),
-        **({"ensemble_std": float(disagreement(batch.rm_members).mean())} if len(batch.rm_members) > 1 else {}),
+        "reward": float(batch.reward_scores.mean()),
+        **reward_metrics(batch.term_scores, batch.rm_members),
         "score": float(batch.scores.mean()),
         "kl": float(kl.sum(1).mean()),
         "kl_coef": kl_coef,
@@ -599,7 +615,7 @@ def ema_update(ema: torch.nn.Module, policy: torch.nn.Module, decay: float) -> N
 # ---------------------------------------------------------------------------------------------
 
 
-def split_off(prompts: list[str], n: int) -> tuple[list[str], list[str]]:
+def split_off(prompts: list, n: int) -> tuple[list, list]:
     """(training prompts, up to `n` held-out prompts): at most a tenth, none from fewer than 20."""
     k = min(n, len(prompts) // 10) if len(prompts) >= 20 else 0
     return prompts[k:], prompts[:k]
@@ -612,17 +628,23 @@ def split_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | Non
 
 
 @torch.no_grad()
-def heldout_reward(models: PPOModels, tokenizer, prompts: list[str], config: PPOConfig) -> float:
-    """Mean RM score of answers sampled at the rollout temperature to prompts the policy never trained on."""
-    scores = []
+def heldout_reward(models: PPOModels, tokenizer, prompts: list[str], columns: list[dict],
+                   config: PPOConfig) -> dict[str, float]:
+    """Mean reward of answers sampled at the rollout temperature to prompts the policy never trained on:
+    `heldout_reward` and each term's `heldout_reward/<term>` (a verifier's held-out pass rate)."""
+    totals: list[float] = []
+    terms: dict[str, list[float]] = {}
     for i in range(0, len(prompts), config.batch_size):
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts[i : i + config.batch_size],
-                                                 device=models.device.torch)
+        batch = slice(i, i + config.batch_size)
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts[batch], device=models.device.torch)
         rollout = score_responses(models, generate_responses(models, prompt_ids, prompt_mask, config), config,
-                                  old_policy=False)  # only the RM score is read
-        scores += rollout.rm_scores.tolist()
+                                  old_policy=False, prompts=prompts[batch], columns=columns[batch])
+        totals += rollout.reward_scores.tolist()
+        for name, values in rollout.term_scores.items():
+            terms.setdefault(name, []).extend(values.tolist())
     models.policy.train()
-    return sum(scores) / len(scores)
+    return {"heldout_reward": sum(totals) / len(totals),
+            **{f"heldout_reward/{name}": sum(v) / len(v) for name, v in terms.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,32 +653,35 @@ def heldout_reward(models: PPOModels, tokenizer, prompts: list[str], config: PPO
 
 
 def check_inputs(config: PPOConfig, store: Store | None):
-    """Every check a user can fail, before loading a model: returns (tokenizer, prompts, ptx_texts)."""
+    """Every check a user can fail, before loading a model: returns (tokenizer, prompts, their rows' columns,
+    ptx_texts). The reward's terms are resolved here too (user files loaded, columns they read checked)."""
     config.validate()
-    for name, what in (("sft_model", "SFT checkpoint"), ("reward_model", "reward model checkpoint"),
-                       ("policy_init", "policy to start from")):
-        if name == "policy_init" and not config.policy_init:
-            continue
+    uses_rm = "reward_model" not in config.optional_models()
+    models = ([("sft_model", "SFT checkpoint")] + ([("reward_model", "reward model checkpoint")] if uses_rm else [])
+              + ([("policy_init", "policy to start from")] if config.policy_init else []))
+    for name, what in models:
         try:
             resolve_model(getattr(config, name))
         except ValueError as exc:
             raise ValueError(f"{name} ({what}): {exc}") from exc
     tokenizer = load_tokenizer(config.sft_model)
-    check_same_tokenizer(tokenizer, load_tokenizer(config.reward_model),
-                         f"reward_model {config.reward_model} does not match sft_model {config.sft_model}")
+    if uses_rm:
+        check_same_tokenizer(tokenizer, load_tokenizer(config.reward_model),
+                             f"reward_model {config.reward_model} does not match sft_model {config.sft_model}")
     if config.policy_init:
         check_same_tokenizer(tokenizer, load_tokenizer(config.policy_init),
                              f"policy_init {config.policy_init} does not match sft_model {config.sft_model}")
-    prompts = load_prompts(config.prompts, store)
+    prompts, columns = load_prompt_rows(config.prompts, store)
+    resolve_reward(config.reward).check_rows(prompts, columns)
     ptx_texts = load_ptx_texts(config.ptx_data) if config.ptx_coef > 0 else None
-    return tokenizer, prompts, ptx_texts
+    return tokenizer, prompts, columns, ptx_texts
 
 
 def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str | Path) -> Path:
     """Train the policy with PPO-ptx. Returns `output_dir` (the final policy, an HF directory), or
     the last step checkpoint when stopped early. Re-running with the same `output_dir` resumes."""
     output_dir = Path(output_dir)
-    tokenizer, prompts, ptx_texts = check_inputs(config, store)
+    tokenizer, prompts, columns, ptx_texts = check_inputs(config, store)
     note = fit_report(tokenizer, prompts, MAX_PROMPT_TOKENS)  # a prompt that cannot fit is refused here
     if note:
         events.log(note)
@@ -676,6 +701,7 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     gold_prompts = config.prompts == "demo" or demo.is_demo_task(prompts)  # the demo's prompts, built in or stored
     heldout = demo.heldout_tasks(config.eval_prompts) if gold_prompts else []
     prompts, heldout_prompts = (prompts, []) if gold_prompts else split_off(prompts, config.eval_prompts)
+    columns, heldout_columns = (columns, []) if gold_prompts else split_off(columns, config.eval_prompts)
 
     num_steps = max(1, config.total_episodes // config.batch_size)
     opt_steps_per_ppo_step = config.ppo_epochs * config.num_minibatches
@@ -747,7 +773,8 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
         idx = sampler.next()  # the global batch, the same on every rank; each samples its share
         batch_prompts = [prompts[i] for i in dist.shard(idx)]
         prompt_ids, prompt_mask = encode_prompts(tokenizer, batch_prompts, device=device.torch)
-        result = ppo_step(models, prompt_ids, prompt_mask, config, kl_ctl.value, ptx_batches)
+        result = ppo_step(models, prompt_ids, prompt_mask, config, kl_ctl.value, ptx_batches, prompts=batch_prompts,
+                          columns=[columns[i] for i in dist.shard(idx)])
         rollout_log.record(step, batch_prompts, result.rollout)  # a bounded sample for the rollout browser
         metrics = result.metrics
         if gold_prompts:
@@ -778,7 +805,7 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     if gold_prompts:
         final["pretrain_loss"] = demo_pretrain_loss(policy, tokenizer, device)
     if heldout_prompts:
-        final["heldout_reward"] = heldout_reward(models, tokenizer, heldout_prompts, config)
+        final.update(heldout_reward(models, tokenizer, heldout_prompts, heldout_columns, config))
     if heldout_blocks is not None:
         final["ptx_heldout_loss"] = heldout_lm_loss(policy, heldout_blocks, device)
     recent = state["history"]

@@ -162,15 +162,17 @@ def preference_pairs(rankings: list[Ranking], tokenizer, max_length: int | None 
     return rows
 
 
-def prompt_rows(prompts: list, tokenizer) -> list[dict]:
+def prompt_rows(prompts: list, tokenizer, columns: list[dict]) -> list[dict]:
     """TRL's prompt rows: the prompt rendered by the model's chat template (its most recent whole turns
-    within MAX_PROMPT_TOKENS) that TRL samples from, and the raw prompt for the labeler (a conversation
-    as its JSON text, so the column holds one type)."""
+    within MAX_PROMPT_TOKENS) that TRL samples from, the raw prompt for the labeler and the reward terms (a
+    conversation as its JSON text, so the column holds one type), and the row's other columns for the terms
+    (as JSON: rows may differ in their columns, a dataset's may not)."""
     rows = []
-    for p in prompts:
+    for p, c in zip(prompts, columns):
         fitted = fit_prompt(tokenizer, p, MAX_PROMPT_TOKENS)[0]
         rows.append({"prompt": render_prompt(tokenizer, fitted),
-                     "raw_prompt": fitted if isinstance(fitted, str) else json.dumps(fitted)})
+                     "raw_prompt": fitted if isinstance(fitted, str) else json.dumps(fitted),
+                     "columns": json.dumps(c)})
     return rows
 
 
@@ -186,20 +188,22 @@ def dataset(rows: list[dict], drop: tuple[str, ...] = ()):
 
 
 def make_reward(config, tokenizer, device: Device) -> Callable[..., list[float]]:
-    """A TRL reward function: our RM's score at each answer's last token (`token_scores`, with the
-    centring `reward_bias`), on the very token ids the policy sampled after the chat-formatted prompt,
-    as PPO scores them; or (`reward: gold`) the demo's simulated labeler. Answers that never emitted
-    EOS lose `missing_eos_penalty`, as in PPO. Logs the raw reward (`reward`) and, on demo prompts,
-    the gold score (`gold`) beside TRL's own metrics."""
-    from core.models.ensemble import disagreement, load_reward_model
-    from core.stages.reward import score_sequences
+    """A TRL reward function: the config's reward terms (`core.stages.reward_terms`), the `rm` term our RM's
+    score at each answer's last token (with the centring `reward_bias`) on the very token ids the policy
+    sampled after the chat-formatted prompt, as PPO scores them. Answers that never emitted EOS lose
+    `missing_eos_penalty`, as in PPO. Logs the reward before that penalty (`reward`), each term
+    (`reward/<term>`) and, on demo prompts, the gold score (`gold`) beside TRL's own metrics."""
+    from core.stages.reward_terms import Answers, RewardModelTerm, resolve_reward
 
     eos = tokenizer.eos_token_id
-    rm = None
-    if config.reward == "rm":
-        # Every member of an ensemble RM, its scores combined by `reward_aggregate` (core/models/ensemble.py).
+    terms = resolve_reward(config.reward)
+    if terms.uses_reward_model:
+        from core.models.ensemble import load_reward_model
+
+        # Every member of an ensemble RM, the term's value their `reward_aggregate` (core/models/ensemble.py).
         rm = load_reward_model(config.reward_model, tokenizer.pad_token_id, device, how=config.reward_aggregate,
                                uncertainty_coef=config.uncertainty_coef)
+        terms = terms.with_reward_model(RewardModelTerm(rm, tokenizer.pad_token_id, device))
     prompt_cache: dict[str, list[int]] = {}
 
     def prompt_ids(text: str) -> list[int]:
@@ -208,26 +212,25 @@ def make_reward(config, tokenizer, device: Device) -> Callable[..., list[float]]
         return prompt_cache[text]
 
     @torch.no_grad()
-    def reward(prompts, completions, completion_ids, raw_prompt, log_metric=None, **_) -> list[float]:
-        gold = [demo.gold_score(p, c) for p, c in zip(raw_prompt, completions)] if all_demo(raw_prompt) else None
-        if rm is None:
-            raw = list(gold)
-        else:
-            # TRL's completion ids stop at (and include) the EOS; a cut-off answer ends on its last sampled token.
-            seqs = [prompt_ids(p) + list(ids) for p, ids in zip(prompts, completion_ids)]
-            members = torch.stack([score_sequences(m, seqs, tokenizer.pad_token_id, device) for m in rm.members])
-            raw = rm.aggregate(members).tolist()
+    def reward(prompts, completions, completion_ids, raw_prompt, columns, log_metric=None, **_) -> list[float]:
+        # TRL's completion ids stop at (and include) the EOS; a cut-off answer ends on its last sampled token.
+        finished = [bool(ids) and ids[-1] == eos for ids in completion_ids]
+        answers = Answers(list(raw_prompt), list(completions), [json.loads(c) for c in columns], finished,
+                          [len(ids) for ids in completion_ids],
+                          [prompt_ids(p) + list(ids) for p, ids in zip(prompts, completion_ids)])
+        scored = terms(answers)
+        raw = scored.total.tolist()
         penalty = config.missing_eos_penalty or 0.0
-        scores = [s if (ids and ids[-1] == eos) else s - penalty for s, ids in zip(raw, completion_ids)]
+        scores = [s if done else s - penalty for s, done in zip(raw, finished)]
         if log_metric is not None:
             log_metric("raw_reward", sum(raw) / len(raw))
-            if rm is not None and len(rm.members) > 1:
-                log_metric("ensemble_std", float(disagreement(members).mean()))
-            if gold is not None:
-                log_metric("gold", sum(gold) / len(gold))
+            for name, value in scored.metrics().items():
+                log_metric(name, value)
+            if all_demo(raw_prompt):
+                log_metric("gold", sum(map(demo.gold_score, raw_prompt, completions)) / len(raw_prompt))
         return scores
 
-    reward.__name__ = config.reward  # TRL names its per-function metrics after it (rewards/rm/mean)
+    reward.__name__ = "reward"  # TRL names its per-function metrics after it (rewards/reward/mean)
     return reward
 
 
@@ -266,6 +269,7 @@ def make_callback(stage: str, kind: str, events: Events, metric_names: dict[str,
             if "train_runtime" in logs:  # the Trainer's end-of-training summary, not a step
                 return
             values = {ours: logs[theirs] for theirs, ours in metric_names.items() if theirs in logs}
+            values.update({k: v for k, v in logs.items() if k.startswith("reward/")})  # each reward term's
             if "completions/clipped_ratio" in logs:
                 values["eos_rate"] = 1.0 - logs["completions/clipped_ratio"]
             if "kl" in logs and "completions/mean_length" in logs:
@@ -367,47 +371,47 @@ def finish(trainer, callback, stage: str, kind: str, config, tokenizer, events: 
 # ---------------------------------------------------------------------------------------------
 
 
-def check_group_inputs(config, store) -> tuple[object, list[str]]:
-    """Every check a user can fail, before any model loads: returns (tokenizer, prompts)."""
-    from core.data.sources import load_prompts
+def check_group_inputs(config, store) -> tuple[object, list[str], list[dict]]:
+    """Every check a user can fail, before any model loads: returns (tokenizer, prompts, their rows' columns).
+    The reward's terms are resolved here too (user files loaded, the columns they read checked)."""
+    from core.data.sources import load_prompt_rows
     from core.models.loading import check_same_tokenizer, load_tokenizer, resolve_model
+    from core.stages.reward_terms import resolve_reward
 
     config.validate()
-    fields = [("sft_model", "SFT checkpoint")] + ([("reward_model", "reward model checkpoint")]
-                                                  if config.reward == "rm" else [])
+    uses_rm = "reward_model" not in config.optional_models()
+    fields = [("sft_model", "SFT checkpoint")] + ([("reward_model", "reward model checkpoint")] if uses_rm else [])
     for field, what in fields:
         if not getattr(config, field):
             raise ValueError(f"{field} is empty: name the {what} this stage needs"
-                             + (" (or reward: gold on the demo)" if field == "reward_model" else ""))
+                             + (" (or a reward without the rm term)" if field == "reward_model" else ""))
         try:
             resolve_model(getattr(config, field))
         except ValueError as exc:
             raise ValueError(f"{field} ({what}): {exc}") from None
     tokenizer = load_tokenizer(config.sft_model)
-    if config.reward == "rm":
+    if uses_rm:
         check_same_tokenizer(tokenizer, load_tokenizer(config.reward_model),
                              f"reward_model {config.reward_model} does not match sft_model {config.sft_model}")
-    prompts = load_prompts(config.prompts, store)
-    if config.reward == "gold" and not all_demo(prompts):
-        raise ValueError("reward 'gold' is the demo's simulated labeler: it scores the demo's prompts only; "
-                         "use reward 'rm' on your own prompts")
+    prompts, columns = load_prompt_rows(config.prompts, store)
+    resolve_reward(config.reward).check_rows(prompts, columns)
     if len(prompts) * config.num_generations < config.batch_size:
         raise ValueError(f"{len(prompts)} prompts give fewer than batch_size ({config.batch_size}) answers at "
                          f"num_generations={config.num_generations}: add prompts or lower batch_size")
-    return tokenizer, prompts
+    return tokenizer, prompts, columns
 
 
 GROUP_TRAINERS = {"grpo": ("GRPOTrainer", "GRPOConfig"), "rloo": ("RLOOTrainer", "RLOOConfig")}
 
 
-def group_trainer(stage: str, config, tokenizer, prompts: list[str], device: Device, events: Events,
-                  output_dir: Path, **trainer_options):
+def group_trainer(stage: str, config, tokenizer, prompts: list[str], columns: list[dict], device: Device,
+                  events: Events, output_dir: Path, **trainer_options):
     """(TRL's GRPO or RLOO trainer for a workbench run, our callback): the policy starts at the SFT model,
     which is also the reference; the reward is `make_reward`'s."""
     import trl
 
     trainer_class, args_class = (getattr(trl, name) for name in GROUP_TRAINERS[stage])
-    rows = data_once(output_dir, lambda: prompt_rows(prompts, tokenizer))
+    rows = data_once(output_dir, lambda: prompt_rows(prompts, tokenizer, columns))
     policy = load_policy(config.sft_model, device, dropout=0.0)
     tokenizer.padding_side = "left"  # generation continues every prompt from its last token
     args = training_args(
@@ -435,11 +439,11 @@ def run_group(stage: str, config, store, events: Events, output_dir: str | Path,
     (the final policy, an HF directory), or the stop step's checkpoint when stopped; re-running with the
     same `output_dir` resumes."""
     output_dir = Path(output_dir)
-    tokenizer, prompts = check_group_inputs(config, store)
+    tokenizer, prompts, columns = check_group_inputs(config, store)
     quiet()
     device = pick_device(config.device, config.precision)
     torch.manual_seed(config.seed)
-    trainer, callback = group_trainer(stage, config, tokenizer, prompts, device, events, output_dir,
+    trainer, callback = group_trainer(stage, config, tokenizer, prompts, columns, device, events, output_dir,
                                       **trainer_options)
     train(trainer, callback, output_dir, events, stage.upper())
     tokenizer.padding_side = "right"  # as load_tokenizer leaves it, in the saved model too
@@ -447,5 +451,6 @@ def run_group(stage: str, config, store, events: Events, output_dir: str | Path,
     if all_demo(prompts):  # the demo's prompts, built in or through the store: gold applies
         evaluate = dict(n_prompts=config.eval_prompts, temperature=config.temperature,
                         max_new_tokens=config.max_completion_length)
-    summary = {"reward_source": config.reward, "episodes": trainer.state.global_step * config.batch_size}
+    summary = {"reward_source": config.reward if isinstance(config.reward, str) else json.dumps(config.reward),
+               "episodes": trainer.state.global_step * config.batch_size}
     return finish(trainer, callback, stage, stage, config, tokenizer, events, output_dir, summary, evaluate)
