@@ -29,7 +29,7 @@ from core.stages.evaluate import measure_answers
 from core.stages.events import Events
 from core.stages.reward_terms import resolve_reward
 
-TASK = "What is {a} + {b}?"
+TASK = "What is {a} + {b}? Reply with just the number."
 
 
 def addition_rows(n: int, seed: int) -> list[dict]:

@@ -176,7 +176,10 @@ def curves() -> None:
             st.subheader(monitor.stage_title(stage))
             st.caption(" · ".join(f"{s.id} `{s.status}`" for s in members))
             names = [n for n in PREFERRED if n in present]
-            names += sorted(n for n in present if n not in PREFERRED) if all_metrics or not names else []
+            terms = sorted(n for n in present if n.startswith("reward/"))  # each reward term, beside the total
+            at = names.index("reward") + 1 if "reward" in names else len(names)
+            names[at:at] = terms
+            names += sorted(n for n in present if n not in names) if all_metrics or not names else []
             columns = st.columns(2)
             for i, name in enumerate(names):
                 figure = go.Figure()

@@ -104,10 +104,12 @@ def test_monitor_follows_a_pipeline_and_new_stages_join(app, workbench_home):
     assert len(timeline["layout"]["shapes"]) >= 2  # shaded stages, a boundary between them
     # PPO starts after the page opened: the next refresh shows it, the selection unchanged.
     log_stage(store, "pipeline-x-ppo", "ppo", "running", {"reward": [0.1, 0.2, 0.3], "kl": [0.0, 0.1, 0.2],
-                                                          "heldout_gold": [0.8]})
+                                                          "heldout_gold": [0.8], "reward/exact": [0.0, 0.5, 1.0]})
     at.run()
     assert not at.exception, at.exception
     assert {"reward", "kl"} <= set(chart_titles(at))
+    titles = chart_titles(at)  # each reward term's curve right beside the total, without "All metrics"
+    assert titles.index("reward/exact") == titles.index("reward") + 1
     assert "heldout_gold" not in chart_titles(at)  # one point: a number, not a lone dot
     assert {m.label: m.value for m in at.metric}["heldout_gold"] == "0.800"
     # Smoothing: the raw curve stays faint behind the EMA.
