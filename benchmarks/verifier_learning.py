@@ -1,5 +1,5 @@
 """A real model learning from a verifier on a CPU (issue 30): GRPO with LoRA, rewarded by reward terms only
-(no reward model), on a generated arithmetic task with held-out prompts; never a test.
+(no reward model), on generated additions with held-out prompts; never a test.
 
     /usr/bin/time -v python -m benchmarks.verifier_learning --model /work/models/smollm2-hf \
         --reward numeric --minutes 20 --output /tmp/verifier-run
@@ -32,11 +32,13 @@ from core.stages.reward_terms import resolve_reward
 TASK = "What is {a} + {b}? Reply with just the number."
 
 
-def addition_rows(n: int, seed: int) -> list[dict]:
-    """`n` two-digit addition prompts with their `answer` column (distinct across seeds by a salt)."""
-    rng = random.Random(seed)
-    return [{"prompt": TASK.format(a=(a := rng.randint(10, 99)), b=(b := rng.randint(10, 99))), "answer": str(a + b)}
-            for _ in range(n)]
+def addition_split(n_heldout: int, seed: int, high: int) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows): every addition of numbers in 1..`high` as a prompt with its `answer`
+    column, shuffled with `seed`; the first `n_heldout` are held out, so no held-out prompt is trained on."""
+    rows = [{"prompt": TASK.format(a=a, b=b), "answer": str(a + b)} for a in range(1, high + 1)
+            for b in range(1, high + 1)]
+    random.Random(seed).shuffle(rows)
+    return rows[n_heldout:], rows[:n_heldout]
 
 
 class StopAfter(Events):
@@ -88,7 +90,9 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--beta", type=float, default=0.04)
-    parser.add_argument("--heldout", type=int, default=100)
+    parser.add_argument("--heldout", type=int, default=30)
+    parser.add_argument("--high", type=int, default=9, help="the largest addend (9: 81 prompts; SmolLM2-135M "
+                                                           "answered none of 30 two-digit ones)")
     parser.add_argument("--greedy", action="store_true", help="also measure greedy answers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", required=True)
@@ -98,8 +102,8 @@ def main() -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     train_file = out / "train_prompts.jsonl"
-    train_file.write_text("".join(json.dumps(r) + "\n" for r in addition_rows(2000, seed=args.seed + 1)))
-    heldout = addition_rows(args.heldout, seed=args.seed + 1000)
+    train, heldout = addition_split(args.heldout, args.seed, args.high)
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in train))
     device = pick_device("cpu")
     tokenizer = load_tokenizer(args.model)
     result: dict = {"args": vars(args), "threads": torch.get_num_threads()}
