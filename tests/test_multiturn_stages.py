@@ -115,7 +115,7 @@ def test_ppo_samples_after_the_rendered_earlier_turns(rms, tok, monkeypatch):
                           "again.\nAssistant:", add_special_tokens=False)["input_ids"]) for c in conversations}
     assert seen and {tuple(ids) for ids in seen[0]} <= rendered and len(seen[0]) == 8
     # GRPO/RLOO's rows (TRL samples from the rendered text) and DPO's pairs carry the same conversation.
-    rows = trl_bridge.prompt_rows(conversations[:1], tok)
+    rows = trl_bridge.prompt_rows(conversations[:1], tok, [{}])
     assert tuple(tok(rows[0]["prompt"], add_special_tokens=False)["input_ids"]) in rendered
     pairs = trl_bridge.preference_pairs(load_rankings(str(write_jsonl(tmp / "r.jsonl", remembered_word_rows(2, 3))),
                                                       None), tok)
