@@ -244,6 +244,27 @@ def test_ppo_rewards_the_aggregate_and_logs_the_disagreement(random_ensemble, to
     assert one.rollout.rm_members.shape == (1, 8) and "ensemble_std" not in one.metrics
 
 
+def test_the_rm_term_beside_a_verifier_is_the_ensembles_aggregate_and_keeps_each_member(random_ensemble, tok):
+    from core.stages.reward_terms import Answers, RewardModelTerm, resolve_reward
+
+    _, ensemble = random_ensemble
+    rm = load_reward_model(ensemble, tok.pad_token_id, CPU, how="mean_minus_std", uncertainty_coef=0.5)
+    terms = resolve_reward("rm,eos:weight=2").with_reward_model(RewardModelTerm(rm, tok.pad_token_id, CPU))
+    texts = [" The answer is 3.", " 12", " maybe five"]
+    sequences = [tok(" What is 1 + 2?" + t, add_special_tokens=False)["input_ids"] for t in texts]
+    scored = terms(Answers(["p"] * 3, texts, [{}] * 3, [True, False, True], [len(s) for s in sequences], sequences))
+    members = torch.stack([reward.score_sequences(m, sequences, tok.pad_token_id, CPU) for m in rm.members])
+    expected = members.mean(0) - 0.5 * members.std(0, correction=0)
+    assert scored.rm_members.shape == (3, 3) and torch.allclose(scored.rm_members, members, atol=1e-5)
+    assert torch.allclose(scored.terms["rm"], expected, atol=1e-5)
+    assert torch.allclose(scored.total, expected + 2 * torch.tensor([1.0, 0.0, 1.0]), atol=1e-5)
+    metrics = scored.metrics()
+    assert metrics["ensemble_std"] == pytest.approx(float(members.std(0, correction=0).mean()), abs=1e-5)
+    assert metrics["ensemble_std"] > 0  # random heads disagree
+    assert metrics["reward/eos"] == pytest.approx(2 / 3) and "ensemble_std" not in resolve_reward("eos")(
+        Answers(["p"], ["x"], [{}], [True], [1])).metrics()
+
+
 def test_the_memory_planner_counts_every_member(random_ensemble):
     from core.models.memory import plan
 
