@@ -101,6 +101,22 @@ def test_lora_cuts_planned_ppo_peak_and_parameters_of_a_known_model(qwen_half_b)
     assert lora.total("optimizer") < full.total("optimizer") / 50
 
 
+def test_ppo_with_only_function_rewards_plans_no_reward_model(qwen_half_b):
+    """No `rm` term: PPO loads no reward model (the value model starts at SFT), so the plan needs no
+    reward_model path and counts one frozen network fewer than with the RM."""
+    with_rm = PPOConfig(sft_model=qwen_half_b, reward_model=qwen_half_b, batch_size=64, response_length=128,
+                        num_minibatches=8)
+    functions_only = PPOConfig(sft_model=qwen_half_b, reward="eos,length:target=24:weight=-0.05",
+                               batch_size=64, response_length=128, num_minibatches=8)
+    gpu = DeviceBudget("cuda", "test GPU", 80 * GIB)
+    planned_rm = plan("ppo", with_rm, gpu, prompt_length=64)
+    planned = plan("ppo", functions_only, gpu, prompt_length=64)
+    assert "reward_model" in planned_rm.networks and "reward_model" not in planned.networks
+    frozen_rm = sum(p.bytes for p in planned_rm.parts if p.network == "reward_model")
+    assert frozen_rm > 0
+    assert planned.phases["persistent"] == pytest.approx(planned_rm.phases["persistent"] - frozen_rm)
+
+
 def test_ppo_logits_are_planned_one_chunk_at_a_time(qwen_half_b):
     """PPO's log-probs run the LM head in chunks (`core/stages/rl.chunked_logprobs`): the planner counts one
     chunk's logits, not the batch's. At issue 10's shape (batch 64 in one minibatch, prompt 64, response 128,

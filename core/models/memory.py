@@ -594,7 +594,14 @@ def _plan_rm(config, budget: DeviceBudget, bf16: bool) -> Plan:
 
 def _plan_ppo(config, budget: DeviceBudget, bf16: bool, prompt_length: int, frozen_bf16: bool | None) -> Plan:
     policy = inspect_network(model_path(config.sft_model, "sft_model"), False, config)
-    value = inspect_network(model_path(config.reward_model, "reward_model"), True, config)
+    from core.config import uses_reward_model
+    from core.models.ensemble import ensemble_size
+
+    # With no `rm` term in the reward (core/stages/reward_terms.py) no reward model loads: the value model
+    # starts at the SFT model with a new scalar head, and no frozen reward model sits beside it.
+    rm = uses_reward_model(config.reward)
+    value = inspect_network(model_path(config.reward_model, "reward_model") if rm
+                            else model_path(config.sft_model, "sft_model"), True, config)
     if frozen_bf16 is None:
         frozen_bf16 = bf16 and budget.kind == "cuda"
     parts: list[Part] = []
@@ -603,7 +610,8 @@ def _plan_ppo(config, budget: DeviceBudget, bf16: bool, prompt_length: int, froz
     for name, net in (("policy", policy), ("value_model", value)):
         _trained_parts(name, net, parts)
         networks[name] = _shape(name, net)
-    for name, net, twin in (("reference_policy", policy, "policy"), ("reward_model", value, "value_model")):
+    frozen = [("reference_policy", policy, "policy")] + ([("reward_model", value, "value_model")] if rm else [])
+    for name, net, twin in frozen:
         if lora:  # core/models/lora.AdapterOff: the trained network with its adapter switched off
             parts.append(Part(name, "weights", 0, "persistent", f"shares {twin}'s base weights (adapter off)"))
             networks[name] = NetworkShape(name, net.base_params, 0, net.base_params, net.arch.weight_bytes, twin)
@@ -612,9 +620,7 @@ def _plan_ppo(config, budget: DeviceBudget, bf16: bool, prompt_length: int, froz
             parts.append(Part(name, "weights", net.base_params * wb, "persistent",
                               f"frozen, {net.base_params:,} params x {wb} B" + (" (bf16)" if frozen_bf16 else "")))
             networks[name] = NetworkShape(name, net.base_params, 0, net.base_params, wb)
-    from core.models.ensemble import ensemble_size
-
-    members = ensemble_size(config.reward_model)
+    members = ensemble_size(config.reward_model) if rm else 1
     if members > 1:
         # An ensemble RM (core/models/ensemble.py): its other members load frozen beside the first (under LoRA,
         # the value model with its adapter off), in the frozen dtype, or fp32 under LoRA.
