@@ -55,7 +55,7 @@ def test_token_view_sum_equals_ppo_kl_for_the_same_tokens(policies, tok):
         assert sum(per_token) == pytest.approx(ppo_kl[i].item(), abs=1e-4)
         # The page's path (a prompt and the sampled ids): the same KL, and the RM score PPO read.
         view = answer_view(policies.policy, policies.reference_policy, tok, prompts[i], answer_ids, TEMPERATURE,
-                           policies.reward_model)
+                           policies.reward_model.members[0])
         assert view.kl == pytest.approx(ppo_kl[i].item(), abs=1e-4)
         assert view.rm_score == pytest.approx(batch.reward_scores[i].item(), abs=1e-4)
         assert [k for _, k in view.tokens] == pytest.approx(per_token, abs=1e-5)
@@ -67,8 +67,8 @@ def test_token_view_sum_equals_ppo_kl_for_the_same_tokens(policies, tok):
 def test_token_view_rm_score_matches_the_reward_models_own_scoring(policies, tok):
     prompt, answer = "What is 3 plus 4?", "The answer is 7."
     view = answer_view(policies.policy, policies.reference_policy, tok, prompt, encode_answer(tok, prompt, answer)[1],
-                       TEMPERATURE, policies.reward_model)
-    expected = score_sequences(policies.reward_model, encode_answers(tok, prompt, [answer], 256), tok.pad_token_id,
+                       TEMPERATURE, policies.reward_model.members[0])
+    expected = score_sequences(policies.reward_model.members[0], encode_answers(tok, prompt, [answer], 256), tok.pad_token_id,
                                pick_device("cpu"))[0]
     assert view.rm_score == pytest.approx(expected.item(), abs=1e-5)
     assert "".join(t for t, _ in view.tokens) == " The answer is 7." + EOS_TEXT

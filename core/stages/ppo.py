@@ -60,7 +60,7 @@ from core.models.loading import (
     save_model,
     token_scores,
 )
-from core.models.ensemble import load_reward_model
+from core.models.ensemble import RewardEnsemble, load_reward_model
 from core.models.lora import AdapterOff, prepare_for_training
 from core.models.pretrain import HELDOUT_BLOCK_SIZE, demo_pretrain_loss, heldout_lm_loss, lm_loss, pack_cached
 from core.models import optim
@@ -170,6 +170,8 @@ def assemble(policy, reference_policy, value_model, reward_model, tokenizer, con
     freeze(reference_policy)
     reward = resolve_reward(config.reward)
     if reward_model is not None:
+        if not isinstance(reward_model, RewardEnsemble):  # one reward model is an ensemble of one
+            reward_model = RewardEnsemble([reward_model], config.reward_aggregate, config.uncertainty_coef)
         freeze(reward_model)
         reward = reward.with_reward_model(RewardModelTerm(reward_model, tokenizer.pad_token_id, device,
                                                           microbatch.call_tokens_for(device, Distributed())))
