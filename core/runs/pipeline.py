@@ -183,7 +183,7 @@ def _run_stages(preset: str, output_dir: Path, store: Store, events: Events, sta
         # The run doctor on the stage run just finished: its findings join the report, its verdict the run's log.
         findings = doctor.diagnose(doctor.load_run(store, run_id))
         report.setdefault("doctor", []).extend(f.to_dict() for f in findings)
-        stage_events.log(doctor.summary_line(findings, run_id))
+        run_events.log(doctor.summary_line(findings, run_id))
         atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2))
     report["doctor"] = report.get("doctor", []) + [{**f.to_dict(), "run": name} for f in doctor.diagnose_report(report)]
     report["comparison"] = comparison(report)
