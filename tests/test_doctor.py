@@ -10,6 +10,7 @@ import pytest
 
 from core.analysis import doctor
 from core.analysis.doctor import RunData
+from core.config import parse_reward
 from core.stages import STAGES, make_config
 
 
@@ -193,7 +194,11 @@ def test_length_growing_with_reward_is_length_hacking():
     samples = [{"step": 24, "reward": r, "length": n} for r, n in ((0.1, 10), (0.5, 16), (0.9, 24), (1.0, 24))]
     [f] = doctor.diagnose(run("ppo", samples=samples, **hacked))
     assert (f.check, f.field, f.value) == ("ppo.length_hacking", "kl_coef", 0.9)
-    assert "from 11.5 (steps 1-6) to 22.5 (steps 19-24) tokens" in f.seen and "within step 24's kept answers" in f.seen and "length term" in f.try_
+    assert "from 11.5 (steps 1-6) to 22.5 (steps 19-24) tokens" in f.seen and "within step 24's kept answers" in f.seen
+    # The length term it suggests is the run's reward plus a term at the starting length, and it parses.
+    suggested = f.try_.split("price length directly: reward=")[1]
+    assert suggested == "rm,length:target=12:weight=-0.05"
+    assert [term.kind for term in parse_reward(suggested)] == ["rm", "length"]
     [f] = doctor.diagnose(run("grpo", reward=hacked["reward"], response_length=hacked["response_length"]))
     assert (f.check, f.field, f.value) == ("grpo.length_hacking", "loss_type", "dr_grpo")
     assert_suggestion_applies(f)

@@ -457,6 +457,13 @@ def over_optimisation(run: RunData) -> list[Finding]:
     return []
 
 
+def _with_length_term(reward, target: int) -> str:
+    """The run's reward with a length term (core/stages/reward_terms.py) at the length it started from; the
+    weight is the term's documented default, -0.05 per token beyond the target."""
+    term = f"length:target={target}:weight=-0.05"
+    return f"reward={reward},{term}" if isinstance(reward, str) else f"a '{term}' term added to reward"
+
+
 def length_hacking(run: RunData) -> list[Finding]:
     reward, length = run.series("reward"), run.series("response_length")
     if not (enough(reward) and enough(length)):
@@ -482,13 +489,13 @@ def length_hacking(run: RunData) -> list[Finding]:
                       f"{statistics.correlation([s['reward'] for s in run.samples], lengths):+.2f}")
         except statistics.StatisticsError:
             pass
+    priced = f"or price length directly: {_with_length_term(run.config.get('reward', 'rm'), round(first.mean))}"
     if run.stage == "grpo" and run.config.get("loss_type") != "dr_grpo":
         name, value = "loss_type", "dr_grpo"
-        try_text = ("loss_type=dr_grpo (normalises by a constant, not each answer's length); a length term in "
-                    "the reward, with the reward terms, prices length directly")
+        try_text = f"loss_type=dr_grpo (normalises by a constant, not each answer's length); {priced}"
     else:
         name, value = _stronger_kl(run, 3)
-        try_text = (f"{name}={value}; a length term in the reward, with the reward terms, prices length directly")
+        try_text = f"{name}={value}; {priced}"
     return [Finding("warning", f"{run.stage}.length_hacking",
                     f"answers grew from {first} to {last} tokens while the reward rose from {r_first} to "
                     f"{r_last} (correlation across steps {corr:+.2f}){within}",
