@@ -42,7 +42,12 @@ def encode_prompts(tokenizer, prompts: list, max_prompt_tokens: int = MAX_PROMPT
     """Chat-formatted, left-padded prompt ids and mask (left so every row ends where generation starts).
     A prompt is a string (one user turn) or a conversation (`core.models.chat`); one longer than
     `max_prompt_tokens` keeps its most recent whole turns (`fit_prompt`; stages log it, `fit_report`)."""
-    ids = [encode_prompt(tokenizer, fit_prompt(tokenizer, p, max_prompt_tokens)[0]) for p in prompts]
+    ids = []
+    for p in prompts:
+        x = encode_prompt(tokenizer, p)
+        if len(x) > max_prompt_tokens:  # render the cut conversation only when the whole one does not fit
+            x = encode_prompt(tokenizer, fit_prompt(tokenizer, p, max_prompt_tokens)[0])
+        ids.append(x)
     width = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)

@@ -111,11 +111,13 @@ def encode_answer_fitted(tokenizer, prompt: str | list[dict], response: str, max
     """(prompt + answer + EOS ids in the model's chat format, as PPO samples and scores it; how many
     earlier turns were left out): the answer cut to half of `max_length` (its EOS kept last, where the
     score is read), and a conversation that does not fit the rest keeps its most recent whole turns."""
-    _, answer = encode_answer(tokenizer, prompt, response)
+    prompt_ids, answer = encode_answer(tokenizer, prompt, response)
     if len(answer) > max_length // 2:
         answer = [*answer[: max_length // 2 - 1], answer[-1]]
     fitted, dropped = fit_prompt(tokenizer, prompt, max_length - len(answer))
-    return encode_answer(tokenizer, fitted, response)[0] + answer, dropped
+    if dropped:  # only a cut conversation renders differently
+        prompt_ids = encode_answer(tokenizer, fitted, response)[0]
+    return prompt_ids + answer, dropped
 
 
 def encode_answers(tokenizer, prompt: str | list[dict], responses: list[str], max_length: int) -> list[list[int]]:
