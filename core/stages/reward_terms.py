@@ -82,8 +82,11 @@ class Answers:
         token ids the policy sampled (prompt without its left padding, answer up to and including its EOS)."""
         B = samples.response_ids.shape[0]
         lengths = [int(n) for n in samples.response_mask.sum(1).tolist()]
-        sequences = [samples.prompt_ids[i][samples.prompt_mask[i].bool()].tolist()
-                     + samples.response_ids[i, : lengths[i]].tolist() for i in range(B)]
+        # One copy to the host, not two per row (a GPU sync each): this runs every PPO step.
+        prompt_ids, prompt_mask = samples.prompt_ids.cpu(), samples.prompt_mask.bool().cpu()
+        response_ids = samples.response_ids.cpu()
+        sequences = [prompt_ids[i][prompt_mask[i]].tolist() + response_ids[i, : lengths[i]].tolist()
+                     for i in range(B)]
         return cls(prompts if prompts is not None else [""] * B, list(samples.texts),
                    columns if columns is not None else [{} for _ in range(B)], samples.finished.tolist(), lengths,
                    sequences)
