@@ -449,6 +449,10 @@ class ScoredConfig(NetworkConfig):
     _bounds = {**NetworkConfig._bounds, "uncertainty_coef": _NONNEG}
     _choices = {**NetworkConfig._choices, "reward_aggregate": REWARD_AGGREGATES}
 
+    def optional_models(self) -> tuple[str, ...]:
+        """Model fields this config does not use: the RM, when no term of the subclass's `reward` is the RM."""
+        return () if uses_reward_model(self.reward) else ("reward_model",)
+
 
 @dataclass
 class PPOConfig(ScoredConfig):
@@ -526,10 +530,6 @@ class PPOConfig(ScoredConfig):
         if self.lora and self.policy_init:
             raise ValueError("policy_init is not supported with LoRA (lora_r > 0): the adapter trains on the base "
                              "of sft_model; leave policy_init empty or train every weight")
-
-    def optional_models(self) -> tuple[str, ...]:
-        """Model fields this config does not use (the RM, when no reward term is the reward model)."""
-        return () if uses_reward_model(self.reward) else ("reward_model",)
 
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
@@ -612,10 +612,6 @@ class GroupRLConfig(ScoredConfig):
         if self.batch_size % self.num_generations:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_generations "
                              f"({self.num_generations}): each prompt's group is sampled whole")
-
-    def optional_models(self) -> tuple[str, ...]:
-        """Model fields this config does not use (the RM, when no reward term is the reward model)."""
-        return () if uses_reward_model(self.reward) else ("reward_model",)
 
 
 @dataclass

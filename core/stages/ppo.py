@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from core.config import PPOConfig
+from core.config import PPOConfig, uses_reward_model
 from core.data import demo
 from core.data.rollouts import RolloutRecorder
 from core.data.sources import load_prompt_rows, load_ptx_texts
@@ -192,7 +192,7 @@ def load_models(config: PPOConfig, tokenizer, device: Device, policy_from: str |
     (`response_logprobs`). An ensemble RM (core/models/ensemble.py): the value model starts from its first
     member, and every member scores (under LoRA the first is the value model with its adapter off)."""
     pad = tokenizer.pad_token_id
-    uses_rm = "reward_model" not in config.optional_models()
+    uses_rm = uses_reward_model(config.reward)
     value_from = config.reward_model if uses_rm else config.sft_model
     if config.lora:
         policy = prepare_for_training(load_policy(config.sft_model, device, dropout=0.0), config, "causal",
@@ -658,7 +658,7 @@ def check_inputs(config: PPOConfig, store: Store | None):
     """Every check a user can fail, before loading a model: returns (tokenizer, prompts, their rows' columns,
     ptx_texts). The reward's terms are resolved here too (user files loaded, columns they read checked)."""
     config.validate()
-    uses_rm = "reward_model" not in config.optional_models()
+    uses_rm = uses_reward_model(config.reward)
     models = ([("sft_model", "SFT checkpoint")] + ([("reward_model", "reward model checkpoint")] if uses_rm else [])
               + ([("policy_init", "policy to start from")] if config.policy_init else []))
     for name, what in models:

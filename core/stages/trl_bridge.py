@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from core.config import uses_reward_model
 from core.data import demo
 from core.data.formats import ranking_pairs
 from core.data.sources import Ranking
@@ -379,7 +380,7 @@ def check_group_inputs(config, store) -> tuple[object, list[str], list[dict]]:
     from core.stages.reward_terms import resolve_reward
 
     config.validate()
-    uses_rm = "reward_model" not in config.optional_models()
+    uses_rm = uses_reward_model(config.reward)
     fields = [("sft_model", "SFT checkpoint")] + ([("reward_model", "reward model checkpoint")] if uses_rm else [])
     for field, what in fields:
         if not getattr(config, field):
