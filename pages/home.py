@@ -6,6 +6,7 @@ import streamlit as st
 
 from core import catalog
 from core.analysis import results
+from core.config import STAGE3_METHODS
 from core.stages import STAGES
 from core.runs.rounds import latest_rounds
 from workbench import resources
@@ -17,8 +18,7 @@ counts = store.counts()
 checkpoints = {spec.checkpoint_kind: catalog.final_models(store.list_checkpoints(spec.checkpoint_kind))
                for spec in STAGES.values()}
 # Stage 3 is any of the methods: a finished GRPO policy is a policy as much as a PPO one.
-STAGE3 = ("ppo", "dpo", "grpo", "rloo")
-policies = {stage: len(checkpoints[STAGES[stage].checkpoint_kind]) for stage in STAGE3 if stage in STAGES}
+policies = {stage: len(checkpoints[STAGES[stage].checkpoint_kind]) for stage in STAGE3_METHODS}
 
 st.title("RLHF Workbench")
 st.caption("The InstructGPT recipe on your machine: supervised fine-tuning, a reward model from rankings, "

@@ -134,10 +134,11 @@ def doctor_panel(shown: list[monitor.ShownRun]) -> None:
                                          if findings else "nothing looks wrong")
         with st.expander(title, expanded=bool(loud), icon=SEVERITY_ICONS[findings[0].severity] if findings else
                          ":material/check_circle:"):
+            recorded = store.get_run(s.id)["config"]  # the fields a relaunch can set
             for i, f in enumerate(findings):
                 st.markdown(f"{SEVERITY_ICONS[f.severity]} **{f.check}** · {f.severity}  \n**Seen:** {f.seen}  \n"
                             f"**Likely cause:** {f.cause}  \n**Try:** {f.try_}")
-                if f.field is not None and f.stage == s.stage and f.field in store.get_run(s.id)["config"]:
+                if f.field is not None and f.stage == s.stage and f.field in recorded:
                     if st.button(f"Relaunch as a new run with {f.field}={f.value}", key=f"doctor_{s.id}_{i}_{f.check}"):
                         relaunch(s.id, f)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import streamlit as st
 import yaml
 
-from core.config import PRESETS, field_help
+from core.config import PRESETS, STAGE3_METHODS, field_help
 from core.runs.jobs import pipeline_config
 from core.runs.launch import CONFIGS_DIR
 from core.models.memory import PLANNED_STAGES, plan
@@ -44,7 +44,7 @@ with st.expander("Iterated RLHF: rounds of fresh rankings on the current policy"
                "after its refit (Monitor, Home).")
     left, mid, right = st.columns(3)
     n_rounds = left.number_input("Rounds", 1, 20, 3, key="rounds_n")
-    method = mid.selectbox("Stage 3", ["ppo", "dpo", "grpo", "rloo"], key="rounds_method")
+    method = mid.selectbox("Stage 3", list(STAGE3_METHODS), key="rounds_method")
     labeler = right.selectbox("Labeler", ["simulated", "team", "page"], key="rounds_labeler",
                               help="simulated: the demo's labeler; team: a labeling batch on the Labeling page's "
                                    "server, the round waits for it; page: rank on the Rank page")

@@ -19,6 +19,7 @@ from core.models.pretrain import demo_pretrain_loss
 from core.paths import atomic_write_text
 from core.analysis import doctor
 from core.analysis.results import comparison
+from core.config import STAGE3_METHODS
 from core.stages import RECIPE, get_stage, make_config
 
 ALL_STAGES = ("sft", "rm", "ppo", "dpo", "grpo", "rloo")  # the recipe's order; each stage's inputs are the earlier stages' outputs
@@ -157,7 +158,7 @@ def _run_stages(preset: str, output_dir: Path, store: Store, events: Events, sta
         store.set_run_status(run_id, "stopped" if events.should_stop() else "done")
         report["timings_s"][key] = time.perf_counter() - t0
         # Every method's KL to the SFT model, measured the same way (core/stages/evaluate.measure_answers).
-        kl_to_sft = stage in ("ppo", "dpo", "grpo", "rloo") and (output_dir / "sft").is_dir()
+        kl_to_sft = stage in STAGE3_METHODS and (output_dir / "sft").is_dir()
         if stage == "rm":
             report["rm"] = json.loads((out / "rm_summary.json").read_text())
         else:
@@ -178,7 +179,7 @@ def _run_stages(preset: str, output_dir: Path, store: Store, events: Events, sta
                 report[key]["reward_gold_correlation"] = reward_gold_correlation(store, run_id)
         if kl_to_sft:
             report[key]["wall_s"] = report["timings_s"][key]
-        if "sft" in report and stage in ("ppo", "dpo", "grpo", "rloo"):
+        if "sft" in report and stage in STAGE3_METHODS:
             report[key]["pretrain_drift"] = report[key]["pretrain_loss"] - report["sft"]["pretrain_loss"]
         # The run doctor on the stage run just finished: its findings join the report, its verdict the run's log.
         findings = doctor.diagnose(doctor.load_run(store, run_id))
