@@ -22,7 +22,7 @@ from pathlib import Path
 
 from core.data import demo
 from core.data.formats import detect_kind, normalise, read_bytes, read_source
-from core.data.store import Store, check_conversation, check_ranking
+from core.data.store import Store, check_conversation, check_ranking, prompt_turns
 
 SOURCES_HELP = "'demo', 'store' or a JSONL/CSV/Parquet path or saved dataset directory"
 
@@ -55,10 +55,7 @@ def _need_store(store: Store | None, what: str) -> Store:
 def _rows(path: str | Path, kind: str, what: str) -> list[tuple[int, dict]]:
     """The rows of a file that must hold `kind` (demonstrations | rankings)."""
     path = Path(path).expanduser()
-    try:
-        rows = read_source(str(path))
-    except ValueError as exc:
-        raise ValueError(f"{what}: {exc}") from None
+    rows = _read(str(path), what)
     if detect_kind(set(rows[0][1])) != kind:
         shapes = {"demonstrations": "prompt/completion or instruction/output",
                   "rankings": "prompt/responses or prompt/chosen/rejected"}
@@ -66,14 +63,20 @@ def _rows(path: str | Path, kind: str, what: str) -> list[tuple[int, dict]]:
     return rows
 
 
-def _column(source: str, column: str, what: str) -> list:
-    """One column of a table file, saved dataset or hub dataset id: the "prompt" column as prompts
-    (text or a conversation, checked as an import checks it), any other as text."""
-    name = Path(source).name
+def _read(source: str, what: str) -> list[tuple[int, dict]]:
+    """(line number, row) of a table file, saved dataset or hub dataset id; a read error names `what`."""
     try:
-        rows = read_source(source)
+        return read_source(source)
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from None
+
+
+def _column(source: str, column: str, what: str, rows: list[tuple[int, dict]] | None = None) -> list:
+    """One column of a table file, saved dataset or hub dataset id (or of its `rows`, already read): the
+    "prompt" column as prompts (text or a conversation, checked as an import checks it), any other as text."""
+    name = Path(source).name
+    if rows is None:
+        rows = _read(source, what)
     values: list = []
     for number, row in rows:
         try:
@@ -124,7 +127,7 @@ def load_rankings(source: str, store: Store | None) -> list[Ranking]:
         try:
             r = normalise(row, "rankings")
             context, text = check_conversation(r["prompt"])
-            out.append(Ranking(as_prompt([*(context or []), {"role": "user", "content": text}]),
+            out.append(Ranking(as_prompt(prompt_turns(text, context)),
                                check_ranking(r.get("responses"))))
         except ValueError as exc:
             raise ValueError(f"{source} line {number}: {exc}") from None
@@ -163,8 +166,9 @@ def load_prompt_rows(source: str, store: Store | None) -> tuple[list[Prompt], li
             raise ValueError("the store has no prompts; add some on the Prompts page or import a JSONL file")
         prompts = [as_prompt(row["turns"]) for row in rows]
         return prompts, [{**demo_columns(p), **row["extra"]} for p, row in zip(prompts, rows)]
-    prompts = _column(source, "prompt", "prompts file")
-    return prompts, [{k: v for k, v in row.items() if k != "prompt"} for _, row in read_source(source)]
+    rows = _read(source, "prompts file")  # once: a hub dataset id would be loaded again
+    prompts = _column(source, "prompt", "prompts file", rows)
+    return prompts, [{k: v for k, v in row.items() if k != "prompt"} for _, row in rows]
 
 
 def demo_columns(prompt: Prompt) -> dict:
