@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from benchmarks.options import BATCH, add_args
+from benchmarks.options import add_args, batch_size
 from benchmarks.shapes import ppo_parts
 from core.config import PPOConfig
 from core.models.loading import pick_device
@@ -30,7 +30,7 @@ def synthetic_prompts(n: int, prompt_length: int, vocab: int, seed: int = 0) -> 
 
 def bench_ppo(args: argparse.Namespace) -> dict:
     """Our PPO steps on the shape of `args` (the options of `benchmarks/options.py`)."""
-    batch, response_length, ppo_epochs, episodes = args.batch or BATCH["ppo"], args.response_length, \
+    batch, response_length, ppo_epochs, episodes = batch_size(args, "ppo"), args.response_length, \
         args.ppo_epochs, args.episodes
     prompt_length, num_minibatches, ptx_coef, device, precision = args.prompt_length, args.num_minibatches, \
         args.ptx_coef, args.device, args.precision

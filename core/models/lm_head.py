@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from core.models.loading import hf_model, last_hidden_state
+
 # At most this many logits (tokens x vocabulary) exist at once: 2^26 fp32 values, 256 MiB a copy. A chunk
 # is still 1,365 tokens at a 49k vocabulary and 441 at 152k, so the head runs as a few large matmuls.
 MAX_CHUNK_LOGITS = 2**26
@@ -93,8 +95,6 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     computes (the summed cross entropy of every next token whose label is not `ignore_index`, over
     `num_items`), with the LM head run over those positions only, chunk by chunk (`linear_cross_entropy`).
     `model`: a causal LM, or PEFT's wrapper of one; not a DDP/DeepSpeed wrapper, whose forward it bypasses."""
-    from core.models.loading import hf_model, last_hidden_state
-
     with hf_model(model) as lm:
         check_plain_logits(lm.config)
         hidden = last_hidden_state(lm, input_ids, attention_mask)[:, :-1]
