@@ -1,4 +1,5 @@
-"""`python benchmarks/ensemble_bon.py DIR` (DIR holding sft/, rm/ and rm-ensemble/): best-of-n of the study (25 held-out prompts (the study: 50) x 64 answers from the SFT model, T=1, 24 tokens, seed 1234, as
+"""`python benchmarks/ensemble_bon.py DIR [ENSEMBLE]` (DIR holding sft/, rm/ and the ensemble ENSEMBLE/, default
+rm-ensemble; the table goes to DIR/bon-ENSEMBLE.json): best-of-n of the study (25 held-out prompts (the study: 50) x 64 answers from the SFT model, T=1, 24 tokens, seed 1234, as
 core/runs/study.best_of_n samples them), the same answers chosen by the single RM and by the ensemble of 4
 under each reward_aggregate."""
 import json
@@ -15,12 +16,13 @@ from core.stages.evaluate import answer_rm_scores
 from core.stages.rl import positions_from_mask
 
 M = sys.argv[1]
+E = sys.argv[2] if len(sys.argv) > 2 else "rm-ensemble"
 t0 = time.time()
 dev = pick_device("cpu")
 tok = load_tokenizer(f"{M}/sft")
 sft = load_policy(f"{M}/sft", dev, dropout=0.0).eval()
 single = load_scalar_model(f"{M}/rm", tok.pad_token_id, dev).eval()
-ens = load_reward_model(f"{M}/rm-ensemble", tok.pad_token_id, dev)
+ens = load_reward_model(f"{M}/{E}", tok.pad_token_id, dev)
 tasks = demo.heldout_tasks(25)
 n_max = 64
 prompts = [t.prompt for t in tasks for _ in range(n_max)]
@@ -38,7 +40,7 @@ with torch.no_grad():
 G = torch.tensor(gold).view(25, n_max)
 members = torch.cat(members, 1)  # (4, 3200)
 rewards = {"single": torch.tensor(rm), "mean": aggregate(members, "mean"), "min": aggregate(members, "min"),
-           "mean_minus_std_1": aggregate(members, "mean_minus_std", 1.0)}
+           **{f"mean_minus_std_{lam}": aggregate(members, "mean_minus_std", lam) for lam in (0.5, 1.0, 2.0)}}
 table = {}
 for name, r in rewards.items():
     R = r.view(25, n_max)
@@ -53,5 +55,5 @@ std = members.std(0, correction=0)
 print("member-0 vs single RM max |diff|", float((members[0] - torch.tensor(rm)).abs().max()),
       "mean diff", float((members[0] - torch.tensor(rm)).mean()))
 print("ensemble std: mean", float(std.mean()), "corr(std, -gold)", float(torch.corrcoef(torch.stack([std, -torch.tensor(gold)]))[0, 1]))
-json.dump({"table": table, "seconds": time.time() - t0, "ensemble_std_mean": float(std.mean())}, open(f"{M}/bon.json", "w"), indent=1)
+json.dump({"table": table, "seconds": time.time() - t0, "ensemble_std_mean": float(std.mean())}, open(f"{M}/bon-{E}.json", "w"), indent=1)
 print(f"done {time.time() - t0:.0f}s")

@@ -418,6 +418,9 @@ class RewardConfig(NetworkConfig):
     ensemble: int = option(1, "train this many reward models (1-16), each with its own seed (head and data order), "
                            "saved as one ensemble directory that every stage loads; PPO, GRPO, RLOO and "
                            "best-of-n then score with reward_aggregate")
+    ensemble_bootstrap: bool = option(False, "ensemble: members after the first train on a bootstrap resample of "
+                                      "the rankings (drawn with replacement, as many as there are), so they "
+                                      "disagree where the data is thin; the first trains on all, as a single RM")
     one_ranking_per_item: bool = option(False, "store/file data: train on the first ranking of each prompt and "
                                         "answer set only (several labelers ranked the same answers), not on all")
     heldout: str = option("auto", "held-out rankings: 'auto' (demo data: the noise-free labeler on the demo's "

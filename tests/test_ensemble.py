@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification
 
 from core.config import GRPOConfig, PPOConfig, RewardConfig
 from core.data import demo
+from core.data.sources import Ranking
 from core.models.ensemble import (
     RewardEnsemble,
     aggregate,
@@ -61,6 +62,19 @@ def test_the_conservative_reward_equals_the_hand_computation():
         assert torch.equal(aggregate(SCORES[:1], how, 3.0), SCORES[0])
     with pytest.raises(ValueError, match="reward_aggregate"):
         aggregate(SCORES, "max")
+
+
+def test_a_bootstrap_resample_draws_with_replacement_and_repeats_with_its_seed():
+    rankings = [demo_ranking(i) for i in range(200)]
+    drawn = reward.bootstrap(rankings, seed=1000)
+    assert len(drawn) == len(rankings) and drawn == reward.bootstrap(rankings, seed=1000)
+    distinct = len({id(r) for r in drawn})
+    assert 0.55 * len(rankings) < distinct < 0.72 * len(rankings)  # 1 - 1/e = 63 % expected
+    assert {id(r) for r in drawn} != {id(r) for r in reward.bootstrap(rankings, seed=2000)}
+
+
+def demo_ranking(i: int) -> Ranking:
+    return Ranking(f"prompt {i}", ["a", "b"])
 
 
 @pytest.mark.parametrize("cls, values, message", [

@@ -394,8 +394,10 @@ def _train_ensemble(config: RewardConfig, events: Events, output_dir: Path, toke
         events.log(f"reward-model ensemble: member {i + 1} of {n}")
         if i:  # member 0 starts from the run's seed, as a single RM would
             torch.manual_seed(config.seed + MEMBER_SEED_STRIDE * i)
-        summary = train_member(config, events, directory, tokenizer, device, train, heldout, centring,
-                               f"{prefix}-member-{i}", seed=config.seed + MEMBER_SEED_STRIDE * i, member=(i, n))
+        seed = config.seed + MEMBER_SEED_STRIDE * i
+        data = bootstrap(train, seed) if config.ensemble_bootstrap and i else train
+        summary = train_member(config, events, directory, tokenizer, device, data, heldout, centring,
+                               f"{prefix}-member-{i}", seed=seed, member=(i, n))
         if summary is None or summary["stopped"]:
             events.log(f"stopped while training member {i + 1} of {n}; resume with the same output directory")
             return None
@@ -410,6 +412,14 @@ def _train_ensemble(config: RewardConfig, events: Events, output_dir: Path, toke
         events.log(f"reward-model ensemble of {n}: held-out accuracy per member "
                    + ", ".join(f"{a:.3f}" for a in accuracies))
     return summary
+
+
+def bootstrap(train: list[Ranking], seed: int) -> list[Ranking]:
+    """A bootstrap resample of the rankings: as many as there are, drawn with replacement (about 63 % of them
+    distinct). Members trained on resamples agree where rankings are dense and part where they are thin, which
+    is where a policy that games one reward model goes (the ensemble's std then flags it)."""
+    rng = random.Random(seed)
+    return [train[rng.randrange(len(train))] for _ in train]
 
 
 def train_member(config: RewardConfig, events: Events, output_dir: Path, tokenizer, device: Device,
