@@ -83,6 +83,20 @@ def test_parquet_and_saved_datasets_import_like_jsonl(store, tmp_path):
         import_file(store, (tmp_path / "broken.parquet").read_bytes(), "broken.parquet")
 
 
+def test_a_long_demonstration_keeps_its_most_recent_whole_exchanges():
+    """SFT cuts a conversation too long for max_length by the prompts' rule (chat.recent_turns): the oldest
+    exchange goes, the system turn stays; with only the last exchange left, it is cut as a single turn."""
+    tok = load_tokenizer("bundled")
+    whole, _ = sft.encode(tok, "And 3 plus 3?", "The answer is 6.", 256, context=CONVERSATION[:3])
+    ids, labels = sft.encode(tok, "And 3 plus 3?", "The answer is 6.", len(whole) - 1, context=CONVERSATION[:3])
+    assert tok.decode(ids).startswith("Answer in one sentence.\n\nUser: And 3 plus 3?")
+    assert tok.decode([t for t in labels if t != -100]) == " The answer is 6.<|endoftext|>"
+    single, _ = sft.encode(tok, "And 3 plus 3?", "The answer is 6.", 256)
+    cut, cut_labels = sft.encode(tok, "And 3 plus 3?", "The answer is 6.", len(single) - 1, context=CONVERSATION[:3])
+    assert (cut, cut_labels) == sft.encode(tok, "And 3 plus 3?", "The answer is 6.", len(single) - 1)
+    assert len(cut) < len(single) and not tok.decode(cut).startswith("Answer in one sentence.")
+
+
 def test_sft_learns_every_assistant_turn_of_a_conversation(tmp_path):
     tok = load_tokenizer("bundled")
     ids, labels = sft.encode(tok, "And 3 plus 3?", "The answer is 6.", 256, context=CONVERSATION[:3])

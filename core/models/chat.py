@@ -133,22 +133,27 @@ def answer_text(tokenizer, prompt: str | list[dict], answer: str) -> str:
     return added[: added.index(eos)] if eos and eos in added else added
 
 
-def fit_prompt(tokenizer, prompt: str | list[dict], max_tokens: int) -> tuple[str | list[dict], int]:
-    """(the prompt cut to its most recent whole turns so that its rendering fits `max_tokens`, how many
-    turns were left out). Oldest turns go first, a user turn always opening what is kept; system turns
-    stay while anything else can go; the last user turn is never dropped nor cut, and a prompt whose
-    last user turn alone does not fit is refused (no answer could follow it)."""
-    messages = as_messages(prompt)
-    if len(encode_prompt(tokenizer, messages)) <= max_tokens:
-        return prompt, 0
+def recent_turns(messages: list[dict]) -> list[list[dict]]:
+    """The conversation and its tails that keep the most recent whole turns, longest first: the oldest
+    exchanges go first, a user turn always opening what is kept; system turns stay while anything else
+    can go, and go last. The last user turn and what follows it are in every tail. The one rule of
+    what a too-long conversation keeps: prompts (`fit_prompt`) and SFT's demonstrations both cut by it."""
     system = [t for t in messages if t["role"] == "system"]
     rest = [t for t in messages if t["role"] != "system"]
     starts = [i for i, t in enumerate(rest) if t["role"] == "user"]
-    candidates = [system + rest[i:] for i in starts[1:]] + ([rest[starts[-1]:]] if system else [])
-    for kept in candidates:
+    return [messages, *(system + rest[i:] for i in starts[1:]), *([rest[starts[-1]:]] if system and starts else [])]
+
+
+def fit_prompt(tokenizer, prompt: str | list[dict], max_tokens: int) -> tuple[str | list[dict], int]:
+    """(the prompt cut to its most recent whole turns (`recent_turns`) so that its rendering fits
+    `max_tokens`, how many turns were left out). The last user turn is never dropped nor cut, and a
+    prompt whose last user turn alone does not fit is refused (no answer could follow it)."""
+    messages = as_messages(prompt)
+    for kept in recent_turns(messages):
         if len(encode_prompt(tokenizer, kept)) <= max_tokens:
-            return kept, len(messages) - len(kept)
-    last = rest[starts[-1]:] if starts else messages[-1:]
+            return (prompt, 0) if kept is messages else (kept, len(messages) - len(kept))
+    users = [i for i, t in enumerate(messages) if t["role"] == "user"]
+    last = messages[users[-1]:] if users else messages[-1:]
     raise ValueError(f"a prompt's last user turn alone takes {len(encode_prompt(tokenizer, last))} tokens, more "
                      f"than the {max_tokens} a prompt may have here: shorten it (it begins {last[0]['content'][:60]!r})")
 

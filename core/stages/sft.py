@@ -25,7 +25,7 @@ from core.data.sources import load_demonstrations
 from core.data.store import Store
 from core.stages.evaluate import gold_eval
 from core.stages.events import Events
-from core.models.chat import encode_answer, encode_conversation
+from core.models.chat import encode_answer, encode_conversation, recent_turns
 from core.models.loading import Device, fuse_gelu, load_policy, load_tokenizer, pick_device, save_model
 from core.models.lm_head import causal_lm_loss
 from core.models.lora import prepare_for_training
@@ -51,13 +51,11 @@ def encode(tokenizer, prompt: str, completion: str, max_length: int,
     """Token ids and labels in the model's chat format; labels are -100 except on assistant turns, so
     only the answer (and, in a multi-turn demonstration, every earlier assistant turn) carries loss."""
     if context:
-        last = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-        system = [t for t in context if t["role"] == "system"]
-        rest = [t for t in context if t["role"] != "system"]
-        # Too long: the oldest whole exchanges go first (a user turn opens what is kept); with only the
+        # Too long: the oldest whole exchanges go first, as a prompt's do (`recent_turns`); with only the
         # last exchange left, it is cut as a single-turn demonstration is.
-        for start in [i for i, t in enumerate(rest) if t["role"] == "user"] + [len(rest)]:
-            ids, labels = encode_conversation(tokenizer, [*system, *rest[start:], *last])
+        conversation = [*context, {"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        for kept in recent_turns(conversation):
+            ids, labels = encode_conversation(tokenizer, kept)
             if len(ids) <= max_length:
                 return ids, labels
     prompt_ids, answer_ids = encode_answer(tokenizer, prompt, completion)
