@@ -30,8 +30,8 @@ from pathlib import Path
 import os
 import re
 
-from core.data.store import (MAX_PROMPT_CHARS, MAX_RESPONSE_CHARS, Store, check_conversation, check_ranking,
-                             check_scores, check_text)
+from core.data.store import (MAX_PROMPT_CHARS, MAX_RESPONSE_CHARS, Store, as_prompt, check_conversation,
+                             check_ranking, check_scores, check_text)
 
 MAX_IMPORT_BYTES = 50 * 1024 * 1024
 
@@ -446,11 +446,6 @@ def ranking_pairs(responses: list[str]) -> list[tuple[str, str]]:
     return list(itertools.combinations(responses, 2))
 
 
-def _prompt_out(turns: list[dict]) -> str | list[dict]:
-    """A stored prompt as a file writes it: plain text for one user turn, else its conversation."""
-    return turns[0]["content"] if len(turns) == 1 else turns
-
-
 def _uniform(rows: list[dict]) -> list[dict]:
     """Optional columns (labeler, scores, extra) in every row when any row has them: one header per file."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -469,7 +464,7 @@ def export_rows(store: Store, kind: str) -> list[dict]:
                                   {"role": "assistant", "content": d["output"]}]} for d in demos]
         return [{"prompt": d["prompt"], "completion": d["output"]} for d in demos]
     if kind == "rankings":
-        return _uniform([{"prompt": _prompt_out(r["turns"]), "responses": r["responses"], "labeler": r["labeler"],
+        return _uniform([{"prompt": as_prompt(r["turns"]), "responses": r["responses"], "labeler": r["labeler"],
                           **({"scores": r["scores"]} if r["scores"] else {}), **r["extra"]}
                          for r in store.list_rankings()])
     if kind == "pairs":
@@ -489,7 +484,7 @@ def export_rows(store: Store, kind: str) -> list[dict]:
                 rows.append({**row, **r["extra"]})
         return _uniform(rows)
     if kind == "prompts":
-        return _uniform([{"prompt": _prompt_out(p["turns"]), **p["extra"]} for p in store.list_prompts()])
+        return _uniform([{"prompt": as_prompt(p["turns"]), **p["extra"]} for p in store.list_prompts()])
     raise ValueError(f"unknown export kind {kind!r}: demonstrations, rankings, pairs or prompts")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from core.data import demo
 from core.data.formats import detect_kind, normalise, read_bytes, read_source
-from core.data.store import Store, check_conversation, check_ranking, prompt_turns
+from core.data.store import Store, as_prompt, check_conversation, check_ranking, prompt_turns
 
 SOURCES_HELP = "'demo', 'store' or a JSONL/CSV/Parquet path or saved dataset directory"
 
@@ -33,12 +33,6 @@ Prompt = str | list[dict]  # one user turn's text, or a conversation ending with
 class Ranking:
     prompt: Prompt
     responses: list[str]  # best to worst
-
-
-def as_prompt(turns: list[dict]) -> Prompt:
-    """A stored prompt's turns as a stage takes it: a single user turn stays plain text (as before
-    conversations were stored, so single-turn data trains exactly as it did)."""
-    return turns[0]["content"] if len(turns) == 1 and turns[0]["role"] == "user" else turns
 
 
 def prompt_key(prompt: Prompt) -> str:

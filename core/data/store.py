@@ -227,6 +227,12 @@ def prompt_turns(text: str, context: list[dict] | None) -> list[dict]:
     return [*(context or []), {"role": "user", "content": text}]
 
 
+def as_prompt(turns: list[dict]) -> str | list[dict]:
+    """A stored prompt's turns as a stage takes it and a file writes it: a single user turn stays plain
+    text (as before conversations were stored, so single-turn data trains and exports exactly as it did)."""
+    return turns[0]["content"] if len(turns) == 1 and turns[0]["role"] == "user" else turns
+
+
 def prompt_display(prompt: str | list[dict]) -> str:
     """A prompt as one text for a table or log: a conversation as its turns, one "role: content" a line."""
     if isinstance(prompt, str):
