@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from core.data import demo
@@ -67,10 +70,30 @@ def reward_gold_correlation(store: Store, run_id: str) -> float | None:
     return correlation([p[0] for p in pairs], [p[1] for p in pairs])
 
 
-def stage_events(parent: Events, store: Store, run_id: str, stage: str, config, output_dir: Path) -> Events:
-    """A stage's run of its own under a run of runs (the pipeline, the rounds), sharing its stop flag."""
+@dataclass
+class StageRun:
+    output: Path  # the stage's output directory
+    stopped: bool  # stopped before it ended: run again, it resumes in place from its checkpoints
+    events: Events  # the stage run's own channel (its log)
+
+
+def run_stage(parent: Events, store: Store, run_id: str, stage: str, config, output_dir: Path,
+              before: Callable[[Events], None] | None = None) -> StageRun:
+    """One stage as a run of its own under a run of runs (the pipeline, the rounds, the study), sharing
+    its stop flag: `before` (given the stage run's events), then the stage. A failure marks the run
+    failed and goes on up; otherwise it ends done, or stopped when the run of runs was asked to stop."""
     store.start_run(run_id, stage, config.to_dict(), str(output_dir))
-    return Events(store, run_id, parent.stop_flag, parent.on_progress, parent.console)
+    events = Events(store, run_id, parent.stop_flag, parent.on_progress, parent.console)
+    try:
+        if before is not None:
+            before(events)
+        output = get_stage(stage).runner(config, store, events, output_dir)
+    except BaseException as exc:
+        store.set_run_status(run_id, "failed", str(exc))
+        raise
+    stopped = parent.should_stop()
+    store.set_run_status(run_id, "stopped" if stopped else "done")
+    return StageRun(Path(output), stopped, events)
 
 
 def run_pipeline(
@@ -138,6 +161,10 @@ def _run_stages(preset: str, output_dir: Path, store: Store, events: Events, sta
     report["base"] = evaluate_checkpoint(sft_config.model, sft_config.device, eval_prompts)
     report["timings_s"]["base_eval"] = time.perf_counter() - t0
 
+    def import_rankings(config, run_events: Events) -> None:
+        """Rankings are sampled from the SFT policy, so they enter the store after SFT, as the RM run starts."""
+        report["imported"]["rankings"] = import_demo_rankings(store, config, run_events)
+
     plan = [(s, s, configs[s]) for s in stages]
     if "ppo" in stages and no_ptx_baseline:
         plan.append(("ppo_no_ptx", "ppo", configs["ppo"].replace(ptx_coef=0.0)))
@@ -146,16 +173,9 @@ def _run_stages(preset: str, output_dir: Path, store: Store, events: Events, sta
             break
         t0 = time.perf_counter()
         run_id = f"{name}-{key.replace('_', '-')}"
-        run_events = stage_events(events, store, run_id, stage, config, output_dir / key)
-        try:
-            if stage == "rm" and through_store and config.data == "store":
-                # Rankings are sampled from the SFT policy, so they enter the store now, after SFT.
-                report["imported"]["rankings"] = import_demo_rankings(store, config, run_events)
-            out = get_stage(stage).runner(config, store, run_events, output_dir / key)
-        except BaseException as exc:
-            store.set_run_status(run_id, "failed", str(exc))
-            raise
-        store.set_run_status(run_id, "stopped" if events.should_stop() else "done")
+        before = partial(import_rankings, config) if stage == "rm" and through_store and config.data == "store" else None
+        run = run_stage(events, store, run_id, stage, config, output_dir / key, before)
+        out, run_events = run.output, run.events
         report["timings_s"][key] = time.perf_counter() - t0
         # Every method's KL to the SFT model, measured the same way (core/stages/evaluate.measure_answers).
         kl_to_sft = stage in STAGE3_METHODS and (output_dir / "sft").is_dir()

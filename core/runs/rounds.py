@@ -39,8 +39,8 @@ from core.data.sources import Ranking, load_rankings
 from core.data.store import Store
 from core.paths import atomic_write_text
 from core.runs.demo_import import import_demo_data
-from core.runs.pipeline import evaluate_checkpoint, stage_events
-from core.stages import get_stage, make_config
+from core.runs.pipeline import evaluate_checkpoint, run_stage
+from core.stages import make_config
 from core.stages.events import Events
 
 STATE_FILE = "rounds.json"
@@ -252,18 +252,10 @@ class Rounds:
         return self.stage_config("rm", {"sft_model": sft_model, "data": data, "heldout": "none",
                                         "seed": self.config.seed + self.r})
 
-    def run_stage(self, key: str, stage: str, config, out: Path) -> tuple[Path, bool]:
-        """One stage as a run of its own; (its output, stopped). A stopped stage resumes in place."""
-        run_id = f"{self.name}-{key}"
-        events = stage_events(self.events, self.store, run_id, stage, config, out)
-        try:
-            result = get_stage(stage).runner(config, self.store, events, out)
-        except BaseException as exc:
-            self.store.set_run_status(run_id, "failed", str(exc))
-            raise
-        stopped = self.events.should_stop()
-        self.store.set_run_status(run_id, "stopped" if stopped else "done")
-        return Path(result), stopped
+    def train(self, key: str, stage: str, config, out: Path) -> tuple[Path, bool]:
+        """One stage as a run of its own ("NAME-key"); (its output, stopped). A stopped stage resumes in place."""
+        run = run_stage(self.events, self.store, f"{self.name}-{key}", stage, config, out)
+        return run.output, run.stopped
 
     def advance(self) -> None:
         while self.state["state"] != "done" and not self.events.should_stop():
@@ -280,7 +272,7 @@ class Rounds:
             imported = import_demo_data(self.store, config.n_demonstrations, config.ramble_rate, config.seed)
             self.events.log(f"demo data in the store: added {imported['prompts']} prompts and "
                             f"{imported['demonstrations']} demonstrations (source 'demo')")
-            out, stopped = self.run_stage("sft", "sft", config, self.output_dir / "sft")
+            out, stopped = self.train("sft", "sft", config, self.output_dir / "sft")
             if stopped:
                 return False
             model = str(out)
@@ -405,7 +397,7 @@ class Rounds:
             check_same_tokenizer(load_tokenizer(start), load_tokenizer(sft),
                                  f"round {self.r - 1}'s reward model {start} does not match the SFT model {sft}")
         config = self.rm_config(str(self.dir() / "rm-data.jsonl"), start)
-        out, stopped = self.run_stage(f"round-{self.r}-rm", "rm", config, self.dir() / "rm")
+        out, stopped = self.train(f"round-{self.r}-rm", "rm", config, self.dir() / "rm")
         if stopped:
             return False
         heldout = read_rankings(self.dir() / "heldout.jsonl")
@@ -441,7 +433,7 @@ class Rounds:
             else:
                 values.update(sft_model=start)
         config = self.stage_config(method, values)
-        out, stopped = self.run_stage(f"round-{self.r}-{method}", method, config, self.dir() / method)
+        out, stopped = self.train(f"round-{self.r}-{method}", method, config, self.dir() / method)
         if stopped:
             return False
         measured = evaluate_checkpoint(out, n_prompts=self.config.eval_prompts, reference=sft)

@@ -473,8 +473,8 @@ def _ensemble_model(study: dict, config: dict, output_dir: Path, store, events) 
     """The ensemble arm's reward model: `ensemble_model`, or an ensemble of `ensemble` RMs trained as the study's
     own RM was (its run's config, the same rankings; member 0 trains as that RM did), as run `<name>-rm-ensemble`
     into DIR/rm-ensemble. None when stopped before it was whole."""
-    from core.stages import get_stage, make_config
-    from core.stages.events import Events
+    from core.runs.pipeline import run_stage
+    from core.stages import make_config
 
     arm = study.setdefault("ensemble", {"models": None, "sft": None, "rl": [], "bon": [], "runs": {}})
     if arm["models"] is None:
@@ -486,17 +486,8 @@ def _ensemble_model(study: dict, config: dict, output_dir: Path, store, events) 
                       else {"sft_model": study["models"]["sft"], **config["pipeline"].get("rm", {})})
             rm_config = make_config("rm", config["preset"], {**values, "ensemble": config["ensemble"]})
             run_id, out = f"{study['name']}-rm-ensemble", output_dir / "rm-ensemble"
-            store.start_run(run_id, "rm", rm_config.to_dict(), str(out))
-            try:
-                get_stage("rm").runner(rm_config, store, Events(store, run_id, events.stop_flag, events.on_progress,
-                                                                events.console), out)
-            except BaseException as exc:
-                store.set_run_status(run_id, "failed", str(exc))
-                raise
-            if events.should_stop():
-                store.set_run_status(run_id, "stopped")
+            if run_stage(events, store, run_id, "rm", rm_config, out).stopped:
                 return None
-            store.set_run_status(run_id, "done")
             arm["models"] = {"rm": str(out), "trained": True}
         _save(study, output_dir)
     return arm["models"]["rm"]
