@@ -119,7 +119,8 @@ def test_length_bias_and_scale_drift_of_the_reward_model():
 
 HEALTHY_PPO = dict(kl=ramp(0.0, 2.0), reward=ramp(-0.5, 0.3), gold=ramp(0.5, 0.6), response_length=ramp(12, 10),
                    entropy=ramp(1.2, 0.9), clip_frac=ramp(0.05, 0.15), approx_kl=ramp(0.001, 0.02),
-                   value_loss=ramp(0.5, 0.2), eos_rate=ramp(0.9, 1.0), ptx_loss=ramp(2.0, 1.9))
+                   value_loss=ramp(0.5, 0.2), eos_rate=ramp(0.9, 1.0), ptx_loss=ramp(2.0, 1.9),
+                   explained_variance=ramp(-0.4, 0.6))
 
 
 def test_a_healthy_ppo_run_has_no_findings():
@@ -212,6 +213,19 @@ def test_entropy_collapse_update_size_value_loss_and_ptx_drift():
     assert by["ppo.ptx_drift"].value == pytest.approx(0.3) and by["ppo.value_loss"].value == pytest.approx(0.2)
     for f in found:
         assert_suggestion_applies(f)
+
+
+def test_explained_variance_that_stays_at_or_below_zero_late_is_named():
+    """Early steps below 0 are a fresh value head; a last quarter that never rises above 0 is not."""
+    [f] = doctor.diagnose(run("ppo", **{**HEALTHY_PPO, "explained_variance": ramp(-0.8, -0.02)}))
+    assert (f.check, f.severity, f.field, f.value) == ("ppo.explained_variance", "warning", "vf_coef", 0.2)
+    assert "at most -0.02" in f.seen and "steps 19-24" in f.seen
+    assert_suggestion_applies(f)
+    # One step above 0 in the last quarter: it is climbing out, not stuck.
+    climbing = ramp(-0.8, -0.02)[:-1] + [0.05]
+    assert doctor.diagnose(run("ppo", **{**HEALTHY_PPO, "explained_variance": climbing})) == []
+    # Too few points make no trend.
+    assert doctor.diagnose(run("ppo", **{**HEALTHY_PPO, "explained_variance": [-1.0] * 3})) == []
 
 
 def test_pipeline_report_findings():

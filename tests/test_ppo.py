@@ -8,6 +8,7 @@ answers that stop cleanly). Nothing here asserts wall-clock times.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,21 @@ def test_gae_matches_hand_computation():
     assert torch.allclose(ret, torch.tensor([[2.08576, 1.458, 2.0, 0.0]]), atol=1e-5)
 
 
+def test_explained_variance_over_the_response_tokens():
+    """1 - Var(returns - V) / Var(returns) on the real tokens only (padding holds values that would move it)."""
+    returns = torch.tensor([[1.0, 2.0, 3.0, 50.0], [4.0, 0.0, 0.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])  # real: 1, 2, 3, 4 (variance 1.25)
+    assert ppo.explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    mean = torch.full_like(returns, 2.5)
+    assert ppo.explained_variance(mean, returns, mask) == pytest.approx(0.0, abs=1e-6)
+    # Errors 0.5, -0.5, 0.5, -0.5: variance 0.25, so 1 - 0.25 / 1.25 = 0.8.
+    close = returns + torch.tensor([[-0.5, 0.5, -0.5, 7.0], [0.5, 3.0, 3.0, 3.0]])
+    assert ppo.explained_variance(close, returns, mask) == pytest.approx(0.8)
+    # Values that move against the returns explain less than nothing.
+    assert ppo.explained_variance(5.0 - returns, returns, mask) == pytest.approx(1 - 5.0 / 1.25)
+    assert math.isnan(ppo.explained_variance(mean, torch.ones_like(returns), mask))
+
+
 def test_token_rewards_put_score_on_last_token_and_kl_everywhere():
     kl = torch.tensor([[0.5, 0.1, -0.2, 0.3], [0.2, 0.2, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
@@ -165,8 +181,9 @@ def test_one_step_changes_policy_and_value_not_reference_or_reward(inputs, tok):
     # (it would not be with dropout on during rollouts).
     assert abs(result.metrics["kl"]) < 1e-3
     for key in ("reward", "kl", "entropy", "clip_frac", "approx_kl", "policy_loss", "value_loss",
-                "response_length", "eos_rate", "episodes_per_s"):
+                "response_length", "eos_rate", "episodes_per_s", "explained_variance"):
         assert key in result.metrics
+    assert result.metrics["explained_variance"] <= 1.0
 
 
 def test_bf16_precision_on_a_cpu_computes_in_bf16_and_starts_at_zero_kl(inputs, tok, monkeypatch):

@@ -82,6 +82,9 @@ THRESHOLDS: dict[str, Threshold] = {
                                      "the quick demo's PPO peaked at 0.039"),
     "value_rise": Threshold(3.0, "last quarter's value loss over the first's above it: the value model is not "
                                  "keeping up with the returns; the quick demo's fell 3.82 -> 0.79"),
+    "explained_variance_floor": Threshold(0.0, "1 - Var(returns - V) / Var(returns): at or below 0 the value model "
+                                               "predicts the returns no better than their mean (CleanRL logs it; a "
+                                               "value model that learns climbs towards 1)"),
     "ptx_drift": Threshold(0.5, "nats the pretraining (ptx) loss may rise from its first to its last quarter; the "
                                 "quick demo's fell 1.76 -> 1.28"),
     "pretrain_drift": Threshold(1.0, "nats a stage-3 model's held-out pretraining loss may sit above SFT's"),
@@ -548,6 +551,25 @@ def value_not_fitting(run: RunData) -> list[Finding]:
                     "are noisy", f"vf_coef={_scaled(coef, 2)}", "vf_coef", _scaled(coef, 2), run.stage)]
 
 
+def value_not_explaining(run: RunData) -> list[Finding]:
+    """Explained variance that stays at or below 0 over the last quarter of the run: early steps start there
+    (the value head is fresh), so only a run that never climbs out is named."""
+    points = run.series("explained_variance")
+    if not enough(points):
+        return []
+    late = points[-max(1, len(points) // 4):]
+    if max(v for _, v in late) > threshold("explained_variance_floor"):
+        return []
+    coef = run.config.get("vf_coef", 0.1)
+    return [Finding("warning", "ppo.explained_variance",
+                    f"the value model's explained variance stayed at or below 0 over the last quarter: "
+                    f"{_span(late)}, at most {max(v for _, v in late):.3g}",
+                    "the value model predicts the returns no better than their mean, so GAE's advantages are "
+                    "as noisy as the returns themselves: it learns too slowly, or the returns are noise it "
+                    "cannot predict (a reward that varies between answers to one prompt by chance)",
+                    f"vf_coef={_scaled(coef, 2)} (twice)", "vf_coef", _scaled(coef, 2), run.stage)]
+
+
 def ptx_drift(run: RunData) -> list[Finding]:
     points = run.series("ptx_loss")
     if not enough(points):
@@ -566,7 +588,7 @@ CHECKS = {
     "sft": (sft_loss_not_falling, sft_overfitting, answers_do_not_end),
     "rm": (rm_at_chance, rm_margin_collapse, rm_length_bias, rm_scale_drift),
     "ppo": (kl_checks, over_optimisation, length_hacking, entropy_collapse, update_size, value_not_fitting,
-            answers_do_not_end, ptx_drift),
+            value_not_explaining, answers_do_not_end, ptx_drift),
     "grpo": (kl_checks, over_optimisation, length_hacking, entropy_collapse, update_size, answers_do_not_end),
     "rloo": (kl_checks, over_optimisation, length_hacking, entropy_collapse, update_size, answers_do_not_end),
 }

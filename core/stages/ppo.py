@@ -374,6 +374,18 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor
     return advantages, (advantages + values) * response_mask
 
 
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor,
+                       all_reduce_sum: AllReduceSum | None = None) -> float:
+    """1 - Var(returns - V) / Var(returns) over the response tokens (CleanRL logs it every update): 1 when
+    the value model predicts the returns, 0 when it does no better than their mean, below 0 worse. NaN
+    when the returns do not vary (nothing to explain; the metrics skip it)."""
+    def variance(x: torch.Tensor) -> torch.Tensor:
+        return masked_mean((x - masked_mean(x, response_mask, all_reduce_sum)) ** 2, response_mask, all_reduce_sum)
+
+    spread = float(variance(returns))
+    return 1.0 - float(variance(returns - values)) / spread if spread > 0 else float("nan")
+
+
 class AdaptiveKLController:
     """Ziegler et al. 2019, eq. 2.1: steer beta so the measured KL approaches `target`."""
 
@@ -561,6 +573,9 @@ def ppo_step(models: PPOModels, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
         "kl_coef": kl_coef,
         "response_length": float(lengths.mean()),
         "eos_rate": float(batch.finished.float().mean()),
+        # The rollout's values V_old against the returns they bootstrap: how well the value model fits.
+        "explained_variance": explained_variance(batch.values, returns, batch.response_mask,
+                                                 models.dist.all_reduce_sum),
         **update_stats,
         "episodes_per_s": prompt_ids.shape[0] / (t3 - t0),
     }
