@@ -4,7 +4,7 @@
     rlhf rm --preset quick --set sft_model=out/sft --output out/rm
     rlhf ppo --preset quick --set sft_model=out/sft --set reward_model=out/rm --output out/ppo
     rlhf pipeline --demo --preset quick --output out
-    rlhf rounds --demo --preset quick --rounds 3 --output out/rounds [--labeler simulated|team|page|rm:PATH]
+    rlhf rounds --demo --preset quick --rounds 3 --output out/rounds [--labeler simulated|team|page|rm:PATH|reward:SPEC]
     rlhf chat --model out/ppo --prompt "What is 3 plus 4?"
     rlhf doctor RUN [--json]
     rlhf eval --checkpoints bundled,out/sft,out/ppo --baseline out/sft --reward-model out/rm --output out/eval
@@ -218,8 +218,8 @@ def cmd_rounds(args) -> int:
 
     values = {"preset": args.preset, "rounds": args.rounds, "method": args.method, "labeler": args.labeler,
               "seed": args.seed, **parse_sets([kv for kv in args.set if ":" not in kv.split("=", 1)[0]])}
-    for flag in ("prompts_per_round", "episodes_per_round", "sft_model", "rm_init", "policy_init", "reference",
-                 "labels_needed"):
+    for flag in ("prompts_per_round", "prompts", "episodes_per_round", "sft_model", "rm_init", "policy_init",
+                 "reference", "labels_needed"):
         if getattr(args, flag) is not None:
             values[flag] = getattr(args, flag)
     if args.no_wait:
@@ -419,8 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory of the rounds (rounds.json, report.json, round-N/)")
     p.add_argument("--rounds", type=int, default=3, help="rounds in all, round 0 (SFT -> RM -> stage 3) included")
     p.add_argument("--method", default="ppo", help="stage 3: ppo, dpo, grpo or rloo")
-    p.add_argument("--labeler", default="simulated", help="simulated, team (a labeling batch), page (the Rank page) "
-                                                          "or rm:PATH (a reward model ranks)")
+    p.add_argument("--labeler", default="simulated", help="simulated, team (a labeling batch), page (the Rank page), "
+                                                          "rm:PATH (a reward model ranks) or reward:SPEC (reward "
+                                                          "terms rank, e.g. reward:exact)")
+    p.add_argument("--prompts", help="where each round's fresh prompts come from: demo (default), store or a "
+                                     "prompts file")
     p.add_argument("--prompts-per-round", dest="prompts_per_round", type=int, help="fresh prompts ranked a round")
     p.add_argument("--episodes-per-round", dest="episodes_per_round", type=int, help="stage 3 episodes a round")
     p.add_argument("--sft", dest="sft_model", help="start from this SFT checkpoint instead of training SFT")

@@ -641,7 +641,7 @@ class RLOOConfig(GroupRLConfig):
     normalize_advantages: bool = option(False, "whiten the advantages over the batch")
 
 
-ROUND_LABELERS = ("simulated", "team", "page")  # or "rm:PATH"
+ROUND_LABELERS = ("simulated", "team", "page")  # or "rm:PATH", "reward:SPEC"
 STAGE3_METHODS = ("ppo", "dpo", "grpo", "rloo")
 
 
@@ -655,10 +655,16 @@ class RoundsConfig(ConfigMixin):
     rounds: int = option(3, "rounds in all, round 0 included")
     method: str = option("ppo", "stage 3 of every round: ppo, dpo, grpo or rloo")
     labeler: str = option("simulated", "who ranks a round's answers: 'simulated' (the demo's labeler), 'team' (a "
-                          "labeling batch on the Gradio server), 'page' (the Rank page) or 'rm:PATH' (a larger "
-                          "reward model ranks them)")
+                          "labeling batch on the Gradio server), 'page' (the Rank page), 'rm:PATH' (a larger "
+                          "reward model ranks them) or 'reward:SPEC' (reward terms rank them, e.g. reward:exact)")
     prompts_per_round: int | None = option(None, "fresh prompts ranked each round (empty: the preset's RM "
                                            "n_prompts)")
+    prompts: str = option("demo", "where each round's fresh prompts come from: 'demo' (the demo's training "
+                          "prompts), 'store' (the workbench's prompts) or a prompts file (JSONL/CSV/Parquet); "
+                          "the store's and a file's are read once, when the rounds begin")
+    sample_temperature: float = option(1.0, "rounds >= 1: temperature of the K answers sampled from the previous "
+                                       "policy (round 0 samples SFT at the preset RM's sample_temperature, as the "
+                                       "pipeline); a sharpened policy's answers coincide at lower ones")
     episodes_per_round: int | None = option(None, "ppo/grpo/rloo: episodes of stage 3 each round (empty: the "
                                             "preset's total_episodes)")
     sft_model: str = option("", "start from this SFT checkpoint instead of training SFT first")
@@ -678,7 +684,7 @@ class RoundsConfig(ConfigMixin):
 
     _bounds = {"rounds": (1, 100, True), "prompts_per_round": (1, None, True), "episodes_per_round": (1, None, True),
                "labels_needed": (0, None, True), "poll_s": (0, None, False), "heldout_prompts": (0, None, True),
-               "eval_prompts": (1, None, True)}
+               "eval_prompts": (1, None, True), "sample_temperature": (0, None, False)}
     _choices = {"method": STAGE3_METHODS,
                 "rm_init": ("sft", "previous"), "policy_init": ("previous", "sft"),
                 "reference": ("auto", "sft", "previous")}
@@ -687,8 +693,13 @@ class RoundsConfig(ConfigMixin):
         super().validate()
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
-        if self.labeler not in ROUND_LABELERS and not (self.labeler.startswith("rm:") and self.labeler[3:].strip()):
-            raise ValueError(f"labeler must be simulated, team, page or rm:PATH (a reward model), got {self.labeler!r}")
+        if self.labeler.startswith("reward:"):
+            if any(t.kind == "rm" for t in parse_reward(self.labeler[len("reward:"):])):
+                raise ValueError("labeler reward:SPEC ranks by terms read from the answers; a reward model ranks "
+                                 "as labeler rm:PATH")
+        elif self.labeler not in ROUND_LABELERS and not (self.labeler.startswith("rm:") and self.labeler[3:].strip()):
+            raise ValueError(f"labeler must be simulated, team, page, rm:PATH (a reward model) or reward:SPEC (reward "
+                             f"terms), got {self.labeler!r}")
         if self.method != "ppo" and self.reference not in ("auto", self.policy_init):
             raise ValueError(f"{self.method}'s trainer starts the policy from its reference, so reference must match "
                              f"policy_init ({self.policy_init!r}) or be 'auto'; got {self.reference!r}")

@@ -178,7 +178,7 @@ def test_a_closed_batch_with_too_few_rankings_is_refused_and_the_round_keeps_wai
     (dict(prompts_per_round=0), {}, "prompts_per_round must be >= 1"),
     (dict(rounds=30, prompts_per_round=1000), {}, "the prompt pool is used up: 30 rounds of 1000"),
     (dict(labeler="team"), {}, "labeler 'team' needs labeler accounts"),
-    (dict(labeler="crowd"), {}, "labeler must be simulated, team, page or rm:PATH"),
+    (dict(labeler="crowd"), {}, "labeler must be simulated, team, page, rm:PATH"),
     (dict(labeler="rm:/nowhere/rm"), {}, "labeler rm:PATH: "),
     (dict(method="dpo", reference="sft"), {}, "reference must match policy_init"),
     (dict(), {"grpo": {"beta": 0.1}}, "a rounds run with method ppo runs sft, rm and ppo"),
@@ -235,3 +235,70 @@ def test_a_reward_model_labeler_ranks_by_its_own_scores(tok, tmp_path):
     for r in rankings:
         scores = score_sequences(model, encode_answers(tok, r.prompt, r.responses, 64), tok.pad_token_id, device)
         assert scores.tolist() == sorted(scores.tolist(), reverse=True)
+
+
+LENGTH_TERM = "def score(prompts, completions, **columns):\n    return [float(len(c)) for c in completions]\n"
+
+
+def test_a_reward_terms_labeler_ranks_by_the_terms(tmp_path):
+    """labeler reward:SPEC: K answers of the policy in the order of the terms' total, answers scored alike
+    merged (contains is 0 or 1: a ranking holds one answer holding the expected one over one without it)."""
+    from core.stages import make_config
+
+    rm_config = make_config("rm", "quick", {"k": 4, "sample_temperature": 1.0, "device": "cpu"})
+    tasks = demo.train_tasks(24)
+    prompts, columns = [t.prompt for t in tasks], [{"answer": t.answer} for t in tasks]
+    exact = rounds_module.reward_term_rankings("contains:column=answer", "bundled", prompts, columns, rm_config, 0)
+    answer = {t.prompt: t.answer for t in tasks}
+    assert len(exact) >= 4 and all(len(r.responses) == 2 for r in exact)
+    assert all(answer[r.prompt] in r.responses[0] and answer[r.prompt] not in r.responses[1] for r in exact)
+    (tmp_path / "length.py").write_text(LENGTH_TERM)
+    longest = rounds_module.reward_term_rankings(f"python:{tmp_path / 'length.py'}:score", "bundled", prompts,
+                                                 columns, rm_config, seed=0)
+    assert len(longest) > len(exact)  # lengths tie less often than right/wrong
+    for r in longest:
+        assert [len(a) for a in r.responses] == sorted({len(a) for a in r.responses}, reverse=True)
+
+
+def test_rounds_draw_their_slices_from_a_prompts_file_ranked_by_reward_terms(store, tmp_path):
+    """--prompts FILE: round r ranks rows [r*P, (r+1)*P) of the file as it stood when the rounds began (a
+    copy in DIR/prompts.jsonl), later rounds sample at the rounds' own temperature, stage 3 trains on the
+    same prompts, and the prompts dropped for identical answers are counted."""
+    (tmp_path / "length.py").write_text(LENGTH_TERM)
+    rows = [{"prompt": f"Say the word {w}.", "answer": w} for w in demo.WORDS[:18]]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "file-rounds"
+    config = tiny(prompts=str(path), labeler=f"reward:python:{tmp_path / 'length.py'}:score")
+    report = run_rounds(config, out, store, Events(), OVERRIDES, name="from-file")
+    assert report["state"] == "done"
+    assert [json.loads(line)["prompt"] for line in (out / "prompts.jsonl").read_text().splitlines()] == \
+        [r["prompt"] for r in rows]
+    for r, entry in enumerate(report["rounds"]):
+        slice_ = {row["prompt"] for row in rows[r * 8:(r + 1) * 8]}
+        ranked = rankings_of(out / f"round-{r}" / "rankings.jsonl")
+        assert ranked and {p for p, _ in ranked} <= slice_
+        assert entry["prompts"] == 8 and entry["dropped_identical"] == 8 - len(ranked) - entry["heldout_rankings"]
+    assert [e["sample_temperature"] for e in report["rounds"]] == [0.5, 1.0]  # the preset's RM's, then the rounds'
+    assert store.get_run("from-file-round-1-ppo")["config"]["prompts"] == str(path)
+    # The pool is what the rounds began with: a file changed since does not move a resumed run's slices.
+    assert rounds_module.load_pool(config, store, out) == ([r["prompt"] for r in rows],
+                                                           [{"answer": r["answer"]} for r in rows])
+
+
+def test_a_prompt_pool_of_the_store_or_a_file_is_checked_before_any_work(store, tmp_path):
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Say the word {w}."}) + "\n" for w in demo.WORDS[:5]))
+    for changes, message in [
+        (dict(prompts=str(path), labeler="reward:exact"), f"the prompt pool is used up: 2 rounds of 8 fresh prompts "
+                                                          f"need 16, {path} holds 5"),
+        (dict(prompts=str(path), prompts_per_round=2), "labeler 'simulated' is the demo's labeler"),
+        (dict(prompts=str(path), prompts_per_round=2, labeler="reward:exact"), "reads the column 'answer'"),
+        (dict(prompts="store"), "the store has no prompts"),
+        (dict(labeler="reward:rm"), "a reward model ranks as labeler rm:PATH"),
+        (dict(labeler="reward:nonsense"), "unknown reward term 'nonsense'"),
+    ]:
+        out = tmp_path / "bad"
+        with pytest.raises(ValueError, match=message):
+            run_rounds(tiny(**changes), out, store, Events(), OVERRIDES)
+        assert not out.exists() and store.list_runs() == []

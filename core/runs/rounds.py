@@ -13,10 +13,13 @@ kill, a restart or a week's wait for labels resumes where it stood:
     sft -> [sampling -> waiting for labels -> rm -> stage 3] x rounds -> done
 
 - sft: train SFT (or take `sft_model`), measure its gold.
-- sampling: K answers per prompt from the previous policy (round 0: SFT) on prompts
-  [r*P, (r+1)*P) of the demo's training prompts. 'simulated' and 'rm:PATH' rank them at once
+- sampling: K answers per prompt from the previous policy (round 0: SFT, at the preset's RM
+  temperature; later rounds at the rounds' own `sample_temperature`) on prompts [r*P, (r+1)*P) of
+  the pool: the demo's training prompts, or the store's or a file's (`prompts`), as they stood when
+  the rounds began (DIR/prompts.jsonl). 'simulated', 'rm:PATH' and 'reward:SPEC' rank them at once
   (DIR/round-r/rankings.jsonl, also stored with their labeler); 'team' makes a labeling batch on
-  the Gradio server's store; 'page' puts the prompts on the Rank page.
+  the Gradio server's store; 'page' puts the prompts on the Rank page. A prompt whose K answers
+  are identical (or tied for the labeler) gives no ranking: the round counts them (`dropped_identical`).
 - waiting for labels (team, page): until `labels_needed` rankings are in (or by hand: `--continue`).
 - rm: the RM trains on DIR/round-r/rm-data.jsonl, the union of the rounds' files, and is
   measured with the previous one on DIR/round-r/heldout.json.
@@ -35,8 +38,8 @@ from pathlib import Path
 
 from core.config import RoundsConfig
 from core.data import demo
-from core.data.sources import Ranking, load_rankings
-from core.data.store import Store
+from core.data.sources import Prompt, Ranking, load_prompt_rows, load_rankings, prompt_key
+from core.data.store import Store, as_prompt
 from core.paths import atomic_write_text
 from core.runs.demo_import import import_demo_data
 from core.runs.pipeline import evaluate_checkpoint, run_stage
@@ -44,11 +47,13 @@ from core.stages import make_config
 from core.stages.events import Events
 
 STATE_FILE = "rounds.json"
+POOL_FILE = "prompts.jsonl"  # the store's or a file's prompts as they stood when the rounds began
 REPORT_FILE = "report.json"
 STATES = ("sft", "sampling", "waiting for labels", "rm", "stage 3", "done")
 DEMO_POOL = 20_000  # distinct demo training prompts the rounds draw their fresh slices from
 ROUNDS_SOURCE = "rounds"  # the store's source of the prompts and rankings a rounds run adds
 MAX_NEW_TOKENS = 32  # as the RM stage's own demo sampling (core/stages/reward.sample_demo_rankings)
+SAMPLE_PROMPTS = 64  # prompts sampled (K answers each) in one call, as sample_demo_rankings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,14 +73,49 @@ def episodes_per_round(config: RoundsConfig, overrides: dict) -> int:
     return make_config(config.method, config.preset, overrides.get(config.method, {})).total_episodes
 
 
+Pool = tuple[list[Prompt], list[dict]]  # prompts and each one's other columns (what reward terms read)
+
+
+def load_pool(config: RoundsConfig, store: Store, output_dir: Path) -> Pool | None:
+    """The prompts the rounds draw their fresh slices from: None for the demo's (generated, `round_prompts`);
+    the store's or a file's as they stood when the rounds began (DIR/prompts.jsonl once written), so a resume
+    draws the same slices however the store has grown since."""
+    if config.prompts == "demo":
+        return None
+    snapshot = output_dir / POOL_FILE
+    if snapshot.is_file():
+        rows = [json.loads(line) for line in snapshot.read_text().splitlines()]
+        return [r["prompt"] for r in rows], [r["columns"] for r in rows]
+    return load_prompt_rows(config.prompts, store)
+
+
+def write_pool(output_dir: Path, pool: Pool) -> None:
+    atomic_write_text(output_dir / POOL_FILE, "".join(json.dumps({"prompt": p, "columns": c}) + "\n"
+                                                      for p, c in zip(*pool)))
+
+
 def round_tasks(config: RoundsConfig, overrides: dict, r: int) -> list[demo.Task]:
-    """Round r's fresh prompts: a slice of the demo's training prompts no earlier round ranked."""
+    """Round r's fresh demo prompts: a slice of the demo's training prompts no earlier round ranked."""
     p = prompts_per_round(config, overrides)
     return demo.train_tasks(p * config.rounds)[r * p:(r + 1) * p]  # train_tasks(n) is a prefix of train_tasks(m > n)
 
 
-def check_rounds(config: RoundsConfig, store: Store, overrides: dict) -> None:
-    """Every check a user can fail, before any sampling or training."""
+def round_prompts(config: RoundsConfig, overrides: dict, pool: Pool | None, r: int) -> Pool:
+    """Round r's fresh prompts and their columns: slice r of the pool (the demo's prompts know their `answer`)."""
+    if pool is None:
+        tasks = round_tasks(config, overrides, r)
+        return [t.prompt for t in tasks], [{"answer": t.answer} for t in tasks]
+    p = prompts_per_round(config, overrides)
+    return pool[0][r * p:(r + 1) * p], pool[1][r * p:(r + 1) * p]
+
+
+def demo_tasks(prompts: list[Prompt]) -> list[demo.Task]:
+    """Demo prompts (built in or stored) as the simulated labeler's tasks."""
+    return [demo.Task(demo.task_kind(p)[0].name, p, demo.expected_answer(p)) for p in prompts]
+
+
+def check_rounds(config: RoundsConfig, store: Store, overrides: dict, pool: Pool | None = None) -> None:
+    """Every check a user can fail, before any sampling or training. `pool`: `load_pool`'s."""
     from core.models.loading import resolve_model
 
     config.validate()
@@ -84,9 +124,20 @@ def check_rounds(config: RoundsConfig, store: Store, overrides: dict) -> None:
         raise ValueError(f"--set for stage(s) {', '.join(sorted(unknown))}: a rounds run with method "
                          f"{config.method} runs sft, rm and {config.method}")
     p = prompts_per_round(config, overrides)
-    if p * config.rounds > DEMO_POOL:
+    size = DEMO_POOL if pool is None else len(pool[0])
+    if p * config.rounds > size:
+        where = {"demo": "the demo holds", "store": "the store holds"}.get(config.prompts, f"{config.prompts} holds")
         raise ValueError(f"the prompt pool is used up: {config.rounds} rounds of {p} fresh prompts need "
-                         f"{p * config.rounds}, the demo holds {DEMO_POOL}; run fewer rounds or fewer prompts a round")
+                         f"{p * config.rounds}, {where} {size}; run fewer rounds or fewer prompts a round")
+    if pool is not None and config.labeler == "simulated" and not demo.is_demo_task(pool[0][:p * config.rounds]):
+        raise ValueError(f"labeler 'simulated' is the demo's labeler: it ranks the demo's prompts only, and the "
+                         f"prompts of {config.prompts!r} are others; choose labeler team, page, rm:PATH or reward:SPEC")
+    if config.labeler.startswith("reward:"):
+        from core.stages.reward_terms import resolve_reward
+
+        used = [round_prompts(config, overrides, pool, r) for r in range(config.rounds)]
+        resolve_reward(config.labeler[len("reward:"):]).check_rows([q for u in used for q in u[0]],
+                                                                    [c for u in used for c in u[1]])
     for stage in ("sft", "rm", config.method):
         make_config(stage, config.preset, overrides.get(stage, {}))  # each stage's values validated now
     if config.labeler == "team":
@@ -130,7 +181,7 @@ def simulated_rankings(model: str, tasks: list[demo.Task], rm_config, labeler_te
                                 labeler_temperature, seed, events, what)
 
 
-def sample_groups(model: str, prompts: list[str], rm_config, seed: int) -> list[tuple[str, list[str]]]:
+def sample_groups(model: str, prompts: list[Prompt], rm_config, seed: int) -> list[tuple[Prompt, list[str]]]:
     from core.labeling.batches import sample_answers
 
     return sample_answers(prompts, model, rm_config.k, rm_config.sample_temperature, MAX_NEW_TOKENS, seed)
@@ -158,6 +209,36 @@ def reward_model_rankings(path: str, groups: list[tuple[str, list[str]]], max_le
             scores = score_sequences(model, encode_answers(tokenizer, prompt, answers, max_length),
                                      tokenizer.pad_token_id, dev).tolist()
             rankings.append(Ranking(prompt, [a for _, a in sorted(zip(scores, answers), key=lambda x: -x[0])]))
+    return rankings
+
+
+def reward_term_rankings(spec: str, model: str, prompts: list[Prompt], columns: list[dict], rm_config,
+                         seed: int) -> list[Ranking]:
+    """Reward terms (core/stages/reward_terms.py: `exact`, `numeric`, `python:PATH:FUNCTION`, ...) rank K
+    answers sampled from `model` by their weighted total: a verifier as the labeler, for prompts whose
+    answers can be checked. Answers it scores alike are merged, the first kept (a ranking holds no ties);
+    a prompt left with fewer than 2 gives no ranking."""
+    from core.models.generate import sample
+    from core.models.loading import load_policy, load_tokenizer, pick_device
+    from core.stages.reward_terms import Answers, resolve_reward
+
+    reward = resolve_reward(spec)
+    policy = load_policy(model, pick_device(rm_config.device), dropout=0.0)
+    tokenizer, k = load_tokenizer(model), rm_config.k
+    rankings = []
+    for i in range(0, len(prompts), SAMPLE_PROMPTS):
+        chunk = [(prompt, row) for prompt, row in zip(prompts[i:i + SAMPLE_PROMPTS], columns[i:i + SAMPLE_PROMPTS])
+                 for _ in range(k)]
+        samples = sample(policy, tokenizer, [prompt for prompt, _ in chunk], max_new_tokens=MAX_NEW_TOKENS,
+                         temperature=rm_config.sample_temperature, seed=seed + i)
+        totals = reward(Answers.of_samples(samples, [prompt for prompt, _ in chunk], [row for _, row in chunk])).total
+        for j in range(0, len(chunk), k):
+            by_score: dict[float, str] = {}
+            for text, score in zip(samples.texts[j:j + k], totals[j:j + k].tolist()):
+                if text.strip() and text.strip() not in by_score.values():
+                    by_score.setdefault(round(score, 6), text.strip())
+            if len(by_score) >= 2:
+                rankings.append(Ranking(chunk[j][0], [by_score[s] for s in sorted(by_score, reverse=True)]))
     return rankings
 
 
@@ -206,9 +287,9 @@ class Rounds:
     done, stopped or (not waiting) waiting for labels."""
 
     def __init__(self, config: RoundsConfig, output_dir: Path, store: Store, events: Events, overrides: dict,
-                 state: dict, continue_now: bool = False):
+                 state: dict, continue_now: bool = False, pool: Pool | None = None):
         self.config, self.output_dir, self.store, self.events = config, output_dir, store, events
-        self.overrides, self.state, self.continue_now = overrides, state, continue_now
+        self.overrides, self.state, self.continue_now, self.pool = overrides, state, continue_now, pool
         self.name = state["name"]
         self.steps = {"sft": self.sft, "sampling": self.sampling, "waiting for labels": self.waiting,
                       "rm": self.rm, "stage 3": self.stage3}
@@ -227,6 +308,10 @@ class Rounds:
         while len(self.state["rounds"]) <= self.r:
             self.state["rounds"].append({"round": len(self.state["rounds"])})
         return self.state["rounds"][self.r]
+
+    def prompts(self) -> Pool:
+        """This round's fresh prompts and their columns."""
+        return round_prompts(self.config, self.overrides, self.pool, self.r)
 
     def previous_policy(self) -> str:
         return self.state["sft"]["model"] if self.r == 0 else self.state["rounds"][self.r - 1]["policy"]
@@ -281,25 +366,40 @@ class Rounds:
 
     def sampling(self) -> bool:
         entry, labeler, model = self.entry(), self.config.labeler, self.previous_policy()
-        tasks = round_tasks(self.config, self.overrides, self.r)
+        prompts, columns = self.prompts()
         rm_config = self.rm_config()
+        if self.r > 0:  # the rounds' own temperature: a sharpened policy's answers coincide at the preset's
+            rm_config = rm_config.replace(sample_temperature=self.config.sample_temperature)
         seed = rm_config.seed
-        entry.update(prompts=len(tasks), sampled_from=model)
+        entry.update(prompts=len(prompts), sampled_from=model, sample_temperature=rm_config.sample_temperature)
         self.dir().mkdir(parents=True, exist_ok=True)
-        heldout = demo.heldout_tasks(self.config.heldout_prompts)
-        if labeler == "simulated" or labeler.startswith("rm:"):
+        if labeler == "simulated" or labeler.startswith(("rm:", "reward:")):
+            # The measure: the labeler on the previous policy's answers to held-out prompts: the demo's when
+            # the prompts are the demo's, else a tenth of the round's own rankings.
+            own_heldout = not demo.is_demo_task(prompts)
+            heldout = [] if own_heldout else demo.heldout_tasks(self.config.heldout_prompts)
+            held_prompts, held_columns = [t.prompt for t in heldout], [{"answer": t.answer} for t in heldout]
             if labeler == "simulated":
-                rankings = simulated_rankings(model, tasks, rm_config, rm_config.labeler_temperature, seed,
-                                              self.events, f"round {self.r}")
-                # The measure: the noise-free labeler on the previous policy's answers to held-out prompts.
+                rankings = simulated_rankings(model, demo_tasks(prompts), rm_config, rm_config.labeler_temperature,
+                                              seed, self.events, f"round {self.r}")
+                # The noise-free labeler on the held-out answers.
                 held = simulated_rankings(model, heldout, rm_config, 0.0, seed + 99, self.events,
                                           f"round {self.r} held-out")
-            else:
+            elif labeler.startswith("rm:"):
                 path = labeler[3:].strip()
-                rankings = reward_model_rankings(path, sample_groups(model, [t.prompt for t in tasks], rm_config,
-                                                                     seed), rm_config.max_length)
-                held = reward_model_rankings(path, sample_groups(model, [t.prompt for t in heldout], rm_config,
-                                                                 seed + 99), rm_config.max_length)
+                rankings = reward_model_rankings(path, sample_groups(model, prompts, rm_config, seed),
+                                                 rm_config.max_length)
+                held = reward_model_rankings(path, sample_groups(model, held_prompts, rm_config, seed + 99),
+                                             rm_config.max_length) if heldout else []
+            else:
+                spec = labeler[len("reward:"):]
+                rankings = reward_term_rankings(spec, model, prompts, columns, rm_config, seed)
+                held = reward_term_rankings(spec, model, held_prompts, held_columns, rm_config, seed + 99)
+            self.count_dropped(len(prompts) - len(rankings))
+            if own_heldout:
+                from core.stages.reward import split_heldout
+
+                rankings, held = split_heldout(rankings, seed)
             self.keep_rankings(rankings, held)
             return True
         if labeler == "team":
@@ -311,30 +411,42 @@ class Rounds:
             batch = next((b for b in labeling.list_batches() if b["name"] == batch_name), None)
             if batch is None:
                 labeling.check_batch_options(batch_name, None, 0.0, 2, rm_config.k)  # before sampling
-                groups = sample_groups(model, [t.prompt for t in tasks], rm_config, seed)
+                groups = sample_groups(model, prompts, rm_config, seed)
                 made = labeling.create_batch(batch_name, groups, None, overlap=0.0, model=model, k=rm_config.k,
                                              temperature=rm_config.sample_temperature, seed=seed)
                 batch = {"id": made.batch_id, "items": made.items}
+                self.count_dropped(len(made.skipped))
             self.events.log(f"round {self.r}: labeling batch {batch_name!r} holds {batch['items']} prompts "
                             "for the team (rlhf label serve)")
             self.move("waiting for labels", batch={"id": batch["id"], "name": batch_name, "items": batch["items"]})
             return True
         # 'page': the prompts go to the store for the Rank page; rankings on them from now on count.
-        self.store.add_prompts([t.prompt for t in tasks], source=ROUNDS_SOURCE)
-        self.events.log(f"round {self.r}: rank answers of {model} to {len(tasks)} prompts on the Rank page")
-        self.move("waiting for labels", batch={"since": time.time(), "items": len(tasks)})
+        self.store.add_prompts(prompts, source=ROUNDS_SOURCE)
+        self.events.log(f"round {self.r}: rank answers of {model} to {len(prompts)} prompts on the Rank page")
+        self.move("waiting for labels", batch={"since": time.time(), "items": len(prompts)})
         return True
+
+    def count_dropped(self, dropped: int) -> None:
+        """How many of the round's prompts gave no ranking, their K answers identical (or tied for the labeler):
+        in the report, and in the log when any."""
+        prompts = self.entry()["prompts"]
+        self.entry()["dropped_identical"] = dropped
+        if dropped:
+            self.events.log(f"round {self.r}: {dropped} of {prompts} prompts dropped: fewer than 2 of their K "
+                            f"answers differ (identical, or tied for the labeler) at temperature "
+                            f"{self.entry()['sample_temperature']:g}")
 
     def keep_rankings(self, rankings: list[Ranking], heldout: list[Ranking]) -> None:
         """The round's rankings on disk (what its RM trains on) and in the store (source 'rounds')."""
         if not rankings:
             raise ValueError(f"round {self.r}: no usable rankings (every prompt's answers were identical or tied); "
-                             "raise prompts_per_round or the sampling temperature")
+                             "raise prompts_per_round or sample_temperature")
         write_rankings(self.dir() / "rankings.jsonl", rankings)
         write_rankings(self.dir() / "heldout.jsonl", heldout)
         if self.config.labeler not in ("team", "page"):  # a team's and the Rank page's are in the store already
-            have = {(r["prompt"], tuple(r["responses"])) for r in self.store.list_rankings()}
-            new = [r for r in rankings if (r.prompt, tuple(r.responses)) not in have]  # a resumed step: none twice
+            have = {(prompt_key(as_prompt(r["turns"])), tuple(r["responses"])) for r in self.store.list_rankings()}
+            # A resumed step: none twice.
+            new = [r for r in rankings if (prompt_key(r.prompt), tuple(r.responses)) not in have]
             if new:
                 self.store.add_rankings([{"prompt": r.prompt, "responses": r.responses, "labeler": self.config.labeler}
                                          for r in new], source=ROUNDS_SOURCE)
@@ -344,7 +456,7 @@ class Rounds:
     def collected(self) -> tuple[list[Ranking], bool]:
         """(rankings in so far for this round, whether no more can come: its batch was closed)."""
         batch = self.state["batch"]
-        tasks = {t.prompt for t in round_tasks(self.config, self.overrides, self.r)}
+        keys = {prompt_key(p) for p in self.prompts()[0]}
         if self.config.labeler == "team":
             from core.labeling.store import LabelingStore
 
@@ -352,9 +464,9 @@ class Rounds:
             rankings = [Ranking(row["prompt"], row["responses"]) for row in labeling.ranked_items(batch["id"])]
             status = next((b["status"] for b in labeling.list_batches() if b["id"] == batch["id"]), "closed")
             return rankings, status != "open"
-        rows = [r for r in self.store.list_rankings() if r["prompt"] in tasks and r["created_at"] >= batch["since"]
-                and r["labeler"] != "simulated"]
-        return [Ranking(r["prompt"], r["responses"]) for r in rows], False
+        rows = [r for r in self.store.list_rankings() if prompt_key(as_prompt(r["turns"])) in keys
+                and r["created_at"] >= batch["since"] and r["labeler"] != "simulated"]
+        return [Ranking(as_prompt(r["turns"]), r["responses"]) for r in rows], False
 
     def waiting(self) -> bool:
         needed = self.config.labels_needed or self.state["batch"]["items"]
@@ -428,6 +540,8 @@ class Rounds:
             values.update(sft_model=start, data=str(self.dir() / "rankings.jsonl"))
         else:
             values.update(reward_model=entry["rm"], total_episodes=episodes_per_round(self.config, self.overrides))
+            if self.config.prompts != "demo" and "prompts" not in self.overrides.get(method, {}):
+                values["prompts"] = self.config.prompts  # stage 3 trains on the prompts the rounds rank
             if method == "ppo":
                 values.update(sft_model=reference, policy_init=start if start != reference else "")
             else:
@@ -457,9 +571,13 @@ def run_rounds(config: RoundsConfig, output_dir: str | Path, store: Store, event
     `continue_now`: a round waiting for labels goes on with the rankings in (at least 2). Running it
     again with the same directory resumes where it stood; another config there is refused."""
     overrides = {k: v for k, v in (overrides or {}).items() if v}
-    check_rounds(config, store, overrides)
+    config.validate()
     output_dir = Path(output_dir)
+    pool = load_pool(config, store, output_dir)
+    check_rounds(config, store, overrides, pool)
     state = load_state(output_dir)
+    if state is not None:  # a field added since the state was written holds its default
+        state["config"] = {**RoundsConfig().to_dict(), **state["config"]}
     if state is not None and (state["config"] != config.to_dict() or state["overrides"] != overrides):
         changed = sorted(k for k in {**state["config"], **config.to_dict()}
                          if state["config"].get(k) != config.to_dict().get(k)) or ["--set"]
@@ -470,12 +588,14 @@ def run_rounds(config: RoundsConfig, output_dir: str | Path, store: Store, event
         state = {"name": name, "config": config.to_dict(), "overrides": overrides, "state": "sft", "round": 0,
                  "sft": None, "rounds": []}
         output_dir.mkdir(parents=True, exist_ok=True)
+        if pool is not None:
+            write_pool(output_dir, pool)
     own_run = events.run_id is None  # the CLI: the rounds become a run of their own, as in the app
     if own_run:
         store.start_run(state["name"], "rounds", {"rounds": config.to_dict(), "overrides": overrides},
                         str(output_dir))
         events = Events(store, state["name"], events.stop_flag, events.on_progress, events.console)
-    rounds = Rounds(config, output_dir, store, events, overrides, state, continue_now)
+    rounds = Rounds(config, output_dir, store, events, overrides, state, continue_now, pool)
     rounds.save()
     try:
         rounds.advance()
