@@ -519,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                    help="check against this device (default: the config's device)")
     p.add_argument("--prompt-length", type=int, default=None,
-                   help="ppo: prompt tokens (default: the longest of the config's prompts, at most 96)")
+                   help="ppo: prompt tokens (default: the longest of the config's prompts, at most "
+                        "max_prompt_length)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
 

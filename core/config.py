@@ -448,8 +448,11 @@ class ScoredConfig(NetworkConfig):
                                            "or 'mean_minus_std' (mean - uncertainty_coef x std: conservative "
                                            "where the members disagree); one RM scores as itself")
     uncertainty_coef: float = option(1.0, "lambda of reward_aggregate 'mean_minus_std' (>= 0)")
+    max_prompt_length: int = option(96, "prompt tokens a rollout keeps, in the chat format: a longer conversation "
+                                        "keeps its most recent whole turns (the run log counts them); one whose "
+                                        "last user turn alone is longer is refused")
 
-    _bounds = {**NetworkConfig._bounds, "uncertainty_coef": _NONNEG}
+    _bounds = {**NetworkConfig._bounds, "uncertainty_coef": _NONNEG, "max_prompt_length": (8, None, True)}
     _choices = {**NetworkConfig._choices, "reward_aggregate": REWARD_AGGREGATES}
 
     def optional_models(self) -> tuple[str, ...]:

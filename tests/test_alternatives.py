@@ -233,7 +233,7 @@ def test_grpo_group_normalised_advantages_on_a_hand_example(inputs, tok, tmp_pat
         return rewards
 
     trainer.reward_funcs = [by_hand]
-    batch = [row for row in trl_bridge.prompt_rows(prompts, tok, [{}] * 2) for _ in range(config.num_generations)]
+    batch = [row for row in trl_bridge.prompt_rows(prompts, tok, [{}] * 2, 96) for _ in range(config.num_generations)]
     advantages = trainer._generate_and_score_completions(batch)["advantages"]
     expected = torch.tensor([1.5, -0.5, -0.5, -0.5, 0.0, 0.0, 0.0, 0.0]) * (0.5 / (0.5 + 1e-4))  # TRL's eps
     assert torch.allclose(advantages.flatten(), expected, atol=1e-6), advantages

@@ -115,7 +115,7 @@ def test_ppo_samples_after_the_rendered_earlier_turns(rms, tok, monkeypatch):
                           "again.\nAssistant:", add_special_tokens=False)["input_ids"]) for c in conversations}
     assert seen and {tuple(ids) for ids in seen[0]} <= rendered and len(seen[0]) == 8
     # GRPO/RLOO's rows (TRL samples from the rendered text) and DPO's pairs carry the same conversation.
-    rows = trl_bridge.prompt_rows(conversations[:1], tok, [{}])
+    rows = trl_bridge.prompt_rows(conversations[:1], tok, [{}], 96)
     assert tuple(tok(rows[0]["prompt"], add_special_tokens=False)["input_ids"]) in rendered
     pairs = trl_bridge.preference_pairs(load_rankings(str(write_jsonl(tmp / "r.jsonl", remembered_word_rows(2, 3))),
                                                       None), tok)
@@ -154,3 +154,47 @@ def test_the_run_log_says_when_turns_are_left_out(tmp_path, tok):
                             max_length=48, device="cpu"), None, events, tmp_path / "rm")
     assert any(line.startswith("24 of 24 rankings have conversations longer than max_length (48") and
                "oldest 2-2 turns are left out" in line for line in logged), logged
+
+
+def test_the_prompt_budget_is_a_config_field_of_ppo_grpo_rloo_and_the_planner(tmp_path, tok, monkeypatch):
+    """max_prompt_length (default 96): a 2-turn conversation longer than 96 tokens is cut to its most recent
+    whole turns by default and kept whole with a larger budget: in PPO's rollouts, GRPO/RLOO's rows and the
+    memory planner's known prompt length; a budget too small is refused."""
+    from core.config import GRPOConfig, RLOOConfig
+    from core.models.memory import known_prompt_length
+
+    conversation = [U("Remember these words: " + " ".join((demo.WORDS * 3)[:80])), A("Noted, " + " ".join(demo.WORDS[:8])),
+                    U("Say it again.")]
+    whole = tok(f"User: {conversation[0]['content']}\nAssistant: {conversation[1]['content']}{tok.eos_token}\n"
+                "User: Say it again.\nAssistant:", add_special_tokens=False)["input_ids"]
+    last = tok("User: Say it again.\nAssistant:", add_special_tokens=False)["input_ids"]
+    assert 96 < len(whole) <= 160
+    prompts = write_jsonl(tmp_path / "long.jsonl", [{"prompt": conversation}] * 8)
+    seen = []
+    real_step = ppo.ppo_step
+
+    def recording_step(models, prompt_ids, prompt_mask, *args, **kwargs):
+        seen.append({tuple(row[mask.bool()].tolist()) for row, mask in zip(prompt_ids, prompt_mask)})
+        return real_step(models, prompt_ids, prompt_mask, *args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_step", recording_step)
+    for budget, expected, note in ((None, last, True), (160, whole, False)):
+        values = {} if budget is None else {"max_prompt_length": budget}
+        config = PPOConfig(sft_model=str(BUNDLED_MODEL_DIR), reward="eos", prompts=str(prompts), total_episodes=8,
+                           batch_size=8, ppo_epochs=1, response_length=4, ptx_coef=0.0, eval_prompts=0, device="cpu",
+                           **values)
+        events, logged = Events(), []
+        events.log = logged.append
+        seen.clear()
+        ppo.run(config, None, events, tmp_path / f"ppo-{budget}")
+        assert seen == [{tuple(expected)}]
+        assert any(line.startswith("8 of 8 prompts are longer than 96 tokens: their oldest 2-2 turns are left out")
+                   for line in logged) == note
+        assert known_prompt_length(config) == (96 if budget is None else len(whole))  # a bound: at most the budget
+        for group_config in (GRPOConfig, RLOOConfig):
+            budget_of = group_config(**values).max_prompt_length
+            rows = trl_bridge.prompt_rows([conversation], tok, [{}], budget_of)
+            assert tok(rows[0]["prompt"], add_special_tokens=False)["input_ids"] == expected
+    for config_class in (PPOConfig, GRPOConfig, RLOOConfig):
+        with pytest.raises(ValueError, match="max_prompt_length must be >= 8"):
+            config_class(max_prompt_length=4).validate()

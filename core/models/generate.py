@@ -35,7 +35,9 @@ class Samples:
                 torch.cat([self.prompt_mask, self.response_mask], 1))
 
 
-MAX_PROMPT_TOKENS = 96  # a rollout's prompt budget (core/models/memory.py plans with the same number)
+# The prompt budget of sampling outside a stage (the Chat page); PPO, GRPO and RLOO take theirs from their
+# config's `max_prompt_length`, whose default is this number.
+MAX_PROMPT_TOKENS = 96
 
 
 def encode_prompts(tokenizer, prompts: list, max_prompt_tokens: int = MAX_PROMPT_TOKENS, device=None):

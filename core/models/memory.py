@@ -59,7 +59,6 @@ GIB = 2**30
 PLANNED_STAGES = ("sft", "rm", "ppo")
 # Mirrors of constants in the stages (not imported: that would import the whole stage).
 PTX_BLOCK_SIZE = 128  # core/stages/ppo.PTX_BLOCK_SIZE: tokens per pretraining block
-MAX_PROMPT_TOKENS = 96  # core/models/generate.encode_prompts: prompts keep at most this many tokens
 MAX_CHUNK_LOGITS = 2**26  # core/models/lm_head.MAX_CHUNK_LOGITS: the most logits a chunk of the LM head holds
 # core/stages/ppo.load_models: without LoRA, the frozen reference and reward model load in bf16 on CUDA
 # under bf16 precision (`Device.frozen_dtype`; on CPU in fp32). `plan(..., frozen_bf16=...)` overrides it
@@ -488,7 +487,7 @@ def chunk_tokens(tokens: int, vocab: int) -> int:
 
 def known_prompt_length(config, store=None) -> int:
     """The longest prompt PPO's rollouts will hold, in tokens as they encode it (chat format, at most
-    `MAX_PROMPT_TOKENS`), read from `config.prompts` (the demo's, the store's or a file's): a rollout batch
+    `config.max_prompt_length`), read from `config.prompts` (the demo's, the store's or a file's): a rollout batch
     pads to its longest prompt, so this bounds it without assuming the most a prompt may keep."""
     from core.data.sources import load_prompts
     from core.models.chat import encode_prompt
@@ -498,20 +497,22 @@ def known_prompt_length(config, store=None) -> int:
     if not prompts:
         raise ValueError(f"no prompts in {config.prompts}")
     tokenizer = load_tokenizer(config.sft_model)
-    return min(MAX_PROMPT_TOKENS, max(len(encode_prompt(tokenizer, prompt)) for prompt in prompts))
+    return min(config.max_prompt_length, max(len(encode_prompt(tokenizer, prompt)) for prompt in prompts))
 
 
-def plan(stage: str, config, device: str | DeviceBudget | None = None, prompt_length: int = MAX_PROMPT_TOKENS,
+def plan(stage: str, config, device: str | DeviceBudget | None = None, prompt_length: int | None = None,
          frozen_bf16: bool | None = None, suggest: bool = True) -> Plan:
     """Estimated peak memory of `stage` ('sft', 'rm', 'ppo') with `config`, by part, checked against
     `device` ('auto', 'cpu', 'cuda', or a DeviceBudget; default: the config's device). PPO's prompts
-    are taken at `prompt_length` tokens (default: the most a prompt keeps, an upper bound). Never
+    are taken at `prompt_length` tokens (default: the most a prompt keeps, `max_prompt_length`, an upper bound). Never
     raises for a plan that does not fit: `Plan.fits` is False and `warnings`/`suggestions` say what to change."""
     if stage not in PLANNED_STAGES:
         raise ValueError(f"memory planning covers the stages {', '.join(PLANNED_STAGES)}; not {stage!r}")
     expected = {"sft": "SFTConfig", "rm": "RewardConfig", "ppo": "PPOConfig"}[stage]
     if type(config).__name__ != expected:
         raise ValueError(f"stage {stage!r} takes a {expected}, got {type(config).__name__}")
+    if prompt_length is None:
+        prompt_length = getattr(config, "max_prompt_length", 1)  # only PPO's plan reads it
     if prompt_length < 1:
         raise ValueError(f"prompt_length must be >= 1, got {prompt_length}")
     budget = _budget(device, config)

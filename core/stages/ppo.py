@@ -47,7 +47,7 @@ from core.stages.evaluate import gold_eval
 from core.stages.reward_terms import Answers, Reward, RewardModelTerm, resolve_reward, reward_metrics
 from core.stages.events import Events
 from core.models.chat import fit_report
-from core.models.generate import MAX_PROMPT_TOKENS, Samples, encode_prompts, sample
+from core.models.generate import Samples, encode_prompts, sample
 from core.models.loading import (
     Device,
     check_same_tokenizer,
@@ -653,7 +653,8 @@ def heldout_reward(models: PPOModels, tokenizer, prompts: list[str], columns: li
     terms: dict[str, list[float]] = {}
     for i in range(0, len(prompts), config.batch_size):
         batch = slice(i, i + config.batch_size)
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts[batch], device=models.device.torch)
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts[batch], config.max_prompt_length,
+                                                 device=models.device.torch)
         rollout = score_responses(models, generate_responses(models, prompt_ids, prompt_mask, config), config,
                                   old_policy=False, prompts=prompts[batch], columns=columns[batch])
         totals += rollout.reward_scores.tolist()
@@ -699,7 +700,7 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     the last step checkpoint when stopped early. Re-running with the same `output_dir` resumes."""
     output_dir = Path(output_dir)
     tokenizer, prompts, columns, ptx_texts = check_inputs(config, store)
-    note = fit_report(tokenizer, prompts, MAX_PROMPT_TOKENS)  # a prompt that cannot fit is refused here
+    note = fit_report(tokenizer, prompts, config.max_prompt_length)  # a prompt that cannot fit is refused here
     if note:
         events.log(note)
     dist = events.dist  # one process, or this rank of several (core/distributed.py)
@@ -789,7 +790,8 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
             group["lr"] = config.learning_rate * (1.0 - (step - 1) / num_steps)
         idx = sampler.next()  # the global batch, the same on every rank; each samples its share
         batch_prompts = [prompts[i] for i in dist.shard(idx)]
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, batch_prompts, device=device.torch)
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, batch_prompts, config.max_prompt_length,
+                                                 device=device.torch)
         result = ppo_step(models, prompt_ids, prompt_mask, config, kl_ctl.value, ptx_batches, prompts=batch_prompts,
                           columns=[columns[i] for i in dist.shard(idx)])
         rollout_log.record(step, batch_prompts, result.rollout)  # a bounded sample for the rollout browser

@@ -52,7 +52,6 @@ from core.data.store import prompt_display
 from core.stages.evaluate import all_demo
 from core.stages.events import Events
 from core.models.chat import answer_text, encode_answer, fit_prompt, render_prompt
-from core.models.generate import MAX_PROMPT_TOKENS
 from core.models.loading import Device, load_policy, pick_device, save_model
 from core.paths import atomic_write_text, checkpoints_dir
 
@@ -163,14 +162,14 @@ def preference_pairs(rankings: list[Ranking], tokenizer, max_length: int | None 
     return rows
 
 
-def prompt_rows(prompts: list, tokenizer, columns: list[dict]) -> list[dict]:
+def prompt_rows(prompts: list, tokenizer, columns: list[dict], max_prompt_length: int) -> list[dict]:
     """TRL's prompt rows: the prompt rendered by the model's chat template (its most recent whole turns
-    within MAX_PROMPT_TOKENS) that TRL samples from, the raw prompt for the labeler and the reward terms (a
+    within `max_prompt_length` tokens) that TRL samples from, the raw prompt for the labeler and the reward terms (a
     conversation as its JSON text, so the column holds one type), and the row's other columns for the terms
     (as JSON: rows may differ in their columns, a dataset's may not)."""
     rows = []
     for p, c in zip(prompts, columns):
-        fitted = fit_prompt(tokenizer, p, MAX_PROMPT_TOKENS)[0]
+        fitted = fit_prompt(tokenizer, p, max_prompt_length)[0]
         rows.append({"prompt": render_prompt(tokenizer, fitted),
                      "raw_prompt": fitted if isinstance(fitted, str) else json.dumps(fitted),
                      "columns": json.dumps(c)})
@@ -412,7 +411,7 @@ def group_trainer(stage: str, config, tokenizer, prompts: list[str], columns: li
     import trl
 
     trainer_class, args_class = (getattr(trl, name) for name in GROUP_TRAINERS[stage])
-    rows = data_once(output_dir, lambda: prompt_rows(prompts, tokenizer, columns))
+    rows = data_once(output_dir, lambda: prompt_rows(prompts, tokenizer, columns, config.max_prompt_length))
     policy = load_policy(config.sft_model, device, dropout=0.0)
     tokenizer.padding_side = "left"  # generation continues every prompt from its last token
     args = training_args(
