@@ -48,7 +48,8 @@ def main() -> None:
                 cmd = ["rounds", "--demo", "--preset", "quick", "--output", str(run), "--rounds", str(rounds),
                        "--method", method, "--sft", str(sft), "--seed", str(seed),
                        "--prompts-per-round", str(args.prompts_per_round * scale),
-                       "--set", f"rm:sample_temperature={args.temperature}"]
+                       "--set", f"rm:sample_temperature={args.temperature}",  # round 0's
+                       "--set", f"sample_temperature={args.temperature}"]  # later rounds
                 if method != "dpo":
                     cmd += ["--episodes-per-round", str(args.episodes_per_round * scale)]
                 if not (run / "report.json").is_file() or json.loads((run / "report.json").read_text()).get(

@@ -302,3 +302,8 @@ def test_a_prompt_pool_of_the_store_or_a_file_is_checked_before_any_work(store, 
         with pytest.raises(ValueError, match=message):
             run_rounds(tiny(**changes), out, store, Events(), OVERRIDES)
         assert not out.exists() and store.list_runs() == []
+    # The app's rounds job is checked the same way before it is queued.
+    from core.runs.jobs import rounds_job_config
+
+    with pytest.raises(ValueError, match=f"need 16, {path} holds 5"):
+        rounds_job_config(store, tiny(prompts=str(path), labeler="reward:exact").to_dict(), OVERRIDES)

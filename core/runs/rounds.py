@@ -115,10 +115,13 @@ def demo_tasks(prompts: list[Prompt]) -> list[demo.Task]:
 
 
 def check_rounds(config: RoundsConfig, store: Store, overrides: dict, pool: Pool | None = None) -> None:
-    """Every check a user can fail, before any sampling or training. `pool`: `load_pool`'s."""
+    """Every check a user can fail, before any sampling or training. `pool`: `load_pool`'s, read from the
+    config's source when not given (a job checked before it is queued)."""
     from core.models.loading import resolve_model
 
     config.validate()
+    if pool is None and config.prompts != "demo":
+        pool = load_prompt_rows(config.prompts, store)
     unknown = set(overrides) - {"sft", "rm", config.method}
     if unknown:
         raise ValueError(f"--set for stage(s) {', '.join(sorted(unknown))}: a rounds run with method "
