@@ -58,3 +58,16 @@ def test_labeling_batches_take_conversations(store):
     demo_id = labeling.all_bad("ada", item["item_id"], "Your cat is called Tom.")
     demo = next(d for d in store.list_demonstrations() if d["id"] == demo_id)
     assert demo["context"] == TURNS[:2] and demo["prompt"] == "What is my cat called?"
+
+
+def test_a_ranked_batch_hands_its_conversations_on_whole(store):
+    """What a team round trains on (`ranked_items`): each ranked item's whole conversation, not its last turn."""
+    labeling = LabelingStore(store)
+    labeling.add_user("ada", "a long enough password")
+    labeling.create_batch("round-1", [(TURNS, ["Tom.", "I do not know."]), ("Say hi.", ["hi", "hello"])],
+                          ["ada"], overlap=0.0)
+    for _ in range(2):
+        labeling.submit_ranking("ada", labeling.next_item("ada")["item_id"], [2, 1])
+    batch = labeling.list_batches()[0]["id"]
+    assert labeling.ranked_items(batch) == [{"prompt": TURNS, "responses": ["I do not know.", "Tom."]},
+                                            {"prompt": "Say hi.", "responses": ["hello", "hi"]}]

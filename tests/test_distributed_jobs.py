@@ -239,3 +239,19 @@ def test_a_two_process_job_outlives_a_killed_server_and_the_next_one_stops_it(ho
         if restarted is not None and store.get_run(run_id)["status"] in ("running", "stopping"):
             restarted.stop(run_id)  # never leave ranks behind
             restarted.wait(run_id, timeout=300)
+
+
+def test_a_stop_file_reaches_the_stage_a_run_of_runs_is_running(tmp_path):
+    """A pipeline, rounds or study job run as a subprocess is stopped by its stop file: the stage it is running
+    sees the file too (Events.child), so it stops at its next step rather than after training to its end."""
+    from core.runs.pipeline import run_stage
+    from core.stages.events import Events
+
+    store = Store(tmp_path / "workbench.db")
+    stop = tmp_path / "stop"
+    store.start_run("parent", "pipeline", {}, str(tmp_path))
+    parent = Events(store, "parent", stop_file=stop)
+    stop.touch()  # Stop pressed while the run of runs starts its stage
+    ran = run_stage(parent, store, "parent-sft", "sft", make_config("sft", "quick", {}), tmp_path / "sft")
+    assert ran.stopped and ran.events.stopped and store.get_run("parent-sft")["status"] == "stopped"
+    assert steps_of(store, "parent-sft", "sft_loss") == []  # not one training step after the Stop

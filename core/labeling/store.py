@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from core.data.store import (
     MAX_K, MAX_RESPONSE_CHARS, MIN_K, Store, check_conversation, check_ranking, check_ranks,
-    check_text, prompt_turns,
+    as_prompt, check_text, prompt_turns,
 )
 from core.labeling.agreement import agreement_report
 from core.labeling.passwords import check_password, hash_password, verify_password
@@ -381,14 +381,16 @@ class LabelingStore:
         return items
 
     def ranked_items(self, batch_id: int) -> list[dict]:
-        """{prompt, responses} of a batch's ranked items, one ranking per item (its first, when several
+        """{prompt (its earlier turns included), responses} of a batch's ranked items, one ranking per item (its first, when several
         labelers ranked it), in the batch's order: what a round of iterated RLHF trains on."""
         rows = self._rows(
-            """SELECT i.id, p.text AS prompt, r.responses FROM label_items i JOIN prompts p ON p.id = i.prompt_id
+            """SELECT i.id, p.text AS prompt, p.context, r.responses FROM label_items i JOIN prompts p ON p.id = i.prompt_id
                JOIN label_assignments a ON a.item_id = i.id JOIN rankings r ON r.id = a.ranking_id
                WHERE i.batch_id = ? AND a.status = 'ranked' ORDER BY i.position, a.id""", (batch_id,))
         first = {row["id"]: row for row in reversed(rows)}  # the earliest assignment of each item wins
-        return [{"prompt": first[i]["prompt"], "responses": json.loads(first[i]["responses"])}
+        # The whole conversation the answers follow, as a stage takes it (a single turn stays plain text).
+        return [{"prompt": as_prompt(prompt_turns(first[i]["prompt"], json.loads(first[i]["context"] or "null"))),
+                 "responses": json.loads(first[i]["responses"])}
                 for i in dict.fromkeys(row["id"] for row in rows)]
 
     def agreement(self, batch_id: int | None = None) -> dict:

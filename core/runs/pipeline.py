@@ -83,7 +83,7 @@ def run_stage(parent: Events, store: Store, run_id: str, stage: str, config, out
     its stop flag: `before` (given the stage run's events), then the stage. A failure marks the run
     failed and goes on up; otherwise it ends done, or stopped when the run of runs was asked to stop."""
     store.start_run(run_id, stage, config.to_dict(), str(output_dir))
-    events = Events(store, run_id, parent.stop_flag, parent.on_progress, parent.console)
+    events = parent.child(store, run_id)
     try:
         if before is not None:
             before(events)
@@ -135,7 +135,7 @@ def run_pipeline(
     })
     if events.run_id is None:  # the CLI: the pipeline becomes a run of its own, as in the app
         store.start_run(name, "pipeline", {"preset": preset, "stages": list(stages)}, str(output_dir))
-        events = Events(store, name, events.stop_flag, events.on_progress, events.console)
+        events = events.child(store, name)
         try:
             report = _run_stages(preset, output_dir, store, events, stages, configs, no_ptx_baseline, name,
                                  eval_prompts, through_store)

@@ -597,7 +597,7 @@ def run_rounds(config: RoundsConfig, output_dir: str | Path, store: Store, event
     if own_run:
         store.start_run(state["name"], "rounds", {"rounds": config.to_dict(), "overrides": overrides},
                         str(output_dir))
-        events = Events(store, state["name"], events.stop_flag, events.on_progress, events.console)
+        events = events.child(store, state["name"])
     rounds = Rounds(config, output_dir, store, events, overrides, state, continue_now, pool)
     rounds.save()
     try:

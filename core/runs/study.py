@@ -350,7 +350,6 @@ def run_study(config: dict, output_dir: str | Path, store, events, name: str | N
     The study is a run of its own in the store (stage 'study'): the job manager creates it for the app,
     this function creates it for the CLI (as `run_pipeline` does). Its SFT/RM stage runs are
     `<name>-sft`/`<name>-rm` and its sweep runs `<name>-kl<beta>`, each a normal run on the Monitor page."""
-    from core.stages.events import Events
     from core.paths import validate_name
 
     config = study_config_from_dict(config)
@@ -369,7 +368,7 @@ def run_study(config: dict, output_dir: str | Path, store, events, name: str | N
     output_dir.mkdir(parents=True, exist_ok=True)
     if events.run_id is None:  # the CLI: the study becomes a run of its own, as in the app
         store.start_run(name, "study", config, str(output_dir))
-        events = Events(store, name, events.stop_flag, events.on_progress, events.console)
+        events = events.child(store, name)
         try:
             _run(study, config, output_dir, store, events)
         except BaseException as exc:
@@ -534,7 +533,7 @@ def _sweep_run(study, arm, config, output_dir, store, events, kl_coef, index, me
             events.on_progress(done, total, f"{label}beta={kl_coef:g} ({index + 1}/{n_runs}): {message}")
 
     store.start_run(run_id, "ppo", ppo_config.to_dict(), str(out))
-    run_events = SweepEvents(store, run_id, events.stop_flag, on_progress, events.console)
+    run_events = events.child(store, run_id, on_progress, SweepEvents)
     try:
         get_stage("ppo").runner(ppo_config, store, run_events, out)
         # Checkpoints written before a crash or a stop but never evaluated (the run resumed after them).

@@ -50,6 +50,15 @@ class Events:
         self._sink: sinks.Sink | None = None
         self._sink_opened = False  # opened at the first metrics, from the run's `report_to` (core/stages/sinks.py)
 
+    def child(self, store: Store | None, run_id: str, on_progress: Callable[[int, int, str], None] | None = None,
+              cls: type[Events] | None = None) -> Events:
+        """Events of a run started under this one (a stage of the pipeline, the rounds or the study, or the
+        run of runs the CLI makes): the same stop flag *and* stop file, so a Stop reaches the stage that is
+        running, not only the run of runs after that stage ends; the same console, and this run's progress
+        callback unless another is given."""
+        return (cls or Events)(store, run_id, self.stop_flag, on_progress or self.on_progress, self.console,
+                               stop_file=self.stop_file)
+
     def progress(self, done: int, total: int, message: str = "") -> None:
         if self.on_progress:
             self.on_progress(done, total, message)
