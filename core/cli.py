@@ -279,12 +279,12 @@ def cmd_eval(args) -> int:
     from core.paths import validate_name
 
     store = Store()
-    check_inputs(config, store)  # before the run is recorded: a refused evaluation leaves nothing behind
+    plan = check_inputs(config, store)  # before the run is recorded: a refused evaluation leaves nothing behind
     run_id = validate_name(args.name or f"eval-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
     output = Path(args.output).resolve()
     store.start_run(run_id, "eval", config.to_dict(), str(output))
     try:
-        run(config, store, _events(store, run_id), output)
+        run(config, store, _events(store, run_id), output, plan)
     except BaseException as exc:
         store.set_run_status(run_id, "failed", str(exc))
         raise

@@ -299,6 +299,12 @@ class Reward:
     def names(self) -> list[str]:
         return [t.name for t in self.terms]
 
+    def term_scored_by(self, reward_model) -> str | None:
+        """The name of the `rm` term that `reward_model` scores (a `RewardModelTerm` over that very model), if
+        any: a caller that also wants the RM's score reads it from that term instead of a second forward."""
+        return next((t.name for t in self.terms if t.kind == "rm"
+                     and getattr(self.scorers.get(t.name), "reward_model", None) is reward_model), None)
+
     def with_reward_model(self, scorer: Callable[[RewardTerm, Answers], list[float]]) -> Reward:
         """The same reward with the `rm` term scored by `scorer` (a `RewardModelTerm`)."""
         return Reward(self.terms, {**self.scorers, **{t.name: scorer for t in self.terms if t.kind == "rm"}})
