@@ -255,7 +255,8 @@ def cmd_study(args) -> int:
         episodes=args.episodes, eval_every=args.eval_every, eval_prompts=args.eval_prompts,
         bon_prompts=args.bon_prompts, sft_model=args.sft, reward_model=args.rm, ptx_coef=args.ptx_coef,
         ppo=parse_sets(args.set), ensemble=args.ensemble, reward_aggregate=args.reward_aggregate,
-        uncertainty_coef=args.uncertainty_coef, ensemble_model=args.ensemble_rm)  # validated before any work
+        uncertainty_coef=args.uncertainty_coef, ensemble_model=args.ensemble_rm,
+        reward=args.reward)  # validated before any work
     from core.data.store import Store
     from core.runs.study import check_models, run_study
 
@@ -464,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the ensemble arm's reward (default mean_minus_std: mean - uncertainty_coef x std)")
     p.add_argument("--uncertainty-coef", type=float, default=1.0, help="lambda of mean_minus_std (default 1)")
     p.add_argument("--ensemble-rm", help="reuse this ensemble RM directory (with --sft, --rm and --ensemble)")
+    p.add_argument("--reward", default="rm", metavar="SPEC",
+                   help="the proxy the sweep optimises and best-of-n picks by: reward terms as PPO's reward field "
+                        "(default rm; e.g. rm,length:target=12:weight=-0.05); gold stays the demo's labeler")
     p.add_argument("--name", help="run name in the store (default: the study's earlier name in OUTPUT, else "
                                   "study + timestamp)")
     p.set_defaults(func=cmd_study)

@@ -141,13 +141,15 @@ def score_answers(
 
 
 def policy_eval(
-    model, reference, reward_model, tokenizer, tasks: list[demo.Task], temperature: float = 1.0,
-    max_new_tokens: int = 24, seed: int = 1234, batch_size: int = 64,
-) -> dict[str, float]:
-    """Held-out gold, RM score and KL to `reference` of answers sampled from `model` at `temperature`,
+    model, reference, reward, tokenizer, tasks: list[demo.Task], temperature: float = 1.0,
+    max_new_tokens: int = 24, seed: int = 1234, batch_size: int = 64, columns: list[dict] | None = None,
+) -> dict:
+    """Held-out gold, proxy reward and KL to `reference` of answers sampled from `model` at `temperature`,
     one per task (the over-optimisation study's measurement, core/runs/study.py): mean `gold`
-    (demo.gold_score), mean raw `rm` score, and mean `kl` (the per-answer sum of log pi - log pi_ref),
-    all three on the same answers (`measure_answers`)."""
-    answers = score_answers(model, tokenizer, [t.prompt for t in tasks], reward_model, temperature, max_new_tokens,
-                            seed, batch_size, reference=reference)
-    return {"gold": _mean(answers["gold"] or []), "rm": _mean(answers["rm"]), "kl": _mean(answers["kl"])}
+    (demo.gold_score), mean `rm`, the proxy: `reward`'s total (a `core.stages.reward_terms.Reward`, the RM
+    score when the reward is the RM alone; `columns`: the tasks' rows), each term's mean (`terms`), and mean
+    `kl` (the per-answer sum of log pi - log pi_ref), all on the same answers (`measure_answers`)."""
+    answers = measure_answers(model, tokenizer, [t.prompt for t in tasks], temperature, max_new_tokens, seed,
+                              batch_size, reference=reference, reward=reward, columns=columns)
+    return {"gold": _mean(p.score for p in answers["parts"] or []), "rm": _mean(answers["reward"]),
+            "kl": _mean(answers["kl"]), "terms": {name: _mean(v) for name, v in answers["terms"].items()}}
