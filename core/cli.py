@@ -328,7 +328,8 @@ def cmd_import(args) -> int:
           + (f", columns {', '.join(f'{k}={v}' for k, v in columns.items())}" if columns else ""))
     for row in rows[: args.show]:
         prompt = row.get("prompt") or [*(row.get("context") or []), {"role": "user", "content": row["instruction"]}]
-        print(f"  {prompt_display(prompt)!r} -> {row.get('responses') or [row.get('output')]!r}")
+        shown = (row.get("extra") or {}) if kind == "prompts" else row.get("responses") or [row.get("output")]
+        print(f"  {prompt_display(prompt)!r} -> {shown!r}"[:300])
     if args.dry_run:
         return 0
     store = Store(args.db) if args.db else Store()
@@ -526,8 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import", help="import demonstrations, rankings/pairs or prompts into the store, in any "
                                       "public dataset shape (README: Data formats)")
-    p.add_argument("source", help="a JSONL/CSV/Parquet file, a save_to_disk directory, or a hub dataset id "
-                                  "owner/name[:config][@split]")
+    p.add_argument("source", help="a JSONL/CSV/Parquet file, a save_to_disk directory, a hub dataset id "
+                                  "owner/name[:config][@split], or a reasoning-gym set generated offline, "
+                                  "reasoning-gym:NAME[:size=N][:seed=S][:OPTION=VALUE] (prompts with answers)")
     p.add_argument("--columns", default="", help="rename the file's columns first: prompt=question,chosen=good")
     p.add_argument("--dry-run", action="store_true", help="show the shape, mapping and first rows; write nothing")
     p.add_argument("--show", type=int, default=3, help="rows to show")
