@@ -255,7 +255,8 @@ def cmd_study(args) -> int:
         episodes=args.episodes, eval_every=args.eval_every, eval_prompts=args.eval_prompts,
         bon_prompts=args.bon_prompts, sft_model=args.sft, reward_model=args.rm, ptx_coef=args.ptx_coef,
         ppo=parse_sets(args.set), ensemble=args.ensemble, reward_aggregate=args.reward_aggregate,
-        uncertainty_coef=args.uncertainty_coef, ensemble_model=args.ensemble_rm)  # validated before any work
+        uncertainty_coef=args.uncertainty_coef, ensemble_model=args.ensemble_rm,
+        reward=args.reward)  # validated before any work
     from core.data.store import Store
     from core.runs.study import check_models, run_study
 
@@ -279,12 +280,12 @@ def cmd_eval(args) -> int:
     from core.paths import validate_name
 
     store = Store()
-    check_inputs(config, store)  # before the run is recorded: a refused evaluation leaves nothing behind
+    plan = check_inputs(config, store)  # before the run is recorded: a refused evaluation leaves nothing behind
     run_id = validate_name(args.name or f"eval-{time.strftime('%Y%m%d-%H%M%S')}", "run name")
     output = Path(args.output).resolve()
     store.start_run(run_id, "eval", config.to_dict(), str(output))
     try:
-        run(config, store, _events(store, run_id), output)
+        run(config, store, _events(store, run_id), output, plan)
     except BaseException as exc:
         store.set_run_status(run_id, "failed", str(exc))
         raise
@@ -327,7 +328,8 @@ def cmd_import(args) -> int:
           + (f", columns {', '.join(f'{k}={v}' for k, v in columns.items())}" if columns else ""))
     for row in rows[: args.show]:
         prompt = row.get("prompt") or [*(row.get("context") or []), {"role": "user", "content": row["instruction"]}]
-        print(f"  {prompt_display(prompt)!r} -> {row.get('responses') or [row.get('output')]!r}")
+        shown = (row.get("extra") or {}) if kind == "prompts" else row.get("responses") or [row.get("output")]
+        print(f"  {prompt_display(prompt)!r} -> {shown!r}"[:300])
     if args.dry_run:
         return 0
     store = Store(args.db) if args.db else Store()
@@ -467,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the ensemble arm's reward (default mean_minus_std: mean - uncertainty_coef x std)")
     p.add_argument("--uncertainty-coef", type=float, default=1.0, help="lambda of mean_minus_std (default 1)")
     p.add_argument("--ensemble-rm", help="reuse this ensemble RM directory (with --sft, --rm and --ensemble)")
+    p.add_argument("--reward", default="rm", metavar="SPEC",
+                   help="the proxy the sweep optimises and best-of-n picks by: reward terms as PPO's reward field "
+                        "(default rm; e.g. rm,length:target=12:weight=-0.05); gold stays the demo's labeler")
     p.add_argument("--name", help="run name in the store (default: the study's earlier name in OUTPUT, else "
                                   "study + timestamp)")
     p.set_defaults(func=cmd_study)
@@ -526,8 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("import", help="import demonstrations, rankings/pairs or prompts into the store, in any "
                                       "public dataset shape (README: Data formats)")
-    p.add_argument("source", help="a JSONL/CSV/Parquet file, a save_to_disk directory, or a hub dataset id "
-                                  "owner/name[:config][@split]")
+    p.add_argument("source", help="a JSONL/CSV/Parquet file, a save_to_disk directory, a hub dataset id "
+                                  "owner/name[:config][@split], or a reasoning-gym set generated offline, "
+                                  "reasoning-gym:NAME[:size=N][:seed=S][:OPTION=VALUE] (prompts with answers)")
     p.add_argument("--columns", default="", help="rename the file's columns first: prompt=question,chosen=good")
     p.add_argument("--dry-run", action="store_true", help="show the shape, mapping and first rows; write nothing")
     p.add_argument("--show", type=int, default=3, help="rows to show")

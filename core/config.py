@@ -178,14 +178,16 @@ REWARD_TERMS: dict[str, dict[str, object]] = {
     "contains": {"column": "", "text": ""},
     "length": {"target": None},
     "eos": {},
+    "reasoning_gym": {"dataset": ""},  # a reasoning-gym set's own scorer ("": each row's metadata names its set)
     "python": {"path": None, "function": None, "timeout": 60.0},
 }
 DEFAULT_WEIGHTS = {"length": -0.05}  # a length term counts tokens beyond its target: a penalty by default
-EXTRAS = {"math": "math_verify"}  # term -> the module it needs (the `verifiers` extra)
+EXTRAS = {"math": "math_verify", "reasoning_gym": "reasoning_gym"}  # term -> the module it needs (`verifiers`)
 VERIFIERS_INSTALL = "pip install 'rlhf-workbench[verifiers]'"
 REWARD_HELP = ("a comma-separated list of terms, each with optional :key=value options and :weight=W: 'rm' (the "
                "reward model), exact, numeric (tolerance=), math, regex:pattern=, choice (options=A|B|C), contains "
-               "(text= or column=), length:target=N (tokens beyond N, weight -0.05), eos, python:PATH:FUNCTION; "
+               "(text= or column=), length:target=N (tokens beyond N, weight -0.05), eos, reasoning_gym (a "
+               "reasoning-gym set's own scorer; dataset=NAME), python:PATH:FUNCTION; "
                "e.g. rm,length:target=24:weight=-0.05. 'gold': the demo's simulated labeler itself - CHEATING "
                "on the proxy, demo prompts only")
 
@@ -470,7 +472,8 @@ class PPOConfig(ScoredConfig):
     reward_model: str = option("", "reward model (reward: rm); the value model starts here too, or at sft_model "
                                    "when no term is the reward model")
     reward: str | list = option("rm", REWARD_HELP)
-    prompts: str = option("demo", "'demo', 'store' or a JSONL/CSV path with a \"prompt\" column")
+    prompts: str = option("demo", "'demo', 'store', a JSONL/CSV path with a \"prompt\" column, or a reasoning-gym set "
+                                  "reasoning-gym:NAME[:size=N][:seed=S] (prompts with answers)")
     total_episodes: int = option(256_000, "InstructGPT: 256k episodes")
     batch_size: int = option(64, "episodes per PPO step (rollout batch)")
     num_minibatches: int = option(1, "minibatches per PPO epoch over the rollout batch")
@@ -587,7 +590,8 @@ class GroupRLConfig(ScoredConfig):
     sft_model: str = option("", "the policy and the frozen reference start here")
     reward_model: str = option("", "the trained reward model that scores answers (reward: rm)")
     reward: str | list = option("rm", REWARD_HELP)
-    prompts: str = option("demo", "'demo', 'store' or a JSONL/CSV path with a \"prompt\" column")
+    prompts: str = option("demo", "'demo', 'store', a JSONL/CSV path with a \"prompt\" column, or a reasoning-gym set "
+                                  "reasoning-gym:NAME[:size=N][:seed=S] (prompts with answers)")
     total_episodes: int = option(256_000, "sampled answers in all (as PPO's episodes)")
     batch_size: int = option(64, "answers per optimisation step: batch_size / num_generations prompts")
     num_generations: int = option(4, "answers sampled per prompt, the group whose mean is the baseline (>= 2)")

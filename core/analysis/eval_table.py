@@ -33,6 +33,7 @@ from core.paths import atomic_write_text
 
 if TYPE_CHECKING:  # the CLI reads EvalConfig's fields for --help without importing torch
     from core.stages.events import Events
+    from core.stages.reward_terms import Reward
 
 RESULTS_JSON, RESULTS_CSV = "eval.json", "eval.csv"
 COLUMNS = ("checkpoint", "path", "prompts", "rm_score", "gold", "kl", "length", "win_rate")
@@ -93,6 +94,7 @@ class Plan:
     prompts: list[str]
     gold: bool  # every prompt is one of the demo's, so its labeler can score the answers
     columns: list[dict]  # each prompt's row's other columns (`answer`, ...), for the reward terms
+    reward: Reward | None = None  # the `reward` terms, resolved once (a user's file runs once per evaluation)
 
 
 def locate(name: str, store: Store | None, what: str) -> str:
@@ -152,11 +154,13 @@ def check_inputs(config: EvalConfig, store: Store | None) -> Plan:
         check_same_tokenizer(load_tokenizer(path), rm_tokenizer,
                              f"reward model {config.reward_model} does not match checkpoint {name}")
     prompts, columns = load_eval_prompts(config, store)
+    reward = None
     if config.reward:
         from core.stages.reward_terms import resolve_reward
 
-        resolve_reward(config.reward).check_rows(prompts, columns)
-    return Plan(paths, reward_model, reference, prompts, all_demo(prompts), columns)
+        reward = resolve_reward(config.reward)
+        reward.check_rows(prompts, columns)
+    return Plan(paths, reward_model, reference, prompts, all_demo(prompts), columns, reward)
 
 
 def win_rate(scores, baseline_scores) -> float:
@@ -178,9 +182,11 @@ def table_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def run(config: EvalConfig | dict, store: Store | None, events: Events, output_dir: str | Path) -> Path:
+def run(config: EvalConfig | dict, store: Store | None, events: Events, output_dir: str | Path,
+        plan: Plan | None = None) -> Path:
     """Evaluate every checkpoint; writes OUTPUT/eval.json (the rows and the inputs) and OUTPUT/eval.csv.
-    Stopped between checkpoints, the rows done so far are kept (win rates once the baseline is done)."""
+    Stopped between checkpoints, the rows done so far are kept (win rates once the baseline is done).
+    `plan`: `check_inputs`'s, when the caller checked already (the CLI, before recording the run)."""
     import torch
 
     from core.stages.evaluate import score_answers
@@ -189,7 +195,7 @@ def run(config: EvalConfig | dict, store: Store | None, events: Events, output_d
 
     if not isinstance(config, EvalConfig):  # the job manager hands over the stored dict
         config = EvalConfig.from_dict(config)
-    plan = check_inputs(config, store)
+    plan = plan or check_inputs(config, store)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
@@ -197,11 +203,10 @@ def run(config: EvalConfig | dict, store: Store | None, events: Events, output_d
     reward_model = load_reward_model(plan.reward_model, tokenizer.pad_token_id, device)  # an ensemble: its mean
     reference = load_policy(plan.reference, device, dropout=0.0)
     reward = None
-    if config.reward:
-        from core.stages.reward_terms import RewardModelTerm, resolve_reward
+    if plan.reward is not None:
+        from core.stages.reward_terms import RewardModelTerm
 
-        reward = resolve_reward(config.reward).with_reward_model(
-            RewardModelTerm(reward_model, tokenizer.pad_token_id, device))
+        reward = plan.reward.with_reward_model(RewardModelTerm(reward_model, tokenizer.pad_token_id, device))
     rows, scores = [], {}
     for i, (name, path) in enumerate(plan.paths.items()):
         if events.should_stop():

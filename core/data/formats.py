@@ -388,7 +388,12 @@ def hub_offline() -> bool:
 
 def read_source(source: str) -> list[tuple[int, dict]]:
     """(row number, row) pairs of a file, a saved dataset directory, or a hub dataset given as
-    `owner/name`, `owner/name:config` or `owner/name:config@split` (split `train` by default)."""
+    `owner/name`, `owner/name:config` or `owner/name:config@split` (split `train` by default), or a
+    reasoning-gym set generated here, `reasoning-gym:NAME[:size=N][:seed=S]` (core/data/task_sets.py)."""
+    from core.data.task_sets import is_task_set, task_rows
+
+    if is_task_set(source):
+        return task_rows(source)
     path = Path(source).expanduser()
     if path.exists() or path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet", ".txt"):
         return read_table(path)

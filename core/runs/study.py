@@ -11,6 +11,11 @@ Two ways of pushing a policy away from the SFT model, both measured against d = 
 - **Best-of-n** from the SFT model: n answers per prompt, keep the RM's favourite, score its gold;
   KL_bon = log n - (n - 1) / n (the paper's analytic value).
 
+The proxy is the study's `reward` (core/stages/reward_terms.py): the RM by default, or a list of terms beside
+it (`rm,length:target=12:weight=-0.05`), which the sweep's PPO runs optimise, best-of-n picks by and the
+evaluations report as `rm` (the reward's weighted total; each term's mean under `terms`). Gold stays the
+demo's labeler.
+
 The paper's functional forms, with R the gain over the SFT model (gold or RM score minus the SFT
 model's), fitted by least squares (both are linear in alpha, beta):
 
@@ -22,10 +27,11 @@ on the Train page) skips what is done: the SFT/RM models once trained, best-of-n
 every finished sweep run, every evaluated checkpoint; an unfinished sweep run resumes in place
 from its last step checkpoint under the same run name. Its keys:
 
-    config, name, models {sft, rm},
-    sft  {gold, rm, kl}                       the RL baseline (the SFT model on the eval prompts)
-    rl   [{kl_coef, step, episodes, kl, sqrt_kl, rm, gold}, ...]
-    bon  [{n, kl, sqrt_kl, rm, gold}, ...]    n = 1 is the best-of-n baseline
+    config, name, models {sft, rm},           config.reward: the proxy's terms (default "rm")
+    sft  {gold, rm, kl, terms}                the RL baseline (the SFT model on the eval prompts)
+    rl   [{kl_coef, step, episodes, kl, sqrt_kl, rm, gold, terms}, ...]
+    bon  [{n, kl, sqrt_kl, rm, gold, terms}, ...]    n = 1 is the best-of-n baseline
+                                      rm: the proxy (the reward's total), terms: {term: mean} of the same answers
     runs {"<kl_coef>": {run_id, output_dir, done}}
     fits {"bon": {alpha, beta, peak_sqrt_kl, peak_gold_gain, rm: {alpha, beta}}, "rl": {...}}
 
@@ -46,7 +52,7 @@ import re
 import time
 from pathlib import Path
 
-from core.config import MAX_ENSEMBLE, PRESETS
+from core.config import MAX_ENSEMBLE, PRESETS, parse_reward
 
 STUDY_FILE = "study.json"
 DEFAULT_KL_COEFS = (0.2, 0.1, 0.05, 0.02, 0.005)
@@ -195,7 +201,7 @@ def study_config(
     eval_prompts: int = 100, bon_prompts: int = 50, sft_model: str | None = None, reward_model: str | None = None,
     ptx_coef: float = 0.0, seed: int = 1234, ppo: dict | None = None, pipeline: dict | None = None,
     ensemble: int = 0, reward_aggregate: str = "mean_minus_std", uncertainty_coef: float = 1.0,
-    ensemble_model: str | None = None,
+    ensemble_model: str | None = None, reward: str | list = "rm",
 ) -> dict:
     """The study's settings as a plain (JSON) dict, every value checked before any work starts.
 
@@ -208,7 +214,9 @@ def study_config(
     ppo: further PPO config overrides; pipeline: per-stage overrides when SFT/RM are trained; ensemble: N >= 2
     adds the ensemble arm (the same best-of-n and KL sweep scored by an ensemble of N reward models through
     `reward_aggregate` with `uncertainty_coef`), its ensemble reused from `ensemble_model` or trained as the
-    study's RM was with `ensemble` = N; 0: no ensemble arm."""
+    study's RM was with `ensemble` = N; 0: no ensemble arm; reward: the proxy, reward terms as PPO's `reward`
+    field (default 'rm'; e.g. 'rm,length:target=12:weight=-0.05'): what the sweep optimises and best-of-n
+    picks by (in the ensemble arm its `rm` term is the ensemble's aggregate)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     if isinstance(kl_coefs, str):
@@ -251,11 +259,15 @@ def study_config(
         raise ValueError(f"ptx_coef must be a number, got {ptx_coef!r}") from None
     if not math.isfinite(ptx) or ptx < 0:
         raise ValueError(f"ptx_coef must be a finite number >= 0, got {ptx_coef!r}")
+    parse_reward(reward)
+    if "reward" in (ppo or {}):
+        raise ValueError("give the study's reward as its own setting (rlhf study --reward ...), not as a PPO "
+                         "override: best-of-n and every evaluation score by it too")
     config = {
         "preset": preset, "kl_coefs": coefs, "ns": sizes, "episodes": episodes, "eval_every": eval_every,
         "eval_prompts": eval_prompts, "bon_prompts": bon_prompts, "sft_model": str(sft_model) if sft_model else None,
         "reward_model": str(reward_model) if reward_model else None, "ptx_coef": ptx, "seed": seed,
-        "ppo": dict(ppo or {}), "pipeline": {k: dict(v) for k, v in (pipeline or {}).items()},
+        "ppo": dict(ppo or {}), "pipeline": {k: dict(v) for k, v in (pipeline or {}).items()}, "reward": reward,
     }
     if isinstance(ensemble, bool) or not isinstance(ensemble, int) or not (ensemble == 0 or 2 <= ensemble <= MAX_ENSEMBLE):
         raise ValueError(f"ensemble must be 0 (no ensemble arm) or a number of reward models from 2 to {MAX_ENSEMBLE}, "
@@ -303,7 +315,8 @@ def sweep_config(config: dict, sft_model: str, reward_model: str, kl_coef: float
     return make_config("ppo", config["preset"], {
         "total_episodes": config["episodes"], "ptx_coef": config["ptx_coef"], "kl_loss_coef": 0.0, **config["ppo"],
         "sft_model": str(sft_model), "reward_model": str(reward_model), "kl_coef": kl_coef, "adaptive_kl": False,
-        "save_every": config["eval_every"], "eval_every": 0, "eval_prompts": 0, **scoring,
+        "save_every": config["eval_every"], "eval_every": 0, "eval_prompts": 0, "reward": config.get("reward", "rm"),
+        **scoring,
     })
 
 
@@ -355,9 +368,10 @@ def run_study(config: dict, output_dir: str | Path, store, events, name: str | N
     config = study_config_from_dict(config)
     output_dir = Path(output_dir).resolve()
     previous = load_study(output_dir)
-    if previous is not None and previous.get("config") != config:
-        changed = sorted(k for k in {**previous.get("config", {}), **config}
-                         if previous.get("config", {}).get(k) != config.get(k))
+    # A study.json written before the reward was a setting was scored by the RM alone.
+    before = {"reward": "rm", **(previous or {}).get("config", {})}
+    if previous is not None and before != config:
+        changed = sorted(k for k in {**before, **config} if before.get(k) != config.get(k))
         raise ValueError(f"{output_dir / STUDY_FILE} holds a study with other settings (differs in: "
                          f"{', '.join(changed)}): run it with the same options to resume it, or choose another output")
     name = validate_name(name or events.run_id or (previous or {}).get("name")
@@ -381,10 +395,15 @@ def run_study(config: dict, output_dir: str | Path, store, events, name: str | N
 
 
 def _run(study: dict, config: dict, output_dir: Path, store, events) -> None:
-    from core.data import demo
     from core.models.ensemble import load_reward_model
-    from core.models.loading import load_policy, load_scalar_model, load_tokenizer, pick_device
+    from core.models.loading import load_policy, load_tokenizer, pick_device
+    from core.stages.reward_terms import RewardModelTerm, resolve_reward
 
+    # The proxy's terms, resolved once (a user's file loaded) and checked against the demo's rows before any
+    # model trains; each arm adds its own reward model to the `rm` term.
+    reward = resolve_reward(config.get("reward", "rm"))
+    tasks = _eval_tasks(config)
+    reward.check_rows([t.prompt for t in tasks], task_columns(tasks))
     name = study["name"]
     arm_units = 2 + len(config["kl_coefs"])  # the SFT baseline, best-of-n, one unit per sweep run
     total = 1 + arm_units + (1 + arm_units if config.get("ensemble") else 0)  # + the models (and the ensemble)
@@ -409,39 +428,57 @@ def _run(study: dict, config: dict, output_dir: Path, store, events) -> None:
     device = pick_device(probe.device)
     tokenizer = load_tokenizer(sft_ref)
     sft = load_policy(sft_ref, device, dropout=0.0).eval()
-    rm = load_scalar_model(rm_ref, tokenizer.pad_token_id, device).eval()
+
+    def scored_by(rm_ref: str, **aggregate) -> object:
+        """The proxy with its `rm` term (if any) scored by this reward model (an ensemble: by `aggregate`)."""
+        if not reward.uses_reward_model:
+            return reward
+        rm = load_reward_model(rm_ref, tokenizer.pad_token_id, device, **aggregate)
+        return reward.with_reward_model(RewardModelTerm(rm, tokenizer.pad_token_id, device))
+
     arm = dict(config=config, output_dir=output_dir, store=store, events=events, sft=sft, tokenizer=tokenizer,
                device=device, total=total)
-    if not _arm(study, study, rm, 1, **arm):
+    if not _arm(study, study, scored_by(rm_ref), 1, **arm):
         return
     if config.get("ensemble"):
-        del rm
         events.progress(1 + arm_units, total, "study: the reward-model ensemble")
         ensemble_ref = _ensemble_model(study, config, output_dir, store, events)
         if ensemble_ref is None:
             return  # stopped while its members trained: they resume next time
-        ensemble = load_reward_model(ensemble_ref, tokenizer.pad_token_id, device, how=config["reward_aggregate"],
-                                     uncertainty_coef=config["uncertainty_coef"])
+        ensemble = scored_by(ensemble_ref, how=config["reward_aggregate"], uncertainty_coef=config["uncertainty_coef"])
         if not _arm(study, study["ensemble"], ensemble, 2 + arm_units, **arm):
             return
     events.progress(total, total, "study: done")
 
 
-def _arm(study: dict, arm: dict, rm, first_unit: int, config: dict, output_dir: Path, store, events, sft, tokenizer,
-         device, total: int) -> bool:
-    """One arm of the study, scored by `rm`: the SFT baseline, best-of-n and the KL sweep, each skipped when
-    done. `arm`: the study itself (the single RM) or its `ensemble` entry (the ensemble and its reward
-    aggregate), both in the same form. Returns False when stopped."""
+def _eval_tasks(config: dict) -> list:
+    from core.data import demo
+
+    return demo.heldout_tasks(config["eval_prompts"])
+
+
+def task_columns(tasks) -> list[dict]:
+    """The demo tasks' prompt-row columns, as the reward terms read them (`answer`)."""
+    return [{"answer": t.answer} for t in tasks]
+
+
+def _arm(study: dict, arm: dict, reward, first_unit: int, config: dict, output_dir: Path, store, events, sft,
+         tokenizer, device, total: int) -> bool:
+    """One arm of the study, its proxy `reward` (a `Reward`, its `rm` term the arm's reward model): the SFT
+    baseline, best-of-n and the KL sweep, each skipped when done. `arm`: the study itself (the single RM) or
+    its `ensemble` entry (the ensemble and its reward aggregate), both in the same form. Returns False when
+    stopped."""
     from core.data import demo
     from core.stages.evaluate import policy_eval
 
     probe = sweep_config(config, study["models"]["sft"], arm["models"]["rm"], config["kl_coefs"][0])
     temperature, length = probe.temperature, probe.response_length
-    eval_tasks = demo.heldout_tasks(config["eval_prompts"])
+    eval_tasks = _eval_tasks(config)
     label = "study: " + ("ensemble, " if arm is not study else "")
 
     def measure(policy) -> dict:
-        return policy_eval(policy, sft, rm, tokenizer, eval_tasks, temperature, length, config["seed"])
+        return policy_eval(policy, sft, reward, tokenizer, eval_tasks, temperature, length, config["seed"],
+                           columns=task_columns(eval_tasks))
 
     events.progress(first_unit, total, label + "the SFT model")
     if arm.get("sft") is None:
@@ -451,7 +488,7 @@ def _arm(study: dict, arm: dict, rm, first_unit: int, config: dict, output_dir: 
 
     events.progress(first_unit + 1, total, label + "best-of-n")
     if not set(config["ns"]) <= {p["n"] for p in arm.get("bon", [])}:
-        arm["bon"] = best_of_n(sft, rm, tokenizer, demo.heldout_tasks(config["bon_prompts"]), config["ns"],
+        arm["bon"] = best_of_n(sft, reward, tokenizer, demo.heldout_tasks(config["bon_prompts"]), config["ns"],
                                temperature, length, config["seed"])
         events.log(label + "best-of-n: " + ", ".join(f"n={p['n']} gold {p['gold']:.3f} RM {p['rm']:.3f}"
                                                     for p in arm["bon"]))
@@ -515,7 +552,8 @@ def _sweep_run(study, arm, config, output_dir, store, events, kl_coef, index, me
         policy = load_policy(path, device, dropout=0.0).eval()
         m = measure(policy)
         arm["rl"].append({"kl_coef": kl_coef, "step": step, "episodes": step * ppo_config.batch_size,
-                          "kl": m["kl"], "sqrt_kl": math.sqrt(max(m["kl"], 0.0)), "rm": m["rm"], "gold": m["gold"]})
+                          "kl": m["kl"], "sqrt_kl": math.sqrt(max(m["kl"], 0.0)), "rm": m["rm"], "gold": m["gold"],
+                          "terms": m["terms"]})
         arm["rl"].sort(key=lambda p: (-p["kl_coef"], p["step"]))
         run_events.metrics(step, {"heldout_gold": m["gold"], "heldout_reward": m["rm"], "heldout_kl": m["kl"]})
         _save(study, output_dir)
@@ -557,36 +595,49 @@ def _sweep_run(study, arm, config, output_dir, store, events, kl_coef, index, me
     return True
 
 
-def best_of_n(policy, reward_model, tokenizer, tasks, ns, temperature: float = 1.0, max_new_tokens: int = 24,
+def best_of_n(policy, reward, tokenizer, tasks, ns, temperature: float = 1.0, max_new_tokens: int = 24,
               seed: int = 1234, batch_size: int = 64) -> list[dict]:
     """Best-of-n points: max(ns) answers per prompt sampled at `temperature`; for each n they are split into
-    max(ns)/n disjoint groups of n, the RM's favourite of each group kept, and its gold and RM score averaged
-    over groups and prompts (every sample used for every n). KL is the analytic log n - (n - 1)/n."""
+    max(ns)/n disjoint groups of n, the favourite of `reward` (a `core.stages.reward_terms.Reward`: the RM, or
+    terms beside it) kept in each group, and its gold, proxy reward (`rm`, the reward's total) and each term
+    averaged over groups and prompts (every sample used for every n). KL is the analytic log n - (n - 1)/n."""
     import torch
 
     from core.data import demo
-    from core.stages.evaluate import answer_rm_scores
     from core.models.generate import sample
+    from core.stages.reward_terms import Answers
 
     n_max = max(ns)
-    prompts = [t.prompt for t in tasks for _ in range(n_max)]
-    gold, rm = [], []
+    repeated = [t for t in tasks for _ in range(n_max)]
+    prompts, columns = [t.prompt for t in repeated], task_columns(repeated)
+    gold, total, terms = [], [], {}
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
             out = sample(policy, tokenizer, chunk, max_new_tokens, temperature, seed=seed + i)
             gold += [demo.gold_score(p, text) for p, text in zip(chunk, out.texts)]
-            rm += answer_rm_scores(reward_model, out).tolist()
-    G, R = torch.tensor(gold).view(len(tasks), n_max), torch.tensor(rm).view(len(tasks), n_max)
+            scored = reward(Answers.of_samples(out, chunk, columns[i : i + batch_size]))
+            total += scored.total.tolist()
+            for name, values in scored.terms.items():
+                terms.setdefault(name, []).extend(values.tolist())
+
+    def grid(values) -> torch.Tensor:
+        return torch.tensor(values).view(len(tasks), n_max)
+
+    G, R, T = grid(gold), grid(total), {name: grid(values) for name, values in terms.items()}
     points = []
     for n in sorted(ns):
-        g, r = G.view(len(tasks), n_max // n, n), R.view(len(tasks), n_max // n, n)
+        r = R.view(len(tasks), n_max // n, n)
         best = r.argmax(-1, keepdim=True)
+
+        def chosen(values: torch.Tensor) -> float:
+            return float(values.view(len(tasks), n_max // n, n).gather(-1, best).mean())
+
         kl = kl_bon(n)
-        points.append({"n": n, "kl": kl, "sqrt_kl": math.sqrt(kl), "rm": float(r.gather(-1, best).mean()),
-                       "gold": float(g.gather(-1, best).mean())})
+        points.append({"n": n, "kl": kl, "sqrt_kl": math.sqrt(kl), "rm": chosen(R), "gold": chosen(G),
+                       "terms": {name: chosen(values) for name, values in T.items()}})
     return points
 
 
 __all__ = ["kl_bon", "fit", "peak", "predict", "fits", "gains", "curves", "study_config", "study_config_from_dict",
-           "check_models", "run_study", "best_of_n", "load_study", "STUDY_FILE", "DEFAULT_KL_COEFS", "DEFAULT_NS"]
+           "check_models", "run_study", "best_of_n", "load_study", "task_columns", "STUDY_FILE", "DEFAULT_KL_COEFS", "DEFAULT_NS"]

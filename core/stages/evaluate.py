@@ -29,12 +29,13 @@ def measure_answers(
 
     - `parts`: the labeler's `demo.GoldParts` (None unless every prompt is one of the demo's);
     - `length`: tokens, EOS included; `finished`: the answer emitted EOS;
-    - `rm` (with `reward_model`): the raw RM score (`answer_rm_scores`);
+    - `rm` (with `reward_model`): the raw RM score (`answer_rm_scores`; when `reward` has an `rm` term over
+      this very model, that term's values: the RM scores each answer once, not twice);
     - `kl` (with `reference`): KL(pi || pi_ref) of the answer, sum_t (log pi(y_t) - log pi_ref(y_t)), EOS
       included (k1 summed over the answer: a Monte-Carlo estimate of the KL), under the temperature-scaled
       distributions, the ones sampled from, as in PPO's `kl` metric: the one KL measurement of every method;
     - `terms` (with `reward`, a `core.stages.reward_terms.Reward`, and the prompts' rows' `columns`): each
-      term's value per answer, {term: [...]}: a verifier's pass rate is its mean.
+      term's value per answer, {term: [...]}: a verifier's pass rate is its mean; `reward`: the weighted total.
     """
     if reference is not None and temperature <= 0:
         raise ValueError("the KL is measured on sampled answers: temperature must be > 0")
@@ -45,7 +46,9 @@ def measure_answers(
     gold_applies = all_demo(prompts)
     out: dict[str, list | None] = {"parts": [] if gold_applies else None, "length": [], "finished": [],
                                    "rm": None if reward_model is None else [],
-                                   "kl": None if reference is None else [], "terms": None if reward is None else {}}
+                                   "kl": None if reference is None else [], "terms": None if reward is None else {},
+                                   "reward": None if reward is None else []}
+    rm_term = reward.term_scored_by(reward_model) if reward is not None and reward_model is not None else None
     try:
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
@@ -54,14 +57,17 @@ def measure_answers(
             out["finished"] += answers.finished.tolist()
             if gold_applies:
                 out["parts"] += [demo.gold_parts(p, text) for p, text in zip(chunk, answers.texts)]
-            if reward_model is not None:
-                out["rm"] += answer_rm_scores(reward_model, answers).tolist()
-            if reference is not None:
-                out["kl"] += answer_kl(model, reference, answers, temperature).tolist()
             if reward is not None:
                 rows = columns[i : i + batch_size] if columns is not None else None
-                for name, values in reward(Answers.of_samples(answers, chunk, rows)).terms.items():
+                scored = reward(Answers.of_samples(answers, chunk, rows))
+                out["reward"] += scored.total.tolist()
+                for name, values in scored.terms.items():
                     out["terms"].setdefault(name, []).extend(values.tolist())
+            if reward_model is not None:
+                rm = scored.terms[rm_term] if rm_term is not None else answer_rm_scores(reward_model, answers)
+                out["rm"] += rm.tolist()
+            if reference is not None:
+                out["kl"] += answer_kl(model, reference, answers, temperature).tolist()
     finally:
         for m, mode in zip(networks, was_training):
             m.train(mode)
@@ -135,13 +141,15 @@ def score_answers(
 
 
 def policy_eval(
-    model, reference, reward_model, tokenizer, tasks: list[demo.Task], temperature: float = 1.0,
-    max_new_tokens: int = 24, seed: int = 1234, batch_size: int = 64,
-) -> dict[str, float]:
-    """Held-out gold, RM score and KL to `reference` of answers sampled from `model` at `temperature`,
+    model, reference, reward, tokenizer, tasks: list[demo.Task], temperature: float = 1.0,
+    max_new_tokens: int = 24, seed: int = 1234, batch_size: int = 64, columns: list[dict] | None = None,
+) -> dict:
+    """Held-out gold, proxy reward and KL to `reference` of answers sampled from `model` at `temperature`,
     one per task (the over-optimisation study's measurement, core/runs/study.py): mean `gold`
-    (demo.gold_score), mean raw `rm` score, and mean `kl` (the per-answer sum of log pi - log pi_ref),
-    all three on the same answers (`measure_answers`)."""
-    answers = score_answers(model, tokenizer, [t.prompt for t in tasks], reward_model, temperature, max_new_tokens,
-                            seed, batch_size, reference=reference)
-    return {"gold": _mean(answers["gold"] or []), "rm": _mean(answers["rm"]), "kl": _mean(answers["kl"])}
+    (demo.gold_score), mean `rm`, the proxy: `reward`'s total (a `core.stages.reward_terms.Reward`, the RM
+    score when the reward is the RM alone; `columns`: the tasks' rows), each term's mean (`terms`), and mean
+    `kl` (the per-answer sum of log pi - log pi_ref), all on the same answers (`measure_answers`)."""
+    answers = measure_answers(model, tokenizer, [t.prompt for t in tasks], temperature, max_new_tokens, seed,
+                              batch_size, reference=reference, reward=reward, columns=columns)
+    return {"gold": _mean(p.score for p in answers["parts"] or []), "rm": _mean(answers["reward"]),
+            "kl": _mean(answers["kl"]), "terms": {name: _mean(v) for name, v in answers["terms"].items()}}

@@ -154,10 +154,11 @@ def make_optimizer(policy, value_model, learning_rate: float) -> torch.optim.Opt
 
 
 def assemble(policy, reference_policy, value_model, reward_model, tokenizer, config: PPOConfig,
-             device: Device) -> PPOModels:
+             device: Device, reward: Reward | None = None) -> PPOModels:
     """Put the four networks in their modes: dropout off everywhere (docs/NOTES.md: with dropout on,
-    the first-step KL reads -0.13 instead of 0), reference and reward model frozen; the config's reward
-    terms resolved, the `rm` term scored by `reward_model`."""
+    the first-step KL reads -0.13 instead of 0), reference and reward model frozen; the reward terms
+    (`reward`, as `check_inputs` resolved them, else the config's, resolved here), the `rm` term scored by
+    `reward_model`."""
     for m in (policy, reference_policy, value_model, reward_model):
         if m is not None:
             fuse_gelu(m)
@@ -168,7 +169,8 @@ def assemble(policy, reference_policy, value_model, reward_model, tokenizer, con
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
     freeze(reference_policy)
-    reward = resolve_reward(config.reward)
+    if reward is None:
+        reward = resolve_reward(config.reward)
     if reward_model is not None:
         if not isinstance(reward_model, RewardEnsemble):  # one reward model is an ensemble of one
             reward_model = RewardEnsemble([reward_model], config.reward_aggregate, config.uncertainty_coef)
@@ -180,7 +182,8 @@ def assemble(policy, reference_policy, value_model, reward_model, tokenizer, con
                      PolicyAndValue(policy, value_model), reward)
 
 
-def load_models(config: PPOConfig, tokenizer, device: Device, policy_from: str | Path | None = None) -> PPOModels:
+def load_models(config: PPOConfig, tokenizer, device: Device, policy_from: str | Path | None = None,
+                reward: Reward | None = None) -> PPOModels:
     """Policy and reference start from SFT (the policy from `policy_from`: a resume's checkpoint, or a later
     round's start, `policy_init`); the value model starts from the reward model (InstructGPT 3.5), or from SFT
     with a new head when no reward term is the RM (then none is loaded); the RM itself stays frozen.
@@ -190,7 +193,8 @@ def load_models(config: PPOConfig, tokenizer, device: Device, policy_from: str |
     own head). Without LoRA the frozen networks load in `device.frozen_dtype`: bf16 on a GPU (their
     matmuls run in bf16 under autocast anyway), halving their memory; log-prob arithmetic stays fp32
     (`response_logprobs`). An ensemble RM (core/models/ensemble.py): the value model starts from its first
-    member, and every member scores (under LoRA the first is the value model with its adapter off)."""
+    member, and every member scores (under LoRA the first is the value model with its adapter off). `reward`:
+    the run's terms, already resolved (`check_inputs`), so a user's reward file is executed once per run."""
     pad = tokenizer.pad_token_id
     uses_rm = uses_reward_model(config.reward)
     value_from = config.reward_model if uses_rm else config.sft_model
@@ -201,13 +205,13 @@ def load_models(config: PPOConfig, tokenizer, device: Device, policy_from: str |
         reward_model = load_reward_model(config.reward_model, pad, device, how=config.reward_aggregate,
                                          uncertainty_coef=config.uncertainty_coef,
                                          first=AdapterOff(value_model)) if uses_rm else None
-        return assemble(policy, AdapterOff(policy), value_model, reward_model, tokenizer, config, device)
+        return assemble(policy, AdapterOff(policy), value_model, reward_model, tokenizer, config, device, reward)
     policy = prepare_for_training(load_policy(policy_from or config.sft_model, device, dropout=0.0), config, "causal")
     reference_policy = load_policy(config.sft_model, device, dropout=0.0, dtype=device.frozen_dtype)
     reward_model = load_reward_model(config.reward_model, pad, device, device.frozen_dtype, config.reward_aggregate,
                                      config.uncertainty_coef) if uses_rm else None
     value_model = prepare_for_training(load_scalar_model(value_from, pad, device), config, "score")
-    return assemble(policy, reference_policy, value_model, reward_model, tokenizer, config, device)
+    return assemble(policy, reference_policy, value_model, reward_model, tokenizer, config, device, reward)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -672,7 +676,8 @@ def heldout_reward(models: PPOModels, tokenizer, prompts: list[str], columns: li
 
 def check_inputs(config: PPOConfig, store: Store | None):
     """Every check a user can fail, before loading a model: returns (tokenizer, prompts, their rows' columns,
-    ptx_texts). The reward's terms are resolved here too (user files loaded, columns they read checked)."""
+    ptx_texts, the reward). The reward's terms are resolved here, once for the run (user files loaded, the
+    columns they read checked); the run hands this `Reward` on to `load_models`."""
     config.validate()
     uses_rm = uses_reward_model(config.reward)
     models = ([("sft_model", "SFT checkpoint")] + ([("reward_model", "reward model checkpoint")] if uses_rm else [])
@@ -690,16 +695,17 @@ def check_inputs(config: PPOConfig, store: Store | None):
         check_same_tokenizer(tokenizer, load_tokenizer(config.policy_init),
                              f"policy_init {config.policy_init} does not match sft_model {config.sft_model}")
     prompts, columns = load_prompt_rows(config.prompts, store)
-    resolve_reward(config.reward).check_rows(prompts, columns)
+    reward = resolve_reward(config.reward)
+    reward.check_rows(prompts, columns)
     ptx_texts = load_ptx_texts(config.ptx_data) if config.ptx_coef > 0 else None
-    return tokenizer, prompts, columns, ptx_texts
+    return tokenizer, prompts, columns, ptx_texts, reward
 
 
 def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str | Path) -> Path:
     """Train the policy with PPO-ptx. Returns `output_dir` (the final policy, an HF directory), or
     the last step checkpoint when stopped early. Re-running with the same `output_dir` resumes."""
     output_dir = Path(output_dir)
-    tokenizer, prompts, columns, ptx_texts = check_inputs(config, store)
+    tokenizer, prompts, columns, ptx_texts, reward = check_inputs(config, store)
     note = fit_report(tokenizer, prompts, config.max_prompt_length)  # a prompt that cannot fit is refused here
     if note:
         events.log(note)
@@ -710,7 +716,8 @@ def run(config: PPOConfig, store: Store | None, events: Events, output_dir: str 
     resume_from = latest_checkpoint(output_dir, "step")
 
     # A checkpoint of this run wins over policy_init: a resume goes on from where it stood.
-    models = load_models(config, tokenizer, device, policy_from=resume_from or config.policy_init or None)
+    models = load_models(config, tokenizer, device, policy_from=resume_from or config.policy_init or None,
+                         reward=reward)
     policy, value_model = models.policy, models.value_model
 
     # Gold scores and the demo's held-out pretraining loss mean something only on the demo's own

@@ -16,6 +16,9 @@ Each term maps a batch of `Answers` to one float per answer:
     contains  1 if the answer contains `text` (or the row's `column`)
     length    answer tokens beyond `target` (weight -0.05 by default: a penalty per extra token)
     eos       1 if the answer ended with the EOS token, 0 if it was cut at the length limit
+    reasoning_gym  a reasoning-gym set's own `score_answer` (1 right, partial credit where the set gives it)
+              on the answer inside <answer>...</answer>, else its final answer; `dataset` (default: each
+              row's metadata names its set; prompts from `reasoning-gym:NAME`, core/data/task_sets.py)
     python    your function, `python:PATH:FUNCTION`
 
 A final answer is the text after the last `####` (GSM8K) or "answer is" when there is one, else the
@@ -47,7 +50,7 @@ from pathlib import Path
 import torch
 
 from core.config import RewardTerm, parse_reward
-from core.data import demo
+from core.data import demo, task_sets
 from core.models.ensemble import RewardEnsemble, disagreement
 from core.models.generate import Samples
 
@@ -226,6 +229,50 @@ class RewardModelTerm:
         return self.scores(answers)[0].tolist()
 
 
+class ReasoningGymTerm:
+    """The `reasoning_gym` term: each answer scored by its prompt's reasoning-gym set (`dataset`, else the
+    row's `metadata.source_dataset`) with that set's own `score_answer`, which reads the row's `answer` and
+    `metadata` (kept by `core.data.task_sets` on import)."""
+
+    columns = ("metadata",)
+
+    def __init__(self, term: RewardTerm):
+        self.dataset = term.options["dataset"]
+        if self.dataset:
+            task_sets.check_name(self.dataset)
+        self.score_fns: dict[str, Callable] = {}
+
+    def dataset_of(self, row: dict) -> str | None:
+        metadata = row.get("metadata")
+        return self.dataset or (metadata.get("source_dataset") if isinstance(metadata, dict) else None)
+
+    def check_rows(self, term: RewardTerm, prompts: list, columns: list[dict]) -> None:
+        """Every row names a known set (or the term does), before the run."""
+        for prompt, row in zip(prompts, columns):
+            if not self.dataset_of(row):
+                raise ValueError(f"reward term {term.name}: the prompt {str(prompt)[:80]!r} names no reasoning-gym "
+                                 "set (its metadata has no source_dataset): give dataset=NAME, or import the "
+                                 "prompts from reasoning-gym:NAME")
+        for name in sorted({self.dataset_of(row) for row in columns}):
+            task_sets.check_name(name)
+
+    def __call__(self, term: RewardTerm, answers: Answers) -> list[float]:
+        scores = []
+        for prompt, completion, row in zip(answers.prompts, answers.completions, answers.columns):
+            name = self.dataset_of(row)
+            if name not in self.score_fns:
+                self.score_fns[name] = task_sets.scorer(name)
+            tagged = task_sets.extract_answer(completion)
+            question = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+            entry = {"question": question, "answer": row.get("answer"), "metadata": row.get("metadata") or {}}
+            try:
+                scores.append(float(self.score_fns[name](tagged if tagged is not None else final_answer(completion),
+                                                         entry)))
+            except Exception:  # some sets' parsers raise on a malformed answer: it is not a right one
+                scores.append(0.0)
+        return scores
+
+
 def load_function(term: RewardTerm) -> Callable:
     """A user's reward function from a file on this machine (never a module name: nothing is looked up on
     a path the user did not give). Executes the file, as importing it would."""
@@ -299,6 +346,12 @@ class Reward:
     def names(self) -> list[str]:
         return [t.name for t in self.terms]
 
+    def term_scored_by(self, reward_model) -> str | None:
+        """The name of the `rm` term that `reward_model` scores (a `RewardModelTerm` over that very model), if
+        any: a caller that also wants the RM's score reads it from that term instead of a second forward."""
+        return next((t.name for t in self.terms if t.kind == "rm"
+                     and getattr(self.scorers.get(t.name), "reward_model", None) is reward_model), None)
+
     def with_reward_model(self, scorer: Callable[[RewardTerm, Answers], list[float]]) -> Reward:
         """The same reward with the `rm` term scored by `scorer` (a `RewardModelTerm`)."""
         return Reward(self.terms, {**self.scorers, **{t.name: scorer for t in self.terms if t.kind == "rm"}})
@@ -307,8 +360,7 @@ class Reward:
         """term name -> the prompt-row columns it needs."""
         needs: dict[str, set[str]] = {}
         for term in self.terms:
-            scorer = self.scorers.get(term.name)
-            columns = set(scorer.columns) if isinstance(scorer, FunctionTerm) else set()
+            columns = set(getattr(self.scorers.get(term.name), "columns", ()))
             if term.column():
                 columns.add(term.column())
             if columns:
@@ -325,6 +377,10 @@ class Reward:
                     raise ValueError(f"reward term {name} reads the column {column!r}, which {len(lacking)} of "
                                      f"{len(prompts)} prompts lack (e.g. {lacking[0][:80]!r}): add it to the "
                                      "prompts file or pick another term")
+        for term in self.terms:
+            check = getattr(self.scorers.get(term.name), "check_rows", None)
+            if check is not None:
+                check(term, prompts, columns)
         if any(t.kind == "gold" for t in self.terms) and not demo.is_demo_task(prompts):
             raise ValueError("reward term 'gold' is the demo's simulated labeler: it scores the demo's prompts only; "
                              "use rm or a verifier on your own prompts")
@@ -399,6 +455,8 @@ def resolve_reward(spec: str | list) -> Reward:
     for term in terms:
         if term.kind == "python":
             scorers[term.name] = FunctionTerm(term)
+        elif term.kind == "reasoning_gym":
+            scorers[term.name] = ReasoningGymTerm(term)
         elif term.kind in BUILT_IN:
             scorers[term.name] = BUILT_IN[term.kind]
     return Reward(terms, scorers)

@@ -187,16 +187,18 @@ def dataset(rows: list[dict], drop: tuple[str, ...] = ()):
 # ---------------------------------------------------------------------------------------------
 
 
-def make_reward(config, tokenizer, device: Device) -> Callable[..., list[float]]:
+def make_reward(config, tokenizer, device: Device, terms=None) -> Callable[..., list[float]]:
     """A TRL reward function: the config's reward terms (`core.stages.reward_terms`), the `rm` term our RM's
     score at each answer's last token (with the centring `reward_bias`) on the very token ids the policy
     sampled after the chat-formatted prompt, as PPO scores them. Answers that never emitted EOS lose
     `missing_eos_penalty`, as in PPO. Logs the reward before that penalty (`reward`), each term
-    (`reward/<term>`) and, on demo prompts, the gold score (`gold`) beside TRL's own metrics."""
+    (`reward/<term>`) and, on demo prompts, the gold score (`gold`) beside TRL's own metrics. `terms`: the
+    `Reward` `check_group_inputs` resolved (a user's file runs once per stage run), else resolved here."""
     from core.stages.reward_terms import Answers, RewardModelTerm, resolve_reward
 
     eos = tokenizer.eos_token_id
-    terms = resolve_reward(config.reward)
+    if terms is None:
+        terms = resolve_reward(config.reward)
     if terms.uses_reward_model:
         from core.models.ensemble import load_reward_model
 
@@ -371,9 +373,10 @@ def finish(trainer, callback, stage: str, kind: str, config, tokenizer, events: 
 # ---------------------------------------------------------------------------------------------
 
 
-def check_group_inputs(config, store) -> tuple[object, list[str], list[dict]]:
-    """Every check a user can fail, before any model loads: returns (tokenizer, prompts, their rows' columns).
-    The reward's terms are resolved here too (user files loaded, the columns they read checked)."""
+def check_group_inputs(config, store) -> tuple[object, list[str], list[dict], object]:
+    """Every check a user can fail, before any model loads: returns (tokenizer, prompts, their rows' columns,
+    the reward). The reward's terms are resolved here, once for the run (user files loaded, the columns they
+    read checked), and handed on to `make_reward`."""
     from core.data.sources import load_prompt_rows
     from core.models.loading import check_same_tokenizer, load_tokenizer, resolve_model
     from core.stages.reward_terms import resolve_reward
@@ -394,20 +397,22 @@ def check_group_inputs(config, store) -> tuple[object, list[str], list[dict]]:
         check_same_tokenizer(tokenizer, load_tokenizer(config.reward_model),
                              f"reward_model {config.reward_model} does not match sft_model {config.sft_model}")
     prompts, columns = load_prompt_rows(config.prompts, store)
-    resolve_reward(config.reward).check_rows(prompts, columns)
+    reward = resolve_reward(config.reward)
+    reward.check_rows(prompts, columns)
     if len(prompts) * config.num_generations < config.batch_size:
         raise ValueError(f"{len(prompts)} prompts give fewer than batch_size ({config.batch_size}) answers at "
                          f"num_generations={config.num_generations}: add prompts or lower batch_size")
-    return tokenizer, prompts, columns
+    return tokenizer, prompts, columns, reward
 
 
 GROUP_TRAINERS = {"grpo": ("GRPOTrainer", "GRPOConfig"), "rloo": ("RLOOTrainer", "RLOOConfig")}
 
 
 def group_trainer(stage: str, config, tokenizer, prompts: list[str], columns: list[dict], device: Device,
-                  events: Events, output_dir: Path, **trainer_options):
+                  events: Events, output_dir: Path, reward=None, **trainer_options):
     """(TRL's GRPO or RLOO trainer for a workbench run, our callback): the policy starts at the SFT model,
-    which is also the reference; the reward is `make_reward`'s."""
+    which is also the reference; the reward is `make_reward`'s, of the terms `reward` (resolved by
+    `check_group_inputs`; None: resolved from the config)."""
     import trl
 
     trainer_class, args_class = (getattr(trl, name) for name in GROUP_TRAINERS[stage])
@@ -424,7 +429,7 @@ def group_trainer(stage: str, config, tokenizer, prompts: list[str], columns: li
         **trainer_options,
     )
     callback = make_callback(stage, stage, events, GROUP_METRICS, episodes_per_step=config.batch_size)
-    trainer = trainer_class(model=policy, reward_funcs=make_reward(config, tokenizer, device), args=args,
+    trainer = trainer_class(model=policy, reward_funcs=make_reward(config, tokenizer, device, reward), args=args,
                             train_dataset=dataset(rows), processing_class=tokenizer, callbacks=[callback],
                             peft_config=peft_config(config))
     return trainer, callback
@@ -439,12 +444,12 @@ def run_group(stage: str, config, store, events: Events, output_dir: str | Path,
     (the final policy, an HF directory), or the stop step's checkpoint when stopped; re-running with the
     same `output_dir` resumes."""
     output_dir = Path(output_dir)
-    tokenizer, prompts, columns = check_group_inputs(config, store)
+    tokenizer, prompts, columns, reward = check_group_inputs(config, store)
     quiet()
     device = pick_device(config.device, config.precision)
     torch.manual_seed(config.seed)
     trainer, callback = group_trainer(stage, config, tokenizer, prompts, columns, device, events, output_dir,
-                                      **trainer_options)
+                                      reward, **trainer_options)
     train(trainer, callback, output_dir, events, stage.upper())
     tokenizer.padding_side = "right"  # as load_tokenizer leaves it, in the saved model too
     evaluate = None
