@@ -5,7 +5,8 @@ stage that starts after the page opened joins by itself. Curves refresh every fe
 shown run is active and stop when all are done. Watch RM reward against gold score and KL
 together: reward climbing while gold falls is the reward model being gamed (over-optimisation). With an
 ensemble reward model, `ensemble_std` (the members' disagreement) beside them rises where the policy
-leaves what the members learned; the rollout browser shows each answer's per-member scores. The run
+leaves what the members learned; the rollout browser shows each answer's per-member scores and, with reward
+terms, each term's value (`reward/<term>` per answer). The run
 doctor reads the same curves per run, says what looks wrong and why, and relaunches a run with what to try.
 """
 
@@ -125,16 +126,25 @@ def relaunch(run_id: str, finding: doctor.Finding) -> None:
     st.success(f"Launched **{new_id}** with {finding.field}={finding.value}; {run_id} is unchanged.")
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
+def settled_findings(db: str, run_id: str, status: str, updated_at: float) -> list[doctor.Finding]:
+    """A finished run's findings: its curves no longer change, so they are read once per (run, status, last
+    update), not on every refresh (a resumed run finishes with a new `updated_at` and is read again)."""
+    return doctor.diagnose(doctor.load_run(store, run_id))
+
+
 def doctor_panel(shown: list[monitor.ShownRun]) -> None:
     """Per run, what the run doctor reads in its curves (core/analysis/doctor.py), refreshed with them."""
     for s in shown:
-        findings = doctor.diagnose(doctor.load_run(store, s.id))
+        run = store.get_run(s.id)
+        findings = (doctor.diagnose(doctor.load_run(store, s.id)) if s.active else
+                    settled_findings(resources.db_path(), s.id, run["status"], run["updated_at"]))
         loud = [f for f in findings if f.severity != "info"]
         title = f"Doctor · {s.id}: " + (doctor.summary_line(findings, s.id).removeprefix("doctor: ").split(";")[0]
                                          if findings else "nothing looks wrong")
         with st.expander(title, expanded=bool(loud), icon=SEVERITY_ICONS[findings[0].severity] if findings else
                          ":material/check_circle:"):
-            recorded = store.get_run(s.id)["config"]  # the fields a relaunch can set
+            recorded = run["config"]  # the fields a relaunch can set
             for i, f in enumerate(findings):
                 st.markdown(f"{SEVERITY_ICONS[f.severity]} **{f.check}** · {f.severity}  \n**Seen:** {f.seen}  \n"
                             f"**Likely cause:** {f.cause}  \n**Try:** {f.try_}")
@@ -197,16 +207,21 @@ def curves() -> None:
                 for i, r in enumerate(sorted(singles, key=lambda r: (r["name"], r["run_id"]))):
                     tiles[i % len(tiles)].metric(r["name"], f"{r['value']:.3f}",
                                                  help=f"{r['run_id']}, step {r['step']}")
-    if refresh and not monitor.any_active(runs_now, selected):
-        st.rerun()  # everything shown finished: redraw once with the timer off
+    if refresh and (monitor.runs_changed(runs, runs_now) or not monitor.any_active(runs_now, selected)):
+        # A run started or changed status (a pipeline's next stage, the pipeline done): redraw the whole page, so
+        # the run picker's labels and options follow; when everything shown finished, with the timer off.
+        st.rerun()
 
 
 def sample_html(sample: dict) -> str:
     gold = f" · gold {sample['gold']:.2f}" if sample["gold"] is not None else ""
     ending = "stopped (EOS)" if sample["finished"] else "cut at the length limit"
     members = (" · members " + " ".join(f"{m:+.2f}" for m in sample["members"])) if sample.get("members") else ""
+    # Each reward term's own value; a reward that is the RM alone is already the line's `reward`.
+    terms = ("<br>terms: " + " · ".join(f"{escape_html(name)} {value:+.3g}" for name, value in sample["terms"].items())
+             if set(sample.get("terms") or {}) - {"rm"} else "")
     return (f'<div style="font-size: 0.85rem; color: #555">reward {sample["reward"]:+.3f}{members}{gold} · '
-            f'KL {sample["kl"]:+.2f} · {sample["length"]} tokens · {ending}</div>'
+            f'KL {sample["kl"]:+.2f} · {sample["length"]} tokens · {ending}{terms}</div>'
             f'<div style="color: #666; margin: 4px 0">User: {escape_html(sample["prompt"])}</div>'
             f'<div style="font-family: monospace; white-space: pre-wrap; line-height: 1.7">'
             f'{token_html(sample["tokens"])}</div>')

@@ -180,6 +180,12 @@ def test_monitor_expands_a_pipeline_into_its_stage_runs():
     assert monitor.any_active(runs, ["pipeline-x"]) and not monitor.any_active(runs, ["other"])
     runs.append({"id": "pipeline-x-ppo-no-ptx", "stage": "ppo", "status": "queued"})
     assert [s.label for s in monitor.expand(runs, ["pipeline-x", "other"])] == ["sft", "rm", "ppo-no-ptx", ""]
+    # The page's run picker is drawn from the runs at page load: a new run or a changed status makes it stale.
+    before = [dict(r) for r in runs]
+    assert not monitor.runs_changed(before, runs)
+    runs[0]["status"] = "done"  # the pipeline finished: "(pipeline, running)" would be a stale label
+    assert monitor.runs_changed(before, runs)
+    assert monitor.runs_changed(before[:-1], before)  # a stage run that started since
     assert monitor.ema([1.0, 1.0, 1.0], 0.9) == [1.0, 1.0, 1.0]  # debiased: no pull toward 0
     assert monitor.ema([0.0, 1.0], 0.0) == [0.0, 1.0]
     curves, singles = monitor.split_single_points(

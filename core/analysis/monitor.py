@@ -89,6 +89,12 @@ def any_active(runs: list[dict], selected: list[str]) -> bool:
     return any(s.active for s in expand(runs, selected))
 
 
+def runs_changed(before: list[dict], now: list[dict]) -> bool:
+    """Has a run started or changed status since `before` (dicts with id and status)? Then the page's run
+    picker, drawn from `before`, shows stale labels or lacks a run."""
+    return [(r["id"], r["status"]) for r in before] != [(r["id"], r["status"]) for r in now]
+
+
 def default_selection(runs: list[dict]) -> list[str]:
     """The active runs that are not a stage of a selected pipeline (a running pipeline is shown whole),
     else the newest such run."""
