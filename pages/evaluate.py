@@ -2,7 +2,9 @@
 
 Pick policies, a reward model (the judge), a KL reference and a prompt set; the evaluation runs as a
 background job (core/analysis/eval_table.py, the same code as `rlhf eval`) and ends in one table: mean RM score,
-gold (demo prompts only), KL to the reference, answer length and win rate against a baseline, as CSV.
+gold (demo prompts only), KL to the reference, answer length and win rate against a baseline, as CSV;
+and below it, one prompt at a time, the conversation's earlier turns and each checkpoint's answer with its
+own numbers (RM score against the baseline's answer, gold, KL, each reward term).
 """
 
 import pandas as pd
@@ -10,6 +12,7 @@ import streamlit as st
 
 from core import catalog
 from core.analysis import eval_table
+from core.textsafe import escape_markdown
 from workbench import resources
 
 store = resources.store()
@@ -86,6 +89,50 @@ run_id = st.selectbox("Evaluation", list(labels), format_func=labels.get, key="e
 REFRESHING = jobs.busy
 
 
+def answer_numbers(answer: dict, baseline: dict | None, gold_applies: bool) -> str:
+    """One answer's own numbers: RM score (and the verdict against the baseline's answer), gold, KL, length,
+    each reward term."""
+    parts = [f"RM score {answer['rm_score']:+.3f}"]
+    if baseline is not None:
+        parts[0] += " (" + ("beats" if answer["rm_score"] > baseline["rm_score"] else "ties" if
+                            answer["rm_score"] == baseline["rm_score"] else "loses to") + " the baseline)"
+    if gold_applies and answer.get("gold") is not None:
+        parts.append(f"gold {answer['gold']:.2f}")
+    if answer.get("kl") is not None:
+        parts.append(f"KL {answer['kl']:+.2f}")
+    parts.append(f"{answer['length']} tokens")
+    parts += [f"{name.removeprefix('reward/')} {value:+.3g}" for name, value in answer.items() if name.startswith("reward/")]
+    return " · ".join(parts)
+
+
+def prompt_view(run_id: str, results: dict) -> None:
+    """One prompt at a time: the conversation so far, then every checkpoint's answer to it with its numbers."""
+    st.subheader("Per prompt")
+    prompts = results["prompts"]
+
+    def label(i: int) -> str:
+        turns = prompts[i]["turns"]
+        earlier = f" ({len(turns) - 1} earlier turns)" if len(turns) > 1 else ""
+        return f"#{i + 1} · {turns[-1]['content'][:90]}{earlier}"
+
+    i = st.selectbox("Prompt", range(len(prompts)), format_func=label, key=f"eval_prompt_{run_id}")
+    turns, columns = prompts[i]["turns"], prompts[i]["columns"]
+    resources.show_earlier_turns(turns)
+    if len(turns) == 1:
+        st.markdown(f"**User:** {escape_markdown(turns[-1]['content'])}")
+    if columns:
+        st.caption("This prompt's row (what reward terms check against): " +
+                   " · ".join(f"{k} = {escape_markdown(str(v))}" for k, v in columns.items()))
+    baseline = results["answers"].get(results["baseline"])
+    for name, answers in results["answers"].items():
+        answer = answers[i]
+        with st.chat_message("assistant", avatar=":material/smart_toy:"):
+            st.markdown(f"**{escape_markdown(name)}**" + (" · baseline" if name == results["baseline"] else ""))
+            st.text(answer["text"] or "(empty answer)")  # model text, never markup
+            st.caption(answer_numbers(answer, None if name == results["baseline"] else baseline and baseline[i],
+                                      results["gold_applies"]))
+
+
 @st.fragment(run_every=REFRESH_S if REFRESHING else None)
 def show_evaluation(run_id: str) -> None:
     job = jobs.get(run_id)
@@ -114,6 +161,8 @@ def show_evaluation(run_id: str) -> None:
             "win_rate": st.column_config.NumberColumn("win rate", format="%.3f")})
         st.download_button("Download CSV", eval_table.table_csv(results["rows"]), file_name=f"{run_id}.csv",
                            mime="text/csv", icon=":material/download:", key="eval_csv")
+        if results.get("answers"):
+            prompt_view(run_id, results)
     elif job.status == "done":
         st.warning(f"no {eval_table.RESULTS_JSON} in {job.output_dir}")
     if REFRESHING and not jobs.busy:
