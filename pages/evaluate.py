@@ -14,6 +14,7 @@ from core import catalog
 from core.analysis import eval_table
 from core.textsafe import escape_markdown
 from workbench import resources
+from workbench.reward_picker import RewardPicker
 
 store = resources.store()
 jobs = resources.jobs()
@@ -59,16 +60,21 @@ with st.expander("New evaluation", expanded=not evaluations):
     if prompt_set == "file":
         prompts_file = st.text_input("Prompts file", key="eval_prompts_file",
                                      help='a JSONL or CSV file with a "prompt" column')
+    reward, reward_error = "", None
+    if st.toggle("Also score reward terms", key="eval_terms",
+                 help="verifiers or your own function on the same answers: each term's mean becomes a column "
+                      "(a verifier's pass rate beside RM score, gold and KL)"):
+        reward, reward_error = RewardPicker("eval_reward", "exact,eos").draw()
     cols = st.columns(3)
     n_prompts = cols[0].number_input("Prompts (the first n)", 1, 10_000, 100, key="eval_n_prompts")
     temperature = cols[1].number_input("Temperature", 0.05, 2.0, 1.0, 0.05, key="eval_temperature")
     max_new_tokens = cols[2].number_input("Max new tokens", 1, 1024, 24, key="eval_max_new_tokens")
-    if st.button("Evaluate", type="primary", icon=":material/play_arrow:", disabled=judge is None):
+    if st.button("Evaluate", type="primary", icon=":material/play_arrow:", disabled=judge is None or bool(reward_error)):
         try:
             config = eval_table.EvalConfig.from_dict(dict(
                 checkpoints=",".join(policies[c] for c in chosen),
                 baseline=policies[baseline] if baseline else "", reward_model=judges[judge],
-                reference="" if reference == "the baseline" else policies[reference],
+                reference="" if reference == "the baseline" else policies[reference], reward=reward or "",
                 prompts=prompts_file.strip() if prompt_set == "file" else prompt_set, n_prompts=int(n_prompts),
                 temperature=float(temperature), max_new_tokens=int(max_new_tokens)))
             st.session_state["eval_run"] = resources.queue_job("eval", config, "eval_notice")

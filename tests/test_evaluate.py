@@ -147,7 +147,8 @@ def test_eval_runs_as_a_background_job(models, tmp_path, store):
 
 def test_evaluate_page_runs_an_evaluation_and_shows_the_table(app, models, workbench_home):
     """The page asks for a reward model until one exists, refuses an empty pick with the config's message,
-    then runs the job and shows one row per checkpoint (the baseline's win rate 0.5) and a CSV download."""
+    then runs the job (with reward terms picked on the page) and shows one row per checkpoint (the baseline's
+    win rate 0.5, a column per term) and a CSV download."""
     import time
 
     sft, moved, rm = models
@@ -168,6 +169,8 @@ def test_evaluate_page_runs_an_evaluation_and_shows_the_table(app, models, workb
     app.selectbox(key="eval_reference").set_value("my-sft (sft)")
     app.number_input(key="eval_n_prompts").set_value(4)
     app.number_input(key="eval_max_new_tokens").set_value(4).run()
+    app.toggle(key="eval_terms").set_value(True).run()  # verifiers on the same answers, from the reward picker
+    assert app.text_input(key="eval_reward__advanced").value == "exact,eos"
     next(b for b in app.button if b.label == "Evaluate").click().run()
     assert not app.exception and not app.error, app.error
     deadline = time.monotonic() + 240
@@ -177,6 +180,7 @@ def test_evaluate_page_runs_an_evaluation_and_shows_the_table(app, models, workb
     table = app.dataframe[0].value
     assert list(table["checkpoint"]) == ["my-sft", "my-ppo"] and "gold" in table
     assert table["win_rate"][0] == 0.5 and table["kl"][0] == pytest.approx(0.0, abs=1e-6) and table["kl"][1] > 0
+    assert all(0.0 <= v <= 1.0 for v in table["reward/exact"]) and all(0.0 <= v <= 1.0 for v in table["reward/eos"])
     assert app.get("download_button")
 
 
