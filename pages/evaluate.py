@@ -100,8 +100,9 @@ def answer_numbers(answer: dict, baseline: dict | None, gold_applies: bool) -> s
     each reward term."""
     parts = [f"RM score {answer['rm_score']:+.3f}"]
     if baseline is not None:
-        parts[0] += " (" + ("beats" if answer["rm_score"] > baseline["rm_score"] else "ties" if
-                            answer["rm_score"] == baseline["rm_score"] else "loses to") + " the baseline)"
+        margin = answer["rm_score"] - baseline["rm_score"]  # the win rate's judgement on this prompt
+        parts[0] += (" (ties the baseline)" if margin == 0 else
+                     f" ({'beats' if margin > 0 else 'loses to'} the baseline by {abs(margin):.2g})")
     if gold_applies and answer.get("gold") is not None:
         parts.append(f"gold {answer['gold']:.2f}")
     if answer.get("kl") is not None:

@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.analysis import doctor, monitor
+from core.config import parse_reward
 from core.runs.rounds import load_state
 from core.data import rollouts
 from core.textsafe import escape_html
@@ -213,13 +214,23 @@ def curves() -> None:
         st.rerun()
 
 
-def sample_html(sample: dict) -> str:
+def term_weights(run_id: str) -> dict[str, float]:
+    """Each reward term's weight in the run's recorded reward (what its value counts for in the total); none when
+    the reward no longer parses here (a user's reward file moved since)."""
+    try:
+        return {t.name: t.weight for t in parse_reward(store.get_run(run_id)["config"].get("reward") or "rm")}
+    except ValueError:
+        return {}
+
+
+def sample_html(sample: dict, weights: dict[str, float]) -> str:
     gold = f" · gold {sample['gold']:.2f}" if sample["gold"] is not None else ""
     ending = "stopped (EOS)" if sample["finished"] else "cut at the length limit"
     members = (" · members " + " ".join(f"{m:+.2f}" for m in sample["members"])) if sample.get("members") else ""
     # Each reward term's own value; a reward that is the RM alone is already the line's `reward`.
-    terms = ("<br>terms: " + " · ".join(f"{escape_html(name)} {value:+.3g}" for name, value in sample["terms"].items())
-             if set(sample.get("terms") or {}) - {"rm"} else "")
+    terms = ("<br>terms: " + " · ".join(f"{escape_html(name)} {value:+.3g}" + (f" ×{weights[name]:g}" if weights.get(
+        name, 1.0) != 1.0 else "") for name, value in sample["terms"].items()) if set(sample.get("terms") or {}) - {"rm"}
+             else "")
     return (f'<div style="font-size: 0.85rem; color: #555">reward {sample["reward"]:+.3f}{members}{gold} · '
             f'KL {sample["kl"]:+.2f} · {sample["length"]} tokens · {ending}{terms}</div>'
             f'<div style="color: #666; margin: 4px 0">User: {escape_html(sample["prompt"])}</div>'
@@ -259,9 +270,10 @@ def rollout_browser() -> None:
     st.caption(f"Step {step}: {len(kept)} of the batch's answers, highest reward first. Each token is coloured "
                "by log π − log π_ref: red where the policy puts more probability on it than the SFT model, "
                "blue where less (hover a token for the value).")
+    weights = term_weights(run_id)
     for sample in kept:
         with st.container(border=True):
-            st.html(sample_html(sample))
+            st.html(sample_html(sample, weights))
 
 
 curves_tab, rollouts_tab = st.tabs(["Curves", "Rollouts"])

@@ -77,8 +77,9 @@ def test_home_results_card_shows_the_reports_numbers(app, workbench_home, tmp_pa
     assert tax["y"] == list(labels.values()) and tax["x"] == [report[k]["pretrain_loss"] for k in labels]
 
 
-def log_stage(store: Store, run_id: str, stage: str, status: str, metrics: dict[str, list[float]]) -> None:
-    store.create_run(run_id, stage, {})
+def log_stage(store: Store, run_id: str, stage: str, status: str, metrics: dict[str, list[float]],
+              config: dict | None = None) -> None:
+    store.create_run(run_id, stage, config or {})
     for name, values in metrics.items():
         for step, value in enumerate(values, 1):
             store.log_metrics(run_id, step, {name: value})
@@ -120,7 +121,8 @@ def test_monitor_follows_a_pipeline_and_new_stages_join(app, workbench_home):
 
 def test_rollout_browser_shows_samples_as_escaped_text(app, workbench_home):
     store = db(workbench_home)
-    log_stage(store, "ppo-r", "ppo", "done", {"reward": [0.1, 0.2]})
+    log_stage(store, "ppo-r", "ppo", "done", {"reward": [0.1, 0.2]},
+              config={"reward": "rm,length:target=3"})  # its terms' weights: 1 and -0.05
     tokenizer = load_tokenizer("bundled")
     prompts = [t.prompt for t in demo.train_tasks(8)]
     recorder = rollouts.RolloutRecorder(store, "ppo-r", num_steps=2, tokenizer=tokenizer)
@@ -138,7 +140,7 @@ def test_rollout_browser_shows_samples_as_escaped_text(app, workbench_home):
     assert len(bodies) == 8  # the step's kept answers
     assert all("<img" not in b for b in bodies) and any("&lt;" in b for b in bodies)
     assert any("reward +1.000 · members +0.75 +1.25" in b for b in bodies)  # each member's score of the answer
-    assert any("reward +1.000 · members +0.75 +1.25" in b and "terms: rm +1.1 · length +2" in b for b in bodies)
+    assert any("reward +1.000 · members +0.75 +1.25" in b and "terms: rm +1.1 · length +2 ×-0.05" in b for b in bodies)
     assert {"RM reward, step 2 (the whole batch)", "RM reward over training"} <= set(chart_titles(at))
     at.toggle(key="rollout_follow").set_value(False).run()
     at.select_slider(key="rollout_step_ppo-r").set_value(1).run()
