@@ -46,7 +46,8 @@ with st.expander("New evaluation", expanded=not evaluations):
     chosen = st.multiselect("Checkpoints", list(policies), key="eval_checkpoints",
                             help="any stage, any method: SFT, PPO, DPO, GRPO, RLOO, their training checkpoints")
     left, middle, right = st.columns(3)
-    baseline = left.selectbox("Baseline (win rates against it)", chosen, key="eval_baseline")
+    # Keyed by the picked checkpoints: a selectbox first drawn with no options keeps showing none in the browser.
+    baseline = left.selectbox("Baseline (win rates against it)", chosen, key=f"eval_baseline_{'|'.join(chosen)}")
     reference = middle.selectbox("KL reference", ["the baseline", *policies], key="eval_reference",
                                  help="usually the SFT model every method started from")
     if judges:
@@ -88,7 +89,9 @@ with st.expander("New evaluation", expanded=not evaluations):
 if not evaluations:
     st.info("No evaluation yet: pick checkpoints and a reward model above.")
     st.stop()
-labels = {j.run_id: f"{j.run_id} ({j.status})" for j in evaluations}
+# No status in the labels (the browser keeps a picked option's text as it was: "(running)" stayed after the
+# job ended); the progress bar below shows it while it runs.
+labels = {j.run_id: f"{j.run_id} · {j.config.get('checkpoints', '')}"[:120] for j in evaluations}
 if st.session_state.get("eval_run") not in labels:
     st.session_state.pop("eval_run", None)
 run_id = st.selectbox("Evaluation", list(labels), format_func=labels.get, key="eval_run")

@@ -54,7 +54,9 @@ if not runs:
     st.info("No runs yet: launch one on the Train page.")
     st.stop()
 
-labels = {r["id"]: f"{r['id']} ({r['stage']}, {r['status']})" for r in runs}
+# No status in the labels: the browser keeps a picked option's text as it was when picked, so "(pipeline, running)"
+# stayed after the run finished. Each run's status shows, live, beside its curves.
+labels = {r["id"]: f"{r['id']} ({r['stage']})" for r in runs}
 selected = st.multiselect("Runs", [r["id"] for r in reversed(runs)], default=monitor.default_selection(runs),
                           format_func=labels.get, key="monitor_runs",
                           help="A pipeline run shows all its stages; pick several runs to overlay them")
@@ -209,8 +211,8 @@ def curves() -> None:
                     tiles[i % len(tiles)].metric(r["name"], f"{r['value']:.3f}",
                                                  help=f"{r['run_id']}, step {r['step']}")
     if refresh and (monitor.runs_changed(runs, runs_now) or not monitor.any_active(runs_now, selected)):
-        # A run started or changed status (a pipeline's next stage, the pipeline done): redraw the whole page, so
-        # the run picker's labels and options follow; when everything shown finished, with the timer off.
+        # A run started since the page was drawn (a pipeline's next stage, a run launched elsewhere): redraw the
+        # whole page so the run picker offers it; when everything shown finished, redraw with the timer off.
         st.rerun()
 
 

@@ -176,8 +176,8 @@ class RewardPicker:
         rows = st.session_state[self.rows_key]
         for row in rows:
             self._row(row)
-        st.selectbox("Add a term", [None, *TERMS], format_func=lambda k: "choose a term to add…" if k is None else
-                     f"{TERMS[k][0]} ({k})", key=self.add_key, on_change=self._add)
+        st.selectbox("Add a term", list(TERMS), index=None, placeholder="choose a term to add…",
+                     format_func=lambda k: f"{TERMS[k][0]} ({k})", key=self.add_key, on_change=self._add)
         spec, error = None, None
         try:
             terms = parse_reward([mapping_of(r) for r in rows])
