@@ -24,6 +24,14 @@ def test_the_spec_written_from_parsed_terms_reads_back_as_them(spec):
     assert spec_of(parse_reward("rm,length:target=24:weight=-0.05")) == "rm,length:target=24"
 
 
+def test_every_term_core_knows_is_offered_and_described():
+    from core.config import REWARD_TERMS
+    from workbench.reward_picker import KINDS, OPTIONS, TERMS
+
+    assert sorted(KINDS) == sorted(REWARD_TERMS) and set(TERMS) == set(REWARD_TERMS)
+    assert {option for options in REWARD_TERMS.values() for option in options} <= set(OPTIONS)
+
+
 def widget(at, uid: int, name: str):
     return at.text_input(key=f"{KEY}__{uid}__{name}")
 

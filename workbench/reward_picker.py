@@ -28,6 +28,8 @@ TERMS = {
     "contains": ("Contains", "1 if the answer contains the text (or the row's column)"),
     "length": ("Length", "answer tokens beyond the target; the default weight -0.05 makes it a penalty"),
     "eos": ("Ends properly", "1 if the answer ended with EOS, 0 if it was cut at the length limit"),
+    "reasoning_gym": ("Reasoning-gym scorer", "the prompt's reasoning-gym set scores the answer (1 right, partial "
+                                              "credit where the set gives it)"),
     "python": ("Your own function", "a Python function in a file on this machine, called with the prompts, the "
                                     "answers and the prompt rows' columns: def score(prompts, completions, "
                                     "**columns) -> list[float]"),
@@ -43,7 +45,10 @@ OPTIONS = {
     "path": "a .py file on this machine",
     "function": "the function's name in that file",
     "timeout": "seconds a batch may take before the run stops",
+    "dataset": "the reasoning-gym set's name (empty: the set each prompt row's metadata names)",
 }
+# The terms offered, in the order of `TERMS` (the labeler's cheat last); a term core adds later is offered too.
+KINDS = [k for k in TERMS if k in REWARD_TERMS] + [k for k in REWARD_TERMS if k not in TERMS]
 
 
 def spec_of(terms: list[RewardTerm]) -> str:
@@ -151,7 +156,7 @@ class RewardPicker:
 
     def _row(self, row: dict) -> None:
         kind = row["kind"]
-        title, what = TERMS[kind]
+        title, what = TERMS.get(kind, (kind, ""))
         with st.container(border=True):
             head, weight, name, remove = st.columns([5, 2, 2, 1], vertical_alignment="bottom")
             head.markdown(f"**{title}** `{kind}`  \n{what}")
@@ -166,7 +171,7 @@ class RewardPicker:
             if options:
                 for column, option in zip(st.columns(len(options)), options):
                     with column:
-                        self._field(row, option, option, OPTIONS[option])
+                        self._field(row, option, option, OPTIONS.get(option, ""))
             if kind == "python" and (found := functions_in(row["values"].get("path", ""))):
                 st.caption("Functions in this file: " + ", ".join(f"`{f}`" for f in found))
 
@@ -176,8 +181,8 @@ class RewardPicker:
         rows = st.session_state[self.rows_key]
         for row in rows:
             self._row(row)
-        st.selectbox("Add a term", list(TERMS), index=None, placeholder="choose a term to add…",
-                     format_func=lambda k: f"{TERMS[k][0]} ({k})", key=self.add_key, on_change=self._add)
+        st.selectbox("Add a term", KINDS, index=None, placeholder="choose a term to add…",
+                     format_func=lambda k: f"{TERMS.get(k, (k,))[0]} ({k})", key=self.add_key, on_change=self._add)
         spec, error = None, None
         try:
             terms = parse_reward([mapping_of(r) for r in rows])
