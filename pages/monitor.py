@@ -259,13 +259,13 @@ def rollout_browser() -> None:
     batch_rewards = rollouts.rewards(store, run_id)
     hist, spread = st.columns(2)
     figure = go.Figure(go.Histogram(x=batch_rewards.get(step, []), nbinsx=20, marker_color="#1f77b4"))
-    figure.update_layout(title=f"RM reward, step {step} (the whole batch)", height=260, margin=dict(l=10, r=10, t=40, b=10),
+    figure.update_layout(title=f"Reward, step {step} (the whole batch)", height=260, margin=dict(l=10, r=10, t=40, b=10),
                          xaxis_title="reward", yaxis_title="answers")
     hist.plotly_chart(figure, key="rollout_histogram", width="stretch")
     every = max(1, len(steps) // 25)
     figure = go.Figure([go.Box(y=batch_rewards[s], name=str(s), marker_color="#1f77b4", boxpoints=False,
                                showlegend=False) for s in steps[::every] if s in batch_rewards])
-    figure.update_layout(title="RM reward over training", height=260, margin=dict(l=10, r=10, t=40, b=10),
+    figure.update_layout(title="Reward over training", height=260, margin=dict(l=10, r=10, t=40, b=10),
                          xaxis_title="step", yaxis_title="reward")
     spread.plotly_chart(figure, key="rollout_spread", width="stretch")
     kept = rollouts.samples(store, run_id, step)

@@ -141,10 +141,10 @@ def test_rollout_browser_shows_samples_as_escaped_text(app, workbench_home):
     assert all("<img" not in b for b in bodies) and any("&lt;" in b for b in bodies)
     assert any("reward +1.000 · members +0.75 +1.25" in b for b in bodies)  # each member's score of the answer
     assert any("reward +1.000 · members +0.75 +1.25" in b and "terms: rm +1.1 · length +2 ×-0.05" in b for b in bodies)
-    assert {"RM reward, step 2 (the whole batch)", "RM reward over training"} <= set(chart_titles(at))
+    assert {"Reward, step 2 (the whole batch)", "Reward over training"} <= set(chart_titles(at))
     at.toggle(key="rollout_follow").set_value(False).run()
     at.select_slider(key="rollout_step_ppo-r").set_value(1).run()
-    assert "RM reward, step 1 (the whole batch)" in chart_titles(at)
+    assert "Reward, step 1 (the whole batch)" in chart_titles(at)
 
 
 def test_chat_and_rank_show_model_text_as_text(app, workbench_home, monkeypatch):

@@ -30,7 +30,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollout_steps (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     step INTEGER NOT NULL,
-    rewards TEXT NOT NULL,             -- JSON list: the RM score of every answer of the batch
+    rewards TEXT NOT NULL,             -- JSON list: the reward (all terms) of every answer of the batch
     PRIMARY KEY (run_id, step)
 );
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -144,14 +144,15 @@ def steps(store: Store, run_id: str) -> list[int]:
 
 
 def rewards(store: Store, run_id: str) -> dict[int, list[float]]:
-    """Step -> every answer's RM score in that step's batch (the histograms)."""
+    """Step -> every answer's reward (the total of its terms: the RM score when the reward is `rm`) in that
+    step's batch (the histograms)."""
     ensure_schema(store)
     rows = store._rows("SELECT step, rewards FROM rollout_steps WHERE run_id = ? ORDER BY step", (run_id,))
     return {r["step"]: json.loads(r["rewards"]) for r in rows}
 
 
 def samples(store: Store, run_id: str, step: int) -> list[dict]:
-    """The step's kept answers, highest RM score first; `tokens` as [(text, log pi - log pi_ref)]; `members`: each
+    """The step's kept answers, highest reward first; `tokens` as [(text, log pi - log pi_ref)]; `members`: each
     ensemble member's score (None for one RM); `terms`: {reward term: its unweighted value} ({} when not
     recorded)."""
     ensure_schema(store)
