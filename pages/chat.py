@@ -8,7 +8,6 @@ and a reward model's score beside it (core/analysis/token_kl.py): an ensemble's 
 score, with each member's score and their spread."""
 
 import json
-import statistics
 
 import streamlit as st
 
@@ -108,8 +107,7 @@ def show_tokens(label: str, conversation: list[dict], answer_ids: list[int]) -> 
     rm = f" · RM score {view.rm_score:+.3f}" if view.rm_score is not None else ""
     if view.rm_members and len(view.rm_members) > 1:
         # The ensemble's disagreement on this answer: where the members part, its reward is least trusted.
-        spread = statistics.pstdev(view.rm_members)
-        rm += (f" ({escape_html(rm_aggregate)} of {len(view.rm_members)} members; spread ±{spread:.3f}: "
+        rm += (f" ({escape_html(rm_aggregate)} of {len(view.rm_members)} members; spread ±{view.rm_spread:.3f}: "
                + " ".join(f"{m:+.2f}" for m in view.rm_members) + ")")
     st.html(f'<div style="font-size: 0.85rem; color: #555">KL {view.kl:+.3f} nats (Σ log π − log π_ref over '
             f'{len(view.tokens)} tokens at temperature {kl_temperature:g}, against {escape_html(reference_label)}){rm}</div>'

@@ -17,12 +17,14 @@ from core.textsafe import escape_html, token_text
 @dataclass
 class AnswerKL:
     """One answer, token by token: `tokens` = [(token text, log π − log π_ref)], `kl` their sum; `rm_score` the
-    reward model's (an ensemble's aggregate), `rm_members` each member's score (one for a single RM)."""
+    reward model's (an ensemble's aggregate), `rm_members` each member's score (one for a single RM) and
+    `rm_spread` their disagreement (the std the conservative reward subtracts)."""
 
     tokens: list[tuple[str, float]]
     kl: float
     rm_score: float | None = None
     rm_members: list[float] | None = None
+    rm_spread: float | None = None
 
 
 @torch.no_grad()
@@ -49,7 +51,7 @@ def answer_view(policy, reference_policy, tokenizer, conversation: str | list[di
     RM's score at the last token, as PPO reads it: a `RewardEnsemble`'s aggregate with each member's
     score, or a plain reward model's. The models must share the policy's tokenizer (`check_same_tokenizer`,
     at the caller)."""
-    from core.models.ensemble import answer_scores
+    from core.models.ensemble import answer_scores, disagreement
     from core.models.generate import encode_prompts
 
     prompt_ids = encode_prompts(tokenizer, [conversation])[0][0].tolist()  # one row: no padding
@@ -61,7 +63,7 @@ def answer_view(policy, reference_policy, tokenizer, conversation: str | list[di
     ids = torch.tensor([prompt_ids + answer_ids], device=device)
     reward, members = answer_scores(reward_model, ids, torch.ones_like(ids), None, len(prompt_ids),
                                     torch.tensor([len(answer_ids) - 1], device=device))
-    return AnswerKL(tokens, sum(per_token), float(reward[0]), members[:, 0].tolist())
+    return AnswerKL(tokens, sum(per_token), float(reward[0]), members[:, 0].tolist(), float(disagreement(members)[0]))
 
 
 def token_html(tokens: list[tuple[str, float]]) -> str:
