@@ -61,22 +61,30 @@ def spec_of(terms: list[RewardTerm]) -> str:
         head += [f"{k}={text(v)}" for k, v in shown.items() if v != defaults[k]]
         if term.weight != DEFAULT_WEIGHTS.get(term.kind, 1.0):
             head.append(f"weight={text(term.weight)}")
-        if term.name != (term.options["function"] if term.kind == "python" else term.kind):
+        if term.name != default_name(term):
             head.append(f"name={term.name}")
         parts.append(":".join(head))
     return ",".join(parts)
+
+
+def default_name(term: RewardTerm) -> str:
+    """The metric name parse_reward gives a term without `name=`."""
+    return term.options["function"] if term.kind == "python" else term.kind
 
 
 def text(value) -> str:
     return f"{value:.12g}" if isinstance(value, float) else str(value)
 
 
+def new_row(kind: str, uid: int, options: dict, weight: float, name: str = "") -> dict:
+    """A row of the list: its kind and each field's text as its widget shows it (a required option empty)."""
+    return {"uid": uid, "kind": kind, "values": {**{k: "" if v is None else text(v) for k, v in options.items()},
+                                                 "weight": text(weight), "name": name}}
+
+
 def row_of(term: RewardTerm, uid: int) -> dict:
-    """A parsed term as a row of the list: its kind and each field's text as its widget shows it."""
-    values = {k: "" if v is None else text(v) for k, v in term.options.items()}
-    values["weight"] = text(term.weight)
-    values["name"] = "" if term.name == (term.options["function"] if term.kind == "python" else term.kind) else term.name
-    return {"uid": uid, "kind": term.kind, "values": values}
+    """A parsed term as a row."""
+    return new_row(term.kind, uid, term.options, term.weight, "" if term.name == default_name(term) else term.name)
 
 
 def mapping_of(row: dict) -> dict:
@@ -134,10 +142,8 @@ class RewardPicker:
     def _add(self) -> None:
         kind = st.session_state.get(self.add_key)
         if kind:
-            defaults = {k: "" if v is None else text(v) for k, v in REWARD_TERMS[kind].items()}
             st.session_state[self.rows_key].append(
-                {"uid": self._next_uid(), "kind": kind,
-                 "values": {**defaults, "weight": text(DEFAULT_WEIGHTS.get(kind, 1.0)), "name": ""}})
+                new_row(kind, self._next_uid(), REWARD_TERMS[kind], DEFAULT_WEIGHTS.get(kind, 1.0)))
         st.session_state[self.add_key] = None
 
     def _remove(self, uid: int) -> None:
