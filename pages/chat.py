@@ -4,14 +4,17 @@ seed and vote. A vote with a strict order is stored as a ranking, so chatting fe
 A model with a chat template of its own holds a conversation; the demo's plain-template models answer
 each message on its own. Toggles show the exact prompt text the model reads, and colour each answer's
 tokens by log π − log π_ref against a reference policy, with the answer's sum (the KL PPO penalises)
-and a reward model's score beside it (core/analysis/token_kl.py)."""
+and a reward model's score beside it (core/analysis/token_kl.py): an ensemble's aggregate, as the stages
+score, with each member's score and their spread."""
 
 import json
 
 import streamlit as st
 
 from core import catalog
+from core.config import REWARD_AGGREGATES
 from core.data.store import check_ranks
+from core.models.ensemble import RewardEnsemble, ensemble_size
 from core.models.chat import fit_prompt, holds_conversations, render_prompt
 from core.models.generate import MAX_PROMPT_TOKENS, stream
 from core.textsafe import ShownStream, escape_html, escape_markdown
@@ -51,20 +54,34 @@ with st.sidebar:
                                        key="chat_reference", help="PPO's reference is the SFT model it started from")
         rm_label = st.selectbox("Reward model", ["none", *reward_models], index=1 if reward_models else 0,
                                 key="chat_reward_model", help="scores each answer at its EOS, as in PPO")
+        rm_aggregate, rm_lambda = "mean", 1.0
+        try:
+            members = ensemble_size(reward_models[rm_label]) if rm_label != "none" else 1
+        except ValueError as exc:  # an ensemble missing a member: the token view names it too
+            st.error(str(exc))
+            members = 1
+        if members > 1:
+            rm_aggregate = st.selectbox("Ensemble reward", list(REWARD_AGGREGATES), key="chat_rm_aggregate",
+                                        help="how the members' scores become one reward, as reward_aggregate in "
+                                             "PPO, GRPO and RLOO: mean, min, or mean − λ·std (conservative)")
+            if rm_aggregate == "mean_minus_std":
+                rm_lambda = st.number_input("λ (uncertainty_coef)", 0.0, 100.0, 1.0, 0.1, key="chat_rm_lambda")
         # Log-probs are those of the distribution sampled from; greedy has none, so read it at 1.
         kl_temperature = float(temperature) if temperature > 0 else 1.0
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
 def reward_model(path: str):
-    from core.models.loading import load_scalar_model, load_tokenizer
+    """Every member of the RM directory (one for a single RM), as the stages load it."""
+    from core.models.ensemble import load_reward_model
+    from core.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(path)
-    return load_scalar_model(path, tokenizer.pad_token_id).eval(), tokenizer
+    return load_reward_model(path, tokenizer.pad_token_id), tokenizer
 
 
 @st.cache_data(show_spinner="Scoring the answer's tokens…", max_entries=256)
-def scored(policy_ref: str, reference_ref: str, rm_ref: str | None, conversation_json: str,
+def scored(policy_ref: str, reference_ref: str, rm_ref: str | None, rm_how: tuple[str, float], conversation_json: str,
            answer_ids: tuple[int, ...], temperature: float):
     from core.models.loading import check_same_tokenizer
 
@@ -73,7 +90,8 @@ def scored(policy_ref: str, reference_ref: str, rm_ref: str | None, conversation
     check_same_tokenizer(tokenizer, reference_tokenizer, "reference policy")
     rm = None
     if rm_ref:
-        rm, rm_tokenizer = reward_model(rm_ref)
+        loaded, rm_tokenizer = reward_model(rm_ref)
+        rm = RewardEnsemble(list(loaded.members), *rm_how)  # the same members, aggregated as picked
         check_same_tokenizer(tokenizer, rm_tokenizer, "reward model")
     return answer_view(policy, reference, tokenizer, json.loads(conversation_json), list(answer_ids), temperature, rm)
 
@@ -81,12 +99,16 @@ def scored(policy_ref: str, reference_ref: str, rm_ref: str | None, conversation
 def show_tokens(label: str, conversation: list[dict], answer_ids: list[int]) -> None:
     """The answer's tokens coloured by log π − log π_ref, its KL and RM score (token view on)."""
     try:
-        view = scored(choices[label], choices[reference_label], reward_models.get(rm_label),
+        view = scored(choices[label], choices[reference_label], reward_models.get(rm_label), (rm_aggregate, rm_lambda),
                       json.dumps(conversation), tuple(answer_ids), kl_temperature)
     except ValueError as exc:
         st.error(f"No token view: {exc}")
         return
     rm = f" · RM score {view.rm_score:+.3f}" if view.rm_score is not None else ""
+    if view.rm_members and len(view.rm_members) > 1:
+        # The ensemble's disagreement on this answer: where the members part, its reward is least trusted.
+        rm += (f" ({escape_html(rm_aggregate)} of {len(view.rm_members)} members; spread ±{view.rm_spread:.3f}: "
+               + " ".join(f"{m:+.2f}" for m in view.rm_members) + ")")
     st.html(f'<div style="font-size: 0.85rem; color: #555">KL {view.kl:+.3f} nats (Σ log π − log π_ref over '
             f'{len(view.tokens)} tokens at temperature {kl_temperature:g}, against {escape_html(reference_label)}){rm}</div>'
             f'<div style="font-family: monospace; white-space: pre-wrap; line-height: 1.7">{token_html(view.tokens)}</div>')

@@ -5,7 +5,8 @@ stage that starts after the page opened joins by itself. Curves refresh every fe
 shown run is active and stop when all are done. Watch RM reward against gold score and KL
 together: reward climbing while gold falls is the reward model being gamed (over-optimisation). With an
 ensemble reward model, `ensemble_std` (the members' disagreement) beside them rises where the policy
-leaves what the members learned; the rollout browser shows each answer's per-member scores. The run
+leaves what the members learned; the rollout browser shows each answer's per-member scores and, with reward
+terms, each term's value (`reward/<term>` per answer). The run
 doctor reads the same curves per run, says what looks wrong and why, and relaunches a run with what to try.
 """
 
@@ -14,6 +15,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from core.analysis import doctor, monitor
+from core.config import parse_reward
 from core.runs.rounds import load_state
 from core.data import rollouts
 from core.textsafe import escape_html
@@ -52,7 +54,9 @@ if not runs:
     st.info("No runs yet: launch one on the Train page.")
     st.stop()
 
-labels = {r["id"]: f"{r['id']} ({r['stage']}, {r['status']})" for r in runs}
+# No status in the labels: the browser keeps a picked option's text as it was when picked, so "(pipeline, running)"
+# stayed after the run finished. Each run's status shows, live, beside its curves.
+labels = {r["id"]: f"{r['id']} ({r['stage']})" for r in runs}
 selected = st.multiselect("Runs", [r["id"] for r in reversed(runs)], default=monitor.default_selection(runs),
                           format_func=labels.get, key="monitor_runs",
                           help="A pipeline run shows all its stages; pick several runs to overlay them")
@@ -125,16 +129,25 @@ def relaunch(run_id: str, finding: doctor.Finding) -> None:
     st.success(f"Launched **{new_id}** with {finding.field}={finding.value}; {run_id} is unchanged.")
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
+def settled_findings(db: str, run_id: str, status: str, updated_at: float) -> list[doctor.Finding]:
+    """A finished run's findings: its curves no longer change, so they are read once per (run, status, last
+    update), not on every refresh (a resumed run finishes with a new `updated_at` and is read again)."""
+    return doctor.diagnose(doctor.load_run(store, run_id))
+
+
 def doctor_panel(shown: list[monitor.ShownRun]) -> None:
     """Per run, what the run doctor reads in its curves (core/analysis/doctor.py), refreshed with them."""
     for s in shown:
-        findings = doctor.diagnose(doctor.load_run(store, s.id))
+        run = store.get_run(s.id)
+        findings = (doctor.diagnose(doctor.load_run(store, s.id)) if s.active else
+                    settled_findings(resources.db_path(), s.id, run["status"], run["updated_at"]))
         loud = [f for f in findings if f.severity != "info"]
         title = f"Doctor · {s.id}: " + (doctor.summary_line(findings, s.id).removeprefix("doctor: ").split(";")[0]
                                          if findings else "nothing looks wrong")
         with st.expander(title, expanded=bool(loud), icon=SEVERITY_ICONS[findings[0].severity] if findings else
                          ":material/check_circle:"):
-            recorded = store.get_run(s.id)["config"]  # the fields a relaunch can set
+            recorded = run["config"]  # the fields a relaunch can set
             for i, f in enumerate(findings):
                 st.markdown(f"{SEVERITY_ICONS[f.severity]} **{f.check}** · {f.severity}  \n**Seen:** {f.seen}  \n"
                             f"**Likely cause:** {f.cause}  \n**Try:** {f.try_}")
@@ -197,16 +210,31 @@ def curves() -> None:
                 for i, r in enumerate(sorted(singles, key=lambda r: (r["name"], r["run_id"]))):
                     tiles[i % len(tiles)].metric(r["name"], f"{r['value']:.3f}",
                                                  help=f"{r['run_id']}, step {r['step']}")
-    if refresh and not monitor.any_active(runs_now, selected):
-        st.rerun()  # everything shown finished: redraw once with the timer off
+    if refresh and (monitor.runs_changed(runs, runs_now) or not monitor.any_active(runs_now, selected)):
+        # A run started since the page was drawn (a pipeline's next stage, a run launched elsewhere): redraw the
+        # whole page so the run picker offers it; when everything shown finished, redraw with the timer off.
+        st.rerun()
 
 
-def sample_html(sample: dict) -> str:
+def term_weights(run_id: str) -> dict[str, float]:
+    """Each reward term's weight in the run's recorded reward (what its value counts for in the total); none when
+    the reward no longer parses here (a user's reward file moved since)."""
+    try:
+        return {t.name: t.weight for t in parse_reward(store.get_run(run_id)["config"].get("reward") or "rm")}
+    except ValueError:
+        return {}
+
+
+def sample_html(sample: dict, weights: dict[str, float]) -> str:
     gold = f" · gold {sample['gold']:.2f}" if sample["gold"] is not None else ""
     ending = "stopped (EOS)" if sample["finished"] else "cut at the length limit"
     members = (" · members " + " ".join(f"{m:+.2f}" for m in sample["members"])) if sample.get("members") else ""
+    # Each reward term's own value; a reward that is the RM alone is already the line's `reward`.
+    terms = ("<br>terms: " + " · ".join(f"{escape_html(name)} {value:+.3g}" + (f" ×{weights[name]:g}" if weights.get(
+        name, 1.0) != 1.0 else "") for name, value in sample["terms"].items()) if set(sample.get("terms") or {}) - {"rm"}
+             else "")
     return (f'<div style="font-size: 0.85rem; color: #555">reward {sample["reward"]:+.3f}{members}{gold} · '
-            f'KL {sample["kl"]:+.2f} · {sample["length"]} tokens · {ending}</div>'
+            f'KL {sample["kl"]:+.2f} · {sample["length"]} tokens · {ending}{terms}</div>'
             f'<div style="color: #666; margin: 4px 0">User: {escape_html(sample["prompt"])}</div>'
             f'<div style="font-family: monospace; white-space: pre-wrap; line-height: 1.7">'
             f'{token_html(sample["tokens"])}</div>')
@@ -231,22 +259,23 @@ def rollout_browser() -> None:
     batch_rewards = rollouts.rewards(store, run_id)
     hist, spread = st.columns(2)
     figure = go.Figure(go.Histogram(x=batch_rewards.get(step, []), nbinsx=20, marker_color="#1f77b4"))
-    figure.update_layout(title=f"RM reward, step {step} (the whole batch)", height=260, margin=dict(l=10, r=10, t=40, b=10),
+    figure.update_layout(title=f"Reward, step {step} (the whole batch)", height=260, margin=dict(l=10, r=10, t=40, b=10),
                          xaxis_title="reward", yaxis_title="answers")
     hist.plotly_chart(figure, key="rollout_histogram", width="stretch")
     every = max(1, len(steps) // 25)
     figure = go.Figure([go.Box(y=batch_rewards[s], name=str(s), marker_color="#1f77b4", boxpoints=False,
                                showlegend=False) for s in steps[::every] if s in batch_rewards])
-    figure.update_layout(title="RM reward over training", height=260, margin=dict(l=10, r=10, t=40, b=10),
+    figure.update_layout(title="Reward over training", height=260, margin=dict(l=10, r=10, t=40, b=10),
                          xaxis_title="step", yaxis_title="reward")
     spread.plotly_chart(figure, key="rollout_spread", width="stretch")
     kept = rollouts.samples(store, run_id, step)
     st.caption(f"Step {step}: {len(kept)} of the batch's answers, highest reward first. Each token is coloured "
                "by log π − log π_ref: red where the policy puts more probability on it than the SFT model, "
                "blue where less (hover a token for the value).")
+    weights = term_weights(run_id)
     for sample in kept:
         with st.container(border=True):
-            st.html(sample_html(sample))
+            st.html(sample_html(sample, weights))
 
 
 curves_tab, rollouts_tab = st.tabs(["Curves", "Rollouts"])

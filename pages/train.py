@@ -1,7 +1,8 @@
 """Train: configure and launch SFT / RM / PPO, one job at a time with the rest queued; stop, resume.
 
 The form shows only the chosen stage's fields; each is checked as it is edited and an error
-appears under the field. Launching shows the equivalent `rlhf` command and YAML.
+appears under the field. Stage 3's reward is picked as a list of terms with their options and weights
+(workbench/reward_picker.py). Launching shows the equivalent `rlhf` command and YAML.
 """
 
 import dataclasses
@@ -17,6 +18,7 @@ from core.runs.launch import CONFIGS_DIR
 from core.models.memory import PLANNED_STAGES, plan
 from core.stages import STAGES, make_config
 from workbench import resources
+from workbench.reward_picker import RewardPicker
 
 store = resources.store()
 jobs = resources.jobs()
@@ -138,6 +140,17 @@ if loaded is not None and st.session_state.get("loaded_config") != (stage, loade
 values: dict = {}
 errors: dict[str, str] = {}
 
+reward = None
+if "reward" in base:  # stage 3 scored by reward terms (PPO, GRPO, RLOO): picked first, it decides which models
+    st.subheader("Reward")
+    st.caption("The reward is a weighted sum of terms: the reward model, built-in verifiers, your own function. "
+               "Each is logged as reward/<term> beside the total.")
+    reward, reward_error = RewardPicker(prefix + "reward", base["reward"]).draw()
+    if reward_error:
+        errors["reward"] = reward_error
+    else:
+        values["reward"] = reward
+
 st.subheader("Input checkpoints")
 pickers = {
     "model": ("Base model", {"bundled": "bundled", **resources.checkpoint_choices(store, "base")}),
@@ -145,12 +158,8 @@ pickers = {
     "reward_model": ("Reward model", resources.checkpoint_choices(store, "rm")),
 }
 # Stage 3 whose reward terms do not include the reward model ('gold', verifiers, your own function) needs no
-# reward model; the reward widget is drawn below, so its value is read from the session here.
-reward = st.session_state.get(prefix + "reward", base.get("reward"))
-try:
-    optional = make_config(stage, preset, {"reward": reward}).optional_models() if reward else ()
-except ValueError:  # a reward being typed; its own widget below shows the error
-    optional = ()
+# reward model.
+optional = make_config(stage, preset, {"reward": reward}).optional_models() if reward else ()
 for name in spec.model_fields:
     label, options = pickers[name]
     if name in optional:
@@ -187,7 +196,7 @@ def field_widget(field: dataclasses.Field, hint) -> object:
 
 st.subheader(f"{spec.title} settings")
 hints = typing.get_type_hints(cls)
-fields = [f for f in dataclasses.fields(cls) if f.name not in spec.model_fields]
+fields = [f for f in dataclasses.fields(cls) if f.name not in spec.model_fields and f.name != "reward"]
 columns = st.columns(3)
 checked_base = {**base, **values}
 for i, field in enumerate(fields):

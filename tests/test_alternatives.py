@@ -344,10 +344,10 @@ def test_train_page_offers_the_alternatives_with_their_inputs_and_fields(app, in
     assert app.text_input(key="cfg_dpo_quick_beta").value == "0.1"
     picker().set_value("grpo").run()
     assert "SFT checkpoint: none yet" in errors() and "Reward model: none yet" in errors()
-    assert app.text_input(key="cfg_grpo_quick_reward").value == "rm"
-    app.text_input(key="cfg_grpo_quick_reward").input("rm,regex:pattern=(").run()  # a term being typed
+    assert app.text_input(key="cfg_grpo_quick_reward__advanced").value == "rm"
+    app.text_input(key="cfg_grpo_quick_reward__advanced").input("rm,regex:pattern=(").run()  # a term being typed
     assert not app.exception and "does not compile" in errors()
-    app.text_input(key="cfg_grpo_quick_reward").input("gold").run()  # the labeler itself: no RM to pick
+    app.text_input(key="cfg_grpo_quick_reward__advanced").input("gold").run()  # the labeler itself: no RM to pick
     assert "SFT checkpoint: none yet" in errors() and "Reward model" not in errors()
     assert "cheating on the proxy" in " | ".join(str(c.value) for c in app.caption)
 

@@ -177,6 +177,45 @@ def test_token_view_on_the_page_shows_the_answers_kl_and_rm_score(app, workbench
     assert "No token view: reference policy: the tokenizers differ" in texts(at.error)
 
 
+def test_token_view_scores_through_the_ensembles_aggregate_and_shows_the_members(app, workbench_home, tmp_path, tok):
+    """An ensemble RM on Chat: the score is the members' aggregate (not member 0's), each member's score and
+    their spread beside it; switching the aggregate to `min` gives the lowest member's score."""
+    from core.models.ensemble import save_ensemble
+
+    store = db(workbench_home)
+    store.add_checkpoint("plain-sft", "sft", save_checkpoint(load_policy("bundled"), tok, tmp_path / "sft"))
+    members = []
+    for i in range(2):
+        torch.manual_seed(10 + i)  # random heads: the members disagree
+        members.append(save_checkpoint(load_scalar_model("bundled", tok.pad_token_id), tok, tmp_path / f"rm{i}"))
+    store.add_checkpoint("rm-ens", "rm", save_ensemble(tmp_path / "ensemble", members))
+    at = open_page(app, "chat")
+    at.selectbox(key="chat_model").set_value("plain-sft (sft)")
+    at.toggle(key="chat_token_view").set_value(True).run()
+    assert at.selectbox(key="chat_rm_aggregate").value == "mean"
+    at.chat_input[0].set_value("What is 3 plus 4?").run()
+    assert not at.exception, at.exception
+    sampled = assistant_turns(at)[0]["tokens"]
+    policy = load_policy(tmp_path / "sft")
+    each = [answer_view(policy, policy, tok, "What is 3 plus 4?", sampled, 1.0,
+                        load_scalar_model(m, tok.pad_token_id)).rm_score for m in members]
+    assert abs(each[0] - each[1]) > 0.01  # they disagree, so the mean is not member 0's score
+
+    def shown() -> tuple[float, list[float], float]:
+        html = at.get("html")[-1].proto.body
+        found = re.search(r"RM score ([-+][\d.]+) \((\w+) of 2 members; spread ±([\d.]+): ([-+][\d.]+) ([-+][\d.]+)\)",
+                          html)
+        assert found, html
+        return float(found.group(1)), [float(found.group(4)), float(found.group(5))], float(found.group(3))
+
+    score, listed, spread = shown()
+    assert score == pytest.approx(sum(each) / 2, abs=1e-3)
+    assert listed == pytest.approx(each, abs=0.006)  # printed to two decimals
+    assert spread == pytest.approx(abs(each[0] - each[1]) / 2, abs=1e-3)  # the population std of two
+    at.selectbox(key="chat_rm_aggregate").set_value("min").run()
+    assert shown()[0] == pytest.approx(min(each), abs=1e-3)
+
+
 def test_side_by_side_preselects_each_methods_final_model(app, workbench_home, tmp_path):
     store = db(workbench_home)
     store.start_run("pipe-1", "pipeline", {}, None)

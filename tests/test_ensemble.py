@@ -322,12 +322,13 @@ def test_the_rollout_sample_keeps_each_members_score_and_older_stores_gain_the_c
 
     store = Store(tmp_path / "before-ensembles.db")
     # A store written before ensembles: its rollouts table has no `members` column, and holds a row.
-    store._conn().executescript("\n".join(line for line in rollouts.SCHEMA.splitlines() if "members TEXT" not in line))
+    store._conn().executescript("\n".join(line for line in rollouts.SCHEMA.splitlines() if "members TEXT" not in line and "terms TEXT" not in line))
     store.create_run("ppo-e", "ppo", {})
     store._conn().execute("INSERT INTO rollout_steps VALUES ('ppo-e', 1, '[0.5]')")
     store._conn().execute("INSERT INTO rollouts VALUES ('ppo-e', 1, 0, 'p', 'r', 0.5, NULL, 0.0, 1, 1, '[]')")
     store._conn().commit()
     assert rollouts.samples(store, "ppo-e", 1)[0]["members"] is None  # the old row reads as one RM's
+    assert rollouts.samples(store, "ppo-e", 1)[0]["terms"] == {}  # and without terms (written before them)
 
     prompts = [t.prompt for t in demo.train_tasks(4)]
     mask = torch.ones(4, 3)

@@ -147,7 +147,8 @@ def test_eval_runs_as_a_background_job(models, tmp_path, store):
 
 def test_evaluate_page_runs_an_evaluation_and_shows_the_table(app, models, workbench_home):
     """The page asks for a reward model until one exists, refuses an empty pick with the config's message,
-    then runs the job and shows one row per checkpoint (the baseline's win rate 0.5) and a CSV download."""
+    then runs the job (with reward terms picked on the page) and shows one row per checkpoint (the baseline's
+    win rate 0.5, a column per term) and a CSV download."""
     import time
 
     sft, moved, rm = models
@@ -168,6 +169,8 @@ def test_evaluate_page_runs_an_evaluation_and_shows_the_table(app, models, workb
     app.selectbox(key="eval_reference").set_value("my-sft (sft)")
     app.number_input(key="eval_n_prompts").set_value(4)
     app.number_input(key="eval_max_new_tokens").set_value(4).run()
+    app.toggle(key="eval_terms").set_value(True).run()  # verifiers on the same answers, from the reward picker
+    assert app.text_input(key="eval_reward__advanced").value == "exact,eos"
     next(b for b in app.button if b.label == "Evaluate").click().run()
     assert not app.exception and not app.error, app.error
     deadline = time.monotonic() + 240
@@ -177,7 +180,59 @@ def test_evaluate_page_runs_an_evaluation_and_shows_the_table(app, models, workb
     table = app.dataframe[0].value
     assert list(table["checkpoint"]) == ["my-sft", "my-ppo"] and "gold" in table
     assert table["win_rate"][0] == 0.5 and table["kl"][0] == pytest.approx(0.0, abs=1e-6) and table["kl"][1] > 0
+    assert all(0.0 <= v <= 1.0 for v in table["reward/exact"]) and all(0.0 <= v <= 1.0 for v in table["reward/eos"])
     assert app.get("download_button")
+
+
+def test_evaluate_page_shows_each_prompts_earlier_turns_and_every_checkpoints_answer(app, models, workbench_home):
+    """eval.json keeps every prompt (its turns, its row) and each checkpoint's answer with its own numbers,
+    whose means are the table's; the page shows a picked prompt's earlier turns as chat messages, then each
+    checkpoint's answer with its RM score (against the baseline's answer), KL and reward terms."""
+    from core.textsafe import escape_markdown
+
+    sft, moved, rm = models
+    conversation = [{"role": "system", "content": "Answer with a number."},
+                    {"role": "user", "content": "I have 3 apples."}, {"role": "assistant", "content": "Three apples."},
+                    {"role": "user", "content": "And 4 more: how many now?"}]
+    prompts = workbench_home / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What is 2 plus 2?", "answer": "4"}) + "\n"
+                       + json.dumps({"prompt": conversation, "answer": "7"}) + "\n")
+    output = workbench_home / "runs" / "eval-turns"
+    config = _config(sft, moved, rm, prompts=str(prompts), reward="exact,eos")
+    doc = load_results(run(config, None, Events(), output))
+    assert [p["turns"] for p in doc["prompts"]] == [[{"role": "user", "content": "What is 2 plus 2?"}], conversation]
+    assert [p["columns"] for p in doc["prompts"]] == [{"answer": "4"}, {"answer": "7"}]
+    for row in doc["rows"]:
+        answers = doc["answers"][row["checkpoint"]]
+        assert len(answers) == 2
+        for key in ("rm_score", "kl", "length", "reward/eos"):
+            assert sum(a[key] for a in answers) / 2 == pytest.approx(row[key]), key
+    assert all(a["kl"] == pytest.approx(0.0, abs=1e-6) for a in doc["answers"][str(sft)])  # the baseline vs itself
+
+    store = Store(workbench_home / "workbench.db")
+    store.create_run("eval-turns", "eval", config.to_dict(), str(output))
+    store.set_run_status("eval-turns", "done")
+    app.switch_page("../pages/evaluate.py")
+    app.run()
+    assert not app.exception, app.exception
+    app.selectbox(key="eval_prompt_eval-turns").set_value(1).run()
+    assert not app.exception, app.exception
+    shown = [(m.name, [t.value for t in m.text], [c.value for c in m.caption]) for m in app.chat_message]
+    assert [(name, text) for name, text, _ in shown[:3]] == [("assistant", ["Answer with a number."]),
+                                                            ("user", ["I have 3 apples."]),
+                                                            ("assistant", ["Three apples."])]
+    assert f"**User:** {escape_markdown('And 4 more: how many now?')}" in [m.value for m in app.markdown]
+    answers = shown[3:]
+    assert [text for _, text, _ in answers] == [[doc["answers"][c][1]["text"] or "(empty answer)"]
+                                               for c in (str(sft), str(moved))]
+    base, other = (doc["answers"][c][1] for c in (str(sft), str(moved)))
+    assert answers[0][2][0].startswith(f"RM score {base['rm_score']:+.3f} · ")  # the baseline: no verdict
+    margin = other["rm_score"] - base["rm_score"]
+    assert margin != 0  # two different models' answers
+    verdict = f"{'beats' if margin > 0 else 'loses to'} the baseline by {abs(margin):.2g}"
+    assert answers[1][2][0].startswith(f"RM score {other['rm_score']:+.3f} ({verdict})")
+    assert f"exact {other['reward/exact']:+.3g} · eos {other['reward/eos']:+.3g}" in answers[1][2][0]
+    assert "answer = 7" in " ".join(c.value for c in app.caption)
 
 
 def test_one_sampling_pass_gives_gold_rm_score_and_kl_of_the_same_answers(models, monkeypatch):

@@ -215,7 +215,8 @@ def test_grpo_with_only_a_function_reward_learns_it(tmp_path, tok, store):
 
 def test_ppo_without_a_reward_model_logs_each_term(tmp_path, tok, store):
     """PPO whose terms are all functions loads no reward model (the value model starts at SFT with a new
-    head) and logs the total and each term; with one term of weight 1 they agree step by step."""
+    head) and logs the total and each term; with one term of weight 1 they agree step by step. Its rollout
+    sample records each answer's terms."""
     sft = save_checkpoint(load_policy("bundled", CPU), tok, tmp_path / "sft")
     config = PPOConfig.from_dict(dict(sft_model=str(sft), reward="exact,eos:weight=0.5", total_episodes=16,
                                       batch_size=8, ppo_epochs=1, response_length=8, ptx_coef=0.0, eval_prompts=0,
@@ -227,6 +228,15 @@ def test_ppo_without_a_reward_model_logs_each_term(tmp_path, tok, store):
         total = rows[(step, "reward/exact")] + 0.5 * rows[(step, "reward/eos")]
         assert rows[(step, "reward")] == pytest.approx(total, abs=1e-6)
         assert rows[(step, "eos_rate")] == pytest.approx(rows[(step, "reward/eos")])
+    # The rollout browser's sample holds every answer's terms, and they add up to the answer's reward.
+    from core.data import rollouts
+
+    for step in rollouts.steps(store, "ppo-terms"):
+        kept = rollouts.samples(store, "ppo-terms", step)
+        assert kept and all(set(s["terms"]) == {"exact", "eos"} for s in kept)
+        for s in kept:
+            assert s["terms"]["eos"] == float(s["finished"])
+            assert s["reward"] == pytest.approx(s["terms"]["exact"] + 0.5 * s["terms"]["eos"], abs=1e-4)
 
 
 FAILING = {

@@ -177,9 +177,19 @@ def test_monitor_expands_a_pipeline_into_its_stage_runs():
             {"id": "other", "stage": "ppo", "status": "done"}]
     assert [s.id for s in monitor.expand(runs, ["pipeline-x"])] == ["pipeline-x-sft", "pipeline-x-rm"]
     assert monitor.default_selection(runs) == ["pipeline-x"]
+    # A finished evaluation after the pipeline: the pipeline is still what Monitor opens on (an eval has no curves).
+    done = [{**r, "status": "done"} for r in runs] + [{"id": "eval-1", "stage": "eval", "status": "done"}]
+    assert monitor.default_selection(done) == ["other"]
+    assert monitor.default_selection(done[:2] + done[-1:]) == ["pipeline-x"]
+    assert monitor.default_selection(done[-1:]) == ["eval-1"]
     assert monitor.any_active(runs, ["pipeline-x"]) and not monitor.any_active(runs, ["other"])
     runs.append({"id": "pipeline-x-ppo-no-ptx", "stage": "ppo", "status": "queued"})
     assert [s.label for s in monitor.expand(runs, ["pipeline-x", "other"])] == ["sft", "rm", "ppo-no-ptx", ""]
+    # The page's run picker is drawn from the runs at page load: a run created since is missing from it.
+    before = [dict(r) for r in runs]
+    runs[0]["status"] = "done"  # the labels hold no status: nothing to redraw for
+    assert not monitor.runs_changed(before, runs)
+    assert monitor.runs_changed(before[:-1], before)  # a stage run that started since
     assert monitor.ema([1.0, 1.0, 1.0], 0.9) == [1.0, 1.0, 1.0]  # debiased: no pull toward 0
     assert monitor.ema([0.0, 1.0], 0.0) == [0.0, 1.0]
     curves, singles = monitor.split_single_points(

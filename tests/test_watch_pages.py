@@ -77,8 +77,9 @@ def test_home_results_card_shows_the_reports_numbers(app, workbench_home, tmp_pa
     assert tax["y"] == list(labels.values()) and tax["x"] == [report[k]["pretrain_loss"] for k in labels]
 
 
-def log_stage(store: Store, run_id: str, stage: str, status: str, metrics: dict[str, list[float]]) -> None:
-    store.create_run(run_id, stage, {})
+def log_stage(store: Store, run_id: str, stage: str, status: str, metrics: dict[str, list[float]],
+              config: dict | None = None) -> None:
+    store.create_run(run_id, stage, config or {})
     for name, values in metrics.items():
         for step, value in enumerate(values, 1):
             store.log_metrics(run_id, step, {name: value})
@@ -120,7 +121,8 @@ def test_monitor_follows_a_pipeline_and_new_stages_join(app, workbench_home):
 
 def test_rollout_browser_shows_samples_as_escaped_text(app, workbench_home):
     store = db(workbench_home)
-    log_stage(store, "ppo-r", "ppo", "done", {"reward": [0.1, 0.2]})
+    log_stage(store, "ppo-r", "ppo", "done", {"reward": [0.1, 0.2]},
+              config={"reward": "rm,length:target=3"})  # its terms' weights: 1 and -0.05
     tokenizer = load_tokenizer("bundled")
     prompts = [t.prompt for t in demo.train_tasks(8)]
     recorder = rollouts.RolloutRecorder(store, "ppo-r", num_steps=2, tokenizer=tokenizer)
@@ -129,6 +131,8 @@ def test_rollout_browser_shows_samples_as_escaped_text(app, workbench_home):
         rollout.texts[0] = ATTACK
         rollout.response_ids[0, :3] = torch.tensor(tokenizer(" <img src=x>", add_special_tokens=False)["input_ids"][:3])
         rollout.rm_members = torch.stack([rollout.reward_scores - 0.25, rollout.reward_scores + 0.25])  # an ensemble of 2
+        # reward = rm - 0.05 * length beyond 3 tokens: each answer's terms beside its total
+        rollout.term_scores = {"rm": rollout.reward_scores + 0.05 * 2, "length": torch.full((8,), 2.0)}
         recorder.record(step, prompts, rollout)
     at = open_page(app, "monitor")
     assert at.selectbox(key="rollout_run").value == "ppo-r"
@@ -136,10 +140,11 @@ def test_rollout_browser_shows_samples_as_escaped_text(app, workbench_home):
     assert len(bodies) == 8  # the step's kept answers
     assert all("<img" not in b for b in bodies) and any("&lt;" in b for b in bodies)
     assert any("reward +1.000 · members +0.75 +1.25" in b for b in bodies)  # each member's score of the answer
-    assert {"RM reward, step 2 (the whole batch)", "RM reward over training"} <= set(chart_titles(at))
+    assert any("reward +1.000 · members +0.75 +1.25" in b and "terms: rm +1.1 · length +2 ×-0.05" in b for b in bodies)
+    assert {"Reward, step 2 (the whole batch)", "Reward over training"} <= set(chart_titles(at))
     at.toggle(key="rollout_follow").set_value(False).run()
     at.select_slider(key="rollout_step_ppo-r").set_value(1).run()
-    assert "RM reward, step 1 (the whole batch)" in chart_titles(at)
+    assert "Reward, step 1 (the whole batch)" in chart_titles(at)
 
 
 def test_chat_and_rank_show_model_text_as_text(app, workbench_home, monkeypatch):
@@ -161,3 +166,26 @@ def test_chat_and_rank_show_model_text_as_text(app, workbench_home, monkeypatch)
     assert not at.exception, at.exception
     answers = [m.value for m in at.markdown if m.value.startswith("**A.**") or m.value.startswith("**B.**")]
     assert len(answers) == 2 and all("![" not in a and "<img" not in a.replace("\\<img", "") for a in answers)
+
+
+def test_the_doctor_reads_a_finished_run_once_and_a_running_one_on_every_refresh(app, workbench_home, monkeypatch):
+    """A finished run's curves cannot change: its findings are kept per (run, status, last update); a running
+    run's are read again on every refresh; a resumed run that finishes again is read again."""
+    from core.analysis import doctor
+
+    store = db(workbench_home)
+    log_stage(store, "ppo-done", "ppo", "done", {"kl": [0.1, 0.2]})
+    log_stage(store, "ppo-live", "ppo", "running", {"kl": [0.1, 0.2]})
+    reads: list[str] = []
+    load_run = doctor.load_run
+    monkeypatch.setattr(doctor, "load_run", lambda db_, run_id: reads.append(run_id) or load_run(db_, run_id))
+    at = open_page(app, "monitor")
+    at.multiselect(key="monitor_runs").set_value(["ppo-done", "ppo-live"]).run()
+    at.run()
+    assert not at.exception, at.exception
+    assert reads.count("ppo-done") == 1
+    assert reads.count("ppo-live") >= 3  # page load, the selection, the refresh
+    store.set_run_status("ppo-done", "running")  # resumed ...
+    store.set_run_status("ppo-done", "done")  # ... and finished again: a new last update
+    at.run()
+    assert reads.count("ppo-done") == 2

@@ -15,7 +15,9 @@ every checkpoint, so two copies of one model give the very same answers), and ea
   ties counting half (the baseline against itself: exactly 0.5).
 
 One code path for the CLI and the app: `run` is the job the Evaluate page submits and what `rlhf eval`
-calls; it writes `eval.json` and `eval.csv` into its output directory.
+calls; it writes `eval.json` and `eval.csv` into its output directory. `eval.json` also keeps every prompt
+(`prompts`: its turns and its row's other columns) and each checkpoint's answer to it with that answer's own
+numbers (`answers`), for the Evaluate page's per-prompt view.
 """
 
 from __future__ import annotations
@@ -190,6 +192,7 @@ def run(config: EvalConfig | dict, store: Store | None, events: Events, output_d
     import torch
 
     from core.stages.evaluate import score_answers
+    from core.models.chat import as_messages
     from core.models.ensemble import load_reward_model
     from core.models.loading import load_policy, load_tokenizer, pick_device
 
@@ -207,7 +210,7 @@ def run(config: EvalConfig | dict, store: Store | None, events: Events, output_d
         from core.stages.reward_terms import RewardModelTerm
 
         reward = plan.reward.with_reward_model(RewardModelTerm(reward_model, tokenizer.pad_token_id, device))
-    rows, scores = [], {}
+    rows, scores, per_prompt = [], {}, {}
     for i, (name, path) in enumerate(plan.paths.items()):
         if events.should_stop():
             events.log(f"stopped after {i} of {len(plan.paths)} checkpoints")
@@ -218,6 +221,7 @@ def run(config: EvalConfig | dict, store: Store | None, events: Events, output_d
                                 config.max_new_tokens, config.seed, reference=reference, reward=reward,
                                 columns=plan.columns)
         scores[name] = answers["rm"]
+        per_prompt[name] = prompt_answers(answers, plan.gold)
         n = len(plan.prompts)
         rows.append({
             "checkpoint": name, "path": path, "prompts": n, "rm_score": sum(answers["rm"]) / n,
@@ -237,10 +241,22 @@ def run(config: EvalConfig | dict, store: Store | None, events: Events, output_d
     events.progress(len(rows), len(plan.paths), "done")
     atomic_write_text(output_dir / RESULTS_JSON, json.dumps(
         {"config": config.to_dict(), "baseline": config.baseline_name, "reference": plan.reference,
-         "gold_applies": plan.gold, "rows": rows}, indent=2))
+         "gold_applies": plan.gold, "rows": rows,
+         "prompts": [{"turns": as_messages(p), "columns": c} for p, c in zip(plan.prompts, plan.columns)],
+         "answers": per_prompt}, indent=2, default=str))
     atomic_write_text(output_dir / RESULTS_CSV, table_csv(rows))
     events.close()
     return output_dir
+
+
+def prompt_answers(answers: dict, gold_applies: bool) -> list[dict]:
+    """`score_answers`' columns as one record per prompt: the answer's text, RM score, gold (demo prompts),
+    KL, length and each reward term's value (`reward/<term>`)."""
+    terms = answers["terms"] or {}
+    return [{"text": text, "rm_score": answers["rm"][j], "gold": answers["gold"][j] if gold_applies else None,
+             "kl": answers["kl"][j], "length": answers["length"][j],
+             **{f"reward/{term}": values[j] for term, values in terms.items()}}
+            for j, text in enumerate(answers["texts"])]
 
 
 def load_results(output_dir: str | Path) -> dict | None:

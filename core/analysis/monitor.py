@@ -14,6 +14,7 @@ from core.stages import STAGES
 
 PIPELINE = "pipeline"
 RUNS_OF_RUNS = (PIPELINE, "rounds")  # runs whose stages are runs of their own, named '<run>-<key>'
+WITHOUT_CURVES = ("eval",)  # runs that log no training curves
 # The recipe's order for grouping charts; stages registered later (DPO, GRPO...) follow in registry order.
 STAGE_TITLES = {"sft": "SFT", "rm": "Reward model", "ppo": "PPO"}
 
@@ -89,11 +90,19 @@ def any_active(runs: list[dict], selected: list[str]) -> bool:
     return any(s.active for s in expand(runs, selected))
 
 
+def runs_changed(before: list[dict], now: list[dict]) -> bool:
+    """Has a run been created since `before` (dicts with an id)? Then the page's run picker, drawn from
+    `before`, lacks it."""
+    return [r["id"] for r in before] != [r["id"] for r in now]
+
+
 def default_selection(runs: list[dict]) -> list[str]:
     """The active runs that are not a stage of a selected pipeline (a running pipeline is shown whole),
-    else the newest such run."""
+    else the newest such run; an evaluation (no curves: its table is on the Evaluate page) only when there is
+    nothing else."""
     in_pipeline = {s.id for r in runs if r["stage"] in RUNS_OF_RUNS for s in pipeline_stage_runs(runs, r["id"])}
-    top = [r for r in runs if r["id"] not in in_pipeline]
+    top = [r for r in runs if r["id"] not in in_pipeline and r["stage"] not in WITHOUT_CURVES] or \
+        [r for r in runs if r["id"] not in in_pipeline]
     active = [r["id"] for r in reversed(top) if r["status"] in ACTIVE_STATUSES]
     if active:
         return active

@@ -16,11 +16,15 @@ from core.textsafe import escape_html, token_text
 
 @dataclass
 class AnswerKL:
-    """One answer, token by token: `tokens` = [(token text, log π − log π_ref)], `kl` their sum."""
+    """One answer, token by token: `tokens` = [(token text, log π − log π_ref)], `kl` their sum; `rm_score` the
+    reward model's (an ensemble's aggregate), `rm_members` each member's score (one for a single RM) and
+    `rm_spread` their disagreement (the std the conservative reward subtracts)."""
 
     tokens: list[tuple[str, float]]
     kl: float
     rm_score: float | None = None
+    rm_members: list[float] | None = None
+    rm_spread: float | None = None
 
 
 @torch.no_grad()
@@ -44,19 +48,22 @@ def answer_view(policy, reference_policy, tokenizer, conversation: str | list[di
                 temperature: float, reward_model=None) -> AnswerKL:
     """An answer's tokens (as sampled: EOS included when it stopped) after `conversation` (its turns
     so far, encoded as generation encodes them): each token's log π − log π_ref, their sum, and the
-    RM's score at the last token, as PPO reads it. The models must share the policy's tokenizer
-    (`check_same_tokenizer`, at the caller)."""
+    RM's score at the last token, as PPO reads it: a `RewardEnsemble`'s aggregate with each member's
+    score, or a plain reward model's. The models must share the policy's tokenizer (`check_same_tokenizer`,
+    at the caller)."""
+    from core.models.ensemble import answer_scores, disagreement
     from core.models.generate import encode_prompts
-    from core.models.loading import token_scores
 
     prompt_ids = encode_prompts(tokenizer, [conversation])[0][0].tolist()  # one row: no padding
     per_token = answer_token_kl(policy, reference_policy, prompt_ids, answer_ids, temperature)
     tokens = [(token_text(tokenizer, t), k) for t, k in zip(answer_ids, per_token)]
-    rm_score = None
-    if reward_model is not None:
-        ids = torch.tensor([prompt_ids + answer_ids], device=next(reward_model.parameters()).device)
-        rm_score = float(token_scores(reward_model, ids, torch.ones_like(ids))[0, -1])
-    return AnswerKL(tokens, sum(per_token), rm_score)
+    if reward_model is None:
+        return AnswerKL(tokens, sum(per_token))
+    device = next(reward_model.parameters()).device
+    ids = torch.tensor([prompt_ids + answer_ids], device=device)
+    reward, members = answer_scores(reward_model, ids, torch.ones_like(ids), None, len(prompt_ids),
+                                    torch.tensor([len(answer_ids) - 1], device=device))
+    return AnswerKL(tokens, sum(per_token), float(reward[0]), members[:, 0].tolist(), float(disagreement(members)[0]))
 
 
 def token_html(tokens: list[tuple[str, float]]) -> str:

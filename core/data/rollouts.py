@@ -2,8 +2,9 @@
 
 Per recorded step: every answer's reward (for the reward histogram, a batch of floats) and
 `SAMPLES_PER_STEP` answers in full: prompt, response, reward, gold (demo prompts only), length, each
-reward-model ensemble member's score (an ensemble's aggregate is the `rm` term's value) and, per response
-token, log pi - log pi_ref (k1, the per-token KL the reward is penalised by).
+reward term's value (`reward/<term>`'s per answer), each reward-model ensemble member's score (an ensemble's
+aggregate is the `rm` term's value) and, per response token, log pi - log pi_ref (k1, the per-token KL the
+reward is penalised by).
 
 Bounded: a run records its first and last step and every `stride`-th step in between, with
 stride = ceil(num_steps / MAX_STEPS), so a 2,000-step run keeps about MAX_STEPS steps, at most
@@ -29,7 +30,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollout_steps (
     run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     step INTEGER NOT NULL,
-    rewards TEXT NOT NULL,             -- JSON list: the RM score of every answer of the batch
+    rewards TEXT NOT NULL,             -- JSON list: the reward (all terms) of every answer of the batch
     PRIMARY KEY (run_id, step)
 );
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -45,6 +46,7 @@ CREATE TABLE IF NOT EXISTS rollouts (
     finished INTEGER NOT NULL,         -- emitted EOS
     tokens TEXT NOT NULL,              -- JSON [[token text, log pi - log pi_ref], ...]
     members TEXT,                      -- JSON list: each reward-model ensemble member's score; NULL for one RM
+    terms TEXT,                        -- JSON {term name: its unweighted value}; NULL in stores from before terms
     PRIMARY KEY (run_id, step, idx)
 );
 """
@@ -58,9 +60,12 @@ def ensure_schema(store: Store) -> None:
     if key not in _READY:
         db = store._conn()
         db.executescript(SCHEMA)
-        # Stores written before ensembles have no `members` column: added empty, the old rows read as one RM's.
-        if "members" not in {row[1] for row in db.execute("PRAGMA table_info(rollouts)")}:
-            db.execute("ALTER TABLE rollouts ADD COLUMN members TEXT")
+        # Stores written before ensembles (or reward terms) lack the `members` (or `terms`) column: added empty,
+        # the old rows read as one RM's (with no terms recorded).
+        have = {row[1] for row in db.execute("PRAGMA table_info(rollouts)")}
+        for column in ("members", "terms"):
+            if column not in have:
+                db.execute(f"ALTER TABLE rollouts ADD COLUMN {column} TEXT")
         _READY.add(key)
 
 
@@ -88,7 +93,8 @@ class RolloutRecorder:
             ensure_schema(self.store)
 
     def record(self, step: int, prompts: list[str], rollout) -> None:
-        """`rollout` is ppo.Rollout: response_ids, response_mask, logprobs, ref_logprobs, reward_scores, texts."""
+        """`rollout` is ppo.Rollout: response_ids, response_mask, logprobs, ref_logprobs, reward_scores, texts,
+        and (when present) term_scores (each reward term's values) and rm_members."""
         if self.store is None or not recorded(step, self.num_steps, self.max_steps):
             return
         rewards = rollout.reward_scores.detach().float().cpu().tolist()
@@ -99,6 +105,8 @@ class RolloutRecorder:
         finished = rollout.finished[:n].detach().cpu().tolist()
         members = getattr(rollout, "rm_members", None)  # (members, B); kept only for an ensemble
         members = members[:, :n].T.float().cpu().tolist() if members is not None and len(members) > 1 else None
+        term_values = {name: values[:n].detach().float().cpu().tolist()
+                       for name, values in (getattr(rollout, "term_scores", None) or {}).items()}
         rows = []
         for i in range(n):
             length = int(mask[i].sum())
@@ -107,13 +115,14 @@ class RolloutRecorder:
             gold = demo.gold_score(prompt, text) if demo.expected_answer(prompt) is not None else None
             rows.append((self.run_id, step, i, prompt_display(prompt), text, rewards[i], gold, sum(k for _, k in tokens),
                          length, int(bool(finished[i])), json.dumps(tokens),
-                         None if members is None else json.dumps([round(m, 4) for m in members[i]])))
+                         None if members is None else json.dumps([round(m, 4) for m in members[i]]),
+                         json.dumps({name: round(v[i], 5) for name, v in term_values.items()})))
         with self.store._tx() as db:
             db.execute("INSERT OR REPLACE INTO rollout_steps(run_id, step, rewards) VALUES (?,?,?)",
                        (self.run_id, step, json.dumps([round(r, 5) for r in rewards])))
             db.execute("DELETE FROM rollouts WHERE run_id = ? AND step = ?", (self.run_id, step))
             db.executemany("""INSERT INTO rollouts(run_id, step, idx, prompt, response, reward, gold, kl, length,
-                              finished, tokens, members) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)""", rows)
+                              finished, tokens, members, terms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""", rows)
 
 
 # -- reading (the Monitor page) -------------------------------------------------------------------
@@ -135,22 +144,26 @@ def steps(store: Store, run_id: str) -> list[int]:
 
 
 def rewards(store: Store, run_id: str) -> dict[int, list[float]]:
-    """Step -> every answer's RM score in that step's batch (the histograms)."""
+    """Step -> every answer's reward (the total of its terms: the RM score when the reward is `rm`) in that
+    step's batch (the histograms)."""
     ensure_schema(store)
     rows = store._rows("SELECT step, rewards FROM rollout_steps WHERE run_id = ? ORDER BY step", (run_id,))
     return {r["step"]: json.loads(r["rewards"]) for r in rows}
 
 
 def samples(store: Store, run_id: str, step: int) -> list[dict]:
-    """The step's kept answers, highest RM score first; `tokens` as [(text, log pi - log pi_ref)]; `members`: each
-    ensemble member's score (None for one RM)."""
+    """The step's kept answers, highest reward first; `tokens` as [(text, log pi - log pi_ref)]; `members`: each
+    ensemble member's score (None for one RM); `terms`: {reward term: its unweighted value} ({} when not
+    recorded)."""
     ensure_schema(store)
-    rows = store._rows("""SELECT idx, prompt, response, reward, gold, kl, length, finished, tokens, members FROM rollouts
+    rows = store._rows("""SELECT idx, prompt, response, reward, gold, kl, length, finished, tokens, members, terms
+                          FROM rollouts
                           WHERE run_id = ? AND step = ? ORDER BY reward DESC, idx""", (run_id, step))
     for r in rows:
         r["tokens"] = [tuple(t) for t in json.loads(r["tokens"])]
         r["finished"] = bool(r["finished"])
         r["members"] = json.loads(r["members"]) if r["members"] else None
+        r["terms"] = json.loads(r["terms"]) if r["terms"] else {}
     return rows
 
 

@@ -28,7 +28,7 @@ def measure_answers(
     answers in one sampling pass:
 
     - `parts`: the labeler's `demo.GoldParts` (None unless every prompt is one of the demo's);
-    - `length`: tokens, EOS included; `finished`: the answer emitted EOS;
+    - `texts`: the answers themselves; `length`: tokens, EOS included; `finished`: the answer emitted EOS;
     - `rm` (with `reward_model`): the raw RM score (`answer_rm_scores`; when `reward` has an `rm` term over
       this very model, that term's values: the RM scores each answer once, not twice);
     - `kl` (with `reference`): KL(pi || pi_ref) of the answer, sum_t (log pi(y_t) - log pi_ref(y_t)), EOS
@@ -44,7 +44,7 @@ def measure_answers(
     for m in networks:
         m.eval()
     gold_applies = all_demo(prompts)
-    out: dict[str, list | None] = {"parts": [] if gold_applies else None, "length": [], "finished": [],
+    out: dict[str, list | None] = {"parts": [] if gold_applies else None, "texts": [], "length": [], "finished": [],
                                    "rm": None if reward_model is None else [],
                                    "kl": None if reference is None else [], "terms": None if reward is None else {},
                                    "reward": None if reward is None else []}
@@ -53,6 +53,7 @@ def measure_answers(
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
             answers = sample(model, tokenizer, chunk, max_new_tokens, temperature, seed=seed + i)
+            out["texts"] += answers.texts
             out["length"] += answers.response_mask.sum(1).tolist()
             out["finished"] += answers.finished.tolist()
             if gold_applies:
@@ -129,15 +130,15 @@ def score_answers(
     model, tokenizer, prompts: list[str], reward_model, temperature: float = 1.0, max_new_tokens: int = 24,
     seed: int = 1234, batch_size: int = 64, reference=None, reward=None, columns: list[dict] | None = None,
 ) -> dict[str, list | None]:
-    """One answer per prompt sampled from `model`, and per answer: the raw RM score (`rm`), the gold
+    """One answer per prompt sampled from `model` (`texts`), and per answer: the raw RM score (`rm`), the gold
     score (`gold`, None unless every prompt is one of the demo's), the length in tokens, EOS included
     (`length`), with `reference` the KL to it (`kl`, else None) and with `reward` (reward terms) each
     term's values (`terms`, {term: [...]}, else None): `measure_answers`."""
     answers = measure_answers(model, tokenizer, prompts, temperature, max_new_tokens, seed, batch_size,
                               reward_model=reward_model, reference=reference, reward=reward, columns=columns)
     gold = None if answers["parts"] is None else [p.score for p in answers["parts"]]
-    return {"rm": answers["rm"], "gold": gold, "length": answers["length"], "kl": answers["kl"],
-            "terms": answers["terms"]}
+    return {"texts": answers["texts"], "rm": answers["rm"], "gold": gold, "length": answers["length"],
+            "kl": answers["kl"], "terms": answers["terms"]}
 
 
 def policy_eval(
