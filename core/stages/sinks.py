@@ -11,7 +11,6 @@ looks), one project for all runs. No account, and nothing leaves the machine (do
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
