@@ -1,4 +1,4 @@
-"""Monitor: live curves of the selected runs, grouped by stage, and a browser of PPO's rollouts.
+"""Monitor: live curves of the selected runs, grouped by stage, and a browser of PPO's, GRPO's and RLOO's rollouts.
 
 A pipeline run stands for its stage runs (SFT -> RM -> PPO), found again on every refresh, so a
 stage that starts after the page opened joins by itself. Curves refresh every few seconds while a
@@ -6,7 +6,8 @@ shown run is active and stop when all are done. Watch RM reward against gold sco
 together: reward climbing while gold falls is the reward model being gamed (over-optimisation). With an
 ensemble reward model, `ensemble_std` (the members' disagreement) beside them rises where the policy
 leaves what the members learned; the rollout browser shows each answer's per-member scores and, with reward
-terms, each term's value (`reward/<term>` per answer). The run
+terms, each term's value (`reward/<term>` per answer); a GRPO or RLOO answer its group advantage, with no
+per-token KL (TRL does not expose it: shown as "—", never as 0). The run
 doctor reads the same curves per run, says what looks wrong and why, and relaunches a run with what to try.
 """
 
@@ -233,11 +234,14 @@ def sample_html(sample: dict, weights: dict[str, float]) -> str:
     terms = ("<br>terms: " + " · ".join(f"{escape_html(name)} {value:+.3g}" + (f" ×{weights[name]:g}" if weights.get(
         name, 1.0) != 1.0 else "") for name, value in sample["terms"].items()) if set(sample.get("terms") or {}) - {"rm"}
              else "")
-    return (f'<div style="font-size: 0.85rem; color: #555">reward {sample["reward"]:+.3f}{members}{gold} · '
-            f'KL {sample["kl"]:+.2f} · {sample["length"]} tokens · {ending}{terms}</div>'
+    advantage = f" · advantage {sample['advantage']:+.2f}" if sample.get("advantage") is not None else ""
+    measured = sample["kl"] is not None  # GRPO and RLOO record no KL: "—", and the answer's text uncoloured
+    kl = f"{sample['kl']:+.2f}" if measured else "—"
+    text = token_html(sample["tokens"]) if measured else escape_html(sample["response"])
+    return (f'<div style="font-size: 0.85rem; color: #555">reward {sample["reward"]:+.3f}{members}{gold}{advantage} · '
+            f'KL {kl} · {sample["length"]} tokens · {ending}{terms}</div>'
             f'<div style="color: #666; margin: 4px 0">User: {escape_html(sample["prompt"])}</div>'
-            f'<div style="font-family: monospace; white-space: pre-wrap; line-height: 1.7">'
-            f'{token_html(sample["tokens"])}</div>')
+            f'<div style="font-family: monospace; white-space: pre-wrap; line-height: 1.7">{text}</div>')
 
 
 @st.fragment(run_every=rollout_refresh)
@@ -246,11 +250,11 @@ def rollout_browser() -> None:
     shown = monitor.expand(runs_now, selected)
     with_rollouts = rollouts.runs_with_rollouts(store, [s.id for s in shown])
     if not with_rollouts:
-        st.info("No rollouts yet: a PPO run keeps a sample of its answers at each step; they appear here after "
-                "its first step.")
+        st.info("No rollouts yet: a PPO, GRPO or RLOO run keeps a sample of its answers at each step; they appear "
+                "here after its first step.")
         return
     left, right = st.columns([2, 1])
-    run_id = left.selectbox("PPO run", with_rollouts, key="rollout_run")
+    run_id = left.selectbox("Rollouts of run", with_rollouts, key="rollout_run")
     steps = rollouts.steps(store, run_id)
     follow = right.toggle("Latest step", value=True, key="rollout_follow",
                           help="follow the newest recorded step while the run trains")
@@ -269,9 +273,12 @@ def rollout_browser() -> None:
                          xaxis_title="step", yaxis_title="reward")
     spread.plotly_chart(figure, key="rollout_spread", width="stretch")
     kept = rollouts.samples(store, run_id, step)
-    st.caption(f"Step {step}: {len(kept)} of the batch's answers, highest reward first. Each token is coloured "
-               "by log π − log π_ref: red where the policy puts more probability on it than the SFT model, "
-               "blue where less (hover a token for the value).")
+    coloured = any(s["kl"] is not None for s in kept)
+    st.caption(f"Step {step}: {len(kept)} of the batch's answers, highest reward first. " + (
+        "Each token is coloured by log π − log π_ref: red where the policy puts more probability on it than the SFT "
+        "model, blue where less (hover a token for the value)." if coloured else
+        "Advantage: the answer's in the update (its reward against its group's). No per-token KL: TRL keeps the "
+        "policy's log-probs inside its loss, so the answers are not coloured by it."))
     weights = term_weights(run_id)
     for sample in kept:
         with st.container(border=True):

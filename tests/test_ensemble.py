@@ -321,14 +321,22 @@ def test_the_rollout_sample_keeps_each_members_score_and_older_stores_gain_the_c
     from core.data.store import Store
 
     store = Store(tmp_path / "before-ensembles.db")
-    # A store written before ensembles: its rollouts table has no `members` column, and holds a row.
-    store._conn().executescript("\n".join(line for line in rollouts.SCHEMA.splitlines() if "members TEXT" not in line and "terms TEXT" not in line))
+    # A store written before ensembles: its rollouts table has no `members` column (nor `terms`, nor `advantage`),
+    # holds `kl` NOT NULL, and holds a row.
+    before = rollouts.SCHEMA.replace("kl REAL,", "kl REAL NOT NULL,")
+    store._conn().executescript("\n".join(line for line in before.splitlines()
+                                          if not any(c in line for c in ("members TEXT", "terms TEXT", "advantage REAL"))))
     store.create_run("ppo-e", "ppo", {})
     store._conn().execute("INSERT INTO rollout_steps VALUES ('ppo-e', 1, '[0.5]')")
     store._conn().execute("INSERT INTO rollouts VALUES ('ppo-e', 1, 0, 'p', 'r', 0.5, NULL, 0.0, 1, 1, '[]')")
     store._conn().commit()
     assert rollouts.samples(store, "ppo-e", 1)[0]["members"] is None  # the old row reads as one RM's
     assert rollouts.samples(store, "ppo-e", 1)[0]["terms"] == {}  # and without terms (written before them)
+    # Rebuilt, not only extended: a GRPO/RLOO sample (no KL measured) now fits, and the old row stayed.
+    recorder = rollouts.RolloutRecorder(store, "ppo-e", num_steps=3, tokenizer=tok)
+    recorder.write(3, [0.25], [rollouts.Sample("p", "r", 0.25, 1, True, advantage=0.5)])
+    assert [(s["kl"], s["advantage"]) for s in rollouts.samples(store, "ppo-e", 3)] == [(None, 0.5)]
+    assert rollouts.samples(store, "ppo-e", 1)[0]["kl"] == 0.0 and rollouts.steps(store, "ppo-e") == [1, 3]
 
     prompts = [t.prompt for t in demo.train_tasks(4)]
     mask = torch.ones(4, 3)

@@ -239,6 +239,65 @@ def test_ppo_without_a_reward_model_logs_each_term(tmp_path, tok, store):
             assert s["reward"] == pytest.approx(s["terms"]["exact"] + 0.5 * s["terms"]["eos"], abs=1e-4)
 
 
+GROUP_REWARD = "contains:text=The answer is,eos:weight=0.5,length:target=6:weight=-0.1"
+
+
+def run_group_method(method: str, tmp_path, tok, store, total_episodes: int):
+    """A tiny GRPO or RLOO run on the demo's prompts, rewarded by three terms (batches of two prompts, two answers
+    each, 8 tokens at most): (run id, config)."""
+    from core.config import RLOOConfig
+
+    sft = save_checkpoint(load_policy("bundled", CPU), tok, tmp_path / "sft")
+    config = (GRPOConfig if method == "grpo" else RLOOConfig).from_dict(dict(
+        sft_model=str(sft), reward=GROUP_REWARD, total_episodes=total_episodes, batch_size=4, num_generations=2,
+        max_completion_length=8, beta=0.0, save_every=100, eval_prompts=0, device="cpu", seed=0))
+    run_id = f"{method}-rollouts"
+    store.start_run(run_id, method, config.to_dict(), str(tmp_path / method))
+    get_stage(method).runner(config, store, Events(store, run_id), tmp_path / method)
+    return run_id, config
+
+
+def group_advantages(method: str, rewards: list[float]) -> list[float]:
+    """A group's advantages as GRPO (reward - group mean, over the group's unbiased std) and RLOO (reward - the
+    mean of the others) build them at beta=0, by hand."""
+    n = len(rewards)
+    mean = sum(rewards) / n
+    if method == "rloo":
+        return [r - (sum(rewards) - r) / (n - 1) for r in rewards]
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1))
+    return [(r - mean) / (std + 1e-4) for r in rewards]
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_group_methods_record_each_answers_terms_and_advantage(method, tmp_path, tok, store):
+    """GRPO and RLOO keep a rollout sample per step in PPO's table, at the steps the trainer logged: each kept
+    answer's terms add up to its reward, and its advantage is the one its group gives it (by hand, from the kept
+    rewards less the missing-EOS penalty), so a sample out of line with the advantages fails. No KL is measured:
+    NULL, not 0."""
+    from core.data import rollouts
+
+    run_id, config = run_group_method(method, tmp_path, tok, store, total_episodes=12)
+    logged = sorted({r["step"] for r in store.metrics([run_id]) if r["name"] == "reward"})
+    assert rollouts.steps(store, run_id) == logged == [1, 2, 3]
+    batches, advantages = rollouts.rewards(store, run_id), []
+    for step in logged:
+        kept = sorted(rollouts.samples(store, run_id, step), key=lambda s: s["idx"])
+        assert len(kept) == len(batches[step]) == 4  # the whole batch: two prompts, two answers each
+        assert [s["reward"] for s in kept] == pytest.approx(batches[step], abs=1e-5)
+        for s in kept:
+            assert set(s["terms"]) == {"contains", "eos", "length"}
+            assert s["reward"] == pytest.approx(s["terms"]["contains"] + 0.5 * s["terms"]["eos"]
+                                                - 0.1 * s["terms"]["length"], abs=1e-4)
+            assert s["terms"]["eos"] == float(s["finished"])
+            assert s["kl"] is None and s["tokens"] == [] and s["gold"] is not None  # demo prompts: gold applies
+        for group in (kept[:2], kept[2:]):
+            assert group[0]["prompt"] == group[1]["prompt"]
+            penalised = [s["reward"] - (0.0 if s["finished"] else config.missing_eos_penalty) for s in group]
+            assert [s["advantage"] for s in group] == pytest.approx(group_advantages(method, penalised), abs=1e-3)
+            advantages += [s["advantage"] for s in group]
+    assert sum(abs(a) > 0.1 for a in advantages) >= 4  # groups whose answers differ: the check above has teeth
+
+
 FAILING = {
     "raises": ("def score(prompts, completions):\n    raise KeyError('oops')\n", "raised KeyError"),
     "nan": ("def score(prompts, completions):\n    return [float('nan')] * len(completions)\n", "returned nan for the answer"),

@@ -12,6 +12,7 @@ from core.analysis import results
 from core.data import demo, rollouts
 from core.data.store import Store
 from core.models.loading import load_tokenizer
+from core.textsafe import escape_html
 from tests.test_pages import db, open_page
 from tests.test_watch import fake_rollout, sample_report, write_pipeline_run
 
@@ -145,6 +146,28 @@ def test_rollout_browser_shows_samples_as_escaped_text(app, workbench_home):
     at.toggle(key="rollout_follow").set_value(False).run()
     at.select_slider(key="rollout_step_ppo-r").set_value(1).run()
     assert "Reward, step 1 (the whole batch)" in chart_titles(at)
+
+
+def test_rollout_browser_shows_a_grpo_runs_answers_with_terms_advantage_and_no_kl(app, workbench_home, tmp_path):
+    """A real (tiny) GRPO run's sample: each answer with its reward, its terms with their weights and its group
+    advantage; KL, which GRPO does not measure, reads "—", never "+0.00"."""
+    from tests.test_reward_terms import run_group_method
+
+    store = db(workbench_home)
+    run_id, _ = run_group_method("grpo", tmp_path, load_tokenizer("bundled"), store, total_episodes=8)
+    at = open_page(app, "monitor")
+    assert at.selectbox(key="rollout_run").value == run_id
+    kept = rollouts.samples(store, run_id, 2)
+    bodies = [h.proto.body for h in at.get("html")]
+    assert len(bodies) == len(kept) == 4 and "Reward, step 2 (the whole batch)" in chart_titles(at)
+    for sample, body in zip(kept, bodies):  # highest reward first, as the page lists them
+        terms = sample["terms"]
+        assert body.startswith(f'<div style="font-size: 0.85rem; color: #555">reward {sample["reward"]:+.3f}')
+        assert f"advantage {sample['advantage']:+.2f} · KL — · {sample['length']} tokens" in body
+        assert (f"terms: contains {terms['contains']:+.3g} · eos {terms['eos']:+.3g} ×0.5 · "
+                f"length {terms['length']:+.3g} ×-0.1") in body
+        assert escape_html(sample["response"]) in body
+    assert "No per-token KL" in " ".join(c.value for c in at.caption)
 
 
 def test_chat_and_rank_show_model_text_as_text(app, workbench_home, monkeypatch):

@@ -1,10 +1,13 @@
-"""A bounded sample of PPO's rollouts, kept in the store for the Monitor page's rollout browser.
+"""A bounded sample of the third stage's rollouts (PPO's, GRPO's and RLOO's), kept in the store for the Monitor
+page's rollout browser.
 
 Per recorded step: every answer's reward (for the reward histogram, a batch of floats) and
 `SAMPLES_PER_STEP` answers in full: prompt, response, reward, gold (demo prompts only), length, each
 reward term's value (`reward/<term>`'s per answer), each reward-model ensemble member's score (an ensemble's
 aggregate is the `rm` term's value) and, per response token, log pi - log pi_ref (k1, the per-token KL the
-reward is penalised by).
+reward is penalised by). PPO records all of it (`RolloutRecorder.record`); GRPO and RLOO
+(`core/stages/trl_bridge.GroupRollouts`) record the group advantage their update used and no KL (TRL computes
+the policy's log-probs inside its loss, out of a reward function's sight): what a method does not give stays NULL.
 
 Bounded: a run records its first and last step and every `stride`-th step in between, with
 stride = ceil(num_steps / MAX_STEPS), so a 2,000-step run keeps about MAX_STEPS steps, at most
@@ -16,8 +19,11 @@ created here, by the one module that writes and reads them.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import sqlite3
+from dataclasses import dataclass, field
 
 from core.data import demo
 from core.data.store import Store, prompt_display
@@ -41,12 +47,13 @@ CREATE TABLE IF NOT EXISTS rollouts (
     response TEXT NOT NULL,
     reward REAL NOT NULL,              -- the reward before the missing-EOS penalty (the `reward` metric)
     gold REAL,                         -- the demo labeler's score; NULL outside the demo task
-    kl REAL NOT NULL,                  -- sum over the answer's tokens of log pi - log pi_ref
+    kl REAL,                           -- sum over the answer's tokens of log pi - log pi_ref; NULL: not measured
     length INTEGER NOT NULL,           -- response tokens, EOS included
     finished INTEGER NOT NULL,         -- emitted EOS
-    tokens TEXT NOT NULL,              -- JSON [[token text, log pi - log pi_ref], ...]
+    tokens TEXT NOT NULL,              -- JSON [[token text, log pi - log pi_ref], ...]; [] where kl is NULL
     members TEXT,                      -- JSON list: each reward-model ensemble member's score; NULL for one RM
     terms TEXT,                        -- JSON {term name: its unweighted value}; NULL in stores from before terms
+    advantage REAL,                    -- GRPO/RLOO: the answer's advantage in the update; NULL for PPO (per token)
     PRIMARY KEY (run_id, step, idx)
 );
 """
@@ -58,15 +65,39 @@ _READY: set[str] = set()  # store files whose tables exist (executescript once p
 def ensure_schema(store: Store) -> None:
     key = str(store.path)
     if key not in _READY:
-        db = store._conn()
-        db.executescript(SCHEMA)
-        # Stores written before ensembles (or reward terms) lack the `members` (or `terms`) column: added empty,
-        # the old rows read as one RM's (with no terms recorded).
-        have = {row[1] for row in db.execute("PRAGMA table_info(rollouts)")}
-        for column in ("members", "terms"):
-            if column not in have:
-                db.execute(f"ALTER TABLE rollouts ADD COLUMN {column} TEXT")
+        store._conn().executescript(SCHEMA)
+        if _columns(store._conn(), "rollouts") != _current_columns():
+            _upgrade(store)
         _READY.add(key)
+
+
+def _columns(db: sqlite3.Connection, table: str) -> list[tuple]:
+    return [(r[1], r[2], r[3]) for r in db.execute(f"PRAGMA table_info({table})")]  # name, type, NOT NULL
+
+
+@functools.cache
+def _current_columns() -> list[tuple]:
+    """The rollouts table's columns as SCHEMA writes them today."""
+    with sqlite3.connect(":memory:") as db:
+        db.executescript(SCHEMA)
+        return _columns(db, "rollouts")
+
+
+def _upgrade(store: Store) -> None:
+    """An older store's rollouts table rebuilt as SCHEMA writes it, its rows kept (a column it lacked reads NULL):
+    stores from before ensembles lack `members`, before reward terms `terms`, before GRPO/RLOO's samples
+    `advantage`, and held `kl` NOT NULL. SQLite cannot drop a NOT NULL in place, so the table is rebuilt
+    (sqlite.org/lang_altertable.html, "making other kinds of changes"), in one transaction; nothing refers to it."""
+    table = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS rollouts "):]
+    with store._tx() as db:
+        if _columns(db, "rollouts") == _current_columns():  # another process upgraded it meanwhile
+            return
+        old = {name for name, _, _ in _columns(db, "rollouts")}
+        db.execute(table.replace("IF NOT EXISTS rollouts ", "rollouts_new ", 1))
+        kept = ", ".join(name for name, _, _ in _columns(db, "rollouts_new") if name in old)
+        db.execute(f"INSERT INTO rollouts_new({kept}) SELECT {kept} FROM rollouts")
+        db.execute("DROP TABLE rollouts")
+        db.execute("ALTER TABLE rollouts_new RENAME TO rollouts")
 
 
 def stride(num_steps: int, max_steps: int = MAX_STEPS) -> int:
@@ -78,8 +109,28 @@ def recorded(step: int, num_steps: int, max_steps: int = MAX_STEPS) -> bool:
     return step == 1 or step == num_steps or step % stride(num_steps, max_steps) == 0
 
 
+@dataclass
+class Sample:
+    """One kept answer as the rollouts table holds it. `prompt`: the prompt as the stage has it (a conversation as
+    its turns); `tokens`: [[token text, log pi - log pi_ref]] ([] where not measured: `kl` None);
+    `terms`: each reward term's unweighted value; `members`: each ensemble member's score (None for one RM);
+    `advantage`: the answer's advantage in a group method's update (None for PPO's per-token advantages)."""
+
+    prompt: str | list[dict]
+    response: str
+    reward: float
+    length: int
+    finished: bool
+    tokens: list[list] = field(default_factory=list)
+    kl: float | None = None
+    members: list[float] | None = None
+    terms: dict[str, float] = field(default_factory=dict)
+    advantage: float | None = None
+
+
 class RolloutRecorder:
-    """Called once per PPO step from `core/stages/ppo.run`; a no-op without a store or run id."""
+    """Writes a step's sample of a run's rollouts (`record` from `core/stages/ppo.run`, `write` from GRPO's and
+    RLOO's `core/stages/trl_bridge.GroupRollouts`); a no-op without a store or run id."""
 
     def __init__(self, store: Store | None, run_id: str | None, num_steps: int, tokenizer,
                  per_step: int = SAMPLES_PER_STEP, max_steps: int = MAX_STEPS):
@@ -92,10 +143,16 @@ class RolloutRecorder:
         if self.store is not None:
             ensure_schema(self.store)
 
+    def due(self, step: int, span: int = 1) -> bool:
+        """Does the run keep a sample of the answers that train steps `step` .. `step + span - 1`? (A group
+        method samples once for `span` steps: kept when any of them is a kept step.)"""
+        last = min(self.num_steps, step + span - 1)
+        return self.store is not None and any(recorded(s, self.num_steps, self.max_steps) for s in range(step, last + 1))
+
     def record(self, step: int, prompts: list[str], rollout) -> None:
         """`rollout` is ppo.Rollout: response_ids, response_mask, logprobs, ref_logprobs, reward_scores, texts,
         and (when present) term_scores (each reward term's values) and rm_members."""
-        if self.store is None or not recorded(step, self.num_steps, self.max_steps):
+        if not self.due(step):
             return
         rewards = rollout.reward_scores.detach().float().cpu().tolist()
         n = min(self.per_step, len(prompts))
@@ -107,22 +164,34 @@ class RolloutRecorder:
         members = members[:, :n].T.float().cpu().tolist() if members is not None and len(members) > 1 else None
         term_values = {name: values[:n].detach().float().cpu().tolist()
                        for name, values in (getattr(rollout, "term_scores", None) or {}).items()}
-        rows = []
+        samples = []
         for i in range(n):
             length = int(mask[i].sum())
             tokens = [[token_text(self.tokenizer, t), round(k, 5)] for t, k in zip(ids[i][:length], kl[i][:length])]
-            prompt, text = prompts[i], rollout.texts[i]
-            gold = demo.gold_score(prompt, text) if demo.expected_answer(prompt) is not None else None
-            rows.append((self.run_id, step, i, prompt_display(prompt), text, rewards[i], gold, sum(k for _, k in tokens),
-                         length, int(bool(finished[i])), json.dumps(tokens),
-                         None if members is None else json.dumps([round(m, 4) for m in members[i]]),
-                         json.dumps({name: round(v[i], 5) for name, v in term_values.items()})))
+            samples.append(Sample(prompts[i], rollout.texts[i], rewards[i], length, bool(finished[i]), tokens,
+                                  kl=sum(k for _, k in tokens), members=None if members is None else members[i],
+                                  terms={name: v[i] for name, v in term_values.items()}))
+        self.write(step, rewards, samples)
+
+    def write(self, step: int, rewards: list[float], samples: list[Sample]) -> None:
+        """The step's row: `rewards`, every answer's (the histogram), and the kept `samples` (the first
+        `per_step`), each with the demo labeler's gold on a demo prompt."""
+        if self.store is None:
+            return
+        rows = []
+        for i, s in enumerate(samples[: self.per_step]):
+            gold = demo.gold_score(s.prompt, s.response) if demo.expected_answer(s.prompt) is not None else None
+            rows.append((self.run_id, step, i, prompt_display(s.prompt), s.response, s.reward, gold, s.kl, s.length,
+                         int(s.finished), json.dumps(s.tokens),
+                         None if s.members is None else json.dumps([round(m, 4) for m in s.members]),
+                         json.dumps({name: round(v, 5) for name, v in s.terms.items()}), s.advantage))
         with self.store._tx() as db:
             db.execute("INSERT OR REPLACE INTO rollout_steps(run_id, step, rewards) VALUES (?,?,?)",
                        (self.run_id, step, json.dumps([round(r, 5) for r in rewards])))
             db.execute("DELETE FROM rollouts WHERE run_id = ? AND step = ?", (self.run_id, step))
             db.executemany("""INSERT INTO rollouts(run_id, step, idx, prompt, response, reward, gold, kl, length,
-                              finished, tokens, members, terms) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""", rows)
+                              finished, tokens, members, terms, advantage) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+                           rows)
 
 
 # -- reading (the Monitor page) -------------------------------------------------------------------
@@ -154,9 +223,10 @@ def rewards(store: Store, run_id: str) -> dict[int, list[float]]:
 def samples(store: Store, run_id: str, step: int) -> list[dict]:
     """The step's kept answers, highest reward first; `tokens` as [(text, log pi - log pi_ref)]; `members`: each
     ensemble member's score (None for one RM); `terms`: {reward term: its unweighted value} ({} when not
-    recorded)."""
+    recorded); `kl` (and each token's value) and `advantage` None where the method did not give them."""
     ensure_schema(store)
-    rows = store._rows("""SELECT idx, prompt, response, reward, gold, kl, length, finished, tokens, members, terms
+    rows = store._rows("""SELECT idx, prompt, response, reward, gold, kl, length, finished, tokens, members, terms,
+                                 advantage
                           FROM rollouts
                           WHERE run_id = ? AND step = ? ORDER BY reward DESC, idx""", (run_id, step))
     for r in rows:

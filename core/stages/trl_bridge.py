@@ -21,6 +21,8 @@ checkpoints. What TRL cannot know is the workbench around it, so this module add
 - `make_reward`: our reward model as a GRPO/RLOO reward function (TRL's own reward-model path reads
   the score through the head's pad-token search and without our `reward_bias`, so the RM would
   score differently than in PPO), or the demo's gold labeler, which is cheating on the proxy.
+- `GroupRollouts`: GRPO's and RLOO's sample of answers for the Monitor's rollout browser, in PPO's rollouts table
+  (`core.data.rollouts`): kept by the reward function, written at the end of the step they train.
 - LoRA (`lora_r > 0`) as in the other stages: `peft_config` hands TRL our `lora_config`; TRL wraps the
   policy and takes the reference as the policy with its adapter switched off (one copy of the base
   weights); its checkpoints are adapter directories, which every loader of ours merges.
@@ -47,6 +49,7 @@ import torch
 from core.config import uses_reward_model
 from core.data import demo
 from core.data.formats import ranking_pairs
+from core.data.rollouts import RolloutRecorder, Sample
 from core.data.sources import Ranking
 from core.data.store import prompt_display
 from core.stages.evaluate import all_demo
@@ -187,13 +190,71 @@ def dataset(rows: list[dict], drop: tuple[str, ...] = ()):
 # ---------------------------------------------------------------------------------------------
 
 
-def make_reward(config, tokenizer, device: Device, terms=None) -> Callable[..., list[float]]:
+class GroupRollouts:
+    """GRPO's and RLOO's rollout sample, in the table and bounds of PPO's (`core.data.rollouts`): the reward function
+    `keep`s a batch's first answers with their reward (before the missing-EOS penalty, as PPO's) and each term, at
+    the step the batch trains first; the end of that step `write`s them with the advantage TRL's update gave each
+    (TRL's own record of the batch: the advantages are built after the rewards return). No KL: TRL computes the
+    policy's log-probs inside its loss, out of sight of a reward function or callback, so `kl` stays NULL."""
+
+    def __init__(self, store, run_id: str | None, num_steps: int, tokenizer, span: int = 1):
+        self.recorder = RolloutRecorder(store, run_id, num_steps, tokenizer)
+        self.span = span  # steps one sampled batch trains (num_iterations)
+        self.trainer = None  # `attach`ed once built: its advantages, and whether this is the main process
+        self.pending: tuple[int, list[float], list[Sample]] | None = None
+
+    def attach(self, trainer) -> None:
+        self.trainer = trainer
+        if not trainer.accelerator.is_main_process:  # one writer: the main process's share of the batch
+            self.recorder.store = None
+
+    def keep(self, state, prompts: list[str], completions: list[str], completion_ids: list[list[int]],
+             rewards: list[float], scored, finished: list[bool]) -> None:
+        step = state.global_step + 1  # the batch is scored before the step it trains
+        if not self.recorder.due(step, self.span):
+            return
+        n = min(self.recorder.per_step, len(completions))
+        members = scored.rm_members  # (members, B); kept only for an ensemble
+        members = members[:, :n].T.float().cpu().tolist() if members is not None and len(members) > 1 else None
+        terms = {name: values[:n].float().cpu().tolist() for name, values in scored.terms.items()}
+        self.pending = (step, rewards, [
+            Sample(_conversation(prompts[i]), completions[i], rewards[i], len(completion_ids[i]), finished[i],
+                   members=None if members is None else members[i], terms={k: v[i] for k, v in terms.items()})
+            for i in range(n)])
+
+    def write(self, step: int) -> None:
+        if self.pending is None or self.pending[0] != step:
+            return
+        _, rewards, samples = self.pending
+        self.pending = None
+        # TRL keeps the batch's advantages (every process's, the main one's first) for its completions log; a
+        # TRL without that record leaves them NULL rather than a guess.
+        advantages = list(getattr(self.trainer, "_logs", {}).get("advantages", []))
+        if len(advantages) >= len(rewards):
+            for sample, advantage in zip(samples, advantages):
+                sample.advantage = advantage
+        self.recorder.write(step, rewards, samples)
+
+
+def _conversation(raw_prompt: str) -> str | list[dict]:
+    """`prompt_rows`'s raw prompt back as the prompt: a conversation is there as its JSON text."""
+    if raw_prompt.startswith("[{"):
+        try:
+            return json.loads(raw_prompt)
+        except ValueError:
+            pass
+    return raw_prompt
+
+
+def make_reward(config, tokenizer, device: Device, terms=None,
+                rollouts: GroupRollouts | None = None) -> Callable[..., list[float]]:
     """A TRL reward function: the config's reward terms (`core.stages.reward_terms`), the `rm` term our RM's
     score at each answer's last token (with the centring `reward_bias`) on the very token ids the policy
     sampled after the chat-formatted prompt, as PPO scores them. Answers that never emitted EOS lose
     `missing_eos_penalty`, as in PPO. Logs the reward before that penalty (`reward`), each term
     (`reward/<term>`) and, on demo prompts, the gold score (`gold`) beside TRL's own metrics. `terms`: the
-    `Reward` `check_group_inputs` resolved (a user's file runs once per stage run), else resolved here."""
+    `Reward` `check_group_inputs` resolved (a user's file runs once per stage run), else resolved here;
+    `rollouts`: where the batch's sample for the rollout browser is kept."""
     from core.stages.reward_terms import Answers, RewardModelTerm, resolve_reward
 
     eos = tokenizer.eos_token_id
@@ -214,7 +275,8 @@ def make_reward(config, tokenizer, device: Device, terms=None) -> Callable[..., 
         return prompt_cache[text]
 
     @torch.no_grad()
-    def reward(prompts, completions, completion_ids, raw_prompt, columns, log_metric=None, **_) -> list[float]:
+    def reward(prompts, completions, completion_ids, raw_prompt, columns, log_metric=None, trainer_state=None,
+               **_) -> list[float]:
         # TRL's completion ids stop at (and include) the EOS; a cut-off answer ends on its last sampled token.
         finished = [bool(ids) and ids[-1] == eos for ids in completion_ids]
         answers = Answers(list(raw_prompt), list(completions), [json.loads(c) for c in columns], finished,
@@ -230,6 +292,8 @@ def make_reward(config, tokenizer, device: Device, terms=None) -> Callable[..., 
                 log_metric(name, value)
             if all_demo(raw_prompt):
                 log_metric("gold", sum(map(demo.gold_score, raw_prompt, completions)) / len(raw_prompt))
+        if rollouts is not None and trainer_state is not None:
+            rollouts.keep(trainer_state, list(raw_prompt), list(completions), completion_ids, raw, scored, finished)
         return scores
 
     reward.__name__ = "reward"  # TRL names its per-function metrics after it (rewards/reward/mean)
@@ -241,8 +305,10 @@ def make_reward(config, tokenizer, device: Device, terms=None) -> Callable[..., 
 # ---------------------------------------------------------------------------------------------
 
 
-def make_callback(stage: str, kind: str, events: Events, metric_names: dict[str, str], episodes_per_step: int = 0):
-    """Built here so `transformers` is imported only when a stage runs."""
+def make_callback(stage: str, kind: str, events: Events, metric_names: dict[str, str], episodes_per_step: int = 0,
+                  rollouts: GroupRollouts | None = None):
+    """Built here so `transformers` is imported only when a stage runs. `rollouts`: a group method's rollout
+    sample, written at the end of each step."""
     from transformers import TrainerCallback
 
     class WorkbenchCallback(TrainerCallback):
@@ -260,6 +326,8 @@ def make_callback(stage: str, kind: str, events: Events, metric_names: dict[str,
                 control.should_save = True
 
         def on_step_end(self, args, state, control, **kwargs):
+            if rollouts is not None:
+                rollouts.write(state.global_step)
             events.progress(state.global_step, state.max_steps, stage)
             if state.global_step >= state.max_steps:
                 control.should_save = True  # the resumable end state (a re-run only re-evaluates)
@@ -428,10 +496,13 @@ def group_trainer(stage: str, config, tokenizer, prompts: list[str], columns: li
         # holds safetensors weights, which from_pretrained prefers), or under LoRA switches the adapter off.
         **trainer_options,
     )
-    callback = make_callback(stage, stage, events, GROUP_METRICS, episodes_per_step=config.batch_size)
-    trainer = trainer_class(model=policy, reward_funcs=make_reward(config, tokenizer, device, reward), args=args,
-                            train_dataset=dataset(rows), processing_class=tokenizer, callbacks=[callback],
+    rollouts = GroupRollouts(events.store, events.run_id, args.max_steps, tokenizer, span=config.num_iterations)
+    callback = make_callback(stage, stage, events, GROUP_METRICS, episodes_per_step=config.batch_size,
+                             rollouts=rollouts)
+    trainer = trainer_class(model=policy, reward_funcs=make_reward(config, tokenizer, device, reward, rollouts),
+                            args=args, train_dataset=dataset(rows), processing_class=tokenizer, callbacks=[callback],
                             peft_config=peft_config(config))
+    rollouts.attach(trainer)
     return trainer, callback
 
 
