@@ -277,8 +277,9 @@ def rollout_browser() -> None:
     st.caption(f"Step {step}: {len(kept)} of the batch's answers, highest reward first. " + (
         "Each token is coloured by log π − log π_ref: red where the policy puts more probability on it than the SFT "
         "model, blue where less (hover a token for the value)." if coloured else
-        "Advantage: the answer's in the update (its reward against its group's). No per-token KL: TRL keeps the "
-        "policy's log-probs inside its loss, so the answers are not coloured by it."))
+        "Advantage: what the update weighs the answer by, its reward (less the missing-EOS penalty) against its "
+        "group's. No per-token KL: TRL keeps the policy's log-probs inside its loss, so the answers are not coloured "
+        "by it."))
     weights = term_weights(run_id)
     for sample in kept:
         with st.container(border=True):
