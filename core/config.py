@@ -211,29 +211,32 @@ class RewardTerm:
 
 def _split_terms(spec: str) -> list[str]:
     """Terms of a comma-separated spec; a piece that does not start with a term (a regex's `{1,3}`) belongs
-    to the term before it."""
+    to the term before it. Only the space before a term's kind goes: the last option's value keeps its own
+    (a pattern may end with a space)."""
     terms: list[str] = []
     for piece in spec.split(","):
-        if terms and piece.strip().split(":")[0] not in REWARD_TERMS:
+        if terms and piece.split(":")[0].strip() not in REWARD_TERMS:
             terms[-1] += "," + piece
         else:
-            terms.append(piece)
-    return [t.strip() for t in terms if t.strip()]
+            terms.append(piece.lstrip())
+    return [t for t in terms if t.strip()]
 
 
 def _term_mapping(text: str) -> dict:
     """'kind:key=value:...' (python: 'python:PATH:FUNCTION:...') as a mapping; a segment without '=' belongs
-    to the value before it (a regex's `(?:`)."""
+    to the value before it (a regex's `(?:`). Names are trimmed (the kind, keys, the file and function); a
+    value is kept as written, so `regex:pattern= x` matches " x"."""
     kind, *rest = text.split(":")
     values: dict[str, str] = {"term": kind.strip()}
     if values["term"] == "python":
         if len(rest) < 2 or "=" in rest[0] or "=" in rest[1]:
             raise ValueError(f"reward term {text!r}: write your own function as python:PATH:FUNCTION")
-        values["path"], values["function"], rest = rest[0], rest[1], rest[2:]
+        values["path"], values["function"], rest = rest[0].strip(), rest[1].strip(), rest[2:]
     last = None
     for segment in rest:
         if "=" in segment and segment.split("=", 1)[0].strip().isidentifier():
-            last, value = (s.strip() for s in segment.split("=", 1))
+            key, value = segment.split("=", 1)
+            last = key.strip()
             values[last] = value
         elif last is not None:
             values[last] += ":" + segment

@@ -99,6 +99,20 @@ def test_a_yaml_list_of_mappings_equals_the_command_line_form():
     assert parse_reward("length:target=5")[0].weight == -0.05  # a penalty by default
 
 
+def test_option_values_keep_their_spaces_while_names_and_keys_are_trimmed(tmp_path):
+    (term,) = parse_reward("regex:pattern= x ")
+    assert term.options["pattern"] == " x "  # a pattern may start and end with a space
+    batch = answers(["a x b", "ax b", "a xb"])
+    assert values("regex:pattern= x ", batch) == [1.0, 0.0, 0.0]
+    assert values("regex:pattern=x", batch) == [1.0, 1.0, 1.0]
+    # Around the terms and keys the spaces go: the kind, the key, the name, a python term's file and function.
+    path = write(tmp_path, "def strict(prompts, completions, **columns):\n    return [1.0] * len(completions)\n")
+    spaced = parse_reward(f" rm , contains : text = ok :name= hit , python: {path} : strict ")
+    assert [(t.kind, t.name) for t in spaced] == [("rm", "rm"), ("contains", "hit"), ("python", "strict")]
+    assert spaced[1].options["text"] == " ok "
+    assert spaced[2].options["path"] == str(path) and spaced[2].options["function"] == "strict"
+
+
 # ---------------------------------------------------------------------------------------------
 # A user's function
 # ---------------------------------------------------------------------------------------------
