@@ -1,6 +1,7 @@
-"""Prompts: edit prompts and demonstrations in tables; import and export JSONL/CSV.
+"""Prompts: edit prompts and demonstrations in tables; import and export JSONL/CSV; generate a reasoning-gym set.
 
-Edits are validated in full before any is written, so a bad cell changes nothing.
+Edits are validated in full before any is written, so a bad cell changes nothing. A prompt row's other columns
+(an `answer`, a set's `metadata`: what reward terms check against) are shown beside it, read-only.
 """
 
 import json
@@ -8,7 +9,9 @@ import json
 import pandas as pd
 import streamlit as st
 
-from core.data.formats import export_csv, export_jsonl, import_file, parse_columns, parse_rows, preview
+from core.data import task_sets
+from core.data.formats import (export_csv, export_jsonl, import_file, import_source, parse_columns, parse_rows,
+                               preview, read_source)
 from core.data.store import MAX_PROMPT_CHARS, Store, check_text, prompt_display
 from workbench import resources
 
@@ -59,6 +62,17 @@ def editable_table(name: str, frame: pd.DataFrame, column_config: dict, apply) -
             st.error(f"Nothing saved: {exc}")
 
 
+def cell(value) -> str:
+    """An extra column's value as table text: strings as they are, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def gym_spec(name: str, size: int, seed: int, options: str) -> str:
+    """The `reasoning-gym:NAME:size=N:seed=S[:OPTION=VALUE ...]` source `rlhf import` takes; its parser judges it."""
+    spec = f"{task_sets.PREFIX}{name.strip()}:size={size}:seed={seed}"
+    return spec + (f":{options.strip().strip(':')}" if options.strip() else "")
+
+
 notice = st.session_state.pop("prompts_notice", None)
 if notice:
     getattr(st, notice[0])(notice[1])
@@ -75,10 +89,20 @@ with prompts_tab:
                 st.rerun()
             except ValueError as exc:
                 st.error(f"Not added: {exc}")
-    prompts = pd.DataFrame([{**p, "earlier_turns": len(p["turns"]) - 1} for p in store.list_prompts()],
-                           columns=["id", "text", "earlier_turns", "source", "demonstrations", "rankings"])
-    st.caption(f"{len(prompts)} prompts. Edit a cell, add rows at the bottom, select rows to delete; then save.")
+    stored = store.list_prompts()
+    # Every extra column any prompt has, in the order first seen; keyed apart from the table's own columns.
+    extras = list(dict.fromkeys(k for p in stored for k in p["extra"]))
+    prompts = pd.DataFrame([{**p, "earlier_turns": len(p["turns"]) - 1,
+                             **{f"extra:{k}": cell(p["extra"][k]) if k in p["extra"] else None for k in extras}}
+                            for p in stored],
+                           columns=["id", "text", "earlier_turns", "source", *(f"extra:{k}" for k in extras),
+                                    "demonstrations", "rankings"])
+    st.caption(f"{len(prompts)} prompts. Edit a cell, add rows at the bottom, select rows to delete; then save."
+               + (f" Other columns (read-only, what reward terms check against): {', '.join(extras)}."
+                  if extras else ""))
     editable_table("prompts", prompts, {
+        **{f"extra:{k}": st.column_config.TextColumn(k, disabled=True, help="imported with the prompt")
+           for k in extras},
         "id": st.column_config.NumberColumn("id", disabled=True),
         "text": st.column_config.TextColumn("prompt", max_chars=MAX_PROMPT_CHARS, width="large"),
         "earlier_turns": st.column_config.NumberColumn(
@@ -132,6 +156,40 @@ with files_tab:
             st.rerun()
         except ValueError as exc:
             st.error(f"Nothing imported. {exc}")
+
+    st.markdown("**Generate a reasoning-gym set** (an optional extra: `pip install 'rlhf-workbench[verifiers]'`): "
+                "procedural tasks (arithmetic, counting, simple puzzles) made here from a seed, each prompt with its "
+                "`answer` and the `metadata` its own scorer reads (the `reasoning_gym` reward term).")
+    with st.form("gym_form", border=False):
+        name_col, size_col, seed_col = st.columns([3, 1, 1])
+        gym_name = name_col.selectbox("Dataset", task_sets.EXAMPLES, key="gym_name", accept_new_options=True,
+                                      help="a suggestion, or type any of reasoning-gym's dataset names")
+        gym_size = size_col.number_input("Size", 1, task_sets.MAX_SIZE, task_sets.DEFAULT_SIZE, key="gym_size")
+        gym_seed = seed_col.number_input("Seed", 0, 2**31 - 1, 0, key="gym_seed")
+        gym_options = st.text_input("Options (optional)", key="gym_options", placeholder="max_terms=2:max_digits=1",
+                                    help="fields of the dataset's own config, key=value separated by ':'")
+        if st.form_submit_button("Preview set"):
+            spec = gym_spec(gym_name or "", int(gym_size), int(gym_seed), gym_options)
+            try:  # generates and checks every row, writes nothing: the Import button below does
+                st.session_state["gym_preview"] = (spec, preview(read_source(spec), spec))
+            except ValueError as exc:
+                st.session_state.pop("gym_preview", None)
+                st.error(f"Cannot generate {spec}: {exc}")
+    if gym := st.session_state.get("gym_preview"):
+        spec, seen = gym
+        st.caption(f"`{spec}`: {seen['rows']} rows → {seen['kind']}, first {len(seen['first'])}:")
+        st.dataframe(pd.DataFrame([{"prompt": prompt_display(r["prompt"]),
+                                    "answer": (r.get("extra") or {}).get("answer")} for r in seen["first"]]),
+                     hide_index=True, key="gym_preview_table")
+        if st.button(f"Import {seen['rows']} prompts", type="primary", key="gym_import"):
+            try:
+                kind, n = import_source(store, spec)
+                st.session_state.pop("gym_preview")
+                st.session_state["prompts_notice"] = ("success", f"Imported {n} {kind} from {spec}.")
+                st.rerun()
+            except ValueError as exc:
+                st.error(f"Nothing imported. {exc}")
+        st.caption(f"Same from a terminal: `rlhf import {spec}`")
 
     st.markdown("**Export**")
     kind_col, format_col = st.columns(2)

@@ -119,6 +119,81 @@ def test_import_is_all_or_nothing_with_line_numbers(app, workbench_home):
     assert [d.label for d in at.get("download_button")] == ["Download demonstrations.jsonl"]
 
 
+def test_prompts_table_shows_each_rows_other_columns(app, workbench_home):
+    store = db(workbench_home)
+    store.add_prompts(["What is 6 times 7?", "Say hi.", "What is 1 plus 1?"],
+                      extras=[{"answer": "42", "solution": "6*7=42"}, None, {"answer": "2", "level": [1, 2]}])
+    at = open_page(app, "prompts")
+    table = at.dataframe(key="prompts_editor").value
+    assert list(table.columns) == ["id", "text", "earlier_turns", "source", "extra:answer", "extra:solution",
+                                   "extra:level", "demonstrations", "rankings"]
+    shown = {k: [v if isinstance(v, str) else None for v in table[f"extra:{k}"]] for k in ("answer", "solution", "level")}
+    assert shown == {"answer": ["42", None, "2"], "solution": ["6*7=42", None, None],
+                     "level": [None, None, "[1, 2]"]}  # not a string: shown as JSON
+    assert "Other columns (read-only, what reward terms check against): answer, solution, level" in texts(at.caption)
+    # Editing a prompt's text keeps its columns.
+    at.session_state["prompts_editor"] = {"edited_rows": {0: {"text": "What is 7 times 6?"}}, "added_rows": [],
+                                          "deleted_rows": []}
+    at.run()
+    button(at, "Save prompts changes").click().run()
+    assert store.list_prompts()[0]["text"] == "What is 7 times 6?"
+    assert store.list_prompts()[0]["extra"] == {"answer": "42", "solution": "6*7=42"}
+
+
+GYM_OPTIONS = "min_terms=2:max_terms=2:min_digits=1:max_digits=1"
+
+
+def gym_preview(at, name: str, size: int = 5, seed: int = 0, options: str = GYM_OPTIONS):
+    at.selectbox(key="gym_name").set_value(name)
+    at.number_input(key="gym_size").set_value(size)
+    at.number_input(key="gym_seed").set_value(seed)
+    at.text_input(key="gym_options").input(options)
+    button(at, "Preview set").click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_a_reasoning_gym_set_is_previewed_then_imported_as_the_cli_would(app, workbench_home):
+    from core.data.task_sets import generate, parse_task_set
+
+    store = db(workbench_home)
+    spec = f"reasoning-gym:chain_sum:size=5:seed=3:{GYM_OPTIONS}"
+    expected = generate(parse_task_set(spec))
+    at = gym_preview(open_page(app, "prompts"), "chain_sum", seed=3)
+    preview = next(d.value for d in at.dataframe if list(d.value.columns) == ["prompt", "answer"])
+    assert preview["prompt"].tolist() == [r["prompt"] for r in expected]
+    assert preview["answer"].tolist() == [r["answer"] for r in expected]
+    assert f"`{spec}`: 5 rows → prompts" in texts(at.caption)
+    assert f"Same from a terminal: `rlhf import {spec}`" in texts(at.caption)
+    assert store.counts()["prompts"] == 0  # the preview writes nothing
+
+    button(at, "Import 5 prompts").click().run()
+    assert f"Imported 5 prompts from {spec}." in texts(at.success)
+    stored = store.list_prompts()
+    assert [p["text"] for p in stored] == [r["prompt"] for r in expected]
+    assert [p["extra"] for p in stored] == [{"answer": r["answer"], "metadata": r["metadata"]} for r in expected]
+    assert at.dataframe(key="prompts_editor").value["extra:answer"].tolist() == [r["answer"] for r in expected]
+
+
+def test_a_reasoning_gym_name_unknown_or_the_extra_missing_is_said_and_nothing_imported(app, workbench_home,
+                                                                                       monkeypatch):
+    import sys
+
+    from core.data import task_sets
+
+    # A name typed in the box (AppTest picks only listed options: the misspelling is listed here).
+    monkeypatch.setattr(task_sets, "EXAMPLES", (*task_sets.EXAMPLES, "chain_sums"))
+    at = gym_preview(open_page(app, "prompts"), "chain_sums")
+    assert "no dataset 'chain_sums': e.g. chain_sum" in texts(at.error)
+    assert len(at.dataframe) == 2 and not [b for b in at.button if b.label.startswith("Import ")]
+    at = gym_preview(at, "chain_sum", options="colour=red")
+    assert "unknown option(s) colour" in texts(at.error)
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # `import reasoning_gym` now raises ImportError
+    at = gym_preview(at, "chain_sum")
+    assert "pip install 'rlhf-workbench[verifiers]'" in texts(at.error)
+    assert db(workbench_home).counts()["prompts"] == 0
+
+
 def test_rank_samples_orders_and_saves(app, workbench_home):
     store = db(workbench_home)
     store.add_prompts(["What is 3 plus 4?", "Reverse the words: cat dog sun."])

@@ -23,6 +23,9 @@ from collections.abc import Callable
 PREFIX = "reasoning-gym:"
 INSTALL = "pip install 'rlhf-workbench[verifiers]'"
 DEFAULT_SIZE, MAX_SIZE = 100, 100_000
+# Sets to suggest to a newcomer (short answers a small model can learn): the Prompts page's list, the examples of
+# an unknown name's message.
+EXAMPLES = ("basic_arithmetic", "chain_sum", "letter_counting", "word_sorting", "spell_backward", "number_sorting")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +61,7 @@ def check_name(name: str) -> None:
     names = dataset_names()
     if name not in names:
         near = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-        examples = [*near, *(n for n in ("basic_arithmetic", "chain_sum", "letter_counting", "word_sorting")
-                             if n in names and n not in near)]
+        examples = [*near, *(n for n in EXAMPLES if n in names and n not in near)]
         raise ValueError(f"reasoning-gym has no dataset {name!r}: e.g. {', '.join(examples[:6])} "
                          f"({len(names)} in all: reasoning_gym.factory.DATASETS)")
 
@@ -154,5 +156,5 @@ def extract_answer(completion: str) -> str | None:
     return extract(completion)
 
 
-__all__ = ["PREFIX", "TaskSet", "check_name", "dataset_names", "extract_answer", "generate", "is_task_set",
+__all__ = ["EXAMPLES", "PREFIX", "TaskSet", "check_name", "dataset_names", "extract_answer", "generate", "is_task_set",
            "parse_task_set", "scorer", "task_rows"]
