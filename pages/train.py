@@ -6,13 +6,14 @@ appears under the field. Stage 3's reward is picked as a list of terms with thei
 """
 
 import dataclasses
+import shlex
 import typing
 from pathlib import Path
 
 import streamlit as st
 import yaml
 
-from core.config import PRESETS, STAGE3_METHODS, field_help
+from core.config import PRESETS, STAGE3_METHODS, RoundsConfig, field_help
 from core.runs.jobs import pipeline_config
 from core.runs.launch import CONFIGS_DIR
 from core.models.memory import PLANNED_STAGES, plan
@@ -24,6 +25,11 @@ store = resources.store()
 jobs = resources.jobs()
 RECENT_JOBS = 8
 LOG_LINES = 20
+# The rounds' labelers (RoundsConfig.labeler): rm and reward take a model or terms below.
+ROUND_LABELERS = {"simulated": "simulated (the demo's labeler)", "team": "team (a labeling batch)",
+                  "page": "page (the Rank page)", "rm": "a reward model (rm:PATH)",
+                  "reward": "reward terms (reward:SPEC)"}
+PROMPT_POOLS = {"demo": "the demo's prompts", "store": "the store's prompts", "file": "a prompts file"}
 
 st.title("Train")
 
@@ -39,25 +45,58 @@ with st.container(border=True):
         st.success(notice)
     st.caption("Same from a terminal: `rlhf pipeline --demo --preset quick --output runs/demo`")
 
-with st.expander("Iterated RLHF: rounds of fresh rankings on the current policy"):
+def rounds_form() -> None:
+    """The rounds run's inputs, as `rlhf rounds` takes them; RoundsConfig and check_rounds judge them on Run."""
+    docs = field_help(RoundsConfig)
     st.caption("Round 0 is the recipe (SFT → RM → stage 3). Each later round samples the last policy on fresh "
                "prompts, has the answers ranked, refits the reward model on every ranking so far and trains "
                "stage 3 again. Each round shows the RM's accuracy on the previous policy's answers before and "
                "after its refit (Monitor, Home).")
     left, mid, right = st.columns(3)
-    n_rounds = left.number_input("Rounds", 1, 20, 3, key="rounds_n")
+    n_rounds = left.number_input("Rounds", 1, 20, 3, key="rounds_n", help=docs["rounds"])
     method = mid.selectbox("Stage 3", list(STAGE3_METHODS), key="rounds_method")
-    labeler = right.selectbox("Labeler", ["simulated", "team", "page"], key="rounds_labeler",
-                              help="simulated: the demo's labeler; team: a labeling batch on the Labeling page's "
-                                   "server, the round waits for it; page: rank on the Rank page")
+    labeler = right.selectbox("Labeler", list(ROUND_LABELERS), format_func=ROUND_LABELERS.get, key="rounds_labeler",
+                              help=docs["labeler"])
+    error = None
+    if labeler == "rm":
+        judges = resources.checkpoint_choices(store, "rm")
+        judge = st.selectbox("Labeler reward model", list(judges), key="rounds_labeler_rm", accept_new_options=True,
+                             help="a reward model (larger than the one the rounds refit) ranks each round's answers: "
+                                  "a checkpoint, or type a model directory")
+        labeler = f"rm:{judges.get(judge, judge or '')}"
+        if not judge:
+            error = "Pick the reward model that ranks the answers (or type its directory)."
+            st.error(error, icon=":material/error:")
+    elif labeler == "reward":
+        st.caption("Reward terms rank each round's answers by their weighted total (a verifier as the labeler, "
+                   "for prompts whose rows hold the answer): the reward model cannot be one of them.")
+        spec, error = RewardPicker("rounds_reward", "exact").draw()
+        if spec is not None:
+            labeler = f"reward:{spec}"
+            try:
+                RoundsConfig.from_dict({"labeler": labeler})
+            except ValueError as exc:
+                error = str(exc)
+                st.error(error, icon=":material/error:")
     left, mid, right = st.columns(3)
-    per_round = left.number_input("Prompts per round", 1, 5000, 267, key="rounds_prompts")
-    episodes = mid.number_input("Episodes per round", 1, 100_000, 512, key="rounds_episodes",
-                                help="ppo, grpo, rloo: stage 3's sampled answers each round")
+    pool = left.selectbox("Prompt pool", list(PROMPT_POOLS), format_func=PROMPT_POOLS.get, key="rounds_pool",
+                          help=docs["prompts"])
+    prompts = pool
+    if pool == "file":
+        prompts = mid.text_input("Prompts file", key="rounds_prompts_file", placeholder="prompts.jsonl",
+                                 help="JSONL, CSV or Parquet with a prompt column (and the columns reward terms read)")
+    per_round = right.number_input("Prompts per round", 1, 5000, 267, key="rounds_prompts",
+                                   help=docs["prompts_per_round"])
+    left, mid, right = st.columns(3)
+    episodes = left.number_input("Episodes per round", 1, 100_000, 512, key="rounds_episodes",
+                                 help=docs["episodes_per_round"])
+    temperature = mid.number_input("Sample temperature (rounds ≥ 1)", 0.05, 2.0, 1.0, 0.05,
+                                   key="rounds_sample_temperature", help=docs["sample_temperature"])
     sft_from = right.text_input("SFT checkpoint (empty: train one)", key="rounds_sft")
-    if st.button("Run rounds", icon=":material/repeat:"):
-        rounds = {"rounds": int(n_rounds), "method": method, "labeler": labeler, "prompts_per_round": int(per_round),
-                  "episodes_per_round": int(episodes), "sft_model": sft_from.strip()}
+    rounds = {"rounds": int(n_rounds), "method": method, "labeler": labeler, "prompts": prompts.strip(),
+              "prompts_per_round": int(per_round), "episodes_per_round": int(episodes),
+              "sample_temperature": float(temperature), "sft_model": sft_from.strip()}
+    if st.button("Run rounds", icon=":material/repeat:", disabled=error is not None):
         try:
             st.session_state["rounds_notice"] = f"Queued **{jobs.submit('rounds', {'rounds': rounds})}**"
             st.rerun()
@@ -65,7 +104,24 @@ with st.expander("Iterated RLHF: rounds of fresh rankings on the current policy"
             st.error(str(exc))
     if notice := st.session_state.pop("rounds_notice", None):
         st.success(notice)
-    st.caption("Same from a terminal: `rlhf rounds --demo --preset quick --rounds 3 --output runs/rounds`")
+    st.caption(f"Same from a terminal: `{rounds_command(rounds)}`")
+
+
+def rounds_command(rounds: dict) -> str:
+    """The `rlhf rounds` line of the form's values (the fields without a flag of their own go through --set)."""
+    words = ["rlhf", "rounds", "--demo", "--preset", "quick", "--rounds", str(rounds["rounds"]), "--method",
+             rounds["method"], "--labeler", rounds["labeler"], "--prompts", rounds["prompts"],
+             "--prompts-per-round", str(rounds["prompts_per_round"]),
+             "--episodes-per-round", str(rounds["episodes_per_round"])]
+    if rounds["sft_model"]:
+        words += ["--sft", rounds["sft_model"]]
+    if rounds["sample_temperature"] != RoundsConfig().sample_temperature:
+        words += ["--set", f"sample_temperature={rounds['sample_temperature']:g}"]
+    return shlex.join([*words, "--output", "runs/rounds"])
+
+
+with st.expander("Iterated RLHF: rounds of fresh rankings on the current policy"):
+    rounds_form()
 
 @st.fragment(run_every=2 if jobs.busy else None)
 def jobs_table() -> None:

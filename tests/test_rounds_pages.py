@@ -68,3 +68,66 @@ def test_train_rounds_form_refuses_a_team_without_accounts(app, workbench_home):
     next(b for b in app.button if b.label == "Run rounds").click().run()
     assert "needs labeler accounts" in " | ".join(str(e.value) for e in app.error)
     assert Store(workbench_home / "workbench.db").list_runs() == []
+
+
+def rounds_form(app, **values):
+    app.switch_page("../pages/train.py")
+    app.run()
+    for key, value in values.items():
+        widget = app.number_input(key=key) if key in ("rounds_n", "rounds_prompts", "rounds_episodes",
+                                                      "rounds_sample_temperature") else app.selectbox(key=key)
+        widget.set_value(value)
+        app.run()
+    assert not app.exception, app.exception
+    return app
+
+
+def test_train_rounds_form_takes_the_prompt_pool_temperature_and_a_reward_labeler(app, workbench_home, monkeypatch):
+    import time
+
+    import core.runs.jobs
+
+    ran = []
+    monkeypatch.setattr(core.runs.jobs, "run_rounds_job", lambda config, store, events, out: ran.append(config) or out)
+    store = Store(workbench_home / "workbench.db")
+    questions = [f"How many letters has the word number {i}?" for i in range(6)]  # not demo prompts: no answers
+    store.add_prompts(questions)
+    app = rounds_form(app, rounds_n=2, rounds_prompts=3, rounds_labeler="reward", rounds_pool="store",
+                      rounds_sample_temperature=0.7)
+    assert app.text_input(key="rounds_reward__advanced").value == "exact"  # the reward picker, a verifier
+    run = next(b for b in app.button if b.label == "Run rounds")
+    run.click().run()
+    # The labeler's term reads the prompts' answer column, which the store's prompts lack: refused, nothing queued.
+    assert "'answer'" in " | ".join(str(e.value) for e in app.error)
+    assert store.list_runs() == []
+
+    store.update_prompts({}, deleted=[p["id"] for p in store.list_prompts()])
+    store.add_prompts(questions, extras=[{"answer": str(i + 1)} for i in range(6)])
+    next(b for b in app.button if b.label == "Run rounds").click().run()
+    assert not app.exception and not app.error, app.error
+    (run_id,) = [r["id"] for r in store.list_runs()]
+    rounds = store.get_run(run_id)["config"]["rounds"]
+    assert (rounds["prompts"], rounds["labeler"], rounds["sample_temperature"]) == ("store", "reward:exact", 0.7)
+    assert (rounds["rounds"], rounds["prompts_per_round"]) == (2, 3)
+    assert ("rlhf rounds --demo --preset quick --rounds 2 --method ppo --labeler reward:exact --prompts store "
+            "--prompts-per-round 3 --episodes-per-round 512 --set sample_temperature=0.7 --output runs/rounds"
+            ) in " | ".join(c.value for c in app.caption)
+    deadline = time.monotonic() + 30
+    while not ran and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ran and ran[0]["rounds"]["labeler"] == "reward:exact"
+
+
+def test_train_rounds_form_refuses_a_reward_model_term_as_labeler_and_a_file_pool_that_is_missing(app, tmp_path):
+    app = rounds_form(app, rounds_labeler="reward")
+    app.text_input(key="rounds_reward__advanced").input("rm,exact").run()
+    assert "a reward model ranks as labeler rm:PATH" in " | ".join(str(e.value) for e in app.error)
+    assert next(b for b in app.button if b.label == "Run rounds").disabled
+    app.selectbox(key="rounds_labeler").set_value("rm").run()
+    assert "Pick the reward model" in " | ".join(str(e.value) for e in app.error)  # none in the store yet
+    assert next(b for b in app.button if b.label == "Run rounds").disabled
+    app.selectbox(key="rounds_labeler").set_value("simulated").run()
+    app.selectbox(key="rounds_pool").set_value("file").run()
+    app.text_input(key="rounds_prompts_file").input(str(tmp_path / "missing.jsonl")).run()
+    next(b for b in app.button if b.label == "Run rounds").click().run()
+    assert "missing.jsonl" in " | ".join(str(e.value) for e in app.error)
