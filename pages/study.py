@@ -2,8 +2,12 @@
 
 Launches the study as a background job (core/runs/study.py: a KL sweep of short PPO runs and best-of-n
 from the SFT model), shows its progress and draws gold and RM score against sqrt(KL) with the
-paper's fitted forms and the peak of each gold curve. The work and the fits live in core/runs/study.py.
+paper's fitted forms and the peak of each gold curve. The proxy is the reward model or reward terms beside it
+(workbench/reward_picker.py); a study shows the proxy it used. The work and the fits live in core/runs/study.py.
 """
+
+import json
+import shlex
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -12,6 +16,7 @@ import streamlit as st
 from core.runs import study
 from core.config import PRESETS
 from workbench import resources
+from workbench.reward_picker import RewardPicker
 
 store = resources.store()
 jobs = resources.jobs()
@@ -55,17 +60,21 @@ with st.expander("New study", expanded=not any(j.stage == "study" for j in jobs.
                                   key="study_kl_coefs", help="one short PPO run each; the lowest should game the RM")
     n_max = cols[2].select_slider("Best-of-n up to", [2 ** k for k in range(8)], value=64, key="study_n_max")
     episodes = cols[3].number_input("Episodes per run", 64, 100_000, 2048, 64, key="study_episodes")
-    if st.button("Launch study", type="primary", icon=":material/play_arrow:"):
+    st.markdown("**Proxy reward**: what the sweep optimises and best-of-n picks by; gold stays the demo's labeler")
+    reward, reward_error = RewardPicker("study_reward", "rm").draw()
+    if st.button("Launch study", type="primary", icon=":material/play_arrow:", disabled=reward_error is not None):
         try:
             config = study.study_config(preset, kl_coefs, [2 ** k for k in range(n_max.bit_length())], int(episodes),
-                                        sft_model=sft_model, reward_model=reward_model, ensemble=int(ensemble))
+                                        sft_model=sft_model, reward_model=reward_model, ensemble=int(ensemble),
+                                        reward=reward)
             resources.queue_job("study", config, "study_notice")
             st.rerun()
         except ValueError as exc:
             st.error(str(exc))
     if notice := st.session_state.pop("study_notice", None):
         st.success(notice)
-    st.caption("Same from a terminal: `rlhf study overopt --demo --preset quick --output runs/study`")
+    st.caption("Same from a terminal: `rlhf study overopt --demo --preset quick --output runs/study"
+               + (f" --reward {shlex.quote(reward)}" if reward and reward != "rm" else "") + "`")
 
 studies = [j for j in reversed(jobs.jobs()) if j.stage == "study"]
 if not studies:
@@ -132,6 +141,10 @@ def show_study(run_id: str) -> None:
     except ValueError as exc:
         status_col.error(str(exc))
     doc = study.load_study(job.output_dir) if job.output_dir else None
+    # A study.json written before the reward was a setting was scored by the RM alone.
+    proxy = ((doc or {}).get("config") or job.config or {}).get("reward", "rm")
+    st.caption(f"Proxy reward: `{proxy if isinstance(proxy, str) else json.dumps(proxy)}`"
+               + (" (the reward model alone)" if proxy == "rm" else ""))
     if not doc or not (doc.get("rl") or doc.get("bon")):
         st.caption("No points yet: the chart appears with the first measurements (best-of-n comes first).")
         return

@@ -361,6 +361,48 @@ def test_study_page_refuses_bad_input_and_draws_a_study(app, workbench_home, tmp
     assert methods == ["best-of-n", "RL (PPO KL sweep)", "ensemble · best-of-n", "ensemble · RL (PPO KL sweep)"]
 
 
+def test_study_page_takes_a_proxy_reward_and_shows_the_one_a_study_used(app, workbench_home, tmp_path, monkeypatch):
+    import time
+
+    import core.runs.jobs
+    from core.data.store import Store
+
+    ran = []
+    monkeypatch.setattr(core.runs.jobs, "run_study_job", lambda config, store, events, out: ran.append(config) or out)
+    at = app
+    at.switch_page("../pages/study.py")
+    at.run()
+    assert at.text_input(key="study_reward__advanced").value == "rm"  # the reward picker, the RM alone by default
+    at.text_input(key="study_reward__advanced").input("rm,regex:pattern=(").run()
+    assert "does not compile" in " ".join(str(e.value) for e in at.error)
+    assert next(b for b in at.button if b.label == "Launch study").disabled
+    spec = "rm,length:target=12:weight=-0.1"
+    at.text_input(key="study_reward__advanced").input(spec).run()
+    assert not at.error, at.error
+    assert f"--reward {spec}`" in " ".join(c.value for c in at.caption)
+    next(b for b in at.button if b.label == "Launch study").click().run()
+    assert not at.exception and not at.error, at.error
+    store = Store(workbench_home / "workbench.db")
+    (run,) = store.list_runs()
+    assert store.get_run(run["id"])["config"]["reward"] == spec
+    deadline = time.monotonic() + 30
+    while not ran and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ran and ran[0]["reward"] == spec
+
+    # A finished study's page names the proxy it was scored by (its study.json's config).
+    out = tmp_path / "study-terms"
+    out.mkdir()
+    used = "rm,eos:weight=0.5"
+    (out / study.STUDY_FILE).write_text(json.dumps(_synthetic_study(study.study_config(reward=used))))
+    store.create_run("study-terms", "study", study.study_config(), str(out))
+    store.set_run_status("study-terms", "done")
+    at.run()
+    at.selectbox(key="study_run").set_value("study-terms").run()
+    assert not at.exception, at.exception
+    assert f"Proxy reward: `{used}`" in " ".join(c.value for c in at.caption)
+
+
 def test_missing_reused_models_are_refused_before_any_work(workbench_home, store, tmp_path, capsys):
     from core.cli import main
     from core.runs.jobs import JobManager
