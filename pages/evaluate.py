@@ -7,6 +7,8 @@ and below it, one prompt at a time, the conversation's earlier turns and each ch
 own numbers (RM score against the baseline's answer, gold, KL, each reward term).
 """
 
+import shlex
+
 import pandas as pd
 import streamlit as st
 
@@ -32,6 +34,19 @@ def policy_names() -> dict[str, str]:
         names.update({f"{c['name']} ({kind})": c["name"] for c in finals})
         training.update({f"{catalog.training_label(c)} ({kind})": c["name"] for c in steps})
     return {**names, **training}
+
+
+def eval_command(values: dict) -> str:
+    """The `rlhf eval` line of the form's values: each setting that differs from its default (the reward terms
+    as `--reward SPEC`), placeholders for the two it needs until they are picked."""
+    defaults = eval_table.EvalConfig().to_dict()
+    values = {**values, "checkpoints": values["checkpoints"] or "my-sft,my-ppo",
+              "reward_model": values["reward_model"] or "my-rm"}
+    words = ["rlhf", "eval"]
+    for name, value in values.items():
+        if name in ("checkpoints", "reward_model") or value != defaults[name]:
+            words += [f"--{name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+    return shlex.join([*words, "--output", "out/eval"])
 
 
 st.title("Evaluate")
@@ -70,21 +85,21 @@ with st.expander("New evaluation", expanded=not evaluations):
     n_prompts = cols[0].number_input("Prompts (the first n)", 1, 10_000, 100, key="eval_n_prompts")
     temperature = cols[1].number_input("Temperature", 0.05, 2.0, 1.0, 0.05, key="eval_temperature")
     max_new_tokens = cols[2].number_input("Max new tokens", 1, 1024, 24, key="eval_max_new_tokens")
+    values = dict(checkpoints=",".join(policies[c] for c in chosen), baseline=policies[baseline] if baseline else "",
+                  reward_model=judges[judge] if judge else "",
+                  reference="" if reference == "the baseline" else policies[reference], reward=reward or "",
+                  prompts=prompts_file.strip() if prompt_set == "file" else prompt_set, n_prompts=int(n_prompts),
+                  temperature=float(temperature), max_new_tokens=int(max_new_tokens))
     if st.button("Evaluate", type="primary", icon=":material/play_arrow:", disabled=judge is None or bool(reward_error)):
         try:
-            config = eval_table.EvalConfig.from_dict(dict(
-                checkpoints=",".join(policies[c] for c in chosen),
-                baseline=policies[baseline] if baseline else "", reward_model=judges[judge],
-                reference="" if reference == "the baseline" else policies[reference], reward=reward or "",
-                prompts=prompts_file.strip() if prompt_set == "file" else prompt_set, n_prompts=int(n_prompts),
-                temperature=float(temperature), max_new_tokens=int(max_new_tokens)))
+            config = eval_table.EvalConfig.from_dict(values)
             st.session_state["eval_run"] = resources.queue_job("eval", config, "eval_notice")
             st.rerun()
         except ValueError as exc:
             st.error(str(exc))
     if notice := st.session_state.pop("eval_notice", None):
         st.success(notice)
-    st.caption("Same from a terminal: `rlhf eval --checkpoints my-sft,my-ppo --reward-model my-rm --output out/eval`")
+    st.caption(f"Same from a terminal: `{eval_command(values)}`")
 
 if not evaluations:
     st.info("No evaluation yet: pick checkpoints and a reward model above.")

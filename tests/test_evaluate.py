@@ -265,3 +265,24 @@ def test_one_sampling_pass_gives_gold_rm_score_and_kl_of_the_same_answers(models
     assert means["gold"] == pytest.approx(sum(scored["gold"]) / 20)
     itself = evaluate.measure_answers(reference, tok, prompts, max_new_tokens=8, batch_size=8, reference=reference)
     assert max(abs(k) for k in itself["kl"]) < 1e-4
+
+
+def test_evaluate_pages_terminal_line_follows_the_picks_and_the_reward_terms(app, workbench_home):
+    def line() -> str:
+        return next(c.value for c in app.caption if c.value.startswith("Same from a terminal"))
+
+    app.switch_page("../pages/evaluate.py")
+    app.run()
+    assert not app.exception, app.exception
+    assert line() == ("Same from a terminal: `rlhf eval --checkpoints my-sft,my-ppo --reward-model my-rm "
+                      "--output out/eval`")
+    app.multiselect(key="eval_checkpoints").set_value(["bundled (base)"]).run()
+    app.number_input(key="eval_n_prompts").set_value(4).run()
+    assert line() == ("Same from a terminal: `rlhf eval --checkpoints bundled --baseline bundled --reward-model "
+                      "my-rm --n-prompts 4 --output out/eval`")
+    app.toggle(key="eval_terms").set_value(True).run()  # terms picked: --reward SPEC, as the picker wrote it
+    assert "--reward-model my-rm --reward exact,eos --n-prompts 4 --output" in line()
+    app.text_input(key="eval_reward__advanced").input("exact, regex:pattern= x ").run()
+    assert "--reward 'exact,regex:pattern= x ' --n-prompts" in line()  # quoted for the shell, its spaces kept
+    app.toggle(key="eval_terms").set_value(False).run()
+    assert "--reward " not in line()
