@@ -104,6 +104,8 @@ def ppo_parts(args: argparse.Namespace):
 
     config = model_config(args)
     if config is None:
-        parts = make_models(args.layers, args.embd, args.heads, args.vocab, args.seed)
+        # 256 positions, or room for the prompt and answer asked for (`--response-length 256`).
+        positions = max(256, args.prompt_length + args.response_length)
+        parts = make_models(args.layers, args.embd, args.heads, args.vocab, args.seed, positions)
         return parts, args.vocab, describe(parts[0].config)
     return ppo_models(config, args.seed), config.vocab_size, describe(config)

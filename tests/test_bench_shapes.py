@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from benchmarks.compare_ppo import shape_argv
 from benchmarks.options import add_args
@@ -75,3 +76,14 @@ def test_the_ceiling_times_every_linear_layer_of_the_shape_and_the_head_apart():
     gpt2 = model_config(_args("--arch", "gpt2", "--layers", "3", "--embd", "32", "--heads", "2", "--vocab", "50"))
     shapes, head = layer_shapes(gpt2)  # Conv1D layers: fused QKV, attention output, MLP in and out
     assert shapes == {(32, 96): 3, (32, 32): 3, (32, 128): 3, (128, 32): 3} and head == (32, 50)
+
+
+def test_the_reference_shape_has_room_for_long_answers():
+    """`rlhf bench ppo --response-length 256`: the reference GPT-2 shape takes the prompt and the whole answer
+    (its 256 positions alone would index past the table), and stays as it was for shorter answers."""
+    args = argparse.Namespace(layers=1, embd=16, heads=2, vocab=64, seed=0, config=None, arch=None)
+    (policy, *_), _, _ = ppo_parts(argparse.Namespace(**vars(args), prompt_length=16, response_length=256))
+    assert policy.config.n_positions == 272
+    policy(torch.zeros(1, 272, dtype=torch.long))  # every position has an embedding
+    (short, *_), _, _ = ppo_parts(argparse.Namespace(**vars(args), prompt_length=16, response_length=24))
+    assert short.config.n_positions == 256

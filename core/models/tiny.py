@@ -22,10 +22,11 @@ def make_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", padding_side="left")
 
 
-def make_models(layers: int, embd: int, heads: int, vocab: int, seed: int = 0):
-    """(policy, reference_policy, value_model, reward_model), randomly initialised, dropout off."""
+def make_models(layers: int, embd: int, heads: int, vocab: int, seed: int = 0, positions: int = 256):
+    """(policy, reference_policy, value_model, reward_model), randomly initialised, dropout off; `positions`:
+    the longest prompt + answer they take."""
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_positions=256, n_embd=embd, n_layer=layers, n_head=heads,
+    config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=embd, n_layer=layers, n_head=heads,
                         bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, num_labels=1,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     policy = GPT2LMHeadModel(config)
