@@ -243,18 +243,22 @@ LENGTH_TERM = "def score(prompts, completions, **columns):\n    return [float(le
 def test_a_reward_terms_labeler_ranks_by_the_terms(tmp_path):
     """labeler reward:SPEC: K answers of the policy in the order of the terms' total, answers scored alike
     merged (contains is 0 or 1: a ranking holds one answer holding the expected one over one without it)."""
+    from core.models.loading import load_policy, load_tokenizer, pick_device
     from core.stages import make_config
+    from core.stages.reward_terms import resolve_reward
 
     rm_config = make_config("rm", "quick", {"k": 4, "sample_temperature": 1.0, "device": "cpu"})
+    policy = load_policy("bundled", pick_device("cpu"), dropout=0.0), load_tokenizer("bundled")
     tasks = demo.train_tasks(24)
     prompts, columns = [t.prompt for t in tasks], [{"answer": t.answer} for t in tasks]
-    exact = rounds_module.reward_term_rankings("contains:column=answer", "bundled", prompts, columns, rm_config, 0)
+    exact = rounds_module.reward_term_rankings(resolve_reward("contains:column=answer"), *policy, prompts, columns,
+                                               rm_config, 0)
     answer = {t.prompt: t.answer for t in tasks}
     assert len(exact) >= 4 and all(len(r.responses) == 2 for r in exact)
     assert all(answer[r.prompt] in r.responses[0] and answer[r.prompt] not in r.responses[1] for r in exact)
     (tmp_path / "length.py").write_text(LENGTH_TERM)
-    longest = rounds_module.reward_term_rankings(f"python:{tmp_path / 'length.py'}:score", "bundled", prompts,
-                                                 columns, rm_config, seed=0)
+    longest = rounds_module.reward_term_rankings(resolve_reward(f"python:{tmp_path / 'length.py'}:score"), *policy,
+                                                 prompts, columns, rm_config, seed=0)
     assert len(longest) > len(exact)  # lengths tie less often than right/wrong
     for r in longest:
         assert [len(a) for a in r.responses] == sorted({len(a) for a in r.responses}, reverse=True)

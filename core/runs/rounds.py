@@ -215,19 +215,16 @@ def reward_model_rankings(path: str, groups: list[tuple[str, list[str]]], max_le
     return rankings
 
 
-def reward_term_rankings(spec: str, model: str, prompts: list[Prompt], columns: list[dict], rm_config,
+def reward_term_rankings(reward, policy, tokenizer, prompts: list[Prompt], columns: list[dict], rm_config,
                          seed: int) -> list[Ranking]:
-    """Reward terms (core/stages/reward_terms.py: `exact`, `numeric`, `python:PATH:FUNCTION`, ...) rank K
-    answers sampled from `model` by their weighted total: a verifier as the labeler, for prompts whose
-    answers can be checked. Answers it scores alike are merged, the first kept (a ranking holds no ties);
-    a prompt left with fewer than 2 gives no ranking."""
+    """Reward terms (core/stages/reward_terms.py: `exact`, `numeric`, `python:PATH:FUNCTION`, ...; `reward` as
+    `resolve_reward` made it) rank K answers sampled from `policy` by their weighted total: a verifier as the
+    labeler, for prompts whose answers can be checked. Answers it scores alike are merged, the first kept (a
+    ranking holds no ties); a prompt left with fewer than 2 gives no ranking."""
     from core.models.generate import sample
-    from core.models.loading import load_policy, load_tokenizer, pick_device
-    from core.stages.reward_terms import Answers, resolve_reward
+    from core.stages.reward_terms import Answers
 
-    reward = resolve_reward(spec)
-    policy = load_policy(model, pick_device(rm_config.device), dropout=0.0)
-    tokenizer, k = load_tokenizer(model), rm_config.k
+    k = rm_config.k
     rankings = []
     for i in range(0, len(prompts), SAMPLE_PROMPTS):
         chunk = [(prompt, row) for prompt, row in zip(prompts[i:i + SAMPLE_PROMPTS], columns[i:i + SAMPLE_PROMPTS])
@@ -395,9 +392,14 @@ class Rounds:
                 held = reward_model_rankings(path, sample_groups(model, held_prompts, rm_config, seed + 99),
                                              rm_config.max_length) if heldout else []
             else:
-                spec = labeler[len("reward:"):]
-                rankings = reward_term_rankings(spec, model, prompts, columns, rm_config, seed)
-                held = reward_term_rankings(spec, model, held_prompts, held_columns, rm_config, seed + 99)
+                from core.models.loading import load_policy, load_tokenizer, pick_device
+                from core.stages.reward_terms import resolve_reward
+
+                # The terms (a user's file) and the policy loaded once for the round and its held-out prompts.
+                scored_by = (resolve_reward(labeler[len("reward:"):]),
+                             load_policy(model, pick_device(rm_config.device), dropout=0.0), load_tokenizer(model))
+                rankings = reward_term_rankings(*scored_by, prompts, columns, rm_config, seed)
+                held = reward_term_rankings(*scored_by, held_prompts, held_columns, rm_config, seed + 99)
             self.count_dropped(len(prompts) - len(rankings))
             if own_heldout:
                 from core.stages.reward import split_heldout
