@@ -8,6 +8,9 @@ Prints one row per run (final gold, KL to SFT, rankings used) and each round's R
 policy's answers before and after its refit; `--json` writes every report beside the table.
 
     python -m benchmarks.rounds_compare OUT --seeds 0 1 --methods ppo dpo
+    # the over-optimised regime: a weak KL penalty, no exact-KL or ptx term
+    python -m benchmarks.rounds_compare OUT --methods ppo --set ppo:kl_coef=0.005 --set ppo:kl_loss_coef=0 \
+        --set ppo:ptx_coef=0 --set heldout_prompts=600
 
 A benchmark, never a test: minutes per run on 2 cores.
 """
@@ -34,6 +37,8 @@ def main() -> None:
     parser.add_argument("--prompts-per-round", type=int, default=800)
     parser.add_argument("--episodes-per-round", type=int, default=1536)
     parser.add_argument("--temperature", type=float, default=1.0, help="the rankings' sampling temperature")
+    parser.add_argument("--set", action="append", default=[], metavar="[STAGE:]KEY=VALUE",
+                        help="passed to every `rlhf rounds` run (both arms alike)")
     args = parser.parse_args()
     out = Path(args.output)
     sft = out / "sft"
@@ -50,6 +55,8 @@ def main() -> None:
                        "--prompts-per-round", str(args.prompts_per_round * scale),
                        "--set", f"rm:sample_temperature={args.temperature}",  # round 0's
                        "--set", f"sample_temperature={args.temperature}"]  # later rounds
+                for value in args.set:
+                    cmd += ["--set", value]
                 if method != "dpo":
                     cmd += ["--episodes-per-round", str(args.episodes_per_round * scale)]
                 if not (run / "report.json").is_file() or json.loads((run / "report.json").read_text()).get(

@@ -140,3 +140,44 @@ def test_bad_conversations_write_nothing(store, turns, message):
     with pytest.raises(ValueError, match="not a finite number"):
         store.add_rankings([{"prompt": "x", "responses": ["a", "b"], "scores": [1, float("nan")]}])
     assert [p["text"] for p in store.list_prompts()] == ["kept"]
+
+
+
+def test_two_processes_opening_an_older_file_at_once_both_open_it(tmp_path, monkeypatch):
+    """The in-place column additions read the columns under the write lock: another opener adding the
+    column between this one's look and its ALTER (two `rlhf` commands started together on a fresh home)
+    would have made that ALTER fail with 'duplicate column'. The other opener tries exactly there."""
+    path = tmp_path / "workbench.db"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA)  # the schema before the `context` column
+    db.commit()
+    assert "context" not in {row[1] for row in db.execute("PRAGMA table_info(demonstrations)")}
+    tried: list[str] = []
+
+    def other_opener(statement: str) -> None:
+        if statement.strip() != "PRAGMA table_info(demonstrations)" or tried:
+            return
+        other = sqlite3.connect(path, isolation_level=None, timeout=0)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ALTER TABLE demonstrations ADD COLUMN context TEXT")
+            other.execute("COMMIT")
+            tried.append("added")
+        except sqlite3.OperationalError as exc:  # the write lock is held: it would wait its turn
+            tried.append(str(exc))
+        finally:
+            other.close()
+
+    plain_conn = Store._conn
+
+    def traced_conn(self):
+        conn = plain_conn(self)
+        conn.set_trace_callback(other_opener)
+        return conn
+
+    monkeypatch.setattr(Store, "_conn", traced_conn)
+    store = Store(path)
+    assert tried == ["database is locked"]
+    columns = [row[1] for row in db.execute("PRAGMA table_info(demonstrations)")]
+    assert columns.count("context") == 1
+    assert store.counts()["demonstrations"] == 0

@@ -323,16 +323,19 @@ class Store:
         self._heartbeat_thread: threading.Thread | None = None
 
     def _migrate(self) -> None:
-        """Columns added after the first release, added in place to an older database file."""
-        have = {row[1] for row in self._conn().execute("PRAGMA table_info(runs)")}
-        # `launch`: a job manager's subprocess job's launch request (JSON, see `create_run`); NULL for the rest.
-        for column, kind in (("owner_pid", "INTEGER"), ("owner_host", "TEXT"), ("heartbeat", "REAL"),
-                             ("launch", "TEXT")):
-            if column not in have:
-                self._conn().execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
-        # A multi-turn demonstration keeps the turns before its last exchange (JSON list of {role, content}).
-        if "context" not in {row[1] for row in self._conn().execute("PRAGMA table_info(demonstrations)")}:
-            self._conn().execute("ALTER TABLE demonstrations ADD COLUMN context TEXT")
+        """Columns added after the first release, added in place to an older database file. The columns are
+        read under the write lock: two processes opening one older file at once (two `rlhf` commands started
+        together) would otherwise both see a column missing and the second ALTER would fail."""
+        with self._tx() as conn:
+            have = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+            # `launch`: a job manager's subprocess job's launch request (JSON, see `create_run`); NULL for the rest.
+            for column, kind in (("owner_pid", "INTEGER"), ("owner_host", "TEXT"), ("heartbeat", "REAL"),
+                                 ("launch", "TEXT")):
+                if column not in have:
+                    conn.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+            # A multi-turn demonstration keeps the turns before its last exchange (JSON list of {role, content}).
+            if "context" not in {row[1] for row in conn.execute("PRAGMA table_info(demonstrations)")}:
+                conn.execute("ALTER TABLE demonstrations ADD COLUMN context TEXT")
 
     # -- plumbing ------------------------------------------------------------------------------
 
