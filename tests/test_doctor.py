@@ -183,6 +183,23 @@ def test_reward_up_while_gold_falls_is_over_optimisation():
     assert_suggestion_applies(f)
 
 
+
+def test_a_group_methods_recorded_answers_reach_the_doctor(store):
+    """GRPO and RLOO record their rollouts as PPO does; `load_run` reads the last recorded step's answers for
+    all three, so length hacking names the within-step correlation for a GRPO run too."""
+    from core.data.rollouts import RolloutRecorder, Sample
+
+    store.create_run("grpo-long", "grpo", {"beta": 0.04}, "")
+    recorder = RolloutRecorder(store, "grpo-long", num_steps=24, tokenizer=None)
+    answers = [Sample("Say hi.", "hi " * n, r, n, True) for r, n in ((0.1, 10), (0.5, 16), (0.9, 24), (1.0, 24))]
+    recorder.write(24, [a.reward for a in answers], answers)
+    for step, (reward, length) in enumerate(zip(ramp(-0.5, 1.0), ramp(10, 24)), start=1):
+        store.log_metrics("grpo-long", step, {"reward": reward, "response_length": length})
+    data = doctor.load_run(store, "grpo-long")
+    assert sorted(s["length"] for s in data.samples) == [10, 16, 24, 24] and {s["step"] for s in data.samples} == {24}
+    [f] = [f for f in doctor.diagnose(data) if f.check == "grpo.length_hacking"]
+    assert "within step 24's kept answers" in f.seen and (f.field, f.value) == ("loss_type", "dr_grpo")
+
 def test_a_heldout_reward_that_does_not_follow_the_training_reward_is_named_on_user_data():
     user = {k: v for k, v in HEALTHY_PPO.items() if k != "gold"}
     [f] = doctor.diagnose(run("ppo", **{**user, "heldout_reward": [-0.6]}))

@@ -122,7 +122,7 @@ class RunData:
     config: dict
     metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # name -> [(step, value)], by step
     summary: dict = field(default_factory=dict)  # the stage's <stage>_summary.json ({} while it runs)
-    samples: list[dict] = field(default_factory=list)  # the last recorded rollout step's answers (PPO)
+    samples: list[dict] = field(default_factory=list)  # the last recorded rollout step's answers (stage 3)
 
     def series(self, name: str) -> list[tuple[int, float]]:
         return [(s, v) for s, v in self.metrics.get(name, []) if math.isfinite(v)]
@@ -665,7 +665,8 @@ def load_run(store: Store, run_id: str) -> RunData:
         except (OSError, ValueError):
             summary = {}  # written atomically, but a hand-edited file should not stop the doctor
     samples = []
-    steps = rollout_store.steps(store, run_id) if run["stage"] == "ppo" else []
+    # PPO records its rollouts, GRPO and RLOO theirs (`trl_bridge.GroupRollouts`): every sampling stage 3.
+    steps = rollout_store.steps(store, run_id) if run["stage"] in THIRD_STAGES else []
     if steps:
         samples = [{**s, "step": steps[-1]} for s in rollout_store.samples(store, run_id, steps[-1])]
     # The stage's defaults under the run's values: a config recorded before a field existed still names it.
