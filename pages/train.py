@@ -30,6 +30,7 @@ ROUND_LABELERS = {"simulated": "simulated (the demo's labeler)", "team": "team (
                   "page": "page (the Rank page)", "rm": "a reward model (rm:PATH)",
                   "reward": "reward terms (reward:SPEC)"}
 PROMPT_POOLS = {"demo": "the demo's prompts", "store": "the store's prompts", "file": "a prompts file"}
+POLICY_INITS = {"previous": "the previous round's policy", "sft": "the SFT model"}
 
 st.title("Train")
 
@@ -93,9 +94,13 @@ def rounds_form() -> None:
     temperature = mid.number_input("Sample temperature (rounds ≥ 1)", 0.05, 2.0, 1.0, 0.05,
                                    key="rounds_sample_temperature", help=docs["sample_temperature"])
     sft_from = right.text_input("SFT checkpoint (empty: train one)", key="rounds_sft")
+    policy_init = left.selectbox("Stage 3 starts from", list(POLICY_INITS), format_func=POLICY_INITS.get,
+                                 key="rounds_policy_init", help=docs["policy_init"] + ". From SFT, each round's policy "
+                                 "is trained afresh against the refit reward model, so an earlier round's "
+                                 "over-optimised answers are not carried on (README, \"Iterated RLHF: rounds\")")
     rounds = {"rounds": int(n_rounds), "method": method, "labeler": labeler, "prompts": prompts.strip(),
               "prompts_per_round": int(per_round), "episodes_per_round": int(episodes),
-              "sample_temperature": float(temperature), "sft_model": sft_from.strip()}
+              "sample_temperature": float(temperature), "sft_model": sft_from.strip(), "policy_init": policy_init}
     if st.button("Run rounds", icon=":material/repeat:", disabled=error is not None):
         try:
             st.session_state["rounds_notice"] = f"Queued **{jobs.submit('rounds', {'rounds': rounds})}**"
@@ -115,6 +120,8 @@ def rounds_command(rounds: dict) -> str:
              "--episodes-per-round", str(rounds["episodes_per_round"])]
     if rounds["sft_model"]:
         words += ["--sft", rounds["sft_model"]]
+    if rounds["policy_init"] != RoundsConfig().policy_init:
+        words += ["--policy-init", rounds["policy_init"]]
     if rounds["sample_temperature"] != RoundsConfig().sample_temperature:
         words += ["--set", f"sample_temperature={rounds['sample_temperature']:g}"]
     return shlex.join([*words, "--output", "runs/rounds"])

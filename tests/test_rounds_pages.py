@@ -93,7 +93,7 @@ def test_train_rounds_form_takes_the_prompt_pool_temperature_and_a_reward_labele
     questions = [f"How many letters has the word number {i}?" for i in range(6)]  # not demo prompts: no answers
     store.add_prompts(questions)
     app = rounds_form(app, rounds_n=2, rounds_prompts=3, rounds_labeler="reward", rounds_pool="store",
-                      rounds_sample_temperature=0.7)
+                      rounds_sample_temperature=0.7, rounds_policy_init="sft")
     assert app.text_input(key="rounds_reward__advanced").value == "exact"  # the reward picker, a verifier
     run = next(b for b in app.button if b.label == "Run rounds")
     run.click().run()
@@ -108,10 +108,10 @@ def test_train_rounds_form_takes_the_prompt_pool_temperature_and_a_reward_labele
     (run_id,) = [r["id"] for r in store.list_runs()]
     rounds = store.get_run(run_id)["config"]["rounds"]
     assert (rounds["prompts"], rounds["labeler"], rounds["sample_temperature"]) == ("store", "reward:exact", 0.7)
-    assert (rounds["rounds"], rounds["prompts_per_round"]) == (2, 3)
+    assert (rounds["rounds"], rounds["prompts_per_round"], rounds["policy_init"]) == (2, 3, "sft")
     assert ("rlhf rounds --demo --preset quick --rounds 2 --method ppo --labeler reward:exact --prompts store "
-            "--prompts-per-round 3 --episodes-per-round 512 --set sample_temperature=0.7 --output runs/rounds"
-            ) in " | ".join(c.value for c in app.caption)
+            "--prompts-per-round 3 --episodes-per-round 512 --policy-init sft --set sample_temperature=0.7 "
+            "--output runs/rounds") in " | ".join(c.value for c in app.caption)
     deadline = time.monotonic() + 30
     while not ran and time.monotonic() < deadline:
         time.sleep(0.1)
