@@ -134,30 +134,6 @@ def test_length_buckets_cover_the_batch_once_and_cut_only_where_padding_outweigh
     assert length_buckets([], call_tokens=64) == []
 
 
-
-def test_a_calls_cost_in_tokens_scales_from_the_bundled_model_to_the_model_at_hand():
-    """The bundled model's measured 64 tokens a call; at SmolLM2-135M's shape (30 blocks, ~106M weights outside
-    the embeddings) ~8, so the length cut makes cuts there that the bundled model's figure would not; a reward
-    ensemble is priced by its members' shape."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from core.models.ensemble import RewardEnsemble
-    from core.models.loading import load_policy
-    from core.stages.microbatch import CPU_CALL_TOKENS, call_tokens, length_buckets
-
-    bundled = load_policy("bundled")
-    assert call_tokens(bundled) == CPU_CALL_TOKENS == 64
-    with torch.device("meta"):
-        smollm2 = AutoModelForCausalLM.from_config(LlamaConfig(
-            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-            num_key_value_heads=3, tie_word_embeddings=True))
-    assert call_tokens(smollm2) == 8
-    assert call_tokens(RewardEnsemble([bundled, bundled])) == 64
-    lengths = [67, 66, 60, 58, 55, 52, 48, 44]  # SmolLM2's demo demonstrations, one batch of 8
-    assert len(length_buckets(lengths, call_tokens(bundled))) == 1
-    assert len(length_buckets(lengths, call_tokens(smollm2))) > 1
-
 def test_micro_batches_train_as_the_whole_batch(tmp_path, monkeypatch, bucket_counts):
     """One epoch on demonstrations of mixed lengths with batches cut by length (the CPU default) and kept
     whole: the same losses step by step and the same weights, up to float rounding, so the cut changes the

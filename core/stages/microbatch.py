@@ -9,12 +9,8 @@ Unlike `group_by_length`, which regroups which examples share a batch and so cha
 
 Each extra micro-batch costs one more forward and backward call, whatever its size: on the CPU about
 as much as `CPU_CALL_TOKENS` tokens of the bundled model (5 ms against 0.085 ms a token, measured on
-2 cores), so a cut is made only where the padding it saves is worth more. A call's fixed cost grows with
-the model's blocks (each block's kernels are launched once a call) and a token's with the weights it is
-multiplied by, so `call_tokens` scales the measured figure to the model at hand: at SmolLM2-135M's shape
-(30 blocks, 106M weights outside the embeddings) an extra call is worth ~8 tokens, and batches whose
-lengths differ by a few tokens are cut where the bundled model's 64 would keep them whole. On a GPU a
-forward's time hardly depends on its token count at these sizes, so batches stay whole there.
+2 cores), so a cut is made only where the padding it saves is worth more. On a GPU a forward's time
+hardly depends on its token count at these sizes, so batches stay whole there.
 """
 
 from __future__ import annotations
@@ -28,10 +24,8 @@ if TYPE_CHECKING:
     from core.distributed import Distributed
     from core.models.loading import Device
 
-# The cost of one more forward + backward call, in tokens of computation (CPU; see the docstring), and the
-# bundled model's shape it was measured on: its blocks and its weights outside the token embeddings.
+# The cost of one more forward + backward call, in tokens of computation (CPU; see the docstring).
 CPU_CALL_TOKENS = 64
-MEASURED_BLOCKS, MEASURED_WEIGHTS = 4, 1_828_992
 
 
 def length_buckets(lengths: Sequence[int], call_tokens: int | None = CPU_CALL_TOKENS) -> list[list[int]]:
@@ -73,22 +67,8 @@ def in_given_order(buckets: list[list[int]], parts: Sequence[torch.Tensor]) -> t
     return joined[torch.argsort(torch.tensor(position, device=joined.device))]
 
 
-def call_tokens(model: torch.nn.Module) -> int:
-    """`CPU_CALL_TOKENS` scaled from the bundled model to `model` (a causal LM, a reward model, or an ensemble
-    of them, whose members are called one by one): times its blocks over the bundled model's, times the bundled
-    model's weights a token meets over `model`'s."""
-    members = getattr(model, "members", None)
-    if members is not None:
-        model = members[0]
-    blocks = model.config.num_hidden_layers
-    weights = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-    return max(1, round(CPU_CALL_TOKENS * blocks / MEASURED_BLOCKS * MEASURED_WEIGHTS / max(1, weights)))
-
-
-def call_tokens_for(device: Device, dist: Distributed, model: torch.nn.Module) -> int | None:
-    """The per-call cost, in `model`'s tokens, to cut a stage's batches with, or None to keep them whole: on a
-    GPU (see the docstring), under several processes (DDP expects one forward per backward of the module it
-    wraps) and under DeepSpeed or FSDP (`dist.sharded`: their engines own the forward and backward)."""
-    if device.type == "cpu" and dist.world_size == 1 and not dist.sharded:
-        return call_tokens(model)
-    return None
+def call_tokens_for(device: Device, dist: Distributed) -> int | None:
+    """The per-call cost to cut a stage's batches with, or None to keep them whole: on a GPU (see the
+    docstring), under several processes (DDP expects one forward per backward of the module it wraps) and
+    under DeepSpeed or FSDP (`dist.sharded`: their engines own the forward and backward)."""
+    return CPU_CALL_TOKENS if device.type == "cpu" and dist.world_size == 1 and not dist.sharded else None

@@ -176,8 +176,7 @@ def assemble(policy, reference_policy, value_model, reward_model, tokenizer, con
             reward_model = RewardEnsemble([reward_model], config.reward_aggregate, config.uncertainty_coef)
         freeze(reward_model)
         reward = reward.with_reward_model(RewardModelTerm(reward_model, tokenizer.pad_token_id, device,
-                                                          microbatch.call_tokens_for(device, Distributed(),
-                                                                                     reward_model)))
+                                                          microbatch.call_tokens_for(device, Distributed())))
     return PPOModels(policy, reference_policy, value_model, reward_model, tokenizer,
                      make_optimizer(policy, value_model, config.learning_rate), device,
                      PolicyAndValue(policy, value_model), reward)
@@ -274,7 +273,7 @@ def policy_value_forward(models: PPOModels, ids: torch.Tensor, mask: torch.Tenso
     (`core/stages/microbatch.py`): each forward drops the columns that are padding in all of its rows (the
     left padding of its prompts, the right padding of its answers), and the outputs go back in place,
     zero past each answer's end, as the masked whole batch reads them."""
-    call_tokens = microbatch.call_tokens_for(models.device, models.dist, models.policy)
+    call_tokens = microbatch.call_tokens_for(models.device, models.dist)
     buckets = microbatch.length_buckets(mask.sum(1).tolist(), call_tokens)
     if len(buckets) == 1:
         return _policy_value_forward(models, ids, mask, positions, prompt_len, config, reference)

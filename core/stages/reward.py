@@ -451,7 +451,7 @@ def train_member(config: RewardConfig, events: Events, output_dir: Path, tokeniz
     # `model` stays the plain module (evaluation, centring, saving); training runs through `trained`.
     trained, optimizer = dist.prepare(TokenScores(model), optimizer)
     # Answers cut by length where that saves computing padding (core/stages/microbatch.py).
-    call_tokens = microbatch.call_tokens_for(device, dist, model)
+    call_tokens = microbatch.call_tokens_for(device, dist)
     model.train()
     stopped = False
     for epoch in range(state["epoch"] + 1, config.epochs + 1):

@@ -166,7 +166,7 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
     # `model` stays the plain module (evaluation, saving); training runs through `trained`.
     trained, optimizer = dist.prepare(model, optimizer)
     # Batches cut by length where that saves computing padding (core/stages/microbatch.py).
-    call_tokens = microbatch.call_tokens_for(device, dist, model)
+    call_tokens = microbatch.call_tokens_for(device, dist)
 
     stopped = False
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
