@@ -342,7 +342,11 @@ def cmd_pretrain(args) -> int:
 
     from core.paths import BUNDLED_MODEL_DIR
 
-    print(f"saved {pretrain_demo(args.output or BUNDLED_MODEL_DIR, epochs=args.epochs, device=args.device)}")
+    if args.init_seed is not None and not args.output:
+        raise ValueError("--init-seed makes another base: give it its own --output, not the bundled model's place")
+    saved = pretrain_demo(args.output or BUNDLED_MODEL_DIR, epochs=args.epochs, device=args.device,
+                          init_seed=args.init_seed)
+    print(f"saved {saved}")
     return 0
 
 
@@ -514,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--device", default="auto")
+    p.add_argument("--init-seed", dest="init_seed", type=int, default=None,
+                   help="another base of the same corpus and tokenizer: this seed initialises the weights and orders "
+                        "the blocks (members of a reward-model ensemble from different bases)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("plan", help="estimated peak memory of a stage by part, and whether it fits the device")

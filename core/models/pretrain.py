@@ -144,8 +144,12 @@ def pretrain_demo(
     seed: int = 0,
     device: str = "auto",
     log=print,
+    init_seed: int | None = None,
 ) -> Path:
-    torch.manual_seed(seed)
+    """A GPT-2 base pretrained on the demo corpus drawn with `seed`, and a BPE tokenizer built from it.
+    `init_seed`: the weights' initialisation and the blocks' order only (default `seed`): another base of the
+    same corpus and tokenizer, such as the members of a reward-model ensemble from different bases."""
+    torch.manual_seed(seed if init_seed is None else init_seed)
     random.seed(seed)
     dev = pick_device(device)
     corpus = demo.pretraining_corpus(n_documents, seed=seed)
