@@ -12,6 +12,7 @@
     rlhf bench sft|rm|ppo --against trl --json
     rlhf pretrain-demo
     rlhf plan ppo --preset quick --set sft_model=out/sft --set reward_model=out/rm [--json]
+    rlhf ensemble --output out/rm-ensemble out/rm-a out/rm-b [...]   # reward models trained apart, as one
     rlhf label add-user NAME | batch --name B ... | serve [--host 127.0.0.1] [--port 7860] | status
 
 Runs are recorded in the workbench store (RLHF_WORKBENCH_HOME) so the app's Monitor page shows
@@ -350,6 +351,14 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_ensemble(args) -> int:
+    """rlhf ensemble: one reward-model ensemble directory from reward models trained apart."""
+    from core.models.ensemble import join_ensemble
+
+    print(f"saved {join_ensemble(args.output, args.members)} ({len(args.members)} members)")
+    return 0
+
+
 def cmd_plan(args) -> int:
     """The memory planner: estimated peak memory by part, and whether it fits the device."""
     config = stage_config(args.stage, args)  # validated first; torch is imported only below
@@ -522,6 +531,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another base of the same corpus and tokenizer: this seed initialises the weights and orders "
                         "the blocks (members of a reward-model ensemble from different bases)")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("ensemble", help="one reward-model ensemble from reward models trained apart (from "
+                                        "different base models, say); every stage loads it as `rlhf rm --set "
+                                        "ensemble=N` saves it")
+    p.add_argument("members", nargs="+", help="reward-model directories; the first is member 0 (PPO's value model "
+                                              "starts from it)")
+    p.add_argument("--output", required=True, help="the ensemble's directory (must not exist)")
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("plan", help="estimated peak memory of a stage by part, and whether it fits the device")
     p.add_argument("stage", choices=("sft", "rm", "ppo"))

@@ -216,6 +216,43 @@ def test_an_ensemble_missing_a_member_or_with_another_tokenizer_is_refused(train
         load_reward_model(mixed, tok.pad_token_id, CPU)
 
 
+
+def test_reward_models_trained_apart_join_into_one_ensemble_and_bad_members_are_refused(tmp_path, tok, capsys):
+    """`rlhf ensemble`: members from different bases, say, saved as one directory that scores as each member
+    does alone; refused before anything is written: one member, a causal LM, an ensemble, another tokenizer,
+    a target that exists."""
+    from core.cli import main
+    from core.models.ensemble import join_ensemble
+
+    torch.manual_seed(0)
+    members = [save_checkpoint(load_scalar_model("bundled", tok.pad_token_id, CPU), tok, tmp_path / f"rm{i}")
+               for i in range(3)]
+    assert main(["ensemble", "--output", str(tmp_path / "joined"), *map(str, members)]) == 0
+    assert "3 members" in capsys.readouterr().out and ensemble_size(tmp_path / "joined") == 3
+    ensemble = load_reward_model(tmp_path / "joined", tok.pad_token_id, CPU)
+    ids, mask, last = _answers(tok, 4)
+    with torch.no_grad():
+        _, scores = answer_scores(ensemble, ids, mask, None, 0, last)
+        alone = torch.stack([token_scores(load_scalar_model(m, tok.pad_token_id, CPU).eval(), ids, mask)
+                             [torch.arange(len(ids)), last] for m in members])
+    assert torch.allclose(scores, alone, atol=1e-5) and (alone[0] - alone[1]).abs().mean() > 1e-3
+
+    other = load_tokenizer("bundled")
+    other.add_tokens(["zzqx-not-in-the-vocabulary"])
+    foreign = save_checkpoint(load_scalar_model("bundled", tok.pad_token_id, CPU), other, tmp_path / "foreign")
+    policy = save_checkpoint(load_policy("bundled", CPU), tok, tmp_path / "policy")
+    for args, message in (([members[0]], "2 to 16"), ([members[0], policy], "not a reward model"),
+                          ([members[0], tmp_path / "joined"], "already an ensemble"),
+                          ([members[0], foreign], "tokenizers differ"),
+                          ([members[0], tmp_path / "nowhere"], "nowhere")):
+        with pytest.raises(ValueError, match=message):
+            join_ensemble(tmp_path / "refused", args)
+        assert not (tmp_path / "refused").exists()
+    with pytest.raises(ValueError, match="exists"):
+        join_ensemble(tmp_path / "joined", members[:2])
+    assert main(["ensemble", "--output", str(tmp_path / "joined"), *map(str, members[:2])]) == 2
+    assert "exists" in capsys.readouterr().err
+
 # ---------------------------------------------------------------------------------------------
 # PPO scores with the aggregate; the planner counts every member
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from core.config import REWARD_AGGREGATES
+from core.config import MAX_ENSEMBLE, REWARD_AGGREGATES
 from core.models.loading import (
     ENSEMBLE_FILE,
     Device,
@@ -119,6 +119,32 @@ def load_reward_model(path: str | os.PathLike, pad_token_id: int, device: Device
         m.eval()
         m.requires_grad_(False)
     return RewardEnsemble(models, how, uncertainty_coef)
+
+
+def join_ensemble(target: str | os.PathLike, member_dirs: list[str | os.PathLike]) -> Path:
+    """One ensemble directory from reward models trained apart (`rlhf ensemble`): members from different base
+    models disagree where members of one base share its blind spots (Eisenstein et al. 2023). The first is
+    member 0, the one PPO's value model starts from. Refused before anything is written: fewer than 2 or more
+    than MAX_ENSEMBLE members, a member that is not a plain reward-model directory (a causal LM, an ensemble,
+    a missing directory), members whose tokenizers or chat templates differ, and a target that exists."""
+    target = Path(target)
+    if not 2 <= len(member_dirs) <= MAX_ENSEMBLE:
+        raise ValueError(f"an ensemble joins 2 to {MAX_ENSEMBLE} reward models, got {len(member_dirs)}")
+    if target.exists():
+        raise ValueError(f"{target} exists: choose a new directory for the ensemble")
+    members = []
+    for given in member_dirs:
+        path = Path(resolve_model(given))
+        if len(ensemble_members(path)) > 1:
+            raise ValueError(f"{given} is already an ensemble: join its members' directories instead")
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+            raise ValueError(f"{given} is not a reward model (no sequence-classification head in its config.json)")
+        members.append(path)
+    first = load_tokenizer(members[0])
+    for member in members[1:]:
+        check_same_tokenizer(first, load_tokenizer(member), f"ensemble member {member}")
+    return save_ensemble(target, members)
 
 
 def save_ensemble(target: str | os.PathLike, member_dirs: list[Path], extra_json: dict[str, dict] | None = None
