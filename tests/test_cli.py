@@ -134,3 +134,23 @@ def test_a_named_cli_run_resumes_in_place(workbench_home, tmp_path, monkeypatch,
     assert main([*args[:-1], "epochs=3"]) == 2
     assert "exists with another config (differs in: epochs)" in capsys.readouterr().err
     assert len(calls) == 2
+
+
+def test_another_base_of_the_same_corpus_shares_the_tokenizer_not_the_weights(tmp_path, capsys):
+    """`rlhf pretrain-demo --init-seed S`: the corpus and its tokenizer as the default seed's, other weights (the
+    members of an ensemble from different bases need one tokenizer); the same init seed twice, the same weights.
+    Without --output it would overwrite the bundled model: refused."""
+    import torch
+    from safetensors.torch import load_file
+
+    from core.models.loading import load_tokenizer
+    from core.models.pretrain import pretrain_demo
+
+    tiny = dict(n_documents=120, n_layer=1, n_embd=32, n_head=2, epochs=1, device="cpu", log=lambda *_: None)
+    bases = {name: pretrain_demo(tmp_path / name, init_seed=s, **tiny) for name, s in (("a", 1), ("b", 2), ("a2", 1))}
+    weights = {name: load_file(path / "model.safetensors") for name, path in bases.items()}
+    assert load_tokenizer(bases["a"]).get_vocab() == load_tokenizer(bases["b"]).get_vocab()
+    assert all(torch.equal(weights["a"][k], weights["a2"][k]) for k in weights["a"])
+    assert max((weights["a"][k] - weights["b"][k]).abs().max().item() for k in weights["a"]) > 1e-2
+    assert main(["pretrain-demo", "--init-seed", "1"]) == 2
+    assert "--output" in capsys.readouterr().err
