@@ -351,11 +351,35 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+ALIGN_PROMPTS = 200  # prompts whose policy answers `rlhf ensemble --align-on` aligns the members on
+
+
 def cmd_ensemble(args) -> int:
     """rlhf ensemble: one reward-model ensemble directory from reward models trained apart."""
     from core.models.ensemble import join_ensemble
 
-    print(f"saved {join_ensemble(args.output, args.members)} ({len(args.members)} members)")
+    align = None
+    if args.align_on:
+        def align(members):
+            import torch
+
+            from core.data.sources import load_prompts
+            from core.data.store import Store
+            from core.models.ensemble import RewardEnsemble
+            from core.models.loading import (check_same_tokenizer, load_policy, load_scalar_model, load_tokenizer,
+                                             pick_device)
+            from core.stages.evaluate import member_means
+
+            device = pick_device("auto")
+            tokenizer = load_tokenizer(args.align_on)
+            check_same_tokenizer(tokenizer, load_tokenizer(members[0]), f"--align-on {args.align_on}")
+            prompts = load_prompts(args.align_prompts, Store() if args.align_prompts == "store" else None)
+            torch.manual_seed(0)
+            rms = RewardEnsemble([load_scalar_model(m, tokenizer.pad_token_id, device) for m in members]).eval()
+            return member_means(rms, load_policy(args.align_on, device, dropout=0.0), tokenizer,
+                                prompts[:ALIGN_PROMPTS])
+
+    print(f"saved {join_ensemble(args.output, args.members, align)} ({len(args.members)} members)")
     return 0
 
 
@@ -538,6 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("members", nargs="+", help="reward-model directories; the first is member 0 (PPO's value model "
                                               "starts from it)")
     p.add_argument("--output", required=True, help="the ensemble's directory (must not exist)")
+    p.add_argument("--align-on", dest="align_on", metavar="POLICY",
+                   help="move each member's centre to member 0's mean on this policy's answers (the SFT model the "
+                        "ensemble will judge), so the members' spread is their disagreement, not their offsets")
+    p.add_argument("--align-prompts", dest="align_prompts", default="demo",
+                   help=f"the prompts of those answers (the first {ALIGN_PROMPTS}): demo, store or a prompts file")
     p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("plan", help="estimated peak memory of a stage by part, and whether it fits the device")

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -36,6 +37,7 @@ from core.models.loading import (
 from core.paths import atomic_dir
 
 MEMBER_DIR = "member-{}"
+ALIGNMENT_FILE = "alignment.json"
 
 
 def aggregate(member_scores: torch.Tensor, how: str = "mean", uncertainty_coef: float = 1.0) -> torch.Tensor:
@@ -121,12 +123,19 @@ def load_reward_model(path: str | os.PathLike, pad_token_id: int, device: Device
     return RewardEnsemble(models, how, uncertainty_coef)
 
 
-def join_ensemble(target: str | os.PathLike, member_dirs: list[str | os.PathLike]) -> Path:
+def join_ensemble(target: str | os.PathLike, member_dirs: list[str | os.PathLike],
+                  align: Callable[[list[Path]], list[float]] | None = None) -> Path:
     """One ensemble directory from reward models trained apart (`rlhf ensemble`): members from different base
     models disagree where members of one base share its blind spots (Eisenstein et al. 2023). The first is
     member 0, the one PPO's value model starts from. Refused before anything is written: fewer than 2 or more
     than MAX_ENSEMBLE members, a member that is not a plain reward-model directory (a causal LM, an ensemble,
-    a missing directory), members whose tokenizers or chat templates differ, and a target that exists."""
+    a missing directory), members whose tokenizers or chat templates differ, and a target that exists.
+
+    `align`: the members' mean scores on one policy's answers (`core.stages.evaluate.member_means`). Each
+    member, centred on its own demonstrations, may sit at its own offset on a policy's answers (members from
+    other bases measured 7 points apart on one SFT model's), so their std would be that offset on every answer,
+    not their disagreement; aligned, each member after the first has its `reward_bias` moved to member 0's
+    mean there. The means and shifts go to `alignment.json`."""
     target = Path(target)
     if not 2 <= len(member_dirs) <= MAX_ENSEMBLE:
         raise ValueError(f"an ensemble joins 2 to {MAX_ENSEMBLE} reward models, got {len(member_dirs)}")
@@ -144,11 +153,16 @@ def join_ensemble(target: str | os.PathLike, member_dirs: list[str | os.PathLike
     first = load_tokenizer(members[0])
     for member in members[1:]:
         check_same_tokenizer(first, load_tokenizer(member), f"ensemble member {member}")
-    return save_ensemble(target, members)
+    if align is None:
+        return save_ensemble(target, members)
+    means = align(members)
+    shifts = [means[0] - m for m in means]
+    return save_ensemble(target, members, extra_json={ALIGNMENT_FILE: {"means": means, "bias_shifts": shifts}},
+                         bias_shifts=shifts)
 
 
-def save_ensemble(target: str | os.PathLike, member_dirs: list[Path], extra_json: dict[str, dict] | None = None
-                  ) -> Path:
+def save_ensemble(target: str | os.PathLike, member_dirs: list[Path], extra_json: dict[str, dict] | None = None,
+                  bias_shifts: list[float] | None = None) -> Path:
     """One ensemble directory from trained member directories, written atomically: the first member's files at
     the top, each other member copied whole into `member-<i>/`, `ensemble.json` listing them."""
     target = Path(target)
@@ -158,6 +172,11 @@ def save_ensemble(target: str | os.PathLike, member_dirs: list[Path], extra_json
         for name, member in zip(names[1:], member_dirs[1:]):
             shutil.copytree(member, tmp / name)
         (tmp / ENSEMBLE_FILE).write_text(json.dumps({"members": names}, indent=2))
+        for name, shift in zip(names, bias_shifts or []):
+            if shift:  # `bias_shifts`: added to each member's reward_bias (`join_ensemble`'s alignment)
+                config = json.loads((tmp / name / "config.json").read_text())
+                config["reward_bias"] = config.get("reward_bias", 0.0) + shift
+                (tmp / name / "config.json").write_text(json.dumps(config, indent=2))
         for name, obj in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2))
     return target

@@ -113,17 +113,34 @@ def answer_kl(model, reference, samples, temperature: float) -> torch.Tensor:
     return (kl * samples.response_mask).sum(1)
 
 
-@torch.no_grad()
-def answer_rm_scores(reward_model, samples) -> torch.Tensor:
-    """The reward model's score of each sampled answer (`core.models.generate.Samples`), read at its last
-    response token (the EOS, or the last sampled token when cut off), as PPO's `score_responses` reads it
-    (raw: no missing-EOS penalty; of an ensemble, its aggregate reward)."""
+def _answer_scores(reward_model, samples) -> tuple[torch.Tensor, torch.Tensor]:
     from core.models.ensemble import answer_scores
     from core.stages.rl import positions_from_mask
 
     ids, mask = samples.sequences()
     last = (samples.response_mask.sum(1).long() - 1).clamp(min=0)
-    return answer_scores(reward_model, ids, mask, positions_from_mask(mask), samples.prompt_ids.shape[1], last)[0]
+    return answer_scores(reward_model, ids, mask, positions_from_mask(mask), samples.prompt_ids.shape[1], last)
+
+
+@torch.no_grad()
+def answer_rm_scores(reward_model, samples) -> torch.Tensor:
+    """The reward model's score of each sampled answer (`core.models.generate.Samples`), read at its last
+    response token (the EOS, or the last sampled token when cut off), as PPO's `score_responses` reads it
+    (raw: no missing-EOS penalty; of an ensemble, its aggregate reward)."""
+    return _answer_scores(reward_model, samples)[0]
+
+
+@torch.no_grad()
+def member_means(reward_model, model, tokenizer, prompts: list, temperature: float = 1.0, max_new_tokens: int = 24,
+                 seed: int = 1234, batch_size: int = 64) -> list[float]:
+    """Each member's mean score (one RM: its own) of `model`'s answers to `prompts`, one sampled answer each:
+    where the members of an ensemble sit on that policy's answers (`rlhf ensemble --align-on`)."""
+    total = None
+    for i in range(0, len(prompts), batch_size):
+        answers = sample(model, tokenizer, prompts[i : i + batch_size], max_new_tokens, temperature, seed=seed + i)
+        scores = _answer_scores(reward_model, answers)[1].sum(1)
+        total = scores if total is None else total + scores
+    return (total / len(prompts)).tolist()
 
 
 def score_answers(
