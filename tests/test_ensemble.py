@@ -253,6 +253,33 @@ def test_reward_models_trained_apart_join_into_one_ensemble_and_bad_members_are_
     assert main(["ensemble", "--output", str(tmp_path / "joined"), *map(str, members[:2])]) == 2
     assert "exists" in capsys.readouterr().err
 
+
+def test_members_aligned_on_a_policys_answers_share_its_mean_there(tmp_path, tok):
+    """`rlhf ensemble --align-on POLICY`: members centred apart (here member 1 at +3 on every answer) come out
+    with member 0's mean on that policy's answers, member 0 untouched, the means and shifts recorded."""
+    from core.cli import main
+    from core.stages.evaluate import member_means
+
+    torch.manual_seed(0)
+    members = [save_checkpoint(load_scalar_model("bundled", tok.pad_token_id, CPU), tok, tmp_path / f"rm{i}")
+               for i in range(2)]
+    config = json.loads((members[1] / "config.json").read_text())
+    config["reward_bias"] = config.get("reward_bias", 0.0) + 3.0
+    (members[1] / "config.json").write_text(json.dumps(config))
+    policy = save_checkpoint(load_policy("bundled", CPU), tok, tmp_path / "policy")
+    prompts = [t.prompt for t in demo.train_tasks(200)]
+
+    def means(path):
+        return member_means(load_reward_model(path, tok.pad_token_id, CPU), load_policy(policy, CPU), tok, prompts)
+
+    before = [means(m)[0] for m in members]
+    assert before[1] - before[0] > 2.5  # member 1 sits ~3 above member 0 on these answers
+    assert main(["ensemble", "--output", str(tmp_path / "aligned"), *map(str, members), "--align-on", str(policy)]) == 0
+    after = means(tmp_path / "aligned")
+    assert after[0] == pytest.approx(before[0], abs=1e-5) and after[1] == pytest.approx(after[0], abs=1e-4)
+    record = json.loads((tmp_path / "aligned" / "alignment.json").read_text())
+    assert record["bias_shifts"][0] == 0 and record["bias_shifts"][1] == pytest.approx(before[0] - before[1], abs=1e-4)
+
 # ---------------------------------------------------------------------------------------------
 # PPO scores with the aggregate; the planner counts every member
 # ---------------------------------------------------------------------------------------------
