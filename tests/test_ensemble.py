@@ -244,7 +244,8 @@ def test_reward_models_trained_apart_join_into_one_ensemble_and_bad_members_are_
     for args, message in (([members[0]], "2 to 16"), ([members[0], policy], "not a reward model"),
                           ([members[0], tmp_path / "joined"], "already an ensemble"),
                           ([members[0], foreign], "tokenizers differ"),
-                          ([members[0], tmp_path / "nowhere"], "nowhere")):
+                          ([members[0], tmp_path / "nowhere"], "nowhere"),
+                          ([members[0], members[1], members[0]], "given twice")):
         with pytest.raises(ValueError, match=message):
             join_ensemble(tmp_path / "refused", args)
         assert not (tmp_path / "refused").exists()

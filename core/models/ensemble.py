@@ -126,10 +126,11 @@ def load_reward_model(path: str | os.PathLike, pad_token_id: int, device: Device
 def join_ensemble(target: str | os.PathLike, member_dirs: list[str | os.PathLike],
                   align: Callable[[list[Path]], list[float]] | None = None) -> Path:
     """One ensemble directory from reward models trained apart (`rlhf ensemble`): members from different base
-    models disagree where members of one base share its blind spots (Eisenstein et al. 2023). The first is
+    models can disagree where members of one base share its blind spots (Eisenstein et al. 2023). The first is
     member 0, the one PPO's value model starts from. Refused before anything is written: fewer than 2 or more
     than MAX_ENSEMBLE members, a member that is not a plain reward-model directory (a causal LM, an ensemble,
-    a missing directory), members whose tokenizers or chat templates differ, and a target that exists.
+    a missing directory) or is given twice, members whose tokenizers or chat templates differ, and a target
+    that exists.
 
     `align`: the members' mean scores on one policy's answers (`core.stages.evaluate.member_means`). Each
     member, centred on its own demonstrations, may sit at its own offset on a policy's answers (members from
@@ -149,6 +150,8 @@ def join_ensemble(target: str | os.PathLike, member_dirs: list[str | os.PathLike
         config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
             raise ValueError(f"{given} is not a reward model (no sequence-classification head in its config.json)")
+        if path.resolve() in {m.resolve() for m in members}:
+            raise ValueError(f"{given} is given twice: the same reward model twice adds no disagreement")
         members.append(path)
     first = load_tokenizer(members[0])
     for member in members[1:]:
