@@ -360,24 +360,14 @@ def cmd_ensemble(args) -> int:
 
     align = None
     if args.align_on:
-        def align(members):
-            import torch
+        import functools
 
-            from core.data.sources import load_prompts
-            from core.data.store import Store
-            from core.models.ensemble import RewardEnsemble
-            from core.models.loading import (check_same_tokenizer, load_policy, load_scalar_model, load_tokenizer,
-                                             pick_device)
-            from core.stages.evaluate import member_means
+        from core.data.sources import load_prompts
+        from core.data.store import Store
+        from core.stages.evaluate import policy_member_means
 
-            device = pick_device("auto")
-            tokenizer = load_tokenizer(args.align_on)
-            check_same_tokenizer(tokenizer, load_tokenizer(members[0]), f"--align-on {args.align_on}")
-            prompts = load_prompts(args.align_prompts, Store() if args.align_prompts == "store" else None)
-            torch.manual_seed(0)
-            rms = RewardEnsemble([load_scalar_model(m, tokenizer.pad_token_id, device) for m in members]).eval()
-            return member_means(rms, load_policy(args.align_on, device, dropout=0.0), tokenizer,
-                                prompts[:ALIGN_PROMPTS])
+        prompts = load_prompts(args.align_prompts, Store() if args.align_prompts == "store" else None)
+        align = functools.partial(policy_member_means, policy=args.align_on, prompts=prompts[:ALIGN_PROMPTS])
 
     print(f"saved {join_ensemble(args.output, args.members, align)} ({len(args.members)} members)")
     return 0

@@ -143,6 +143,19 @@ def member_means(reward_model, model, tokenizer, prompts: list, temperature: flo
     return (total / len(prompts)).tolist()
 
 
+def policy_member_means(members: list, policy: str, prompts: list) -> list[float]:
+    """`member_means` of the reward-model directories `members` on the answers of the policy directory `policy`
+    (the SFT model an ensemble will judge), whose tokenizer must be theirs: `rlhf ensemble --align-on`."""
+    from core.models.ensemble import RewardEnsemble
+    from core.models.loading import check_same_tokenizer, load_policy, load_scalar_model, load_tokenizer, pick_device
+
+    device = pick_device("auto")
+    tokenizer = load_tokenizer(policy)
+    check_same_tokenizer(tokenizer, load_tokenizer(members[0]), f"--align-on {policy}")
+    reward_models = RewardEnsemble([load_scalar_model(m, tokenizer.pad_token_id, device) for m in members])
+    return member_means(reward_models, load_policy(policy, device, dropout=0.0), tokenizer, prompts)
+
+
 def score_answers(
     model, tokenizer, prompts: list[str], reward_model, temperature: float = 1.0, max_new_tokens: int = 24,
     seed: int = 1234, batch_size: int = 64, reference=None, reward=None, columns: list[dict] | None = None,
