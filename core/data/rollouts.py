@@ -128,6 +128,17 @@ class Sample:
     advantage: float | None = None
 
 
+def kept_scores(rm_members, term_scores, n: int) -> tuple[list[list[float] | None], list[dict[str, float]]]:
+    """The first `n` answers' scores as `Sample`s keep them: each ensemble member's (`rm_members`, (members, B);
+    None each for one RM) and each reward term's value (`term_scores`, {term: (B,)}), one entry per answer."""
+    if rm_members is not None and len(rm_members) > 1:
+        members = rm_members[:, :n].T.detach().float().cpu().tolist()
+    else:
+        members = [None] * n
+    values = {name: v[:n].detach().float().cpu().tolist() for name, v in (term_scores or {}).items()}
+    return members, [{name: v[i] for name, v in values.items()} for i in range(n)]
+
+
 class RolloutRecorder:
     """Writes a step's sample of a run's rollouts (`record` from `core/stages/ppo.run`, `write` from GRPO's and
     RLOO's `core/stages/trl_bridge.GroupRollouts`); a no-op without a store or run id."""
@@ -160,17 +171,13 @@ class RolloutRecorder:
         mask = rollout.response_mask[:n].detach().float().cpu()
         kl = ((rollout.logprobs[:n] - rollout.ref_logprobs[:n]).detach().float().cpu() * mask).tolist()
         finished = rollout.finished[:n].detach().cpu().tolist()
-        members = getattr(rollout, "rm_members", None)  # (members, B); kept only for an ensemble
-        members = members[:, :n].T.float().cpu().tolist() if members is not None and len(members) > 1 else None
-        term_values = {name: values[:n].detach().float().cpu().tolist()
-                       for name, values in (getattr(rollout, "term_scores", None) or {}).items()}
+        members, terms = kept_scores(getattr(rollout, "rm_members", None), getattr(rollout, "term_scores", None), n)
         samples = []
         for i in range(n):
             length = int(mask[i].sum())
             tokens = [[token_text(self.tokenizer, t), round(k, 5)] for t, k in zip(ids[i][:length], kl[i][:length])]
             samples.append(Sample(prompts[i], rollout.texts[i], rewards[i], length, bool(finished[i]), tokens,
-                                  kl=sum(k for _, k in tokens), members=None if members is None else members[i],
-                                  terms={name: v[i] for name, v in term_values.items()}))
+                                  kl=sum(k for _, k in tokens), members=members[i], terms=terms[i]))
         self.write(step, rewards, samples)
 
     def write(self, step: int, rewards: list[float], samples: list[Sample]) -> None:

@@ -49,7 +49,7 @@ import torch
 from core.config import uses_reward_model
 from core.data import demo
 from core.data.formats import ranking_pairs
-from core.data.rollouts import RolloutRecorder, Sample
+from core.data.rollouts import RolloutRecorder, Sample, kept_scores
 from core.data.sources import Ranking
 from core.data.store import prompt_display
 from core.stages.evaluate import all_demo
@@ -214,12 +214,10 @@ class GroupRollouts:
         if not self.recorder.due(step, self.span):
             return
         n = min(self.recorder.per_step, len(completions))
-        members = scored.rm_members  # (members, B); kept only for an ensemble
-        members = members[:, :n].T.float().cpu().tolist() if members is not None and len(members) > 1 else None
-        terms = {name: values[:n].float().cpu().tolist() for name, values in scored.terms.items()}
+        members, terms = kept_scores(scored.rm_members, scored.terms, n)
         self.pending = (step, rewards, [
             Sample(_conversation(prompts[i]), completions[i], rewards[i], len(completion_ids[i]), finished[i],
-                   members=None if members is None else members[i], terms={k: v[i] for k, v in terms.items()})
+                   members=members[i], terms=terms[i])
             for i in range(n)])
 
     def write(self, step: int) -> None:
