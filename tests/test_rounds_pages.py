@@ -59,6 +59,10 @@ def test_home_and_monitor_show_the_round_strip(app, workbench_home, tmp_path):
     # The rounds run stands for its stage runs, as a pipeline does: round 0's PPO curve is drawn.
     names = [t["name"] for c in app.get("plotly_chart") for t in json.loads(c.proto.spec)["data"]]
     assert "rounds-a-round-0-ppo" in names
+    # The round strip's chart keeps SFT's point on a category axis: "SFT", "0", ... as written.
+    [strip] = [json.loads(c.proto.spec) for c in app.get("plotly_chart")
+               if any(t["name"] == "gold" for t in json.loads(c.proto.spec)["data"])]
+    assert strip["layout"]["xaxis"]["type"] == "category" and strip["data"][0]["x"][0] == "SFT"
 
 
 def test_train_rounds_form_refuses_a_team_without_accounts(app, workbench_home):

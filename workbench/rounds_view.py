@@ -28,12 +28,15 @@ def round_strip(run_id: str, state: dict, key: str) -> None:
     table = pd.DataFrame(measured).drop(columns="state")
     table["round"] = table["round"].map(str)  # one index type: "SFT", "0", "1", ...
     table = table.set_index("round")
-    st.table(table.astype(float).style.format(precision=3, na_rep="—"))
+    counts = [c for c in ("rankings",) if c in table.columns]  # whole numbers, not 3 decimals
+    st.table(table.astype(float).style.format(precision=3, na_rep="—").format("{:.0f}", subset=counts, na_rep="—"))
     figure = go.Figure()
     x = [str(r["round"]) for r in measured]
     for name, label in (("gold", "gold"), ("rm_accuracy_before", "RM accuracy before refit"),
                         ("rm_accuracy_after", "RM accuracy after refit")):
         figure.add_trace(go.Scatter(x=x, y=[r[name] for r in measured], mode="lines+markers", name=label))
+    # A category axis: "SFT", "0", "1" as they are (a number axis would drop SFT's point and draw round 0.2).
     figure.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), yaxis=dict(range=[0, 1.05]),
+                         xaxis=dict(type="category"),
                          xaxis_title="round (RM accuracy on the previous policy's held-out answers)")
     st.plotly_chart(figure, key=f"rounds_{key}", width="stretch")
