@@ -1,6 +1,6 @@
 """`python benchmarks/ensemble_bon.py DIR [ENSEMBLE]` (DIR holding sft/, rm/ and the ensemble ENSEMBLE/, default
 rm-ensemble; the table goes to DIR/bon-ENSEMBLE.json): best-of-n of the study (25 held-out prompts (the study: 50) x 64 answers from the SFT model, T=1, 24 tokens, seed 1234, as
-core/runs/study.best_of_n samples them), the same answers chosen by the single RM and by the ensemble of 4
+core/runs/study.sample_best_of_n samples them), the same answers chosen by the single RM and by the ensemble of 4
 under each reward_aggregate."""
 import json
 import sys

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.config import PPOConfig, RewardConfig, SFTConfig
-from core.models.loading import load_policy, load_scalar_model, load_tokenizer, pick_device
+from core.models.loading import fuse_gelu, load_policy, load_scalar_model, load_tokenizer, pick_device
 from core.models.lora import prepare_for_training
 from core.models.memory import GIB, DeviceBudget, arch_of, layer_activation_bytes, plan
 from core.models.tiny import save_tiny_chat_model
@@ -213,7 +213,7 @@ def test_layer_activation_formula_matches_saved_tensors(architecture):
                 kw["num_key_value_heads"] = 2
         config = AutoConfig.for_model(architecture, vocab_size=300, **kw)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model = fuse_gelu(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"))  # as loaded
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0

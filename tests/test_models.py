@@ -90,6 +90,21 @@ def test_checkpoint_reloads_with_plain_transformers(tmp_path):
     assert rm.score.out_features == 1
 
 
+def test_loaded_models_run_gpt2s_gelu_fused_with_the_same_outputs_and_save_it_unchanged(tmp_path):
+    from transformers.activations import NewGELUActivation
+
+    tok = load_tokenizer("bundled")
+    ids = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
+    plain = AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL_DIR).eval()
+    assert any(isinstance(m, NewGELUActivation) for m in plain.modules())  # what fusing replaces
+    for model in (load_policy("bundled"), load_scalar_model("bundled", tok.pad_token_id)):
+        assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    fused = load_policy("bundled").eval()
+    assert torch.allclose(plain(ids).logits, fused(ids).logits, atol=1e-5)
+    saved = save_checkpoint(fused, tok, tmp_path / "ckpt")
+    assert AutoModelForCausalLM.from_pretrained(saved).config.activation_function == "gelu_new"
+
+
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
     model, tok = load_policy("bundled"), load_tokenizer("bundled")
     target = save_checkpoint(model, tok, tmp_path / "ckpt")

@@ -260,6 +260,9 @@ def test_a_study_with_an_ensemble_arm_stops_resumes_and_compares_like_with_like(
         return real_run(cfg, *args, **kwargs)
 
     monkeypatch.setattr(ppo, "run", counting_run)
+    sampled = []
+    real_sample = study.sample_best_of_n
+    monkeypatch.setattr(study, "sample_best_of_n", lambda *a, **kw: sampled.append(1) or real_sample(*a, **kw))
     out = tmp_path / "study"
     events = Events(store, None)
 
@@ -272,6 +275,7 @@ def test_a_study_with_an_ensemble_arm_stops_resumes_and_compares_like_with_like(
     assert first["runs"]["0.1"]["done"] and not first["ensemble"]["runs"]["0.1"]["done"]
     assert store.get_run("ens-study-ens-kl0.1")["status"] == "stopped"
     assert calls == [(rm, "mean"), (ensemble, "min")]
+    assert len(sampled) == 1  # best-of-n's answers sampled once, scored by both arms
 
     doc = study.run_study(config, out, store, Events(store, None))  # resumes the ensemble arm's run only
     assert calls == [(rm, "mean"), (ensemble, "min"), (ensemble, "min")]
@@ -434,8 +438,8 @@ def test_best_of_n_picks_by_the_rewards_total(one_thread):
 
     tok = load_tokenizer("bundled")
     policy = load_policy("bundled", pick_device("cpu"), dropout=0.0)
-    points = study.best_of_n(policy, resolve_reward("length:target=0:weight=-1"), tok, demo.heldout_tasks(6),
-                             [1, 2, 4, 8], max_new_tokens=12, seed=3)
+    answers = study.sample_best_of_n(policy, tok, demo.heldout_tasks(6), 8, max_new_tokens=12, seed=3)
+    points = study.best_of_n(answers, resolve_reward("length:target=0:weight=-1"), [1, 2, 4, 8])
     lengths = [p["terms"]["length"] for p in points]
     assert lengths == sorted(lengths, reverse=True) and lengths[-1] < lengths[0]
     for p in points:

@@ -20,7 +20,7 @@ What it counts, and where each number comes from:
   in 16-bit with dropout) recounted for Hugging Face's implementations with SDPA attention: per
   token per layer, the norms' saved inputs and outputs, q, k, v (k and v at the key/value-head
   width), the attention output and its log-sum-exp, and the MLP's intermediates (2 x intermediate
-  for a GELU MLP, 4 x for a gated SiLU MLP, 5 x for GPT-2's unfused `gelu_new`). Counted with
+  for a GELU MLP, GPT-2's `gelu_new` included as the loaders fuse it, 4 x for a gated SiLU MLP). Counted with
   `torch.autograd.graph.saved_tensors_hooks` on GPT-2, Llama, Qwen2 and GPT-NeoX (tests/test_memory.py
   checks the formula against the hooks). With attention dropout on CPU, SDPA falls back to the math
   path, which stores the attention probabilities (the `5as/h` term). Gradient checkpointing keeps
@@ -230,7 +230,7 @@ class Arch:
     head_dim: int
     intermediate: int
     vocab: int
-    mlp: str  # 'gelu' (2 saved intermediates), 'gated' (4), 'gelu_new' (5: GPT-2 unfused)
+    mlp: str  # 'gelu' (2 saved intermediates) or 'gated' (4)
     norm: str  # 'layer' (LayerNorm: input + output saved) or 'rms' (HF RMSNorm: input, normalised, output)
     tied: bool
     weight_bytes: int
@@ -258,7 +258,7 @@ def arch_of(config) -> Arch:
     intermediate = _cfg(config, "intermediate_size", "n_inner", "ffn_dim", default=None) or 4 * hidden
     act = str(_cfg(config, "hidden_act", "activation_function", default="gelu"))
     # Llama, Qwen2, Mistral: a gated SiLU MLP (gate, up, down); GPT-2, GPT-NeoX: a plain GELU MLP.
-    mlp = "gated" if act in ("silu", "swish") else ("gelu_new" if act == "gelu_new" else "gelu")
+    mlp = "gated" if act in ("silu", "swish") else "gelu"
     norm = "rms" if hasattr(config, "rms_norm_eps") else "layer"
     # core/models/loading loads every network in fp32 (`dtype=torch.float32`) whatever the checkpoint's
     # dtype (hub checkpoints are mostly bf16); only PPO's frozen networks load in bf16 (on CUDA, `_plan_ppo`).
@@ -412,12 +412,11 @@ def _inspect(path: str, stamp: int, scalar: bool, r: int, targets: str) -> _Net:
 # ---------------------------------------------------------------------------------------------
 
 
-def layer_activation_bytes(arch: Arch, seq: int, device: str, fuse_gelu: bool = False,
-                           dropout: float = 0.0, bf16: bool = False) -> float:
+def layer_activation_bytes(arch: Arch, seq: int, device: str, dropout: float = 0.0, bf16: bool = False) -> float:
     """Bytes autograd keeps per token for one decoder layer in training (SDPA attention).
 
     Elements per token: norms 2 x (2h LayerNorm | 3h RMSNorm); attention q (h) + k, v (2 x kv width)
-    + output (h) + log-sum-exp (heads); MLP 2, 4 or 5 x intermediate. With attention dropout on CPU,
+    + output (h) + log-sum-exp (heads); MLP 2 or 4 x intermediate. With attention dropout on CPU,
     SDPA takes its math path and also keeps the attention probabilities before and after dropout
     (2 x heads x seq) plus the dropout mask (1 byte) and a scaled copy of q, k, v (the `5as/h` term
     of Korthikanti et al.). Residual dropout adds a 1-byte mask per site. Under bf16 autocast (`bf16`)
@@ -426,7 +425,7 @@ def layer_activation_bytes(arch: Arch, seq: int, device: str, fuse_gelu: bool = 
     wb = arch.weight_bytes
     mm_bytes = 2 if bf16 else wb  # autocast: matmul outputs in bf16
     norm_elems = 2 * (3 * h if arch.norm == "rms" else 2 * h)
-    mlp = {"gated": 4, "gelu": 2, "gelu_new": 2 if fuse_gelu else 5}[arch.mlp]
+    mlp = {"gated": 4, "gelu": 2}[arch.mlp]
     mm_elems = h + 2 * kv + h + mlp * arch.intermediate + arch.extra_h * h
     total = norm_elems * wb + mm_elems * mm_bytes + arch.heads * 4  # log-sum-exp in fp32
     if dropout > 0:
@@ -437,11 +436,11 @@ def layer_activation_bytes(arch: Arch, seq: int, device: str, fuse_gelu: bool = 
 
 
 def activation_bytes(net: _Net, tokens: int, seq: int, device: str, checkpointing: bool,
-                     fuse_gelu: bool = False, dropout: float = 0.0, lora_dropout: float = 0.0,
+                     dropout: float = 0.0, lora_dropout: float = 0.0,
                      bf16: bool = False) -> int:
     """Saved activations of one training forward over `tokens` tokens (sequences of `seq`), logits aside."""
     arch = net.arch
-    per_layer = layer_activation_bytes(arch, seq, device, fuse_gelu, dropout, bf16)
+    per_layer = layer_activation_bytes(arch, seq, device, dropout, bf16)
     if net.r:
         # LoRA: lora_A keeps its input (a dropped copy with a 1-byte mask when lora_dropout > 0) and
         # lora_B keeps lora_A's output (r wide).
@@ -636,7 +635,7 @@ def _plan_ppo(config, budget: DeviceBudget, bf16: bool, prompt_length: int, froz
     seq = prompt_length + config.response_length
     minibatch = config.batch_size // config.num_minibatches
     gc = config.gradient_checkpointing
-    kw = dict(device=budget.kind, checkpointing=gc, fuse_gelu=True, lora_dropout=0.0,  # PPO zeroes every dropout
+    kw = dict(device=budget.kind, checkpointing=gc, lora_dropout=0.0,  # PPO zeroes every dropout
               bf16=bf16)
     ptx = config.ptx_coef > 0
     parts.append(Part("policy", "activations", activation_bytes(policy, minibatch * seq, seq, **kw), "update",

@@ -46,10 +46,12 @@ aggregate reward's). A fit is null until it has two points with d > 0. Nothing h
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import MAX_ENSEMBLE, PRESETS, parse_reward
@@ -436,8 +438,11 @@ def _run(study: dict, config: dict, output_dir: Path, store, events) -> None:
         rm = load_reward_model(rm_ref, tokenizer.pad_token_id, device, **aggregate)
         return reward.with_reward_model(RewardModelTerm(rm, tokenizer.pad_token_id, device))
 
+    # Best-of-n's SFT answers, sampled once for both arms: the ensemble arm then pays only for its scoring.
+    bon_answers = functools.cache(lambda temperature, length: sample_best_of_n(
+        sft, tokenizer, _bon_tasks(config), max(config["ns"]), temperature, length, config["seed"]))
     arm = dict(config=config, output_dir=output_dir, store=store, events=events, sft=sft, tokenizer=tokenizer,
-               device=device, total=total)
+               device=device, total=total, bon_answers=bon_answers)
     if not _arm(study, study, scored_by(rm_ref), 1, **arm):
         return
     if config.get("ensemble"):
@@ -457,18 +462,23 @@ def _eval_tasks(config: dict) -> list:
     return demo.heldout_tasks(config["eval_prompts"])
 
 
+def _bon_tasks(config: dict) -> list:
+    from core.data import demo
+
+    return demo.heldout_tasks(config["bon_prompts"])
+
+
 def task_columns(tasks) -> list[dict]:
     """The demo tasks' prompt-row columns, as the reward terms read them (`answer`)."""
     return [{"answer": t.answer} for t in tasks]
 
 
 def _arm(study: dict, arm: dict, reward, first_unit: int, config: dict, output_dir: Path, store, events, sft,
-         tokenizer, device, total: int) -> bool:
+         tokenizer, device, total: int, bon_answers) -> bool:
     """One arm of the study, its proxy `reward` (a `Reward`, its `rm` term the arm's reward model): the SFT
-    baseline, best-of-n and the KL sweep, each skipped when done. `arm`: the study itself (the single RM) or
-    its `ensemble` entry (the ensemble and its reward aggregate), both in the same form. Returns False when
-    stopped."""
-    from core.data import demo
+    baseline, best-of-n (its answers `bon_answers(temperature, length)`, shared by the arms) and the KL sweep,
+    each skipped when done. `arm`: the study itself (the single RM) or its `ensemble` entry (the ensemble and
+    its reward aggregate), both in the same form. Returns False when stopped."""
     from core.stages.evaluate import policy_eval
 
     probe = sweep_config(config, study["models"]["sft"], arm["models"]["rm"], config["kl_coefs"][0])
@@ -488,8 +498,7 @@ def _arm(study: dict, arm: dict, reward, first_unit: int, config: dict, output_d
 
     events.progress(first_unit + 1, total, label + "best-of-n")
     if not set(config["ns"]) <= {p["n"] for p in arm.get("bon", [])}:
-        arm["bon"] = best_of_n(sft, reward, tokenizer, demo.heldout_tasks(config["bon_prompts"]), config["ns"],
-                               temperature, length, config["seed"])
+        arm["bon"] = best_of_n(bon_answers(temperature, length), reward, config["ns"])
         events.log(label + "best-of-n: " + ", ".join(f"n={p['n']} gold {p['gold']:.3f} RM {p['rm']:.3f}"
                                                     for p in arm["bon"]))
         _save(study, output_dir)
@@ -595,43 +604,67 @@ def _sweep_run(study, arm, config, output_dir, store, events, kl_coef, index, me
     return True
 
 
-def best_of_n(policy, reward, tokenizer, tasks, ns, temperature: float = 1.0, max_new_tokens: int = 24,
-              seed: int = 1234, batch_size: int = 64) -> list[dict]:
-    """Best-of-n points: max(ns) answers per prompt sampled at `temperature`; for each n they are split into
-    max(ns)/n disjoint groups of n, the favourite of `reward` (a `core.stages.reward_terms.Reward`: the RM, or
-    terms beside it) kept in each group, and its gold, proxy reward (`rm`, the reward's total) and each term
-    averaged over groups and prompts (every sample used for every n). KL is the analytic log n - (n - 1)/n."""
+@dataclass
+class BestOfNAnswers:
+    """Best-of-n's answers: `n` per task sampled from one policy, in batches as the reward terms read them
+    (`Answers`), and each answer's gold. Sampled once, scored by as many rewards as asked: both arms of the
+    study pick from the same SFT answers."""
+    tasks: list
+    n: int
+    batches: list
+    gold: list[float]
+
+
+def sample_best_of_n(policy, tokenizer, tasks, n: int, temperature: float = 1.0, max_new_tokens: int = 24,
+                     seed: int = 1234, batch_size: int = 64) -> BestOfNAnswers:
+    """`n` answers per task from `policy` at `temperature`, each batch sampled with its own seed."""
     import torch
 
     from core.data import demo
     from core.models.generate import sample
     from core.stages.reward_terms import Answers
 
-    n_max = max(ns)
-    repeated = [t for t in tasks for _ in range(n_max)]
+    repeated = [t for t in tasks for _ in range(n)]
     prompts, columns = [t.prompt for t in repeated], task_columns(repeated)
-    gold, total, terms = [], [], {}
+    batches, gold = [], []
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
             out = sample(policy, tokenizer, chunk, max_new_tokens, temperature, seed=seed + i)
             gold += [demo.gold_score(p, text) for p, text in zip(chunk, out.texts)]
-            scored = reward(Answers.of_samples(out, chunk, columns[i : i + batch_size]))
+            batches.append(Answers.of_samples(out, chunk, columns[i : i + batch_size]))
+    return BestOfNAnswers(list(tasks), n, batches, gold)
+
+
+def best_of_n(answers: BestOfNAnswers, reward, ns) -> list[dict]:
+    """Best-of-n points from `answers` (`sample_best_of_n`, n = max(ns)): for each n they are split into
+    max(ns)/n disjoint groups of n, the favourite of `reward` (a `core.stages.reward_terms.Reward`: the RM, or
+    terms beside it) kept in each group, and its gold, proxy reward (`rm`, the reward's total) and each term
+    averaged over groups and prompts (every sample used for every n). KL is the analytic log n - (n - 1)/n."""
+    import torch
+
+    n_max = max(ns)
+    if answers.n != n_max:
+        raise ValueError(f"best-of-n up to n={n_max} needs {n_max} answers per prompt, got {answers.n}")
+    total, terms = [], {}
+    with torch.no_grad():
+        for batch in answers.batches:
+            scored = reward(batch)
             total += scored.total.tolist()
             for name, values in scored.terms.items():
                 terms.setdefault(name, []).extend(values.tolist())
 
     def grid(values) -> torch.Tensor:
-        return torch.tensor(values).view(len(tasks), n_max)
+        return torch.tensor(values).view(len(answers.tasks), n_max)
 
-    G, R, T = grid(gold), grid(total), {name: grid(values) for name, values in terms.items()}
+    G, R, T = grid(answers.gold), grid(total), {name: grid(values) for name, values in terms.items()}
     points = []
     for n in sorted(ns):
-        r = R.view(len(tasks), n_max // n, n)
+        r = R.view(len(answers.tasks), n_max // n, n)
         best = r.argmax(-1, keepdim=True)
 
         def chosen(values: torch.Tensor) -> float:
-            return float(values.view(len(tasks), n_max // n, n).gather(-1, best).mean())
+            return float(values.view(len(answers.tasks), n_max // n, n).gather(-1, best).mean())
 
         kl = kl_bon(n)
         points.append({"n": n, "kl": kl, "sqrt_kl": math.sqrt(kl), "rm": chosen(R), "gold": chosen(G),
@@ -640,4 +673,4 @@ def best_of_n(policy, reward, tokenizer, tasks, ns, temperature: float = 1.0, ma
 
 
 __all__ = ["kl_bon", "fit", "peak", "predict", "fits", "gains", "curves", "study_config", "study_config_from_dict",
-           "check_models", "run_study", "best_of_n", "load_study", "task_columns", "STUDY_FILE", "DEFAULT_KL_COEFS", "DEFAULT_NS"]
+           "check_models", "run_study", "best_of_n", "sample_best_of_n", "BestOfNAnswers", "load_study", "task_columns", "STUDY_FILE", "DEFAULT_KL_COEFS", "DEFAULT_NS"]

@@ -160,7 +160,7 @@ def assemble(policy, reference_policy, value_model, reward_model, tokenizer, con
     (`reward`, as `check_inputs` resolved them, else the config's, resolved here), the `rm` term scored by
     `reward_model`."""
     for m in (policy, reference_policy, value_model, reward_model):
-        if m is not None:
+        if m is not None:  # loaded models run it already; the benchmark's are built from a config
             fuse_gelu(m)
     policy.train()
     value_model.train()

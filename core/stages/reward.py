@@ -32,7 +32,6 @@ from core.models.chat import encode_answer, fit_prompt
 from core.models.generate import sample
 from core.models.loading import (
     Device,
-    fuse_gelu,
     load_policy,
     load_scalar_model,
     load_tokenizer,
@@ -434,7 +433,6 @@ def train_member(config: RewardConfig, events: Events, output_dir: Path, tokeniz
     # With LoRA the base loads as it is and the checkpoint's adapter (and head) goes back on top of it.
     model = load_scalar_model(config.sft_model if config.lora else (resume_from or config.sft_model),
                               tokenizer.pad_token_id, device)
-    fuse_gelu(model)  # the same activation in one kernel (core/models/loading.py)
     model = prepare_for_training(model, config, "score", resume_from if config.lora else None)
 
     batch_starts = dist.batch_starts(len(train), config.batch_size)

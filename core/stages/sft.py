@@ -26,7 +26,7 @@ from core.data.store import Store
 from core.stages.evaluate import gold_eval
 from core.stages.events import Events
 from core.models.chat import encode_answer, encode_conversation, recent_turns
-from core.models.loading import Device, fuse_gelu, load_policy, load_tokenizer, pick_device, save_model
+from core.models.loading import Device, load_policy, load_tokenizer, pick_device, save_model
 from core.models.lm_head import causal_lm_loss
 from core.models.lora import prepare_for_training
 from core.models import optim
@@ -131,7 +131,6 @@ def run(config: SFTConfig, store: Store | None, events: Events, output_dir: str 
     tokenizer = load_tokenizer(config.model)
     # With LoRA the base loads as it is and the checkpoint's adapter goes back on top of it.
     model = load_policy(config.model if config.lora else (resume_from or config.model), device, dropout=config.dropout)
-    fuse_gelu(model)  # the same activation in one kernel; the saved model is unchanged
     model = prepare_for_training(model, config, "causal", resume_from if config.lora else None)
     model.train()
 
