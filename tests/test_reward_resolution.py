@@ -59,6 +59,25 @@ def test_eval_executes_a_users_reward_file_once(tmp_path, tok):
     assert executions(runs) == 2
 
 
+def test_the_rm_term_cuts_answers_of_unequal_length_on_a_cpu_and_scores_them_the_same(tmp_path, tok, bucket_counts):
+    """Frozen scoring (best-of-n, the study, Evaluate, GRPO) cuts a batch by length as PPO's does: several
+    forwards where a short answer would carry a long one's padding, and every answer's score as one whole
+    padded forward gives it."""
+    from core.stages.reward import score_sequences
+    from core.stages.reward_terms import Answers
+
+    rm_dir = save_checkpoint(load_scalar_model("bundled", tok.pad_token_id, CPU), tok, tmp_path / "rm")
+    reward_model = load_reward_model(rm_dir, tok.pad_token_id, CPU)
+    prompt = tok("Write a word:")["input_ids"]
+    sequences = [prompt + [5 + i] * n for i, n in enumerate([2, 3, 90, 95, 4, 2, 88, 3])]
+    answers = Answers([""] * 8, ["x"] * 8, [{} for _ in range(8)], [True] * 8, [len(s) - len(prompt) for s in sequences],
+                      sequences)
+    cut, _ = RewardModelTerm(reward_model, tok.pad_token_id, CPU).scores(answers)
+    assert bucket_counts and bucket_counts[-1] >= 2  # the short answers scored apart from the long ones
+    whole = score_sequences(reward_model.members[0], sequences, tok.pad_token_id, CPU, call_tokens=None)
+    assert bucket_counts[-1] == 1 and torch.allclose(cut, whole, atol=1e-5)
+
+
 def test_evaluate_scores_each_answer_with_the_rm_once_when_a_term_is_the_rm(tmp_path, tok):
     """With an `rm` term over the evaluation's own RM, `measure_answers` reads the RM column from the term: one
     forward of the RM per batch, not two, and the same scores `answer_rm_scores` gives."""

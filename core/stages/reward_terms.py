@@ -53,6 +53,7 @@ from core.config import RewardTerm, parse_reward
 from core.data import demo, task_sets
 from core.models.ensemble import RewardEnsemble, disagreement
 from core.models.generate import Samples
+from core.stages import microbatch
 
 NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 FINAL_MARKERS = re.compile(r"####|answer is:?", re.IGNORECASE)
@@ -210,9 +211,9 @@ class RewardModelTerm:
     policy sampled (`Answers.sequences`). The reward model is a `RewardEnsemble` (core/models/ensemble.py; one
     RM is an ensemble of one): every member scores, and the term's value is their `reward_aggregate`."""
 
-    def __init__(self, reward_model: RewardEnsemble, pad_token_id: int, device, call_tokens: int | None = None):
-        self.reward_model, self.pad_token_id, self.device, self.call_tokens = (reward_model, pad_token_id, device,
-                                                                               call_tokens)
+    def __init__(self, reward_model: RewardEnsemble, pad_token_id: int, device):
+        self.reward_model, self.pad_token_id, self.device = reward_model, pad_token_id, device
+        self.call_tokens = microbatch.scoring_call_tokens(device)  # answers cut by length (core/stages/microbatch.py)
 
     @torch.no_grad()
     def scores(self, answers: Answers) -> tuple[torch.Tensor, torch.Tensor]:
