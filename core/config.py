@@ -426,6 +426,10 @@ class RewardConfig(NetworkConfig):
     ensemble_bootstrap: bool = option(False, "ensemble: members after the first train on a bootstrap resample of "
                                       "the rankings (drawn with replacement, as many as there are), so they "
                                       "disagree where the data is thin; the first trains on all, as a single RM")
+    ensemble_heads: bool = option(False, "ensemble: members after the first are score heads on the first "
+                                  "member's backbone (frozen), each fitted on a bootstrap resample of the "
+                                  "rankings: one network's memory and one forward to score, at the cost of "
+                                  "members that share every feature")
     one_ranking_per_item: bool = option(False, "store/file data: train on the first ranking of each prompt and "
                                         "answer set only (several labelers ranked the same answers), not on all")
     heldout: str = option("auto", "held-out rankings: 'auto' (demo data: the noise-free labeler on the demo's "
@@ -443,6 +447,11 @@ class RewardConfig(NetworkConfig):
         "ensemble": (1, MAX_ENSEMBLE, True),
     }
     _choices = {**NetworkConfig._choices, "device": DEVICES, "heldout": ("auto", "demo", "none")}
+
+    def validate(self) -> None:
+        super().validate()
+        if self.ensemble_heads and self.ensemble < 2:
+            raise ValueError("ensemble_heads makes the members after the first score heads: set ensemble to 2 or more")
 
 
 @dataclass

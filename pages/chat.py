@@ -91,7 +91,7 @@ def scored(policy_ref: str, reference_ref: str, rm_ref: str | None, rm_how: tupl
     rm = None
     if rm_ref:
         loaded, rm_tokenizer = reward_model(rm_ref)
-        rm = RewardEnsemble(list(loaded.members), *rm_how)  # the same members, aggregated as picked
+        rm = RewardEnsemble(list(loaded.members), *rm_how, loaded.heads)  # the same members, aggregated as picked
         check_same_tokenizer(tokenizer, rm_tokenizer, "reward model")
     return answer_view(policy, reference, tokenizer, json.loads(conversation_json), list(answer_ids), temperature, rm)
 

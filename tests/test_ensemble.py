@@ -413,3 +413,97 @@ def test_the_rollout_sample_keeps_each_members_score_and_older_stores_gain_the_c
     kept = {s["idx"]: s for s in rollouts.samples(store, "ppo-e", 2)}
     assert kept[1]["members"] == [0.2, -0.6] and kept[1]["reward"] == pytest.approx(-0.6)
     assert [kept[i]["members"] for i in range(4)] == [[0.1, 0.5], [0.2, -0.6], [0.3, 0.7], [0.4, 0.8]]
+
+
+# ---------------------------------------------------------------------------------------------
+# An ensemble of heads: `rlhf rm --set ensemble=3 --set ensemble_heads=true`
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def heads_trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heads")
+    path = root / "rankings.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo.synthetic_rankings(200, 4)))
+    config = make_config("rm", "quick", dict(sft_model="bundled", data=str(path), ensemble=3, ensemble_heads=True))
+    return reward.run(config, None, Recorder(), root / "rm")
+
+
+def test_an_ensemble_of_heads_keeps_one_backbone_its_heads_differ_and_it_round_trips(heads_trained, tok, tmp_path):
+    from safetensors.torch import load_file
+
+    from core.models.ensemble import HEADS_FILE, join_ensemble
+    from core.models.loading import last_hidden_state
+
+    out = heads_trained
+    assert json.loads((out / "ensemble.json").read_text()) == {"members": ["."], "heads": 2}
+    assert ensemble_size(out) == 3 and not list(out.glob("member-*"))  # one network on disk
+    summary = json.loads((out / "rm_summary.json").read_text())
+    assert [m.get("head") for m in summary["members"]] == [None, 1, 2] and summary["heads"] == 2
+    for member in summary["members"]:
+        assert member["heldout_accuracy"] > 0.75  # every head reads the rankings' preferences
+
+    rm = load_reward_model(out, tok.pad_token_id, CPU, how="mean")
+    assert len(rm) == 3 and len(rm.members) == 1
+    ids, mask, last = _answers(tok)
+    rows = torch.arange(len(ids))
+    first = AutoModelForSequenceClassification.from_pretrained(out).eval()  # plain transformers reads member 0
+    weights = load_file(out / HEADS_FILE)
+    with torch.no_grad():
+        reward_, members = answer_scores(rm, ids, mask, None, 0, last)
+        hidden = last_hidden_state(first, ids, mask)[rows, last]
+        by_hand = hidden @ weights["linear.weight"].T + weights["linear.bias"]
+        alone = token_scores(first, ids, mask)[rows, last]
+    assert members.shape == (3, len(ids))
+    assert torch.allclose(members[0], alone, atol=1e-5)
+    assert torch.allclose(members[1:], by_hand.T, atol=1e-4)  # the heads read member 0's final hidden states
+    assert torch.allclose(reward_, members.mean(0), atol=1e-6)
+    # The heads differ from each other and from member 0 (bootstrap resamples), on one scale with it.
+    assert (members[1] - members[2]).abs().mean() > 0.01 and (members[0] - members[1]).abs().mean() > 0.01
+    assert members[1:].std() < 5 * members[0].std()
+
+    # The rm term scores every member in one pass, the same numbers.
+    from core.stages.reward_terms import Answers, RewardModelTerm
+
+    sequences = [row[: n + 1].tolist() for row, n in zip(ids, last)]
+    _, term_members = RewardModelTerm(rm, tok.pad_token_id, CPU).scores(
+        Answers(["p"] * len(ids), ["x"] * len(ids), [{}] * len(ids), [True] * len(ids), [1] * len(ids), sequences))
+    assert torch.allclose(term_members, members, atol=1e-4)
+
+    # The planner counts one backbone and the heads, not three networks.
+    from core.models.memory import plan
+
+    base = dict(sft_model="bundled", batch_size=8, response_length=8, device="cpu")
+    heads_plan = plan("ppo", PPOConfig.from_dict({**base, "reward_model": str(out)}), "cpu")
+    single = save_checkpoint(first, tok, tmp_path / "single")
+    single_plan = plan("ppo", PPOConfig.from_dict({**base, "reward_model": str(single)}), "cpu")
+    hidden_size = first.config.n_embd
+    assert heads_plan.total("weights", "reward_model") - single_plan.total("weights", "reward_model") == \
+        2 * (hidden_size + 1) * 4
+
+    # Refused: a listing whose heads file is gone, and an ensemble of heads joined as one member.
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / HEADS_FILE).unlink()
+    with pytest.raises(ValueError, match="no heads.safetensors"):
+        load_reward_model(broken, tok.pad_token_id, CPU)
+    with pytest.raises(ValueError, match="already an ensemble"):
+        join_ensemble(tmp_path / "joined", [single, out])
+
+
+def test_ppo_scores_with_every_head_and_logs_their_disagreement(heads_trained, tok):
+    config = PPOConfig.from_dict(dict(sft_model="bundled", reward_model=str(heads_trained), total_episodes=8,
+                                      batch_size=8, ppo_epochs=1, response_length=8, ptx_coef=0.0, device="cpu",
+                                      reward_aggregate="mean_minus_std", uncertainty_coef=1.0))
+    models = ppo.load_models(config, tok, CPU)
+    ids, mask = encode_prompts(tok, [t.prompt for t in demo.train_tasks(8)])
+    result = ppo.ppo_step(models, ids, mask, config, config.kl_coef)
+    members = result.rollout.rm_members
+    assert members.shape == (3, 8)
+    assert torch.allclose(result.rollout.reward_scores, members.mean(0) - members.std(0, correction=0), atol=1e-5)
+    assert result.metrics["ensemble_std"] > 0
+
+
+def test_ensemble_heads_need_an_ensemble():
+    with pytest.raises(ValueError, match="ensemble_heads makes the members after the first score heads"):
+        RewardConfig.from_dict({"ensemble_heads": True})

@@ -29,15 +29,34 @@ from core.models.loading import (
     Device,
     check_same_tokenizer,
     ensemble_members,
+    hf_model,
+    last_hidden_state,
     load_scalar_model,
     load_tokenizer,
     resolve_model,
+    reward_bias,
     token_scores,
 )
 from core.paths import atomic_dir
 
 MEMBER_DIR = "member-{}"
 ALIGNMENT_FILE = "alignment.json"
+# An ensemble of heads (`rlhf rm --set ensemble_heads=true`): the members after the first are score heads on the
+# first member's backbone, their weights and (centring) biases in this file, their count in `ensemble.json`.
+HEADS_FILE = "heads.safetensors"
+
+
+class ScoreHeads(torch.nn.Module):
+    """N - 1 extra score heads read off the first member's final hidden states: (batch, seq, hidden) ->
+    (heads, batch, seq). Each head's bias is its centring offset (`reward_bias`), so its scores sit on the
+    demonstrations' scale like a whole member's."""
+
+    def __init__(self, hidden: int, count: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden, count)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.float()).permute(2, 0, 1)
 
 
 def aggregate(member_scores: torch.Tensor, how: str = "mean", uncertainty_coef: float = 1.0) -> torch.Tensor:
@@ -61,16 +80,26 @@ def disagreement(member_scores: torch.Tensor) -> torch.Tensor:
 class RewardEnsemble(torch.nn.Module):
     """N frozen reward models scored together; `forward` is the aggregate reward at every position."""
 
-    def __init__(self, members: list[torch.nn.Module], how: str = "mean", uncertainty_coef: float = 1.0):
+    def __init__(self, members: list[torch.nn.Module], how: str = "mean", uncertainty_coef: float = 1.0,
+                 heads: ScoreHeads | None = None):
         super().__init__()
         if how not in REWARD_AGGREGATES:
             raise ValueError(f"reward_aggregate must be one of {', '.join(REWARD_AGGREGATES)}, got {how!r}")
         self.members = torch.nn.ModuleList(members)
+        self.heads = heads  # more members as heads on the first member's backbone (an ensemble of heads)
         self.how, self.uncertainty_coef = how, uncertainty_coef
 
+    def __len__(self) -> int:
+        return len(self.members) + (0 if self.heads is None else self.heads.linear.out_features)
+
     def member_scores(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
-        """(members, batch, seq): each member's `token_scores`."""
-        return torch.stack([token_scores(m, input_ids, attention_mask, position_ids) for m in self.members])
+        """(members, batch, seq): each member's `token_scores`; an ensemble of heads runs its backbone once."""
+        if self.heads is None:
+            return torch.stack([token_scores(m, input_ids, attention_mask, position_ids) for m in self.members])
+        with hf_model(self.members[0]) as model:
+            hidden = last_hidden_state(model, input_ids, attention_mask, position_ids)
+            first = model.score(hidden).squeeze(-1) + reward_bias(model)
+        return torch.cat([first.float()[None], self.heads(hidden)])
 
     def aggregate(self, member_scores: torch.Tensor) -> torch.Tensor:
         return aggregate(member_scores, self.how, self.uncertainty_coef)
@@ -100,8 +129,35 @@ def answer_scores(reward_model, input_ids, attention_mask, position_ids, prompt_
 
 
 def ensemble_size(path: str | os.PathLike) -> int:
-    """How many reward models the directory holds (1 for a plain one)."""
-    return len(ensemble_members(resolve_model(path)))
+    """How many reward models the directory holds, heads included (1 for a plain one)."""
+    path = Path(resolve_model(path))
+    return len(ensemble_members(path)) + head_count(path)
+
+
+def head_count(path: Path) -> int:
+    """The extra score heads of an ensemble of heads (0 for any other RM directory)."""
+    listing = path / ENSEMBLE_FILE
+    return int(json.loads(listing.read_text()).get("heads", 0)) if listing.is_file() else 0
+
+
+def load_heads(path: Path, device: Device | None = None) -> ScoreHeads | None:
+    """An ensemble of heads' extra heads, frozen; None for any other RM directory. A listed head count with no
+    heads file (or another shape) is refused, as a missing member is."""
+    from safetensors.torch import load_file
+
+    count = head_count(path)
+    if not count:
+        return None
+    if not (path / HEADS_FILE).is_file():
+        raise ValueError(f"reward-model ensemble {path} lists {count} heads but has no {HEADS_FILE}; train it again")
+    weights = load_file(path / HEADS_FILE)
+    heads = ScoreHeads(weights["linear.weight"].shape[1], count)
+    try:
+        heads.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ValueError(f"reward-model ensemble {path}: {HEADS_FILE} does not hold {count} heads ({exc})") from None
+    heads.requires_grad_(False)
+    return heads.to(device.torch) if device is not None else heads
 
 
 def load_reward_model(path: str | os.PathLike, pad_token_id: int, device: Device | None = None,
@@ -120,7 +176,7 @@ def load_reward_model(path: str | os.PathLike, pad_token_id: int, device: Device
     for m in models:
         m.eval()
         m.requires_grad_(False)
-    return RewardEnsemble(models, how, uncertainty_coef)
+    return RewardEnsemble(models, how, uncertainty_coef, load_heads(Path(resolve_model(path)), device))
 
 
 def join_ensemble(target: str | os.PathLike, member_dirs: list[str | os.PathLike],
@@ -145,7 +201,7 @@ def join_ensemble(target: str | os.PathLike, member_dirs: list[str | os.PathLike
     members = []
     for given in member_dirs:
         path = Path(resolve_model(given))
-        if len(ensemble_members(path)) > 1:
+        if ensemble_size(path) > 1:
             raise ValueError(f"{given} is already an ensemble: join its members' directories instead")
         config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
@@ -162,6 +218,22 @@ def join_ensemble(target: str | os.PathLike, member_dirs: list[str | os.PathLike
     shifts = [means[0] - m for m in means]
     return save_ensemble(target, members, extra_json={ALIGNMENT_FILE: {"means": means, "bias_shifts": shifts}},
                          bias_shifts=shifts)
+
+
+def save_heads_ensemble(target: str | os.PathLike, first: Path, heads: ScoreHeads,
+                        extra_json: dict[str, dict] | None = None) -> Path:
+    """An ensemble of heads, written atomically: the first member's files at the top (a plain reward model every
+    single-RM loader reads), the extra heads in `heads.safetensors`, `ensemble.json` counting them."""
+    from safetensors.torch import save_file
+
+    target = Path(target)
+    with atomic_dir(target) as tmp:
+        shutil.copytree(first, tmp, dirs_exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, tmp / HEADS_FILE)
+        (tmp / ENSEMBLE_FILE).write_text(json.dumps({"members": ["."], "heads": heads.linear.out_features}, indent=2))
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2))
+    return target
 
 
 def save_ensemble(target: str | os.PathLike, member_dirs: list[Path], extra_json: dict[str, dict] | None = None,

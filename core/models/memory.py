@@ -595,7 +595,8 @@ def _plan_rm(config, budget: DeviceBudget, bf16: bool) -> Plan:
 def _plan_ppo(config, budget: DeviceBudget, bf16: bool, prompt_length: int, frozen_bf16: bool | None) -> Plan:
     policy = inspect_network(model_path(config.sft_model, "sft_model"), False, config)
     from core.config import uses_reward_model
-    from core.models.ensemble import ensemble_size
+    from core.models.ensemble import head_count
+    from core.models.loading import ensemble_members, resolve_model
 
     # With no `rm` term in the reward (core/stages/reward_terms.py) no reward model loads: the value model
     # starts at the SFT model with a new scalar head, and no frozen reward model sits beside it.
@@ -620,13 +621,19 @@ def _plan_ppo(config, budget: DeviceBudget, bf16: bool, prompt_length: int, froz
             parts.append(Part(name, "weights", net.base_params * wb, "persistent",
                               f"frozen, {net.base_params:,} params x {wb} B" + (" (bf16)" if frozen_bf16 else "")))
             networks[name] = NetworkShape(name, net.base_params, 0, net.base_params, wb)
-    members = ensemble_size(config.reward_model) if rm else 1
+    # Whole networks only: an ensemble of heads adds its heads (hidden x heads weights) beside one backbone.
+    rm_dir = resolve_model(config.reward_model) if rm else None
+    members = len(ensemble_members(rm_dir)) if rm else 1
+    heads = head_count(Path(rm_dir)) if rm else 0
     if members > 1:
         # An ensemble RM (core/models/ensemble.py): its other members load frozen beside the first (under LoRA,
         # the value model with its adapter off), in the frozen dtype, or fp32 under LoRA.
         wb = 2 if frozen_bf16 and not lora else value.arch.weight_bytes
         parts.append(Part("reward_model", "weights", (members - 1) * value.base_params * wb, "persistent",
                           f"{members - 1} more ensemble members, frozen, {value.base_params:,} params x {wb} B each"))
+    if heads:
+        parts.append(Part("reward_model", "weights", heads * (value.arch.hidden + 1) * 4, "persistent",
+                          f"{heads} more ensemble members as score heads on the first's backbone, fp32"))
     if config.ema_decay is not None:
         parts.append(Part("policy", "ema", policy.params * policy.arch.weight_bytes, "persistent",
                           "EMA copy of the policy"))

@@ -32,6 +32,8 @@ from core.models.chat import encode_answer, fit_prompt
 from core.models.generate import sample
 from core.models.loading import (
     Device,
+    hf_model,
+    last_hidden_state,
     load_policy,
     load_scalar_model,
     load_tokenizer,
@@ -39,7 +41,7 @@ from core.models.loading import (
     save_model,
     token_scores,
 )
-from core.models.ensemble import save_ensemble
+from core.models.ensemble import ScoreHeads, save_ensemble, save_heads_ensemble
 from core.models.lora import prepare_for_training
 from core.paths import atomic_write_text, checkpoints_dir
 from core.models import optim
@@ -151,7 +153,8 @@ class TokenScores(torch.nn.Module):
 def score_sequences(model, sequences: list[list[int]], pad_id: int, device: Device, scorer=None,
                     call_tokens: int | None = None) -> torch.Tensor:
     """The score of each sequence, read at its last token. `scorer`: the (prepared) `TokenScores` to train
-    through, else `model` is read directly. `call_tokens`: cut the sequences by length into several
+    through, or any (ids, mask) -> (batch, seq[, members]) scores (a reward ensemble's members: then (sequences,
+    members) come back), else `model` is read directly. `call_tokens`: cut the sequences by length into several
     forwards, each padded only to its own longest (`core/stages/microbatch.py`; a sequence's score does
     not depend on the others in its forward); None: one forward for all."""
     buckets = microbatch.length_buckets([len(s) for s in sequences], call_tokens)
@@ -384,7 +387,7 @@ def _train_ensemble(config: RewardConfig, events: Events, output_dir: Path, toke
     its summary; None when stopped (no ensemble is written until every member is done)."""
     dist = events.dist
     n = config.ensemble
-    members, summaries = [member_dir(output_dir, i) for i in range(n)], []
+    members, summaries = [member_dir(output_dir, i) for i in range(1 if config.ensemble_heads else n)], []
     for i, directory in enumerate(members):
         done = directory / SUMMARY_FILE
         if done.is_file() and not json.loads(done.read_text())["stopped"]:
@@ -401,24 +404,107 @@ def _train_ensemble(config: RewardConfig, events: Events, output_dir: Path, toke
             events.log(f"stopped while training member {i + 1} of {n}; resume with the same output directory")
             return None
         summaries.append(summary)
+    heads = None
+    if config.ensemble_heads:
+        heads, head_summaries = fit_heads(config, events, members[0], tokenizer, device, train, heldout, centring)
+        summaries += head_summaries
     accuracies = [s["heldout_accuracy"] for s in summaries if s.get("heldout_accuracy") is not None]
     summary = {"stage": "rm", "ensemble": n, "members": summaries,
                "heldout_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
                "train_rankings": len(train), "heldout_rankings": len(heldout),
-               "steps": summaries[-1]["steps"], "stopped": False}
-    if dist.is_main:
+               "steps": summaries[0 if heads is not None else -1]["steps"], "stopped": False,
+               **({"heads": n - 1} if heads is not None else {})}
+    if dist.is_main and heads is not None:
+        save_heads_ensemble(output_dir, members[0], heads, extra_json={SUMMARY_FILE: summary})
+    elif dist.is_main:
         save_ensemble(output_dir, members, extra_json={SUMMARY_FILE: summary})
         events.log(f"reward-model ensemble of {n}: held-out accuracy per member "
                    + ", ".join(f"{a:.3f}" for a in accuracies))
     return summary
 
 
+# A head refitted on fixed features, from the first member's head: full-batch AdamW steps. On separable
+# rankings the K-wise loss keeps growing the weights, so the fit is short: the heads stay on the first
+# member's scale and move apart only as their resamples pull.
+HEAD_STEPS = 200
+HEAD_LEARNING_RATE = 1e-3
+
+
+def hf_score_weight(model) -> torch.Tensor:
+    """The scalar head's weight (1, hidden) of a reward model (under LoRA, of the HF model inside)."""
+    with hf_model(model) as m:
+        return m.score.weight.detach().float().cpu()
+
+
+@torch.no_grad()
+def answer_features(model, tokenizer, rankings: list[Ranking], max_length: int, device: Device,
+                    batch: int = 64) -> tuple[torch.Tensor, list[int]]:
+    """(answers, hidden): the backbone's final hidden state at each ranked answer's last token, what a score
+    head reads, and each ranking's answer count."""
+    call_tokens = microbatch.scoring_call_tokens(device)
+    seqs = [s for r in rankings for s in encode_answers(tokenizer, r.prompt, r.responses, max_length)]
+    model.eval()
+    with hf_model(model) as backbone:
+        parts = [score_sequences(backbone, seqs[i : i + batch], tokenizer.pad_token_id, device,
+                                 scorer=lambda ids, mask: last_hidden_state(backbone, ids, mask), call_tokens=call_tokens)
+                 for i in range(0, len(seqs), batch)]
+    return torch.cat(parts).cpu(), [len(r.responses) for r in rankings]
+
+
+def fit_heads(config: RewardConfig, events: Events, first: Path, tokenizer, device: Device, train: list[Ranking],
+              heldout: list[Ranking], centring) -> tuple[ScoreHeads, list[dict]]:
+    """An ensemble of heads' members after the first: score heads on the first member's frozen backbone, head i
+    fitted with the K-wise loss on a bootstrap resample of the rankings (seed + 1000 i). On fixed features the
+    fit is convex, so heads fitted on the same rankings would all find one head: the resamples are what make
+    them differ. Each is centred on the demonstrations as a whole member is."""
+    model = load_scalar_model(first, tokenizer.pad_token_id, device)
+    features, sizes = answer_features(model, tokenizer, train, config.max_length, device)
+    starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    held = answer_features(model, tokenizer, heldout, config.max_length, device) if heldout else None
+    demo_features = answer_features(model, tokenizer, [Ranking(p, [c]) for p, c in centring], config.max_length,
+                                    device)[0]
+    count = config.ensemble - 1
+    heads = ScoreHeads(features.shape[1], count)
+    summaries = []
+    for i in range(1, count + 1):
+        seed = config.seed + MEMBER_SEED_STRIDE * i
+        head = torch.nn.Linear(features.shape[1], 1)
+        with torch.no_grad():  # from the first member's own head: the heads part only where their resamples do
+            head.weight.copy_(hf_score_weight(model))
+            head.bias.zero_()
+        picked = bootstrap_indices(len(train), seed)
+        rows = torch.tensor([j for r in picked for j in range(starts[r], starts[r + 1])])
+        x, k = features[rows], [sizes[r] for r in picked]
+        optimizer = torch.optim.AdamW(head.parameters(), HEAD_LEARNING_RATE)
+        for _ in range(HEAD_STEPS):
+            loss, _ = kwise_loss(head(x).squeeze(-1), k)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            head.bias -= head(demo_features).mean()  # centred: the demonstrations score 0 on average
+            accuracy = float(kwise_loss(head(held[0]).squeeze(-1), held[1])[1]) if held else None
+            heads.linear.weight[i - 1] = head.weight[0]
+            heads.linear.bias[i - 1] = head.bias[0]
+        summaries.append({"stage": "rm", "head": i, "heldout_accuracy": accuracy, "seed": seed,
+                          "train_rankings": len(train), "final_loss": loss.item()})
+        events.log(f"reward-model ensemble: head {i} of {count} on the first member's backbone, final loss "
+                   f"{loss.item():.4f}" + (f", held-out accuracy {accuracy:.3f}" if accuracy is not None else ""))
+    heads.requires_grad_(False)
+    return heads.to(device.torch), summaries
+
+
 def bootstrap(train: list[Ranking], seed: int) -> list[Ranking]:
     """A bootstrap resample of the rankings: as many as there are, drawn with replacement (about 63 % of them
     distinct). Members trained on resamples agree where rankings are dense and part where they are thin, which
     is where a policy that games one reward model goes (the ensemble's std then flags it)."""
+    return [train[i] for i in bootstrap_indices(len(train), seed)]
+
+
+def bootstrap_indices(n: int, seed: int) -> list[int]:
+    """`n` indices into `n` items drawn with replacement (`bootstrap`'s draw)."""
     rng = random.Random(seed)
-    return [train[rng.randrange(len(train))] for _ in train]
+    return [rng.randrange(n) for _ in range(n)]
 
 
 def train_member(config: RewardConfig, events: Events, output_dir: Path, tokenizer, device: Device,

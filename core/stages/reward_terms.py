@@ -222,8 +222,11 @@ class RewardModelTerm:
 
         if answers.sequences is None:
             raise ValueError("the rm term scores token ids: the caller must fill Answers.sequences")
-        members = torch.stack([score_sequences(m, answers.sequences, self.pad_token_id, self.device,
-                                               call_tokens=self.call_tokens) for m in self.reward_model.members])
+        # Every member in one pass over the answers (an ensemble of heads runs its backbone once): scores read
+        # at each answer's last token, (answers, members), turned to (members, answers).
+        members = score_sequences(self.reward_model, answers.sequences, self.pad_token_id, self.device,
+                                  scorer=lambda ids, mask: self.reward_model.member_scores(ids, mask).permute(1, 2, 0),
+                                  call_tokens=self.call_tokens).T
         return self.reward_model.aggregate(members), members
 
     def __call__(self, term: RewardTerm, answers: Answers) -> list[float]:
