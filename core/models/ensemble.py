@@ -29,12 +29,10 @@ from core.models.loading import (
     Device,
     check_same_tokenizer,
     ensemble_members,
-    hf_model,
-    last_hidden_state,
+    hidden_and_scores,
     load_scalar_model,
     load_tokenizer,
     resolve_model,
-    reward_bias,
     token_scores,
 )
 from core.paths import atomic_dir
@@ -96,9 +94,7 @@ class RewardEnsemble(torch.nn.Module):
         """(members, batch, seq): each member's `token_scores`; an ensemble of heads runs its backbone once."""
         if self.heads is None:
             return torch.stack([token_scores(m, input_ids, attention_mask, position_ids) for m in self.members])
-        with hf_model(self.members[0]) as model:
-            hidden = last_hidden_state(model, input_ids, attention_mask, position_ids)
-            first = model.score(hidden).squeeze(-1) + reward_bias(model)
+        hidden, first = hidden_and_scores(self.members[0], input_ids, attention_mask, position_ids)
         return torch.cat([first.float()[None], self.heads(hidden)])
 
     def aggregate(self, member_scores: torch.Tensor) -> torch.Tensor:
@@ -166,7 +162,8 @@ def load_reward_model(path: str | os.PathLike, pad_token_id: int, device: Device
     """Every member of the RM directory `path`, frozen, as a `RewardEnsemble` aggregating by `how`. `first`:
     the first member already loaded (PPO under LoRA: the value model with its adapter off). Members whose
     tokenizers differ are refused: they would read the same answer as different token ids."""
-    members = ensemble_members(resolve_model(path))
+    path = Path(resolve_model(path))
+    members = ensemble_members(path)
     tokenizer = load_tokenizer(members[0])
     for member in members[1:]:
         check_same_tokenizer(tokenizer, load_tokenizer(member),
@@ -176,7 +173,7 @@ def load_reward_model(path: str | os.PathLike, pad_token_id: int, device: Device
     for m in models:
         m.eval()
         m.requires_grad_(False)
-    return RewardEnsemble(models, how, uncertainty_coef, load_heads(Path(resolve_model(path)), device))
+    return RewardEnsemble(models, how, uncertainty_coef, load_heads(path, device))
 
 
 def join_ensemble(target: str | os.PathLike, member_dirs: list[str | os.PathLike],
@@ -220,33 +217,24 @@ def join_ensemble(target: str | os.PathLike, member_dirs: list[str | os.PathLike
                          bias_shifts=shifts)
 
 
-def save_heads_ensemble(target: str | os.PathLike, first: Path, heads: ScoreHeads,
-                        extra_json: dict[str, dict] | None = None) -> Path:
-    """An ensemble of heads, written atomically: the first member's files at the top (a plain reward model every
-    single-RM loader reads), the extra heads in `heads.safetensors`, `ensemble.json` counting them."""
+def save_ensemble(target: str | os.PathLike, member_dirs: list[Path], extra_json: dict[str, dict] | None = None,
+                  bias_shifts: list[float] | None = None, heads: ScoreHeads | None = None) -> Path:
+    """One ensemble directory from trained member directories, written atomically: the first member's files at
+    the top, each other member copied whole into `member-<i>/`, `ensemble.json` listing them. `heads`: an
+    ensemble of heads' extra members (beside one member directory), in `heads.safetensors`, counted there."""
     from safetensors.torch import save_file
 
     target = Path(target)
-    with atomic_dir(target) as tmp:
-        shutil.copytree(first, tmp, dirs_exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, tmp / HEADS_FILE)
-        (tmp / ENSEMBLE_FILE).write_text(json.dumps({"members": ["."], "heads": heads.linear.out_features}, indent=2))
-        for name, obj in (extra_json or {}).items():
-            (tmp / name).write_text(json.dumps(obj, indent=2))
-    return target
-
-
-def save_ensemble(target: str | os.PathLike, member_dirs: list[Path], extra_json: dict[str, dict] | None = None,
-                  bias_shifts: list[float] | None = None) -> Path:
-    """One ensemble directory from trained member directories, written atomically: the first member's files at
-    the top, each other member copied whole into `member-<i>/`, `ensemble.json` listing them."""
-    target = Path(target)
     names = ["."] + [MEMBER_DIR.format(i) for i in range(1, len(member_dirs))]
+    listing = {"members": names}
     with atomic_dir(target) as tmp:
         shutil.copytree(member_dirs[0], tmp, dirs_exist_ok=True)
         for name, member in zip(names[1:], member_dirs[1:]):
             shutil.copytree(member, tmp / name)
-        (tmp / ENSEMBLE_FILE).write_text(json.dumps({"members": names}, indent=2))
+        if heads is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, tmp / HEADS_FILE)
+            listing["heads"] = heads.linear.out_features
+        (tmp / ENSEMBLE_FILE).write_text(json.dumps(listing, indent=2))
         for name, shift in zip(names, bias_shifts or []):
             if shift:  # `bias_shifts`: added to each member's reward_bias (`join_ensemble`'s alignment)
                 config = json.loads((tmp / name / "config.json").read_text())

@@ -318,9 +318,16 @@ def token_scores(model: PreTrainedModel, input_ids, attention_mask, position_ids
     Left-padded batches (PPO rollouts) pass `position_ids` so each row's positions start at 0,
     as they did when the reward model was trained.
     """
+    return hidden_and_scores(model, input_ids, attention_mask, position_ids)[1]
+
+
+def hidden_and_scores(model: PreTrainedModel, input_ids, attention_mask, position_ids=None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the backbone's final hidden states, `token_scores`): for heads read off the same features
+    (`core.models.ensemble.ScoreHeads`)."""
     with hf_model(model) as model:
-        return model.score(last_hidden_state(model, input_ids, attention_mask, position_ids)).squeeze(-1) \
-            + reward_bias(model)
+        hidden = last_hidden_state(model, input_ids, attention_mask, position_ids)
+        return hidden, model.score(hidden).squeeze(-1) + reward_bias(model)
 
 
 @contextmanager

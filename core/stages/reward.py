@@ -41,7 +41,7 @@ from core.models.loading import (
     save_model,
     token_scores,
 )
-from core.models.ensemble import ScoreHeads, save_ensemble, save_heads_ensemble
+from core.models.ensemble import ScoreHeads, save_ensemble
 from core.models.lora import prepare_for_training
 from core.paths import atomic_write_text, checkpoints_dir
 from core.models import optim
@@ -414,10 +414,8 @@ def _train_ensemble(config: RewardConfig, events: Events, output_dir: Path, toke
                "train_rankings": len(train), "heldout_rankings": len(heldout),
                "steps": summaries[0 if heads is not None else -1]["steps"], "stopped": False,
                **({"heads": n - 1} if heads is not None else {})}
-    if dist.is_main and heads is not None:
-        save_heads_ensemble(output_dir, members[0], heads, extra_json={SUMMARY_FILE: summary})
-    elif dist.is_main:
-        save_ensemble(output_dir, members, extra_json={SUMMARY_FILE: summary})
+    if dist.is_main:
+        save_ensemble(output_dir, members, extra_json={SUMMARY_FILE: summary}, heads=heads)
         events.log(f"reward-model ensemble of {n}: held-out accuracy per member "
                    + ", ".join(f"{a:.3f}" for a in accuracies))
     return summary
